@@ -1,0 +1,1 @@
+"""Assembling and running beamsift pipelines: config, pipeline assembly, the CLI."""

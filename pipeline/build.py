@@ -1,0 +1,177 @@
+"""Assembling the DSIR selection pipeline from the transforms, top to bottom.
+
+    read pool ─ featurize ─ stage ─┬─ find duplicate ids ─────────────┐
+                                   ├─ unify field types                │ side inputs
+                                   └─ count raw n-grams (fit q̂) ──┐   │
+    read target ─ featurize ─ count target n-grams (fit p̂) ──────┴─ DSIR model
+    staged shards ─ rank (per-shard top k) ─ merge ─ thresholds
+    staged shards ─ write selected/ + scores/ ─┐
+    rejected records ─ write rejected/ ────────┴─ run summary (counts, KL reduction)
+
+This module holds no algorithm: each step is a transform from ``beamsift.transforms``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import AsSingleton
+
+from beamsift.pipeline.config import Config
+from beamsift.transforms.dedup import FindDuplicateIds
+from beamsift.transforms.dsir import (
+    CountPoolNgrams,
+    CountTargetNgrams,
+    RankShard,
+    SumNgramTotals,
+    build_model,
+    kl_divergence,
+)
+from beamsift.transforms.featurize import FeaturizeHashedNgrams
+from beamsift.transforms.read import InputSpec, ReadDocuments, ReadTask
+from beamsift.transforms.schema import UnifyFieldTypes
+from beamsift.transforms.select import MergeCandidates
+from beamsift.transforms.stage import WriteStagingShards
+from beamsift.transforms.write import SumSummaries, WriteRejectedShard, WriteSelectionShards
+
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "dsir_model.npz"
+
+
+def input_spec(cfg: Config, section: str) -> InputSpec:
+    return InputSpec(
+        text_field=cfg[f"{section}.text_field"],
+        id_field=cfg[f"{section}.id_field"],
+        txt_mode=cfg[f"{section}.txt_mode"],
+        batch_size=cfg["input.batch_size"],
+        split_bytes=cfg["input.split_bytes"],
+    )
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    cfg: Config,
+    pool_tasks: list[ReadTask],
+    pool_files: list[str],
+    target_tasks: list[ReadTask] | None,
+    fitted_model: tuple | None,
+    staging_dir: str,
+) -> None:
+    out = cfg["output.dir"]
+    buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
+    seed = cfg["seed"]
+
+    # 1. Read, validate, featurize and stage the pool.
+    pool_docs, pool_rejected = p | "ReadPool" >> ReadDocuments(
+        pool_tasks, input_spec(cfg, "input"), "pool"
+    )
+    staged = (
+        pool_docs
+        | "FeaturizePool" >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram))
+        | "StagePool" >> beam.ParDo(WriteStagingShards(staging_dir))
+    )
+    duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds())
+    fields = AsSingleton(
+        staged
+        | "ShardFieldTypes" >> beam.FlatMap(lambda s: [s.fields])
+        | "UnifyFieldTypes" >> beam.CombineGlobally(UnifyFieldTypes())
+    )
+    # Only paths travel on; spread them so later passes run on all workers.
+    shards = staged | "SpreadShards" >> beam.Reshuffle()
+
+    # 2. Fit the raw model q̂ over the pool (duplicates excluded) and the target model p̂.
+    sum_totals = SumNgramTotals(buckets)
+    pool_totals = (
+        shards
+        | "CountPoolNgrams"
+        >> beam.ParDo(CountPoolNgrams(buckets, cfg["dsir.min_tokens"]), duplicates)
+        | "FitRawModel" >> beam.CombineGlobally(sum_totals)
+    )
+    summaries = []
+    rejected = [pool_rejected]
+    if target_tasks is not None:
+        target_docs, target_rejected = p | "ReadTarget" >> ReadDocuments(
+            target_tasks, input_spec(cfg, "target"), "target"
+        )
+        target_totals = (
+            target_docs
+            | "FeaturizeTarget" >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram))
+            | "CountTargetNgrams" >> beam.ParDo(CountTargetNgrams(buckets))
+            | "FitTargetModel" >> beam.CombineGlobally(sum_totals)
+        )
+        rejected.append(target_rejected)
+        summaries.append(
+            target_totals | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}})
+        )
+        target_side = AsSingleton(target_totals)
+    else:
+        target_side = None
+    params = {
+        "k": cfg["select.k"],
+        "fraction": cfg["select.fraction"],
+        "smoothing": float(cfg["dsir.smoothing"]),
+        "num_buckets": buckets,
+        "max_ngram": max_ngram,
+        "length_norm": cfg["dsir.length_norm"],
+        "min_tokens": cfg["dsir.min_tokens"],
+    }
+    model_pc = pool_totals | "BuildDsirModel" >> beam.Map(
+        lambda pool, target, fitted, params: build_model(pool, target, fitted, params),
+        target_side if target_side is not None else None,
+        fitted_model,
+        params,
+    )
+    model = AsSingleton(model_pc)
+
+    # 3. Importance resampling: per-shard top k, merged into the global k-th key.
+    thresholds = AsSingleton(
+        shards
+        | "RankShards" >> beam.ParDo(RankShard(seed), model, duplicates)
+        | "MergeTopK" >> beam.CombineGlobally(MergeCandidates())
+    )
+
+    # 4. Write selected/ and scores/ for every shard, and rejected/.
+    written = shards | "WriteSelection" >> beam.ParDo(
+        WriteSelectionShards(out, seed, pool_files), model, duplicates, thresholds, fields
+    ).with_outputs("rejected", main="summary")
+    rejected.append(written.rejected)
+    rejected_summary = (
+        rejected
+        | "AllRejected" >> beam.Flatten()
+        | "BatchRejected" >> beam.BatchElements(min_batch_size=1, max_batch_size=10000)
+        | "WriteRejected" >> beam.ParDo(WriteRejectedShard(out))
+    )
+    summaries += [written.summary, rejected_summary]
+
+    # 5. One summary for the manifest; the fitted model to artifacts/.
+    (
+        summaries
+        | "AllSummaries" >> beam.Flatten()
+        | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
+        | "WriteSummary" >> beam.Map(_write_summary, model, pool_totals_side(pool_totals), staging_dir, out)
+    )
+
+
+def pool_totals_side(pool_totals):
+    return AsSingleton(pool_totals)
+
+
+def _write_summary(summary: dict, model, pool_totals, staging_dir: str, out: str) -> None:
+    eps = model.smoothing
+    report = {"counts": summary["counts"], "k": model.k, "eligible": model.eligible}
+    if "selected_ngrams" in summary:
+        kl_random = kl_divergence(model.target_counts, summary["random_ngrams"], eps)
+        kl_selected = kl_divergence(model.target_counts, summary["selected_ngrams"], eps)
+        report["kl"] = {
+            "target_vs_random": kl_random,
+            "target_vs_selected": kl_selected,
+            "reduction": kl_random - kl_selected,
+        }
+    report["mean_ngrams"] = model.mean_ngrams
+    report["pool_valid"] = pool_totals.docs
+    with FileSystems.create(FileSystems.join(out, "artifacts", MODEL_FILE)) as f:
+        f.write(model.to_bytes())
+    with FileSystems.create(FileSystems.join(staging_dir, SUMMARY_FILE)) as f:
+        f.write(json.dumps(report).encode())

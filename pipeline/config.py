@@ -1,0 +1,209 @@
+"""The run configuration: YAML, validated on load, overridable with ``--set dotted.key=value``.
+
+Every key has a default, a type and a one-line meaning here; ``configs/dsir.yaml`` is the same
+list written for people. An unknown or mistyped key is an error that names the key and the file,
+because a silently ignored typo (``select.fracton``) would change which data a model trains on.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+REQUIRED = object()
+
+# key -> (default, allowed types, meaning). Nested dicts are sections.
+SCHEMA: dict[str, Any] = {
+    "input": {
+        "path": (REQUIRED, str, "glob of the raw pool's files, or a HuggingFace dataset folder"),
+        "format": ("auto", str, "jsonl, jsonl.gz, jsonl.zst, parquet, txt, hf; auto = by suffix"),
+        "text_field": ("text", str, "the field that holds the document's text"),
+        "id_field": (None, (str, type(None)), "the field that holds a unique id; null = hash of text"),
+        "txt_mode": ("line", str, "for txt input: a document per line, or per file"),
+        "batch_size": (4096, int, "documents per batch (and per staging shard)"),
+        "split_bytes": (16 * 2**20, int, "uncompressed text files are read in ranges of this size"),
+    },
+    "target": {
+        "path": (None, (str, type(None)), "glob of the target sample (same formats as input)"),
+        "format": ("auto", str, "as input.format"),
+        "text_field": ("text", str, "as input.text_field"),
+        "id_field": (None, (str, type(None)), "as input.id_field (only used in reject records)"),
+        "txt_mode": ("line", str, "as input.txt_mode"),
+    },
+    "featurize": {
+        "buckets": (10000, int, "hash buckets of the n-gram model (paper: 10,000)"),
+        "max_ngram": (2, int, "n-grams of order 1..max_ngram (paper: unigrams and bigrams)"),
+    },
+    "dsir": {
+        "min_tokens": (100, int, "documents with fewer word tokens are not selected (reason kept)"),
+        "length_norm": ("none", str, "none = the paper's raw sum; mean = per n-gram x corpus mean"),
+        "smoothing": (1e-8, (int, float), "eps in log(p + eps), as in the reference"),
+        "model": (None, (str, type(None)), "artifacts/ folder of an earlier run: apply, don't fit"),
+    },
+    "select": {
+        "k": (None, (int, type(None)), "select exactly k documents"),
+        "fraction": (None, (int, float, type(None)), "or this fraction of the eligible documents"),
+    },
+    "seed": (0, int, "fixes the selection together with the document ids"),
+    "output": {
+        "dir": (REQUIRED, str, "where selected/, scores/, rejected/, artifacts/ and the manifest go"),
+    },
+    "beam": {
+        "runner": ("FnApiRunner", str, "Beam runner; arguments after -- override it"),
+        "options": ([], list, "extra Beam pipeline options, e.g. [--direct_num_workers=2]"),
+    },
+}
+
+CHOICES = {
+    "input.format": {"auto", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "hf"},
+    "target.format": {"auto", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt", "hf"},
+    "input.txt_mode": {"line", "file"},
+    "target.txt_mode": {"line", "file"},
+    "dsir.length_norm": {"none", "mean"},
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the config."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved config: a plain nested dict plus where it came from."""
+
+    data: dict
+    source: str
+
+    def __getitem__(self, dotted: str) -> Any:
+        node: Any = self.data
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def section(self, name: str) -> dict:
+        return dict(self.data[name])
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.data)
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML from ``path``, apply ``key=value`` overrides, validate, fill in defaults."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(raw if raw is not None else {}, path, overrides)
+
+
+def config_from_dict(raw: Any, source: str = "<dict>", overrides=()) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections to keys")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        _apply_override(raw, item, source)
+    data = _resolve(SCHEMA, raw, source, prefix="")
+    _check_choices(data, source)
+    return Config(data=data, source=source)
+
+
+def _apply_override(raw: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node_schema: Any = SCHEMA
+    for part in parts:
+        if not isinstance(node_schema, dict) or part not in node_schema:
+            raise ConfigError(f"--set {key}: unknown config key {key!r}")
+        node_schema = node_schema[part]
+    if isinstance(node_schema, dict):
+        raise ConfigError(f"--set {key}: {key!r} is a section; set one of its keys")
+    # YAML parsing of the value gives 5000 -> int, 0.1 -> float, null -> None, [a, b] -> list.
+    value = yaml.safe_load(text) if text.strip() else ""
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])!r} in {source} is not a section")
+    node[parts[-1]] = value
+
+
+def _resolve(schema: dict, raw: Any, source: str, prefix: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')!r} must be a section (a mapping)")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        key = prefix + str(unknown[0])
+        close = _closest(str(unknown[0]), schema)
+        hint = f" (did you mean {prefix + close!r}?)" if close else ""
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+    out = {}
+    for name, spec in schema.items():
+        key = prefix + name
+        if isinstance(spec, dict):
+            out[name] = _resolve(spec, raw.get(name, {}) or {}, source, key + ".")
+            continue
+        default, types, _ = spec
+        if name not in raw:
+            if default is REQUIRED:
+                raise ConfigError(f"{source}: missing required config key {key!r}")
+            out[name] = copy.deepcopy(default)
+            continue
+        value = raw[name]
+        allowed = types if isinstance(types, tuple) else (types,)
+        # bool is an int in Python; a YAML `true` where a number is expected is a mistake.
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(
+                f"{source}: config key {key!r} must be {names}, got {type(value).__name__} {value!r}"
+            )
+        out[name] = value
+    return out
+
+
+def _closest(name: str, schema: dict) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(schema), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _check_choices(data: dict, source: str) -> None:
+    cfg = Config(data, source)
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(
+                f"{source}: config key {key!r} must be one of {sorted(allowed)}, got {cfg[key]!r}"
+            )
+    k, fraction = cfg["select.k"], cfg["select.fraction"]
+    if (k is None) == (fraction is None):
+        raise ConfigError(f"{source}: set exactly one of 'select.k' and 'select.fraction'")
+    if k is not None and k < 1:
+        raise ConfigError(f"{source}: config key 'select.k' must be at least 1, got {k}")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ConfigError(f"{source}: config key 'select.fraction' must be in (0, 1], got {fraction}")
+    positive = ("input.batch_size", "input.split_bytes", "featurize.buckets", "featurize.max_ngram")
+    for key in positive:
+        if cfg[key] < 1:
+            raise ConfigError(f"{source}: config key {key!r} must be at least 1, got {cfg[key]}")
+    if cfg["featurize.buckets"] > 2**32:
+        raise ConfigError(f"{source}: config key 'featurize.buckets' must be at most 2**32")
+    if cfg["dsir.min_tokens"] < 0:
+        raise ConfigError(f"{source}: config key 'dsir.min_tokens' must be >= 0")
+    if cfg["dsir.smoothing"] <= 0:
+        raise ConfigError(f"{source}: config key 'dsir.smoothing' must be > 0")
+    if cfg["target.path"] is None and cfg["dsir.model"] is None:
+        raise ConfigError(f"{source}: set 'target.path' (or 'dsir.model' to apply a fitted model)")
+    if not all(isinstance(o, str) for o in cfg["beam.options"]):
+        raise ConfigError(f"{source}: config key 'beam.options' must be a list of strings")

@@ -1,0 +1,1 @@
+"""beamsift's Beam transforms and DoFns, one concern a module."""

@@ -1,0 +1,269 @@
+"""DSIR: Data Selection with Importance Resampling (Xie et al., NeurIPS 2023, arXiv:2302.03169).
+
+Given a raw pool and a target sample, both as hashed n-gram counts (``featurize.py``):
+
+    p̂ = target counts / Σ,   q̂ = raw counts / Σ          (bag-of-hashed-n-grams models)
+    log w_i = Σ_j c_ij (log(p̂_j + ε) − log(q̂_j + ε))       (ε = 1e-8 as in the reference)
+
+then k documents are drawn without replacement with probability ∝ w_i by the Gumbel top-k
+trick (``select.py``). Both fits are integer sums, so they are exact and independent of how
+the work is split; the weights are a map over the pool with the two models as a side input.
+
+Beyond the paper (METHODS.md): an optional length normalisation (the raw sum grows with
+length, so long documents dominate and sampling degenerates to top-k), a visible minimum
+length, and the KL reduction of the selection computed in the run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import numpy as np
+
+from beamsift.transforms.featurize import NgramFeatures, bucket_counts, features_from_arrow
+from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
+from beamsift.transforms.select import RANDOM_STREAM, SELECT_STREAM, Candidates, gumbel
+from beamsift.transforms.stage import read_parquet
+
+
+class SelectionError(ValueError):
+    """The selection asked for cannot be made (e.g. k larger than the eligible pool)."""
+
+
+@dataclass
+class NgramTotals:
+    """Sums over a set of documents: bucket counts, documents, eligible documents and n-grams."""
+
+    counts: np.ndarray
+    docs: int = 0
+    eligible: int = 0
+    eligible_ngrams: int = 0
+
+    def __add__(self, other: NgramTotals) -> NgramTotals:
+        return NgramTotals(
+            self.counts + other.counts,
+            self.docs + other.docs,
+            self.eligible + other.eligible,
+            self.eligible_ngrams + other.eligible_ngrams,
+        )
+
+
+class SumNgramTotals(beam.CombineFn):
+    def __init__(self, num_buckets: int):
+        self.num_buckets = num_buckets
+
+    def create_accumulator(self):
+        return NgramTotals(np.zeros(self.num_buckets, np.int64))
+
+    def add_input(self, acc, totals):
+        return acc + totals
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for acc in accs:
+            out = out + acc
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def log_probs(counts: np.ndarray, eps: float) -> np.ndarray:
+    """log(p̂ + ε) with p̂ = counts / Σ counts: the reference implementation's smoothing."""
+    total = counts.sum()
+    p = counts / total if total > 0 else np.zeros(len(counts))
+    return np.log(p + eps)
+
+
+def dsir_log_weights(features: NgramFeatures, log_ratio: np.ndarray) -> np.ndarray:
+    """log w_i = Σ_j c_ij · log_ratio_j, summed over each document's n-gram occurrences."""
+    n = len(features.n_tokens)
+    doc = np.repeat(np.arange(n), features.n_ngrams)
+    return np.bincount(doc, weights=log_ratio[features.buckets], minlength=n)
+
+
+def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray, eps: float) -> float:
+    """KL(p̂ ‖ q̂) = Σ_j p̂_j (log(p̂_j + ε) − log(q̂_j + ε)) over the buckets where p̂_j > 0."""
+    p = p_counts / p_counts.sum()
+    lq = log_probs(q_counts, eps)
+    nz = p > 0
+    return float(np.sum(p[nz] * (np.log(p[nz] + eps) - lq[nz])))
+
+
+@dataclass
+class DsirModel:
+    """The fitted models and everything the scoring needs; saved to ``artifacts/``."""
+
+    target_counts: np.ndarray
+    raw_counts: np.ndarray
+    smoothing: float
+    num_buckets: int
+    max_ngram: int
+    length_norm: str
+    min_tokens: int
+    mean_ngrams: float  # mean n-grams per eligible pool document (for length_norm: mean)
+    k: int  # how many documents to select
+    eligible: int
+    log_ratio: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.log_ratio = log_probs(self.target_counts, self.smoothing) - log_probs(
+            self.raw_counts, self.smoothing
+        )
+
+    def scores(self, features: NgramFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """(log weight as the paper defines it, the value that is resampled)."""
+        log_w = dsir_log_weights(features, self.log_ratio)
+        if self.length_norm == "mean":
+            # Per n-gram, rescaled to the corpus's mean length so that the Gumbel noise keeps
+            # the scale it has against the raw sums (dividing alone makes sampling ~random).
+            n = np.maximum(features.n_ngrams, 1)
+            return log_w, log_w / n * self.mean_ngrams
+        return log_w, log_w
+
+    def eligible_mask(self, n_tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(n_tokens) >= self.min_tokens
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        meta = {k: getattr(self, k) for k in ("smoothing", "num_buckets", "max_ngram",
+                                               "length_norm", "min_tokens", "mean_ngrams")}
+        np.savez_compressed(
+            buffer,
+            target_counts=self.target_counts,
+            raw_counts=self.raw_counts,
+            log_ratio=self.log_ratio,
+            meta=np.array(json.dumps(meta)),
+        )
+        return buffer.getvalue()
+
+
+def load_fitted_counts(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
+    with np.load(io.BytesIO(data)) as z:
+        return z["target_counts"], z["raw_counts"], json.loads(str(z["meta"]))
+
+
+def resolve_k(k: int | None, fraction: float | None, eligible: int) -> int:
+    if k is None:
+        k = math.floor(fraction * eligible + 0.5)
+        if k < 1:
+            raise SelectionError(
+                f"select.fraction={fraction} of {eligible} eligible documents selects none"
+            )
+    if k > eligible:
+        raise SelectionError(
+            f"select.k={k} is larger than the {eligible} eligible documents "
+            f"(valid, unique id, at least dsir.min_tokens tokens)"
+        )
+    return k
+
+
+class CountTargetNgrams(beam.DoFn):
+    """A featurized target batch -> its NgramTotals."""
+
+    def __init__(self, num_buckets: int):
+        self.num_buckets = num_buckets
+
+    def process(self, table):
+        n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
+        features = features_from_arrow(table.column(BUCKETS), n_tokens)
+        counts = bucket_counts(features, self.num_buckets)
+        yield NgramTotals(counts, table.num_rows, table.num_rows, int(features.n_ngrams.sum()))
+
+
+class CountPoolNgrams(beam.DoFn):
+    """A staged pool shard -> NgramTotals over its documents that are not duplicates."""
+
+    def __init__(self, num_buckets: int, min_tokens: int):
+        self.num_buckets = num_buckets
+        self.min_tokens = min_tokens
+
+    def process(self, shard, duplicates):
+        table = read_parquet(shard.path, columns=[ORDER, N_TOKENS, BUCKETS])
+        keep = ~duplicates.mask(np.asarray(table.column(ORDER).combine_chunks()))
+        n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
+        features = features_from_arrow(table.column(BUCKETS), n_tokens)
+        eligible = keep & (n_tokens >= self.min_tokens)
+        yield NgramTotals(
+            bucket_counts(features, self.num_buckets, rows=keep),
+            int(keep.sum()),
+            int(eligible.sum()),
+            int(features.n_ngrams[eligible].sum()),
+        )
+
+
+def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: dict) -> DsirModel:
+    """Combine the two fits (or a saved model's counts) and the run's parameters."""
+    if fitted is not None:
+        target_counts, raw_counts, _ = fitted
+    else:
+        target_counts, raw_counts = target.counts, pool.counts
+    if target_counts.sum() == 0:
+        raise SelectionError("the target has no n-grams: every target document was rejected?")
+    k = resolve_k(params["k"], params["fraction"], pool.eligible)
+    return DsirModel(
+        target_counts=target_counts,
+        raw_counts=raw_counts,
+        smoothing=params["smoothing"],
+        num_buckets=params["num_buckets"],
+        max_ngram=params["max_ngram"],
+        length_norm=params["length_norm"],
+        min_tokens=params["min_tokens"],
+        mean_ngrams=pool.eligible_ngrams / max(pool.eligible, 1),
+        k=k,
+        eligible=pool.eligible,
+    )
+
+
+SCORE_COLUMNS = [ORDER, ID_HASH, N_TOKENS, BUCKETS]
+
+
+@dataclass
+class ShardScores:
+    """DSIR scores of a staged shard's documents, aligned with its rows."""
+
+    log_weight: np.ndarray  # the paper's log importance weight
+    key: np.ndarray  # resampling key: (normalised) log weight + Gumbel noise
+    random_key: np.ndarray  # Gumbel noise alone: the uniformly random baseline subset
+    n_ngrams: np.ndarray
+    duplicate: np.ndarray  # bool: rejected, an earlier record has the same id
+    eligible: np.ndarray  # bool: may be selected (not a duplicate, long enough)
+    features: NgramFeatures
+
+
+def score_shard(table, model: DsirModel, duplicates, seed: int) -> ShardScores:
+    n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
+    id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
+    features = features_from_arrow(table.column(BUCKETS), n_tokens)
+    log_w, resampled = model.scores(features)
+    duplicate = duplicates.mask(np.asarray(table.column(ORDER).combine_chunks()))
+    return ShardScores(
+        log_weight=log_w,
+        key=resampled + gumbel(id_hash, seed, SELECT_STREAM),
+        random_key=gumbel(id_hash, seed, RANDOM_STREAM),
+        n_ngrams=features.n_ngrams,
+        duplicate=duplicate,
+        eligible=~duplicate & model.eligible_mask(n_tokens),
+        features=features,
+    )
+
+
+class RankShard(beam.DoFn):
+    """A staged shard -> its k best candidates for the selection and for the random baseline."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def process(self, shard, model, duplicates):
+        table = read_parquet(shard.path, columns=SCORE_COLUMNS)
+        s = score_shard(table, model, duplicates, self.seed)
+        id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
+        valid = ~s.duplicate
+        yield {
+            "selected": Candidates.of(s.key[s.eligible], id_hash[s.eligible], model.k),
+            "random": Candidates.of(s.random_key[valid], id_hash[valid], model.k),
+        }

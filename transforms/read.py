@@ -1,0 +1,410 @@
+"""Reading documents: files -> Arrow batches of valid documents, plus reject records.
+
+The input glob is expanded once, at pipeline construction, through Beam's FileSystems (so gs://
+and s3:// work as well as local paths) and sorted: a file's index in that list and a record's
+position in its file give every record a global input order (``_order``), which decides which
+of two records with the same id is "the first" no matter how the work is split.
+
+Uncompressed line files are split into byte ranges, so one large file is read by many workers;
+compressed files, Parquet files and HuggingFace Arrow files are read whole by one worker each.
+A range reader owns the lines that *start* inside its range, as Beam's own text source does.
+
+Every record ends up in exactly one of two places: a valid document in a batch, or a reject
+record with the reason. Blank lines are not records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from beamsift.transforms.schema import ORDER, RESERVED, arrow_column
+
+POSITION_BITS = 40  # a record's position in its file (byte offset or row) < 2**40
+REJECTED = "rejected"
+
+FORMAT_BY_SUFFIX = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonl.gz": "jsonl.gz",
+    ".json.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".json.zst": "jsonl.zst",
+    ".jsonl.zstd": "jsonl.zst",
+    ".parquet": "parquet",
+    ".txt": "txt",
+    ".txt.gz": "txt",
+    ".txt.zst": "txt",
+    ".arrow": "hf",
+}
+
+
+class InputError(ValueError):
+    """The input cannot be read at all (no files, unknown format): a clear error before running."""
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One unit of reading work: a whole file, or a byte range of an uncompressed line file."""
+
+    file_index: int
+    path: str
+    format: str  # jsonl | parquet | txt | hf  (compression is found from the suffix)
+    start: int = 0
+    stop: int | None = None  # None: to the end of the file
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a reader needs from the config's `input` (or `target`) section."""
+
+    text_field: str
+    id_field: str | None
+    txt_mode: str
+    batch_size: int
+    split_bytes: int
+
+
+def detect_format(path: str) -> str:
+    lower = path.lower()
+    for suffix in sorted(FORMAT_BY_SUFFIX, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return FORMAT_BY_SUFFIX[suffix]
+    raise InputError(
+        f"{path}: cannot tell the format from the file name; set input.format "
+        f"(one of jsonl, jsonl.gz, jsonl.zst, parquet, txt, hf)"
+    )
+
+
+def expand_input(pattern: str, fmt: str) -> list[tuple[str, str, int]]:
+    """The files of an input glob as (path, format, size), in a fixed order.
+
+    A folder written by ``datasets.Dataset.save_to_disk`` (it holds ``state.json``) stands for
+    its Arrow files, in the order that ``state.json`` lists them.
+    """
+    state = posixpath.join(pattern.rstrip("/"), "state.json")
+    if fmt in ("auto", "hf") and FileSystems.exists(state):
+        with FileSystems.open(state) as f:
+            data_files = json.load(f).get("_data_files", [])
+        paths = [posixpath.join(pattern.rstrip("/"), d["filename"]) for d in data_files]
+        sizes = [FileSystems.match([p])[0].metadata_list[0].size_in_bytes for p in paths]
+        return [(p, "hf", s) for p, s in zip(paths, sizes)]
+    try:
+        metadata = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:  # noqa: BLE001 - FileSystems raises BeamIOError for bad globs
+        raise InputError(f"{pattern}: cannot list input files: {e}") from None
+    files = sorted((m.path, m.size_in_bytes) for m in metadata)
+    if not files:
+        raise InputError(f"{pattern}: no input files match")
+    out = []
+    for path, size in files:
+        f = detect_format(path) if fmt == "auto" else fmt
+        out.append((path, f, size))
+    return out
+
+
+def plan_read_tasks(files: list[tuple[str, str, int]], split_bytes: int) -> list[ReadTask]:
+    tasks = []
+    for index, (path, fmt, size) in enumerate(files):
+        base = "jsonl" if fmt.startswith("jsonl") else fmt
+        splittable = base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED
+        if splittable and size > split_bytes:
+            for start in range(0, size, split_bytes):
+                tasks.append(ReadTask(index, path, base, start, min(start + split_bytes, size)))
+        else:
+            tasks.append(ReadTask(index, path, base))
+    return tasks
+
+
+def _compression(path: str) -> str:
+    return CompressionTypes.detect_compression_type(path)
+
+
+def make_order(file_index: int, positions: np.ndarray) -> np.ndarray:
+    return (np.int64(file_index) << np.int64(POSITION_BITS)) | np.asarray(positions, np.int64)
+
+
+def text_hash_id(text: str) -> str:
+    """The id of a document without an id field: a stable hash of its text."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def reject(task: ReadTask, position: int, reason: str, record: bytes | str, dataset: str) -> dict:
+    if isinstance(record, bytes):
+        record = record.decode("utf-8", errors="backslashreplace")
+    return {
+        "input": dataset,
+        "source_file": task.path,
+        "position": int(position),
+        "reason": reason,
+        "record": record,
+        "id": None,
+    }
+
+
+class ReadDocumentBatches(beam.DoFn):
+    """ReadTask -> Arrow tables of valid documents; reject records to the ``rejected`` output.
+
+    Output columns: ``_order`` (global input order), ``id``, ``text``, then the record's other
+    fields (nested values as JSON text; see ``schema.arrow_column``).
+    """
+
+    def __init__(self, spec: InputSpec, dataset: str):
+        self.spec = spec
+        self.dataset = dataset
+
+    def setup(self):
+        self.records_read = beam.metrics.Metrics.counter("beamsift", f"{self.dataset}_records_read")
+
+    def process(self, task: ReadTask) -> Iterator:
+        if task.format in ("parquet", "hf"):
+            batches = self._arrow_batches(task)
+        elif task.format == "txt" and self.spec.txt_mode == "file":
+            batches = self._whole_file(task)
+        else:
+            batches = self._line_batches(task)
+        for records in batches:
+            table, rejects = records
+            self.records_read.inc(len(rejects) + (table.num_rows if table is not None else 0))
+            for r in rejects:
+                yield beam.pvalue.TaggedOutput(REJECTED, r)
+            if table is not None and table.num_rows:
+                yield table
+
+    # -- line files (jsonl, txt per line) -------------------------------------------------
+    def _line_batches(self, task: ReadTask):
+        lines, positions = [], []
+        for position, line in _read_lines(task):
+            if not line.strip():
+                continue  # a blank line is not a record
+            lines.append(line)
+            positions.append(position)
+            if len(lines) == self.spec.batch_size:
+                yield self._parse_lines(task, lines, positions)
+                lines, positions = [], []
+        if lines:
+            yield self._parse_lines(task, lines, positions)
+
+    def _parse_lines(self, task, lines, positions):
+        if task.format == "txt":
+            records, rejects, kept = [], [], []
+            for pos, line in zip(positions, lines):
+                try:
+                    records.append({self.spec.text_field: line.decode("utf-8")})
+                    kept.append(pos)
+                except UnicodeDecodeError as e:
+                    rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
+            table, more = self._records_to_table(task, records, kept, lines_for=None)
+            return table, rejects + more
+        records, kept, rejects = [], [], []
+        for pos, line in zip(positions, lines):
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError as e:
+                rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
+                continue
+            except ValueError as e:
+                rejects.append(reject(task, pos, f"malformed JSON: {e}", line, self.dataset))
+                continue
+            if not isinstance(record, dict):
+                kind = type(record).__name__
+                rejects.append(reject(task, pos, f"not a JSON object ({kind})", line, self.dataset))
+                continue
+            records.append(record)
+            kept.append(pos)
+        table, more = self._records_to_table(task, records, kept, lines_for=None)
+        return table, rejects + more
+
+    # -- whole text files ---------------------------------------------------------------
+    def _whole_file(self, task: ReadTask):
+        with FileSystems.open(task.path, compression_type=_compression(task.path)) as f:
+            data = f.read()
+        if not data.strip():
+            yield None, [reject(task, 0, "empty text", data, self.dataset)]
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield None, [reject(task, 0, f"invalid UTF-8: {e.reason}", data, self.dataset)]
+            return
+        yield self._records_to_table(task, [{self.spec.text_field: text}], [0], lines_for=None)
+
+    # -- Parquet and HuggingFace Arrow files ----------------------------------------------
+    def _arrow_batches(self, task: ReadTask):
+        row = 0
+        for batch in _iter_arrow_file(task, self.spec.batch_size):
+            # Columnar validation of an Arrow batch is done on records: the batch is already
+            # bounded in size, and it keeps one code path for the rules of what is valid.
+            records = batch.to_pylist()
+            positions = list(range(row, row + len(records)))
+            row += len(records)
+            yield self._records_to_table(task, records, positions, lines_for=None)
+
+    # -- shared: validate records and build the table ---------------------------------------
+    def _records_to_table(self, task, records, positions, lines_for):
+        text_field, id_field = self.spec.text_field, self.spec.id_field
+        keep_records, keep_pos, rejects = [], [], []
+        texts, ids = [], []
+        for pos, record in zip(positions, records):
+            text = record.get(text_field, _MISSING)
+            reason = None
+            if text is _MISSING:
+                reason = f"missing text field {text_field!r}"
+            elif not isinstance(text, str):
+                reason = f"text field {text_field!r} is {_json_type(text)}, not a string"
+            elif not text.strip():
+                reason = "empty text"
+            elif not _encodable(text):
+                reason = "invalid UTF-8: text holds unpaired surrogates"
+            doc_id = None
+            if reason is None and id_field is not None:
+                doc_id = record.get(id_field, _MISSING)
+                if doc_id is _MISSING or doc_id is None:
+                    reason = f"missing id field {id_field!r}"
+                elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                    reason = f"id field {id_field!r} is {_json_type(doc_id)}, not a string or integer"
+                else:
+                    doc_id = str(doc_id)
+                    if not _encodable(doc_id):
+                        reason = "invalid UTF-8: id holds unpaired surrogates"
+            if reason is not None:
+                rejects.append(reject(task, pos, reason, _record_text(record), self.dataset))
+                continue
+            if doc_id is None:
+                doc_id = text_hash_id(text)
+            keep_records.append(record)
+            keep_pos.append(pos)
+            texts.append(text)
+            ids.append(doc_id)
+        if not keep_records:
+            return None, rejects
+        columns = {
+            ORDER: pa.array(make_order(task.file_index, np.asarray(keep_pos, np.int64))),
+            "id": pa.array(ids, pa.string()),
+            "text": pa.array(texts, pa.string()),
+        }
+        names = {}
+        for record in keep_records:
+            for name in record:
+                names.setdefault(name, None)
+        for name in names:
+            if name == text_field or (name == id_field and name == "id"):
+                continue
+            column = f"input_{name}" if name in RESERVED else name
+            columns[column] = arrow_column([r.get(name) for r in keep_records])
+        return pa.table(columns), rejects
+
+
+_MISSING = object()
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _record_text(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False, default=str)
+
+
+def _read_lines(task: ReadTask, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """(position, line) for each line that starts in the task's byte range.
+
+    Positions are byte offsets in the (decompressed) file. A range that does not start at 0
+    skips the line in progress: the range before it owns that line.
+    """
+    compression = _compression(task.path)
+    with FileSystems.open(task.path, compression_type=compression) as f:
+        position = task.start
+        if task.start > 0:
+            f.seek(task.start - 1)
+            # Skip to the end of the line that is in progress at start - 1.
+            skipped = f.readline()
+            position = task.start - 1 + len(skipped)
+        carry = b""
+        while True:
+            # `position` is where the unread line (`carry` and what follows) starts.
+            if task.stop is not None and position >= task.stop:
+                return
+            data = f.read(chunk)
+            if not data:
+                if carry:
+                    yield position, carry.rstrip(b"\r")
+                return
+            data = carry + data
+            lines = data.split(b"\n")
+            carry = lines.pop()
+            for line in lines:
+                if task.stop is not None and position >= task.stop:
+                    return
+                yield position, line.rstrip(b"\r")
+                position += len(line) + 1
+
+
+def _iter_arrow_file(task: ReadTask, batch_size: int):
+    with FileSystems.open(task.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        if task.format == "parquet":
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                yield batch
+            return
+        data = f.read()
+    # datasets' save_to_disk writes Arrow IPC streams; older versions wrote files.
+    try:
+        reader = pa.ipc.open_stream(data)
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(data)
+        for i in range(reader.num_record_batches):
+            yield from _rebatch(reader.get_batch(i), batch_size)
+        return
+    for batch in reader:
+        yield from _rebatch(batch, batch_size)
+
+
+def _rebatch(batch: pa.RecordBatch, size: int):
+    for start in range(0, batch.num_rows, size):
+        yield batch.slice(start, size)
+
+
+class ReadDocuments(beam.PTransform):
+    """files -> (documents: PCollection[pa.Table], rejected: PCollection[dict])."""
+
+    def __init__(self, tasks: list[ReadTask], spec: InputSpec, dataset: str):
+        super().__init__()
+        self.tasks = tasks
+        self.spec = spec
+        self.dataset = dataset
+
+    def expand(self, pbegin):
+        results = (
+            pbegin
+            | "ListReadTasks" >> beam.Create(self.tasks)
+            # Spread the read tasks over workers before the heavy reading is fused to them.
+            | "SpreadReadTasks" >> beam.Reshuffle()
+            | "ReadAndValidate"
+            >> beam.ParDo(ReadDocumentBatches(self.spec, self.dataset)).with_outputs(
+                REJECTED, main="documents"
+            )
+        )
+        return results.documents, results[REJECTED]

@@ -1,0 +1,152 @@
+"""Column names and types that every stage agrees on, and one schema for all output shards.
+
+Input records may disagree on a field's type from one batch to the next (an int here, a
+string there). Each batch keeps what it saw; a combine unifies the types over the whole input,
+and the writers cast every shard to that one schema, so that
+``duckdb.read_parquet('out/selected/*.parquet')`` reads all shards without ``union_by_name``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ORDER = "_order"  # global input order: file index << 40 | position in the file
+ID_HASH = "_id_hash"
+N_TOKENS = "n_tokens"
+BUCKETS = "_ngram_buckets"
+
+# Columns that beamsift writes; an input field of the same name is kept as input_<name>.
+RESERVED = frozenset(
+    {ORDER, ID_HASH, BUCKETS, N_TOKENS, "selected", "reason", "n_ngrams", "dsir_log_weight",
+     "dsir_key"}
+)
+INTERNAL = (ORDER, ID_HASH, BUCKETS)
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("input", pa.string()),  # pool or target
+        ("source_file", pa.string()),
+        ("position", pa.int64()),  # byte offset of the line (row index for Parquet/Arrow)
+        ("reason", pa.string()),
+        ("record", pa.string()),  # the raw record; invalid UTF-8 bytes as \xNN escapes
+        ("id", pa.string()),  # set where the record had a valid id (duplicates)
+    ]
+)
+
+
+def arrow_column(values: list) -> pa.Array:
+    """An Arrow column from a field's values across records.
+
+    Scalars keep their type (int and float together become float); lists and objects, and
+    columns whose values disagree in type, become JSON text, so one odd record never fails a batch.
+    """
+    kinds = {type(v) for v in values if v is not None}
+    if kinds <= {str}:
+        return pa.array(values, pa.string())
+    if kinds <= {bool}:
+        return pa.array(values, pa.bool_())
+    if kinds <= {int}:
+        try:
+            return pa.array(values, pa.int64())
+        except OverflowError:
+            pass
+    elif kinds <= {int, float}:
+        return pa.array([None if v is None else float(v) for v in values], pa.float64())
+    return pa.array(
+        [None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values],
+        pa.string(),
+    )
+
+
+def unify_types(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if _numeric(a) and _numeric(b):
+        return pa.float64()
+    return pa.string()
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+class UnifyFieldTypes(beam.CombineFn):
+    """Combine {field: arrow type} dicts (field order kept) into the one output schema."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, fields):
+        for name, type_str in fields:
+            t = _type_from_str(type_str)
+            acc[name] = str(unify_types(_type_from_str(acc[name]), t)) if name in acc else type_str
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for acc in accs:
+            self.add_input(out, acc.items())
+        return out
+
+    def extract_output(self, acc):
+        return list(acc.items())
+
+
+_SIMPLE_TYPES = {
+    str(t): t
+    for t in (pa.null(), pa.bool_(), pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(),
+              pa.uint16(), pa.uint32(), pa.uint64(), pa.float16(), pa.float32(), pa.float64(),
+              pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.date32())
+}
+
+
+def _type_from_str(s: str) -> pa.DataType:
+    # Types travel between workers as strings: simple to encode and compare. Anything that is
+    # not a plain scalar type (timestamps, lists, structs from Parquet input) is written as text.
+    return _SIMPLE_TYPES.get(s, pa.string())
+
+
+def field_types(table: pa.Table, skip=()) -> list[tuple[str, str]]:
+    """The (name, type) of a table's input fields, as UnifyFieldTypes consumes them."""
+    out = []
+    for field in table.schema:
+        if field.name in skip:
+            continue
+        t = field.type if str(field.type) in _SIMPLE_TYPES else pa.string()
+        out.append((field.name, str(t)))
+    return out
+
+
+def conform(table: pa.Table, fields: list[tuple[str, str]], front: list[pa.Field]) -> pa.Table:
+    """``table`` with the columns ``front`` then the unified input ``fields``, cast to their types."""
+    arrays, schema = [], []
+    for f in front:
+        arrays.append(table.column(f.name).cast(f.type))
+        schema.append(f)
+    for name, type_str in fields:
+        t = _type_from_str(type_str)
+        if name in table.column_names:
+            arrays.append(_cast(table.column(name), t))
+        else:
+            arrays.append(pa.nulls(table.num_rows, t))
+        schema.append(pa.field(name, t))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(schema))
+
+
+def _cast(column: pa.ChunkedArray, t: pa.DataType) -> pa.ChunkedArray:
+    if column.type == t:
+        return column
+    try:
+        return pc.cast(column, t)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        # Nested or exotic types to text: JSON, the way the JSON reader writes them.
+        values = column.to_pylist()
+        return pa.chunked_array(
+            [pa.array([None if v is None else json.dumps(v, default=str) for v in values], t)]
+        )

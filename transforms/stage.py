@@ -1,0 +1,75 @@
+"""Staging shards: each batch of featurized documents written once, read by the later passes.
+
+DSIR needs the pool three times after reading it (fit the raw distribution, score and rank,
+write the outputs), and each pass needs a global result of the one before. Beam's local
+runners keep a PCollection that crosses such a barrier in memory, so instead of carrying the
+documents across, each batch goes to a Parquet shard under ``output.dir/_staging`` and only
+the shard's path and a small summary travel on. Later passes read just the columns they need.
+Memory stays flat in the corpus size; the shards are deleted when the run succeeds.
+
+Shard names come from the batch's first input position, so a retried bundle rewrites the same
+file instead of adding a second copy.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beamsift.transforms.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field_types
+
+
+@dataclass(frozen=True)
+class StagedShard:
+    """What travels on from a staging shard: its path and what the global steps need of it."""
+
+    path: str
+    name: str
+    num_rows: int
+    fields: list  # [(name, arrow type as str)] of the input fields
+    id_hashes: np.ndarray  # uint64, for finding duplicate ids
+    orders: np.ndarray  # int64 input order, aligned with id_hashes
+
+
+def shard_name(table: pa.Table) -> str:
+    return f"part-{int(table.column(ORDER)[0].as_py()):016x}"
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    """Write a table through Beam's FileSystems (local, gs://, s3:// alike)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    with FileSystems.create(path) as f:
+        f.write(buffer.getvalue())
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    with FileSystems.open(path) as f:
+        return pq.read_table(pa.BufferReader(f.read()), columns=columns)
+
+
+class WriteStagingShards(beam.DoFn):
+    """pa.Table of featurized documents -> StagedShard (the table is written to ``staging_dir``)."""
+
+    def __init__(self, staging_dir: str):
+        self.staging_dir = staging_dir
+
+    def process(self, table: pa.Table):
+        name = shard_name(table)
+        path = FileSystems.join(self.staging_dir, name + ".parquet")
+        write_parquet(table, path)
+        skip = set(INTERNAL) | {"id", "text", N_TOKENS}
+        yield StagedShard(
+            path=path,
+            name=name,
+            num_rows=table.num_rows,
+            fields=field_types(table, skip=skip),
+            id_hashes=np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64),
+            orders=np.asarray(table.column(ORDER).combine_chunks(), dtype=np.int64),
+        )

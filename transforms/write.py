@@ -1,0 +1,178 @@
+"""Writing the outputs: selected documents, every document's scores, and rejected records.
+
+Each staged shard becomes one ``selected/`` and one ``scores/`` shard of the same name, cast to
+the run's one unified schema; rejected records are written in batches. Each writer also emits a
+small summary (counts, and the n-gram counts of the selected and random subsets for the KL
+reduction) that the run combines into the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+from beamsift.transforms.dsir import score_shard
+from beamsift.transforms.featurize import bucket_counts
+from beamsift.transforms.read import POSITION_BITS, REJECTED
+from beamsift.transforms.schema import (
+    ID_HASH,
+    INTERNAL,
+    N_TOKENS,
+    ORDER,
+    REJECTED_SCHEMA,
+    conform,
+)
+from beamsift.transforms.select import at_or_above
+from beamsift.transforms.stage import read_parquet, write_parquet
+
+SCORE_FIELDS = [
+    pa.field("id", pa.string()),
+    pa.field("dsir_log_weight", pa.float64()),
+    pa.field("dsir_key", pa.float64()),
+    pa.field(N_TOKENS, pa.int32()),
+    pa.field("n_ngrams", pa.int64()),
+    pa.field("selected", pa.bool_()),
+    pa.field("reason", pa.string()),
+]
+SELECTED_FRONT = [pa.field("id", pa.string()), pa.field("text", pa.string())]
+SELECTED_SCORES = [f for f in SCORE_FIELDS if f.name not in ("id", "selected", "reason")]
+
+
+def reason_category(reason: str) -> str:
+    """The part of a reason before its details: what the manifest counts by."""
+    return reason.split(":", 1)[0]
+
+
+class WriteSelectionShards(beam.DoFn):
+    """A staged shard -> selected/ and scores/ shards, duplicate-id rejects, and a summary."""
+
+    def __init__(self, output_dir: str, seed: int, input_files: list[str]):
+        self.output_dir = output_dir
+        self.seed = seed
+        self.input_files = input_files
+
+    def process(self, shard, model, duplicates, thresholds, fields):
+        from apache_beam.io.filesystems import FileSystems
+
+        table = read_parquet(shard.path)
+        s = score_shard(table, model, duplicates, self.seed)
+        id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
+        selected = s.eligible & at_or_above(s.key, id_hash, thresholds.get("selected"))
+        in_random = ~s.duplicate & at_or_above(s.random_key, id_hash, thresholds.get("random"))
+
+        n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
+        reasons = np.full(table.num_rows, None, dtype=object)
+        reasons[~selected] = "not sampled: below the importance-resampling cut"
+        too_short = ~s.duplicate & ~s.eligible
+        reasons[too_short] = [
+            f"too short: {n} tokens < dsir.min_tokens={model.min_tokens}" for n in n_tokens[too_short]
+        ]
+        scored = table.append_column("dsir_log_weight", pa.array(s.log_weight))
+        scored = scored.append_column("dsir_key", pa.array(s.key))
+        scored = scored.append_column("n_ngrams", pa.array(s.n_ngrams))
+        scored = scored.append_column("selected", pa.array(selected))
+        scored = scored.append_column("reason", pa.array(reasons, pa.string()))
+
+        valid = scored.filter(pa.array(~s.duplicate))
+        scores_out = conform(valid, fields, SCORE_FIELDS)
+        chosen = scored.filter(pa.array(selected))
+        selected_out = conform(chosen, fields, SELECTED_FRONT + SELECTED_SCORES)
+        # The text is in selected/ only: scores/ stays small enough to scan for re-selection.
+        write_parquet(scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet"))
+        write_parquet(
+            selected_out, FileSystems.join(self.output_dir, "selected", shard.name + ".parquet")
+        )
+
+        for row in np.flatnonzero(s.duplicate):
+            yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
+
+        counts = {"selected": int(selected.sum()), "rejected: duplicate id": int(s.duplicate.sum())}
+        not_selected = ~s.duplicate & ~selected
+        for r in reasons[not_selected]:
+            key = "not selected: " + reason_category(r)
+            counts[key] = counts.get(key, 0) + 1
+        yield {
+            "counts": counts,
+            "selected_ngrams": bucket_counts(s.features, model.num_buckets, rows=selected),
+            "random_ngrams": bucket_counts(s.features, model.num_buckets, rows=in_random),
+        }
+
+    def _duplicate_reject(self, table: pa.Table, row: int, duplicates) -> dict:
+        record = {
+            name: table.column(name)[row].as_py()
+            for name in table.column_names
+            if name not in INTERNAL and name != N_TOKENS
+        }
+        order = int(table.column(ORDER)[row].as_py())
+        first = duplicates.winner_of(order)
+        return {
+            "input": "pool",
+            "source_file": self._file(order),
+            "position": order & ((1 << POSITION_BITS) - 1),
+            "reason": f"duplicate id: the first record with this id is at "
+            f"{self._file(first)} position {first & ((1 << POSITION_BITS) - 1)}",
+            "record": json.dumps(record, ensure_ascii=False, default=str),
+            "id": record.get("id"),
+        }
+
+    def _file(self, order: int) -> str:
+        return self.input_files[order >> POSITION_BITS]
+
+
+class WriteRejectedShard(beam.DoFn):
+    """A batch of reject records -> one rejected/ shard, and a summary of counts by reason."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def process(self, rows: list[dict]):
+        from apache_beam.io.filesystems import FileSystems
+
+        rows = sorted(rows, key=lambda r: (r["input"], r["source_file"], r["position"]))
+        table = pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)
+        first = rows[0]
+        name = hashlib.blake2b(
+            f"{first['input']}\0{first['source_file']}\0{first['position']}\0{len(rows)}".encode(),
+            digest_size=8,
+        ).hexdigest()
+        write_parquet(table, FileSystems.join(self.output_dir, "rejected", f"part-{name}.parquet"))
+        counts: dict[str, int] = {}
+        for r in rows:
+            key = ("rejected: " if r["input"] == "pool" else "target rejected: ") + reason_category(
+                r["reason"]
+            )
+            if r["reason"].startswith("duplicate id"):
+                continue  # counted where it was found (WriteSelectionShards)
+            counts[key] = counts.get(key, 0) + 1
+        yield {"counts": counts}
+
+
+class SumSummaries(beam.CombineFn):
+    """Add up summary dicts: counts by key, and n-gram count vectors."""
+
+    def create_accumulator(self):
+        return {"counts": {}}
+
+    def add_input(self, acc, part):
+        for key, value in part.items():
+            if key == "counts":
+                for name, n in value.items():
+                    acc["counts"][name] = acc["counts"].get(name, 0) + n
+            elif key in acc:
+                acc[key] = acc[key] + value
+            else:
+                acc[key] = value
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for acc in accs:
+            self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc

@@ -143,6 +143,8 @@ def text_hash_id(text: str) -> str:
 def reject(task: ReadTask, position: int, reason: str, record: bytes | str, dataset: str) -> dict:
     if isinstance(record, bytes):
         record = record.decode("utf-8", errors="backslashreplace")
+    else:  # unpaired surrogates cannot be written as UTF-8: keep them as \udXXX escapes
+        record = record.encode("utf-8", errors="backslashreplace").decode("utf-8")
     return {
         "input": dataset,
         "source_file": task.path,

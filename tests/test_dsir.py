@@ -1,0 +1,85 @@
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from beamsift.transforms.dsir import DsirModel, dsir_log_weights, kl_divergence, log_probs
+from beamsift.transforms.featurize import NgramFeatures
+from beamsift.transforms.select import Candidates, gumbel, top_k_order
+
+
+def test_log_weight_by_hand():
+    # 3 buckets. target counts (2, 1, 1) -> p = (.5, .25, .25); raw counts (1, 1, 2) -> q = (.25, .25, .5)
+    model = DsirModel(
+        target_counts=np.array([2, 1, 1]), raw_counts=np.array([1, 1, 2]), smoothing=1e-8,
+        num_buckets=3, max_ngram=2, length_norm="none", min_tokens=0, mean_ngrams=2.0, k=1,
+        eligible=2,
+    )
+    # doc 0 = buckets [0, 0, 2]; doc 1 = [1]
+    f = NgramFeatures(buckets=np.array([0, 0, 2, 1]), offsets=np.array([0, 3, 4]), n_tokens=np.array([2, 1]))
+    log_w, resampled = model.scores(f)
+    eps = 1e-8
+    expected0 = 2 * (math.log(0.5 + eps) - math.log(0.25 + eps)) + (math.log(0.25 + eps) - math.log(0.5 + eps))
+    assert log_w[0] == pytest.approx(expected0, rel=1e-12)  # = log 2
+    assert abs(log_w[0] - math.log(2)) < 1e-6
+    assert abs(log_w[1]) < 1e-12
+    np.testing.assert_array_equal(resampled, log_w)
+    mean = DsirModel(**{**_fields(model), "length_norm": "mean"})
+    _, normalised = mean.scores(f)
+    assert abs(normalised[0] - log_w[0] / 3 * 2.0) < 1e-12
+
+
+def _fields(model):
+    return {k: getattr(model, k) for k in ("target_counts", "raw_counts", "smoothing", "num_buckets",
+                                           "max_ngram", "length_norm", "min_tokens", "mean_ngrams",
+                                           "k", "eligible")}
+
+
+def test_log_weights_equal_count_vector_dot_product():
+    rng = np.random.default_rng(0)
+    m = 50
+    counts = rng.integers(0, 5, size=(20, m))
+    buckets = np.concatenate([np.repeat(np.arange(m), c) for c in counts])
+    offsets = np.concatenate([[0], np.cumsum(counts.sum(1))])
+    f = NgramFeatures(buckets=buckets, offsets=offsets, n_tokens=counts.sum(1))
+    ratio = rng.normal(size=m)
+    np.testing.assert_allclose(dsir_log_weights(f, ratio), counts @ ratio, rtol=1e-12)
+
+
+def test_kl_divergence_by_hand():
+    p, q = np.array([1, 1]), np.array([1, 3])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert abs(kl_divergence(p, q, 1e-12) - expected) < 1e-9
+    assert abs(kl_divergence(p, p, 1e-8)) < 1e-12
+    assert np.allclose(np.exp(log_probs(np.array([3, 1]), 0.0)), [0.75, 0.25])
+
+
+def test_gumbel_top_1_samples_in_proportion_to_weights():
+    # Two documents with weights 1 and 3: the second should win 3/4 of the seeds.
+    hashes = np.array([11, 22], dtype=np.uint64)
+    log_w = np.log([1.0, 3.0])
+    wins = sum(int(top_k_order(log_w + gumbel(hashes, seed), hashes, 1)[0]) for seed in range(4000))
+    assert abs(wins / 4000 - 0.75) < 0.03
+
+
+def test_candidates_merge_is_the_global_top_k():
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=1000)
+    keys[10:20] = keys[5]  # ties, broken by id hash
+    hashes = rng.permutation(1000).astype(np.uint64)
+    parts = [Candidates.of(keys[i::7], hashes[i::7], 40) for i in range(7)]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    best = top_k_order(keys, hashes, 40)
+    np.testing.assert_array_equal(merged.hashes, hashes[best])
+
+
+def test_arrow_features_roundtrip():
+    from beamsift.transforms.featurize import features_from_arrow, features_to_arrow, hashed_ngram_features
+
+    f = hashed_ngram_features(pa.array(["one two three", "four"]), 10000)
+    back = features_from_arrow(features_to_arrow(f, 10000), f.n_tokens)
+    np.testing.assert_array_equal(back.buckets, f.buckets)
+    np.testing.assert_array_equal(back.offsets, f.offsets)

@@ -1,0 +1,54 @@
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from beamsift.transforms.featurize import (
+    hash_strings,
+    hashed_ngram_features,
+    token_hashes,
+)
+from conftest import demo_records
+
+WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+
+
+def test_tokens_match_nltk_wordpunct_on_real_text():
+    texts = [r["text"] for r in demo_records(400)] + ["Ünïcode—dash “quotes” f(x)=1; a_b", "日本語 テキスト。"]
+    hashes, offsets = token_hashes(pa.array(texts))
+    for i, text in enumerate(texts):
+        expected = WORDPUNCT.findall(text.lower())
+        got = hashes[offsets[i] : offsets[i + 1]]
+        assert len(got) == len(expected), text[:80]
+        # Same token -> same hash, different token -> different hash, within the document.
+        want = hash_strings(pa.array(expected, pa.string())) if expected else np.zeros(0, np.uint64)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_hand_checkable_ngram_counts():
+    f = hashed_ngram_features(pa.array(["The cat, the CAT.", "dog"]), num_buckets=1_000_003)
+    # doc 0 tokens: the cat , the cat .  -> 6 unigrams + 5 bigrams; doc 1: 1 unigram
+    assert f.n_tokens.tolist() == [6, 1]
+    assert f.n_ngrams.tolist() == [11, 1]
+    doc0 = Counter(f.buckets[: f.offsets[1]].tolist())
+    # "the" and "cat" twice each, the bigram "the cat" twice, everything else once
+    assert sorted(doc0.values()) == [1, 1, 1, 1, 1, 2, 2, 2]
+
+
+def test_bigrams_do_not_cross_documents():
+    joined = hashed_ngram_features(pa.array(["a b", "c d"]), 1 << 20)
+    alone = [hashed_ngram_features(pa.array([t]), 1 << 20) for t in ("a b", "c d")]
+    np.testing.assert_array_equal(joined.buckets, np.concatenate([a.buckets for a in alone]))
+
+
+def test_hash_is_stable_across_processes():
+    code = (
+        "import pyarrow as pa; from beamsift.transforms.featurize import hash_strings;"
+        "print(hash_strings(pa.array(['data', 'selection', 'é'])).tolist())"
+    )
+    runs = {subprocess.check_output([sys.executable, "-c", code], text=True) for _ in range(2)}
+    assert len(runs) == 1
+    assert runs.pop().strip() == str(hash_strings(pa.array(["data", "selection", "é"])).tolist())

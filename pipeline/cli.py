@@ -16,7 +16,15 @@ import sys
 from beamsift.pipeline.config import ConfigError, load_config
 
 
+class _DropBeamImportNotice(logging.Filter):
+    """Importing Beam without its GCP extras logs a warning that concerns only BigQuery users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger().addFilter(_DropBeamImportNotice())
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
     if "--" in argv:

@@ -90,7 +90,9 @@ class WriteSelectionShards(beam.DoFn):
         for row in np.flatnonzero(s.duplicate):
             yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
 
-        counts = {"selected": int(selected.sum()), "rejected: duplicate id": int(s.duplicate.sum())}
+        counts = {"selected": int(selected.sum())}
+        if s.duplicate.any():
+            counts["rejected: duplicate id"] = int(s.duplicate.sum())
         not_selected = ~s.duplicate & ~selected
         for r in reasons[not_selected]:
             key = "not selected: " + reason_category(r)

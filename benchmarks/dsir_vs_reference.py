@@ -1,0 +1,207 @@
+"""beamsift's DSIR against the reference implementation, end to end, on the same 2 cores.
+
+    python benchmarks/dsir_vs_reference.py --docs 200000            # both, one after the other
+    python benchmarks/dsir_vs_reference.py --docs 1000000 --skip-reference   # memory at scale
+
+The corpus is the bundled demo pool repeated with distinct ids (data/README.md), written as
+uncompressed JSONL; the target is the bundled target. The reference (`data-selection` 1.0.3,
+p-lambda/dsir) needs nltk==3.8.1 and numpy<2, so it runs from its own venv, made on first use
+under benchmarks/.refvenv (or pass --reference-python). Both select k documents with at least
+100 word tokens (the reference's min_example_length) into 10,000 buckets, with 2 processes.
+
+Printed per tool: end-to-end documents/s (process start to exit, fitting included), peak RSS
+summed over the tool's process tree, and the KL reduction of its selection, evaluated by one
+function for both: KL(target ‖ random k) − KL(target ‖ selected), over the same random subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from beamsift.transforms.dsir import kl_divergence
+from beamsift.transforms.featurize import bucket_counts, hashed_ngram_features
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKETS = 10000
+MIN_TOKENS = 100
+
+REFERENCE_SCRIPT = """
+import sys, numpy as np
+from data_selection import HashedNgramDSIR
+pool, target, cache, out, k = sys.argv[1:6]
+dsir = HashedNgramDSIR([pool], [target], cache_dir=cache, num_proc=2, ngrams=2,
+                       num_buckets=10000, min_example_length=100)
+dsir.fit_importance_estimator(num_tokens_to_fit="auto")
+dsir.compute_importance_weights()
+np.random.seed(0)  # the reference draws its Gumbel noise from numpy's global generator
+dsir.resample(out_dir=out, num_to_sample=int(k), cache_dir=cache + "/resampled")
+"""
+
+
+def build_corpus(path: Path, n_docs: int) -> None:
+    with gzip.open(ROOT / "data" / "pool.jsonl.gz", "rt", encoding="utf-8") as f:
+        base = [json.loads(line) for line in f]
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(n_docs):
+            r = dict(base[i % len(base)])
+            r["id"] = f"{r['id']}-r{i // len(base)}"
+            out.write(json.dumps(r) + "\n")
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes (Linux /proc)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, int]:
+    """Run cmd; return (wall seconds, peak RSS of its process tree)."""
+    start = time.perf_counter()
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        peak = [0]
+
+        def sample():
+            while proc.poll() is None:
+                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        sampler.join()
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        sys.exit(f"{' '.join(cmd[:3])}... failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
+    return elapsed, peak[0]
+
+
+def reference_python(arg: str | None) -> str:
+    if arg:
+        return arg
+    venv = ROOT / "benchmarks" / ".refvenv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print("making the reference's venv (data-selection 1.0.3, nltk 3.8.1, numpy<2) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "data-selection==1.0.3", "nltk==3.8.1", "numpy<2"],
+            check=True,
+        )
+    return str(python)
+
+
+def evaluate(corpus: Path, target: Path, selections: dict[str, set], k: int, seed: int = 0) -> dict:
+    """KL reduction of each selection against the same uniformly random k-subset."""
+    with open(target, encoding="utf-8") as f:
+        target_texts = [json.loads(line)["text"] for line in f]
+    target_counts = bucket_counts(hashed_ngram_features(pa.array(target_texts), BUCKETS), BUCKETS)
+    n = sum(1 for _ in open(corpus, "rb"))
+    random_rows = np.zeros(n, dtype=bool)
+    random_rows[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    counts = {name: np.zeros(BUCKETS, np.int64) for name in [*selections, "random"]}
+    with open(corpus, encoding="utf-8") as f:
+        row = 0
+        while True:
+            lines = [line for _, line in zip(range(20000), f)]
+            if not lines:
+                break
+            records = [json.loads(line) for line in lines]
+            feats = hashed_ngram_features(pa.array([r["text"] for r in records]), BUCKETS)
+            ids = [r["id"] for r in records]
+            counts["random"] += bucket_counts(feats, BUCKETS, rows=random_rows[row : row + len(lines)])
+            for name, chosen in selections.items():
+                mask = np.array([i in chosen for i in ids])
+                counts[name] += bucket_counts(feats, BUCKETS, rows=mask)
+            row += len(lines)
+    kl_random = kl_divergence(target_counts, counts["random"], 1e-8)
+    return {name: kl_random - kl_divergence(target_counts, counts[name], 1e-8) for name in selections}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--docs", type=int, default=200_000)
+    ap.add_argument("--k", type=int, default=None, help="documents to select (default: docs / 20)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reference-python", default=None)
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args()
+    k = args.k or args.docs // 20
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="beamsift-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, target = work / f"pool-{args.docs}.jsonl", ROOT / "data" / "target.jsonl"
+    if not corpus.exists():
+        build_corpus(corpus, args.docs)
+    size_mb = corpus.stat().st_size / 1e6
+    print(f"corpus: {args.docs:,} documents, {size_mb:.0f} MB JSONL; k = {k:,}; 2 processes each")
+
+    results = {}
+    out = work / "beamsift-out"
+    beamsift_cmd = [
+        sys.executable, "-m", "beamsift.pipeline.cli", "run", str(ROOT / "configs" / "dsir.yaml"),
+        "--set", f"input.path={corpus}", "--set", f"target.path={target}",
+        "--set", "input.id_field=id", "--set", f"select.k={k}", "--set", f"dsir.min_tokens={MIN_TOKENS}",
+        "--set", f"output.dir={out}", "--overwrite", "--quiet",
+        "--", "--direct_running_mode=multi_processing", "--direct_num_workers=2",
+    ]
+    secs, rss = timed(beamsift_cmd, work / "beamsift.log")
+    ids = {r[0] for r in duckdb.connect().execute(f"SELECT id FROM '{out}/selected/*.parquet'").fetchall()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    results["beamsift"] = {"seconds": secs, "rss": rss, "ids": ids,
+                           "own_kl": manifest["dsir"]["kl"]["reduction"]}
+
+    if not args.skip_reference:
+        py = reference_python(args.reference_python)
+        script = work / "reference.py"
+        script.write_text(REFERENCE_SCRIPT)
+        ref_out, cache = work / "reference-out", work / "reference-cache"
+        for d in (ref_out, cache):
+            subprocess.run(["rm", "-rf", str(d)], check=True)
+        secs, rss = timed([py, str(script), str(corpus), str(target), str(cache), str(ref_out), str(k)],
+                          work / "reference.log")
+        ref_ids = set()
+        for path in glob.glob(str(ref_out / "*.jsonl")):
+            with open(path, encoding="utf-8") as f:
+                ref_ids |= {json.loads(line)["id"] for line in f}
+        results["reference"] = {"seconds": secs, "rss": rss, "ids": ref_ids}
+
+    kl = evaluate(corpus, target, {name: r["ids"] for name, r in results.items()}, k)
+    print(f"{'':<11}{'seconds':>9}{'docs/s':>10}{'peak RSS':>11}{'selected':>10}{'KL reduction':>14}")
+    for name, r in results.items():
+        print(f"{name:<11}{r['seconds']:>9.1f}{args.docs / r['seconds']:>10,.0f}"
+              f"{r['rss'] / 2**20:>8,.0f} MB{len(r['ids']):>10,}{kl[name]:>14.4f}")
+    print(f"beamsift's own manifest KL reduction: {results['beamsift']['own_kl']:.4f}")
+    if "reference" in results:
+        ratio = results["reference"]["seconds"] / results["beamsift"]["seconds"]
+        overlap = len(results["beamsift"]["ids"] & results["reference"]["ids"]) / k
+        print(f"speed-up (docs/s, beamsift / reference): {ratio:.1f}x; selections overlap {overlap:.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""A regular (non-editable) install imports both packages under the one name `beamsift`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_regular_install_imports_beamsift(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    assert not (target / "pipeline").exists() and not (target / "transforms").exists()
+    code = (
+        "import beamsift.pipeline.cli, beamsift.transforms.dsir, sys;"
+        "print(beamsift.transforms.dsir.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    ).stdout
+    assert out.strip().startswith(str(target))

@@ -81,9 +81,10 @@ def log_probs(counts: np.ndarray, eps: float) -> np.ndarray:
 
 def dsir_log_weights(features: NgramFeatures, log_ratio: np.ndarray) -> np.ndarray:
     """log w_i = Σ_j c_ij · log_ratio_j, summed over each document's n-gram occurrences."""
-    n = len(features.n_tokens)
-    doc = np.repeat(np.arange(n), features.n_ngrams)
-    return np.bincount(doc, weights=log_ratio[features.buckets], minlength=n)
+    values = np.append(log_ratio[features.buckets], 0.0)  # the 0 serves empty trailing documents
+    sums = np.add.reduceat(values, features.offsets[:-1]) if len(features.offsets) > 1 else values[:0]
+    sums[features.n_ngrams == 0] = 0.0  # reduceat gives the next value for an empty range
+    return sums
 
 
 def kl_divergence(p_counts: np.ndarray, q_counts: np.ndarray, eps: float) -> float:

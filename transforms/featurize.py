@@ -97,7 +97,13 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
-    words = pc.utf8_split_whitespace(pc.utf8_lower(texts))
+    lowered = pc.utf8_lower(texts)
+    # ASCII splitting is ~2x faster and the same for ASCII text; other text may hold Unicode
+    # spaces (NBSP, em space) that Python's \s, and so WordPunct, splits on.
+    if pc.all(pc.string_is_ascii(lowered)).as_py() is not False:
+        words = pc.ascii_split_whitespace(lowered)
+    else:
+        words = pc.utf8_split_whitespace(lowered)
     word_offsets = np.asarray(words.offsets, dtype=np.int64)
     word_offsets = word_offsets - word_offsets[0]
     encoded = pc.dictionary_encode(words.flatten())
@@ -110,10 +116,10 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     single = pc.or_(pc.utf8_is_alnum(no_underscore), _has_no_word_char(vocab))
     single = np.asarray(single.to_numpy(zero_copy_only=False), dtype=bool)
 
-    pieces_per_word = np.ones(len(vocab), dtype=np.int64)
     mixed = np.flatnonzero(~single)
-    mixed_pieces = [_WORDPUNCT.findall(w) for w in vocab.take(pa.array(mixed)).to_pylist()]
-    pieces_per_word[mixed] = [len(p) for p in mixed_pieces]
+    pieces, pieces_per_mixed = _split_mixed_words(vocab.take(pa.array(mixed)))
+    pieces_per_word = np.ones(len(vocab), dtype=np.int64)
+    pieces_per_word[mixed] = pieces_per_mixed
     # Token hashes of each vocabulary word, laid out word after word.
     first_piece = np.zeros(len(vocab) + 1, dtype=np.int64)
     np.cumsum(pieces_per_word, out=first_piece[1:])
@@ -121,10 +127,7 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     single_idx = np.flatnonzero(single)
     piece_hash[first_piece[single_idx]] = hash_strings(vocab.take(pa.array(single_idx)))
     if len(mixed):
-        flat_pieces = [p for pieces in mixed_pieces for p in pieces]
-        piece_hash[_ranges(first_piece[mixed], pieces_per_word[mixed])] = hash_strings(
-            pa.array(flat_pieces, pa.large_string())
-        )
+        piece_hash[_ranges(first_piece[mixed], pieces_per_word[mixed])] = hash_strings(pieces)
     # Expand every word occurrence to its tokens.
     word_vocab_idx = np.asarray(encoded.indices, dtype=np.int64)
     counts = pieces_per_word[word_vocab_idx]
@@ -132,6 +135,24 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     token_end = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=token_end[1:])
     return hashes, token_end[word_offsets]
+
+
+def _split_mixed_words(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """WordPunct tokens of words that mix word and other characters, and the count per word.
+
+    One regex pass over all the words joined by a separator token, instead of a call per word.
+    """
+    if len(words) == 0:
+        return pa.array([], pa.large_string()), np.zeros(0, np.int64)
+    # NUL cannot occur inside a white-space word here (it is stripped below), and alone between
+    # spaces it is its own token: the word boundaries.
+    joined = " \x00 ".join(pc.replace_substring(words, "\x00", "").to_pylist())
+    tokens = pa.array(_WORDPUNCT.findall(joined), pa.large_string())
+    is_sep = np.asarray(pc.equal(tokens, "\x00").to_numpy(zero_copy_only=False), dtype=bool)
+    sep_at = np.flatnonzero(is_sep)
+    bounds = np.concatenate([[-1], sep_at, [len(tokens)]])
+    counts = np.diff(bounds) - 1
+    return tokens.filter(pa.array(~is_sep)), counts
 
 
 def _has_no_word_char(vocab: pa.Array) -> pa.Array:
@@ -181,12 +202,14 @@ def hashed_ngram_features(texts: pa.Array, num_buckets: int, max_ngram: int = 2)
         for order in range(2, max_ngram + 1):
             nxt = np.zeros(total, dtype=np.uint64)
             nxt[: total - order + 1] = token_hash[order - 1 :]
-            h = splitmix64(h * _BIGRAM_MULT) ^ nxt
-            grams[:, order - 1] = h + np.uint64(order)
+            # Token hashes are splitmix outputs already: one multiply-xor chains them, and the
+            # final mix below spreads the n-gram over the buckets.
+            h = (h * _BIGRAM_MULT) ^ nxt
+            grams[:, order - 1] = splitmix64(h + np.uint64(order))
             valid[:, order - 1] = tokens_left >= order
     # Row-major order keeps each document's n-grams together.
     keep = valid.ravel()
-    buckets = (splitmix64(grams.ravel()[keep]) % np.uint64(num_buckets)).astype(np.int64)
+    buckets = (grams.ravel()[keep] % np.uint64(num_buckets)).astype(np.int64)
     per_doc = np.zeros(len(n_tokens), dtype=np.int64)
     for order in range(1, max_ngram + 1):
         per_doc += np.maximum(n_tokens - (order - 1), 0)

@@ -41,10 +41,10 @@ def shard_name(table: pa.Table) -> str:
     return f"part-{int(table.column(ORDER)[0].as_py()):016x}"
 
 
-def write_parquet(table: pa.Table, path: str) -> None:
+def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> None:
     """Write a table through Beam's FileSystems (local, gs://, s3:// alike)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression=compression)
     with FileSystems.create(path) as f:
         f.write(buffer.getvalue())
 
@@ -63,7 +63,8 @@ class WriteStagingShards(beam.DoFn):
     def process(self, table: pa.Table):
         name = shard_name(table)
         path = FileSystems.join(self.staging_dir, name + ".parquet")
-        write_parquet(table, path)
+        # lz4: staging shards are written once and read three times, soon after; speed wins.
+        write_parquet(table, path, compression="lz4")
         skip = set(INTERNAL) | {"id", "text", N_TOKENS}
         yield StagedShard(
             path=path,

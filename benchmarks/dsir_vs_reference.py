@@ -31,7 +31,6 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
-
 from beamsift.transforms.dsir import kl_divergence
 from beamsift.transforms.featurize import bucket_counts, hashed_ngram_features
 
@@ -108,10 +107,22 @@ def reference_python(arg: str | None) -> str:
     venv = ROOT / "benchmarks" / ".refvenv"
     python = venv / "bin" / "python"
     if not python.exists():
-        print("making the reference's venv (data-selection 1.0.3, nltk 3.8.1, numpy<2) ...", flush=True)
+        print(
+            "making the reference's venv (data-selection 1.0.3, nltk 3.8.1, numpy<2) ...",
+            flush=True,
+        )
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "data-selection==1.0.3", "nltk==3.8.1", "numpy<2"],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "data-selection==1.0.3",
+                "nltk==3.8.1",
+                "numpy<2",
+            ],
             check=True,
         )
     return str(python)
@@ -135,13 +146,17 @@ def evaluate(corpus: Path, target: Path, selections: dict[str, set], k: int, see
             records = [json.loads(line) for line in lines]
             feats = hashed_ngram_features(pa.array([r["text"] for r in records]), BUCKETS)
             ids = [r["id"] for r in records]
-            counts["random"] += bucket_counts(feats, BUCKETS, rows=random_rows[row : row + len(lines)])
+            counts["random"] += bucket_counts(
+                feats, BUCKETS, rows=random_rows[row : row + len(lines)]
+            )
             for name, chosen in selections.items():
                 mask = np.array([i in chosen for i in ids])
                 counts[name] += bucket_counts(feats, BUCKETS, rows=mask)
             row += len(lines)
     kl_random = kl_divergence(target_counts, counts["random"], 1e-8)
-    return {name: kl_random - kl_divergence(target_counts, counts[name], 1e-8) for name in selections}
+    return {
+        name: kl_random - kl_divergence(target_counts, counts[name], 1e-8) for name in selections
+    }
 
 
 def main() -> None:
@@ -164,17 +179,41 @@ def main() -> None:
     results = {}
     out = work / "beamsift-out"
     beamsift_cmd = [
-        sys.executable, "-m", "beamsift.pipeline.cli", "run", str(ROOT / "configs" / "dsir.yaml"),
-        "--set", f"input.path={corpus}", "--set", f"target.path={target}",
-        "--set", "input.id_field=id", "--set", f"select.k={k}", "--set", f"dsir.min_tokens={MIN_TOKENS}",
-        "--set", f"output.dir={out}", "--overwrite", "--quiet",
-        "--", "--direct_running_mode=multi_processing", "--direct_num_workers=2",
+        sys.executable,
+        "-m",
+        "beamsift.pipeline.cli",
+        "run",
+        str(ROOT / "configs" / "dsir.yaml"),
+        "--set",
+        f"input.path={corpus}",
+        "--set",
+        f"target.path={target}",
+        "--set",
+        "input.id_field=id",
+        "--set",
+        f"select.k={k}",
+        "--set",
+        f"dsir.min_tokens={MIN_TOKENS}",
+        "--set",
+        f"output.dir={out}",
+        "--overwrite",
+        "--quiet",
+        "--",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
     ]
     secs, rss = timed(beamsift_cmd, work / "beamsift.log")
-    ids = {r[0] for r in duckdb.connect().execute(f"SELECT id FROM '{out}/selected/*.parquet'").fetchall()}
+    ids = {
+        r[0]
+        for r in duckdb.connect().execute(f"SELECT id FROM '{out}/selected/*.parquet'").fetchall()
+    }
     manifest = json.loads((out / "manifest.json").read_text())
-    results["beamsift"] = {"seconds": secs, "rss": rss, "ids": ids,
-                           "own_kl": manifest["dsir"]["kl"]["reduction"]}
+    results["beamsift"] = {
+        "seconds": secs,
+        "rss": rss,
+        "ids": ids,
+        "own_kl": manifest["dsir"]["kl"]["reduction"],
+    }
 
     if not args.skip_reference:
         py = reference_python(args.reference_python)
@@ -183,8 +222,10 @@ def main() -> None:
         ref_out, cache = work / "reference-out", work / "reference-cache"
         for d in (ref_out, cache):
             subprocess.run(["rm", "-rf", str(d)], check=True)
-        secs, rss = timed([py, str(script), str(corpus), str(target), str(cache), str(ref_out), str(k)],
-                          work / "reference.log")
+        secs, rss = timed(
+            [py, str(script), str(corpus), str(target), str(cache), str(ref_out), str(k)],
+            work / "reference.log",
+        )
         ref_ids = set()
         for path in glob.glob(str(ref_out / "*.jsonl")):
             with open(path, encoding="utf-8") as f:
@@ -192,15 +233,21 @@ def main() -> None:
         results["reference"] = {"seconds": secs, "rss": rss, "ids": ref_ids}
 
     kl = evaluate(corpus, target, {name: r["ids"] for name, r in results.items()}, k)
-    print(f"{'':<11}{'seconds':>9}{'docs/s':>10}{'peak RSS':>11}{'selected':>10}{'KL reduction':>14}")
+    print(
+        f"{'':<11}{'seconds':>9}{'docs/s':>10}{'peak RSS':>11}{'selected':>10}{'KL reduction':>14}"
+    )
     for name, r in results.items():
-        print(f"{name:<11}{r['seconds']:>9.1f}{args.docs / r['seconds']:>10,.0f}"
-              f"{r['rss'] / 2**20:>8,.0f} MB{len(r['ids']):>10,}{kl[name]:>14.4f}")
+        print(
+            f"{name:<11}{r['seconds']:>9.1f}{args.docs / r['seconds']:>10,.0f}"
+            f"{r['rss'] / 2**20:>8,.0f} MB{len(r['ids']):>10,}{kl[name]:>14.4f}"
+        )
     print(f"beamsift's own manifest KL reduction: {results['beamsift']['own_kl']:.4f}")
     if "reference" in results:
         ratio = results["reference"]["seconds"] / results["beamsift"]["seconds"]
         overlap = len(results["beamsift"]["ids"] & results["reference"]["ids"]) / k
-        print(f"speed-up (docs/s, beamsift / reference): {ratio:.1f}x; selections overlap {overlap:.0%}")
+        print(
+            f"speed-up (docs/s, beamsift / reference): {ratio:.1f}x; selections overlap {overlap:.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import json
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
-
 from beamsift.pipeline.config import Config
 from beamsift.transforms.dedup import FindDuplicateIds
 from beamsift.transforms.dsir import (
@@ -103,7 +102,8 @@ def build_pipeline(
         )
         rejected.append(target_rejected)
         summaries.append(
-            target_totals | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}})
+            target_totals
+            | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}})
         )
         target_side = AsSingleton(target_totals)
     else:
@@ -150,7 +150,8 @@ def build_pipeline(
         summaries
         | "AllSummaries" >> beam.Flatten()
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
-        | "WriteSummary" >> beam.Map(_write_summary, model, pool_totals_side(pool_totals), staging_dir, out)
+        | "WriteSummary"
+        >> beam.Map(_write_summary, model, pool_totals_side(pool_totals), staging_dir, out)
     )
 
 

@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output.dir")
     run.add_argument("--quiet", action="store_true", help="print only the summary")
-    query = sub.add_parser("query", help="SQL over a run's outputs (views selected, scores, rejected)")
+    query = sub.add_parser(
+        "query", help="SQL over a run's outputs (views selected, scores, rejected)"
+    )
     query.add_argument("output_dir")
     query.add_argument("sql")
     return parser
@@ -125,7 +127,6 @@ def summary_text(manifest: dict) -> str:
 
 def _query(args) -> int:
     import duckdb
-
     from beamsift.pipeline.query import QueryError, format_table, run_query
 
     try:

@@ -21,7 +21,11 @@ SCHEMA: dict[str, Any] = {
         "path": (REQUIRED, str, "glob of the raw pool's files, or a HuggingFace dataset folder"),
         "format": ("auto", str, "jsonl, jsonl.gz, jsonl.zst, parquet, txt, hf; auto = by suffix"),
         "text_field": ("text", str, "the field that holds the document's text"),
-        "id_field": (None, (str, type(None)), "the field that holds a unique id; null = hash of text"),
+        "id_field": (
+            None,
+            (str, type(None)),
+            "the field that holds a unique id; null = hash of text",
+        ),
         "txt_mode": ("line", str, "for txt input: a document per line, or per file"),
         "batch_size": (4096, int, "documents per batch (and per staging shard)"),
         "split_bytes": (16 * 2**20, int, "uncompressed text files are read in ranges of this size"),
@@ -49,7 +53,11 @@ SCHEMA: dict[str, Any] = {
     },
     "seed": (0, int, "fixes the selection together with the document ids"),
     "output": {
-        "dir": (REQUIRED, str, "where selected/, scores/, rejected/, artifacts/ and the manifest go"),
+        "dir": (
+            REQUIRED,
+            str,
+            "where selected/, scores/, rejected/, artifacts/ and the manifest go",
+        ),
     },
     "beam": {
         "runner": ("FnApiRunner", str, "Beam runner; arguments after -- override it"),
@@ -192,7 +200,9 @@ def _check_choices(data: dict, source: str) -> None:
     if k is not None and k < 1:
         raise ConfigError(f"{source}: config key 'select.k' must be at least 1, got {k}")
     if fraction is not None and not 0 < fraction <= 1:
-        raise ConfigError(f"{source}: config key 'select.fraction' must be in (0, 1], got {fraction}")
+        raise ConfigError(
+            f"{source}: config key 'select.fraction' must be in (0, 1], got {fraction}"
+        )
     positive = ("input.batch_size", "input.split_bytes", "featurize.buckets", "featurize.max_ngram")
     for key in positive:
         if cfg[key] < 1:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import duckdb
-
 from beamsift.pipeline.run import MANIFEST
 
 VIEWS = ("selected", "scores", "rejected")
@@ -18,9 +17,7 @@ class QueryError(RuntimeError):
 def connect(out_dir: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with views ``selected``, ``scores`` and ``rejected`` over ``out_dir``."""
     if not os.path.exists(os.path.join(out_dir, MANIFEST)):
-        raise QueryError(
-            f"{out_dir} has no {MANIFEST}: not the output of a finished beamsift run"
-        )
+        raise QueryError(f"{out_dir} has no {MANIFEST}: not the output of a finished beamsift run")
     con = duckdb.connect()
     for view in VIEWS:
         glob = os.path.join(out_dir, view, "*.parquet").replace("'", "''")

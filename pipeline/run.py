@@ -18,7 +18,6 @@ from importlib import metadata
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-
 from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline
 from beamsift.pipeline.config import Config
 from beamsift.transforms.dsir import SelectionError, load_fitted_counts
@@ -54,9 +53,7 @@ def run_selection(cfg: Config, overwrite: bool = False, beam_args: list[str] = (
         target_tasks = None  # the saved model carries the target's counts
     prepare_output_dir(out, overwrite)
 
-    options = PipelineOptions(
-        [f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args]
-    )
+    options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
     staging = FileSystems.join(out, STAGING)
     pipeline = beam.Pipeline(options=options)
     build_pipeline(
@@ -101,7 +98,10 @@ def _load_model(path: str):
 
 
 def _check_model_matches(meta: dict, cfg: Config) -> None:
-    for key, cfg_key in (("num_buckets", "featurize.buckets"), ("max_ngram", "featurize.max_ngram")):
+    for key, cfg_key in (
+        ("num_buckets", "featurize.buckets"),
+        ("max_ngram", "featurize.max_ngram"),
+    ):
         if meta[key] != cfg[cfg_key]:
             raise InputError(
                 f"dsir.model was fitted with {cfg_key}={meta[key]}, but the config sets {cfg[cfg_key]}"
@@ -134,7 +134,9 @@ def _ensure_every_output_has_a_shard(out: str) -> None:
 def _manifest(cfg, summary, records_read, options, pool_files, started) -> dict:
     counts = summary["counts"]
     selected = counts.get("selected", 0)
-    not_selected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("not selected: ")}
+    not_selected = {
+        k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("not selected: ")
+    }
     rejected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("rejected: ")}
     target_rejected = {
         k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("target rejected: ")

@@ -3,7 +3,6 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from beamsift.transforms.dsir import DsirModel, dsir_log_weights, kl_divergence, log_probs
 from beamsift.transforms.featurize import NgramFeatures
 from beamsift.transforms.select import Candidates, gumbel, top_k_order
@@ -12,15 +11,26 @@ from beamsift.transforms.select import Candidates, gumbel, top_k_order
 def test_log_weight_by_hand():
     # 3 buckets. target counts (2, 1, 1) -> p = (.5, .25, .25); raw counts (1, 1, 2) -> q = (.25, .25, .5)
     model = DsirModel(
-        target_counts=np.array([2, 1, 1]), raw_counts=np.array([1, 1, 2]), smoothing=1e-8,
-        num_buckets=3, max_ngram=2, length_norm="none", min_tokens=0, mean_ngrams=2.0, k=1,
+        target_counts=np.array([2, 1, 1]),
+        raw_counts=np.array([1, 1, 2]),
+        smoothing=1e-8,
+        num_buckets=3,
+        max_ngram=2,
+        length_norm="none",
+        min_tokens=0,
+        mean_ngrams=2.0,
+        k=1,
         eligible=2,
     )
     # doc 0 = buckets [0, 0, 2]; doc 1 = [1]
-    f = NgramFeatures(buckets=np.array([0, 0, 2, 1]), offsets=np.array([0, 3, 4]), n_tokens=np.array([2, 1]))
+    f = NgramFeatures(
+        buckets=np.array([0, 0, 2, 1]), offsets=np.array([0, 3, 4]), n_tokens=np.array([2, 1])
+    )
     log_w, resampled = model.scores(f)
     eps = 1e-8
-    expected0 = 2 * (math.log(0.5 + eps) - math.log(0.25 + eps)) + (math.log(0.25 + eps) - math.log(0.5 + eps))
+    expected0 = 2 * (math.log(0.5 + eps) - math.log(0.25 + eps)) + (
+        math.log(0.25 + eps) - math.log(0.5 + eps)
+    )
     assert log_w[0] == pytest.approx(expected0, rel=1e-12)  # = log 2
     assert abs(log_w[0] - math.log(2)) < 1e-6
     assert abs(log_w[1]) < 1e-12
@@ -31,9 +41,21 @@ def test_log_weight_by_hand():
 
 
 def _fields(model):
-    return {k: getattr(model, k) for k in ("target_counts", "raw_counts", "smoothing", "num_buckets",
-                                           "max_ngram", "length_norm", "min_tokens", "mean_ngrams",
-                                           "k", "eligible")}
+    return {
+        k: getattr(model, k)
+        for k in (
+            "target_counts",
+            "raw_counts",
+            "smoothing",
+            "num_buckets",
+            "max_ngram",
+            "length_norm",
+            "min_tokens",
+            "mean_ngrams",
+            "k",
+            "eligible",
+        )
+    }
 
 
 def test_log_weights_equal_count_vector_dot_product():
@@ -77,7 +99,11 @@ def test_candidates_merge_is_the_global_top_k():
 
 
 def test_arrow_features_roundtrip():
-    from beamsift.transforms.featurize import features_from_arrow, features_to_arrow, hashed_ngram_features
+    from beamsift.transforms.featurize import (
+        features_from_arrow,
+        features_to_arrow,
+        hashed_ngram_features,
+    )
 
     f = hashed_ngram_features(pa.array(["one two three", "four"]), 10000)
     back = features_from_arrow(features_to_arrow(f, 10000), f.n_tokens)

@@ -5,7 +5,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-
 from beamsift.transforms.featurize import (
     hash_strings,
     hashed_ngram_features,
@@ -17,7 +16,10 @@ WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
 
 
 def test_tokens_match_nltk_wordpunct_on_real_text():
-    texts = [r["text"] for r in demo_records(400)] + ["Ünïcode—dash “quotes” f(x)=1; a_b", "日本語 テキスト。"]
+    texts = [r["text"] for r in demo_records(400)] + [
+        "Ünïcode—dash “quotes” f(x)=1; a_b",
+        "日本語 テキスト。",
+    ]
     hashes, offsets = token_hashes(pa.array(texts))
     for i, text in enumerate(texts):
         expected = WORDPUNCT.findall(text.lower())

@@ -10,7 +10,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.featurize import hashed_ngram_features
@@ -32,15 +31,20 @@ def _run(tmp_path, pool, target, beam_args=(), overrides=(), **sections):
 
 def _selected_ids(out) -> list[str]:
     con = duckdb.connect()
-    rows = con.execute(f"SELECT id FROM read_parquet('{out}/selected/*.parquet') ORDER BY id").fetchall()
+    rows = con.execute(
+        f"SELECT id FROM read_parquet('{out}/selected/*.parquet') ORDER BY id"
+    ).fetchall()
     return [r[0] for r in rows]
 
 
 def test_dsir_log_weights_match_numpy(tmp_path, small_corpus):
-    manifest, out = _run(tmp_path, small_corpus["pool"], small_corpus["target"],
-                         featurize={"buckets": 997})
+    manifest, out = _run(
+        tmp_path, small_corpus["pool"], small_corpus["target"], featurize={"buckets": 997}
+    )
     con = duckdb.connect()
-    scores = dict(con.execute(f"SELECT id, dsir_log_weight FROM '{out}/scores/*.parquet'").fetchall())
+    scores = dict(
+        con.execute(f"SELECT id, dsir_log_weight FROM '{out}/scores/*.parquet'").fetchall()
+    )
     # Direct numpy: count vectors, p and q from sums, log w = c . (log(p+eps) - log(q+eps)).
     pool, target = demo_records(600), target_records(100)
     m, eps = 997, 1e-8
@@ -72,7 +76,7 @@ def test_broken_records_are_all_accounted_for(tmp_path):
         b'{"id": "x3", "text": "   "}',
         b'{"id": "x4", "text": "caf\xff bytes"}',
         b'{"id": "x5", "text": "lone \\ud800 surrogate"}',
-        json.dumps(good[0]).encode(),  # duplicate id: the first one wins
+        json.dumps({"id": good[0]["id"], "text": "a later record reusing an id"}).encode(),
         b"",  # a blank line is not a record
         b"   ",
     ]
@@ -85,8 +89,12 @@ def test_broken_records_are_all_accounted_for(tmp_path):
     assert c["accounted_for"] is True
     assert c["selected"] == 50
     assert c["rejected_by_reason"] == {
-        "malformed JSON": 1, "not a JSON object (list)": 1, "missing text field 'text'": 1,
-        "text field 'text' is a number, not a string": 1, "empty text": 1, "invalid UTF-8": 2,
+        "malformed JSON": 1,
+        "not a JSON object (list)": 1,
+        "missing text field 'text'": 1,
+        "text field 'text' is a number, not a string": 1,
+        "empty text": 1,
+        "invalid UTF-8": 2,
         "duplicate id": 1,
     }
     assert manifest["target"]["rejected"] == 1
@@ -97,20 +105,26 @@ def test_broken_records_are_all_accounted_for(tmp_path):
     assert len(rejected) == 8 and all(f.endswith("pool.jsonl") for _, f in rejected)
     n_scores = con.execute(f"SELECT count(*) FROM '{out}/scores/*.parquet'").fetchone()[0]
     assert n_scores == c["selected"] + c["not_selected"]
-    # The first record with a duplicated id is the one kept.
-    kept = con.execute(f"SELECT text FROM '{out}/scores/*.parquet' s JOIN '{out}/selected/*.parquet' USING (id) WHERE id = '{good[0]['id']}'").fetchall()
-    assert all(t == good[0]["text"] for (t,) in kept)
+    # A duplicate id: the first record wins, the later one is rejected with its raw record.
+    (record,) = con.execute(
+        f"SELECT record FROM '{out}/rejected/*.parquet' WHERE reason LIKE 'duplicate id%'"
+    ).fetchone()
+    assert json.loads(record) == {"id": good[0]["id"], "text": "a later record reusing an id"}
 
 
 def test_short_documents_are_not_selected_with_a_reason(tmp_path, small_corpus):
-    manifest, out = _run(tmp_path, small_corpus["pool"], small_corpus["target"],
-                         dsir={"min_tokens": 200})
+    manifest, out = _run(
+        tmp_path, small_corpus["pool"], small_corpus["target"], dsir={"min_tokens": 200}
+    )
     con = duckdb.connect()
     rows = con.execute(
         f"SELECT n_tokens, selected, reason FROM '{out}/scores/*.parquet'"
     ).fetchall()
     short = [r for r in rows if r[0] < 200]
-    assert short and all(not s and re.match(r"too short: \d+ tokens < dsir.min_tokens=200", why) for _, s, why in short)
+    assert short and all(
+        not s and re.match(r"too short: \d+ tokens < dsir.min_tokens=200", why)
+        for _, s, why in short
+    )
     assert all(n >= 200 for n, s, _ in rows if s)
     assert manifest["counts"]["not_selected_by_reason"]["too short"] == len(short)
 
@@ -119,18 +133,31 @@ def test_short_documents_are_not_selected_with_a_reason(tmp_path, small_corpus):
 def test_same_seed_same_selection_on_every_runner(tmp_path, small_corpus, runner):
     # Small split ranges and batches: many read tasks and shards, spread over the workers.
     overrides = ["input.split_bytes=65536", "input.batch_size=64"]
-    _, out_a = _run(tmp_path / "a", small_corpus["pool"], small_corpus["target"], overrides=overrides)
-    _, out_b = _run(tmp_path / "b", small_corpus["pool"], small_corpus["target"],
-                    beam_args=RUNNERS[runner], overrides=overrides)
+    _, out_a = _run(
+        tmp_path / "a", small_corpus["pool"], small_corpus["target"], overrides=overrides
+    )
+    _, out_b = _run(
+        tmp_path / "b",
+        small_corpus["pool"],
+        small_corpus["target"],
+        beam_args=RUNNERS[runner],
+        overrides=overrides,
+    )
     a, b = _selected_ids(out_a), _selected_ids(out_b)
     assert len(a) == 50 and a == b
 
 
 def test_selection_does_not_depend_on_batching_but_on_the_seed(tmp_path, small_corpus):
     _, out_a = _run(tmp_path / "a", small_corpus["pool"], small_corpus["target"])
-    _, out_b = _run(tmp_path / "b", small_corpus["pool"], small_corpus["target"],
-                    overrides=["input.batch_size=37", "input.split_bytes=100000"])
-    _, out_c = _run(tmp_path / "c", small_corpus["pool"], small_corpus["target"], overrides=["seed=2"])
+    _, out_b = _run(
+        tmp_path / "b",
+        small_corpus["pool"],
+        small_corpus["target"],
+        overrides=["input.batch_size=37", "input.split_bytes=100000"],
+    )
+    _, out_c = _run(
+        tmp_path / "c", small_corpus["pool"], small_corpus["target"], overrides=["seed=2"]
+    )
     assert _selected_ids(out_a) == _selected_ids(out_b)
     assert _selected_ids(out_a) != _selected_ids(out_c)
 
@@ -140,7 +167,11 @@ def test_selection_prefers_the_target_domain(tmp_path):
     target = write_jsonl(tmp_path / "target.jsonl", target_records(200))
     manifest, out = _run(tmp_path, pool, target, select={"k": 100}, dsir={"min_tokens": 0})
     con = duckdb.connect()
-    by_source = dict(con.execute(f"SELECT source, count(*) FROM '{out}/selected/*.parquet' GROUP BY 1").fetchall())
+    by_source = dict(
+        con.execute(
+            f"SELECT source, count(*) FROM '{out}/selected/*.parquet' GROUP BY 1"
+        ).fetchall()
+    )
     share = Counter(r["source"] for r in demo_records(2000))["pydoc"] / 2000
     assert by_source.get("pydoc", 0) / 100 > 3 * share  # pydoc is ~11% of the pool
     assert manifest["dsir"]["kl"]["target_vs_selected"] < manifest["dsir"]["kl"]["target_vs_random"]
@@ -148,15 +179,20 @@ def test_selection_prefers_the_target_domain(tmp_path):
 
 def test_fitted_model_applies_to_new_data(tmp_path, small_corpus):
     m1, out1 = _run(tmp_path / "fit", small_corpus["pool"], small_corpus["target"])
-    m2, out2 = _run(tmp_path / "apply", small_corpus["pool"], small_corpus["target"],
-                    dsir={"model": f"{out1}/artifacts"})
+    m2, out2 = _run(
+        tmp_path / "apply",
+        small_corpus["pool"],
+        small_corpus["target"],
+        dsir={"model": f"{out1}/artifacts"},
+    )
     con = duckdb.connect()
     q = "SELECT id, dsir_log_weight FROM '{}/scores/*.parquet' ORDER BY id"
     assert con.execute(q.format(out1)).fetchall() == con.execute(q.format(out2)).fetchall()
 
 
 def test_fraction_selects_share_of_eligible(tmp_path, small_corpus):
-    manifest, out = _run(tmp_path, small_corpus["pool"], small_corpus["target"],
-                         select={"k": None, "fraction": 0.1})
+    manifest, out = _run(
+        tmp_path, small_corpus["pool"], small_corpus["target"], select={"k": None, "fraction": 0.1}
+    )
     assert manifest["counts"]["selected"] == round(0.1 * manifest["dsir"]["eligible"])
     assert len(_selected_ids(out)) == manifest["counts"]["selected"]

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.read import ReadTask, _read_lines, expand_input
@@ -18,7 +17,10 @@ from conftest import demo_records, make_config, write_jsonl
 
 
 def _ids(out):
-    return sorted(r[0] for r in duckdb.connect().execute(f"SELECT id FROM '{out}/scores/*.parquet'").fetchall())
+    return sorted(
+        r[0]
+        for r in duckdb.connect().execute(f"SELECT id FROM '{out}/scores/*.parquet'").fetchall()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,11 @@ def test_formats_read_the_same_documents(tmp_path, small_corpus, records, fmt):
     manifest = run_selection(load_config(str(cfg)), overwrite=True)
     assert manifest["counts"]["input_records"] == len(records)
     assert _ids(tmp_path / "out") == sorted(r["id"] for r in records)
-    sources = duckdb.connect().execute(f"SELECT DISTINCT source FROM '{tmp_path}/out/selected/*.parquet'").fetchall()
+    sources = (
+        duckdb.connect()
+        .execute(f"SELECT DISTINCT source FROM '{tmp_path}/out/selected/*.parquet'")
+        .fetchall()
+    )
     assert sources  # input fields travel to selected/
 
 
@@ -60,8 +66,14 @@ def test_txt_per_line_and_per_file(tmp_path, small_corpus):
     (tmp_path / "a.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "b.txt").write_text("a whole file\nas one document\n")
     for mode, expected in (("line", 3 + 2), ("file", 2)):
-        cfg = make_config(tmp_path, tmp_path / "*.txt", small_corpus["target"], select={"k": 1},
-                          input={"txt_mode": mode, "id_field": None}, dsir={"min_tokens": 0})
+        cfg = make_config(
+            tmp_path,
+            tmp_path / "*.txt",
+            small_corpus["target"],
+            select={"k": 1},
+            input={"txt_mode": mode, "id_field": None},
+            dsir={"min_tokens": 0},
+        )
         manifest = run_selection(load_config(str(cfg)), overwrite=True)
         assert manifest["counts"]["input_records"] == expected, mode
 
@@ -73,7 +85,9 @@ def test_byte_ranges_cover_every_line_once(tmp_path, records):
     for split in (997, 4096, 50_000):
         got = []
         for start in range(0, len(data), split):
-            got += _read_lines(ReadTask(0, str(path), "jsonl", start, min(start + split, len(data))))
+            got += _read_lines(
+                ReadTask(0, str(path), "jsonl", start, min(start + split, len(data)))
+            )
         assert got == whole, split
     assert whole[-1][1] == b"tail without newline"
 

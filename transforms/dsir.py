@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
-
 from beamsift.transforms.featurize import NgramFeatures, bucket_counts, features_from_arrow
 from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
 from beamsift.transforms.select import RANDOM_STREAM, SELECT_STREAM, Candidates, gumbel
-from beamsift.transforms.stage import read_parquet
+from beamsift.transforms.stage import read_staging
 
 
 class SelectionError(ValueError):
@@ -82,7 +81,9 @@ def log_probs(counts: np.ndarray, eps: float) -> np.ndarray:
 def dsir_log_weights(features: NgramFeatures, log_ratio: np.ndarray) -> np.ndarray:
     """log w_i = Σ_j c_ij · log_ratio_j, summed over each document's n-gram occurrences."""
     values = np.append(log_ratio[features.buckets], 0.0)  # the 0 serves empty trailing documents
-    sums = np.add.reduceat(values, features.offsets[:-1]) if len(features.offsets) > 1 else values[:0]
+    sums = (
+        np.add.reduceat(values, features.offsets[:-1]) if len(features.offsets) > 1 else values[:0]
+    )
     sums[features.n_ngrams == 0] = 0.0  # reduceat gives the next value for an empty range
     return sums
 
@@ -131,8 +132,17 @@ class DsirModel:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        meta = {k: getattr(self, k) for k in ("smoothing", "num_buckets", "max_ngram",
-                                               "length_norm", "min_tokens", "mean_ngrams")}
+        meta = {
+            k: getattr(self, k)
+            for k in (
+                "smoothing",
+                "num_buckets",
+                "max_ngram",
+                "length_norm",
+                "min_tokens",
+                "mean_ngrams",
+            )
+        }
         np.savez_compressed(
             buffer,
             target_counts=self.target_counts,
@@ -184,7 +194,7 @@ class CountPoolNgrams(beam.DoFn):
         self.min_tokens = min_tokens
 
     def process(self, shard, duplicates):
-        table = read_parquet(shard.path, columns=[ORDER, N_TOKENS, BUCKETS])
+        table = read_staging(shard.path, columns=[ORDER, N_TOKENS, BUCKETS])
         keep = ~duplicates.mask(np.asarray(table.column(ORDER).combine_chunks()))
         n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
         features = features_from_arrow(table.column(BUCKETS), n_tokens)
@@ -260,7 +270,7 @@ class RankShard(beam.DoFn):
         self.seed = seed
 
     def process(self, shard, model, duplicates):
-        table = read_parquet(shard.path, columns=SCORE_COLUMNS)
+        table = read_staging(shard.path, columns=SCORE_COLUMNS)
         s = score_shard(table, model, duplicates, self.seed)
         id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
         valid = ~s.duplicate

@@ -23,7 +23,6 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS
 
 # nltk's WordPunctTokenizer: runs of word characters, or runs of other non-space characters.
@@ -57,7 +56,11 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     buffers = strings.buffers()
     offsets = np.frombuffer(buffers[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    data = (
+        np.frombuffer(buffers[2], dtype=np.uint8)
+        if buffers[2] is not None
+        else np.zeros(0, np.uint8)
+    )
     lengths = np.diff(offsets)
     start, stop = int(offsets[0]), int(offsets[-1])
     out = lengths.astype(np.uint64)
@@ -218,7 +221,9 @@ def hashed_ngram_features(texts: pa.Array, num_buckets: int, max_ngram: int = 2)
     return NgramFeatures(buckets=buckets, offsets=offsets, n_tokens=n_tokens)
 
 
-def bucket_counts(features: NgramFeatures, num_buckets: int, rows: np.ndarray | None = None) -> np.ndarray:
+def bucket_counts(
+    features: NgramFeatures, num_buckets: int, rows: np.ndarray | None = None
+) -> np.ndarray:
     """Total count of each bucket over the documents (all, or those where ``rows`` is True)."""
     buckets = features.buckets
     if rows is not None:
@@ -241,7 +246,9 @@ def features_from_arrow(column: pa.ChunkedArray | pa.Array, n_tokens: np.ndarray
         column = column.combine_chunks()
     offsets = np.asarray(column.offsets, dtype=np.int64)
     buckets = np.asarray(column.values, dtype=np.int64)[offsets[0] : offsets[-1]]
-    return NgramFeatures(buckets=buckets, offsets=offsets - offsets[0], n_tokens=np.asarray(n_tokens))
+    return NgramFeatures(
+        buckets=buckets, offsets=offsets - offsets[0], n_tokens=np.asarray(n_tokens)
+    )
 
 
 class FeaturizeHashedNgrams(beam.DoFn):
@@ -263,8 +270,10 @@ def hash_ids(ids) -> np.ndarray:
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
     return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little")
-         for i in ids.to_pylist()),
+        (
+            int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little")
+            for i in ids.to_pylist()
+        ),
         dtype=np.uint64,
         count=len(ids),
     )

@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-
 from beamsift.transforms.schema import ORDER, RESERVED, arrow_column
 
 POSITION_BITS = 40  # a record's position in its file (byte offset or row) < 2**40
@@ -118,7 +117,9 @@ def plan_read_tasks(files: list[tuple[str, str, int]], split_bytes: int) -> list
     tasks = []
     for index, (path, fmt, size) in enumerate(files):
         base = "jsonl" if fmt.startswith("jsonl") else fmt
-        splittable = base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED
+        splittable = (
+            base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED
+        )
         if splittable and size > split_bytes:
             for start in range(0, size, split_bytes):
                 tasks.append(ReadTask(index, path, base, start, min(start + split_bytes, size)))
@@ -206,7 +207,9 @@ class ReadDocumentBatches(beam.DoFn):
                     records.append({self.spec.text_field: line.decode("utf-8")})
                     kept.append(pos)
                 except UnicodeDecodeError as e:
-                    rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
+                    rejects.append(
+                        reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset)
+                    )
             table, more = self._records_to_table(task, records, kept, lines_for=None)
             return table, rejects + more
         records, kept, rejects = [], [], []
@@ -275,7 +278,9 @@ class ReadDocumentBatches(beam.DoFn):
                 if doc_id is _MISSING or doc_id is None:
                     reason = f"missing id field {id_field!r}"
                 elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                    reason = f"id field {id_field!r} is {_json_type(doc_id)}, not a string or integer"
+                    reason = (
+                        f"id field {id_field!r} is {_json_type(doc_id)}, not a string or integer"
+                    )
                 else:
                     doc_id = str(doc_id)
                     if not _encodable(doc_id):
@@ -314,9 +319,13 @@ _MISSING = object()
 def _json_type(value) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def _encodable(text: str) -> bool:

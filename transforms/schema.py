@@ -21,8 +21,17 @@ BUCKETS = "_ngram_buckets"
 
 # Columns that beamsift writes; an input field of the same name is kept as input_<name>.
 RESERVED = frozenset(
-    {ORDER, ID_HASH, BUCKETS, N_TOKENS, "selected", "reason", "n_ngrams", "dsir_log_weight",
-     "dsir_key"}
+    {
+        ORDER,
+        ID_HASH,
+        BUCKETS,
+        N_TOKENS,
+        "selected",
+        "reason",
+        "n_ngrams",
+        "dsir_log_weight",
+        "dsir_key",
+    }
 )
 INTERNAL = (ORDER, ID_HASH, BUCKETS)
 
@@ -57,7 +66,10 @@ def arrow_column(values: list) -> pa.Array:
     elif kinds <= {int, float}:
         return pa.array([None if v is None else float(v) for v in values], pa.float64())
     return pa.array(
-        [None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values],
+        [
+            None if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
+            for v in values
+        ],
         pa.string(),
     )
 
@@ -100,9 +112,26 @@ class UnifyFieldTypes(beam.CombineFn):
 
 _SIMPLE_TYPES = {
     str(t): t
-    for t in (pa.null(), pa.bool_(), pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(),
-              pa.uint16(), pa.uint32(), pa.uint64(), pa.float16(), pa.float32(), pa.float64(),
-              pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.date32())
+    for t in (
+        pa.null(),
+        pa.bool_(),
+        pa.int8(),
+        pa.int16(),
+        pa.int32(),
+        pa.int64(),
+        pa.uint8(),
+        pa.uint16(),
+        pa.uint32(),
+        pa.uint64(),
+        pa.float16(),
+        pa.float32(),
+        pa.float64(),
+        pa.string(),
+        pa.large_string(),
+        pa.binary(),
+        pa.large_binary(),
+        pa.date32(),
+    )
 }
 
 

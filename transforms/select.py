@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-
 from beamsift.transforms.featurize import splitmix64
 
 SELECT_STREAM = 0x5E1EC7
@@ -75,7 +74,9 @@ class Candidates:
         return float(self.keys[self.k - 1]), int(self.hashes[self.k - 1])
 
 
-def at_or_above(keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, int] | None) -> np.ndarray:
+def at_or_above(
+    keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, int] | None
+) -> np.ndarray:
     if threshold is None:
         return np.zeros(len(keys), dtype=bool)
     key, h = threshold

@@ -4,7 +4,7 @@ DSIR needs the pool three times after reading it (fit the raw distribution, scor
 write the outputs), and each pass needs a global result of the one before. Beam's local
 runners keep a PCollection that crosses such a barrier in memory, so instead of carrying the
 documents across, each batch goes to a Parquet shard under ``output.dir/_staging`` and only
-the shard's path and a small summary travel on. Later passes read just the columns they need.
+the shard's path and a small summary travel on. Later passes use just the columns they need.
 Memory stays flat in the corpus size; the shards are deleted when the run succeeds.
 
 Shard names come from the batch's first input position, so a retried bundle rewrites the same
@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-
 from beamsift.transforms.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field_types
 
 
@@ -41,10 +40,10 @@ def shard_name(table: pa.Table) -> str:
     return f"part-{int(table.column(ORDER)[0].as_py()):016x}"
 
 
-def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> None:
+def write_parquet(table: pa.Table, path: str) -> None:
     """Write a table through Beam's FileSystems (local, gs://, s3:// alike)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression=compression)
+    pq.write_table(table, buffer, compression="zstd")
     with FileSystems.create(path) as f:
         f.write(buffer.getvalue())
 
@@ -52,6 +51,24 @@ def write_parquet(table: pa.Table, path: str, compression: str = "zstd") -> None
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     with FileSystems.open(path) as f:
         return pq.read_table(pa.BufferReader(f.read()), columns=columns)
+
+
+def write_staging(table: pa.Table, path: str) -> None:
+    """Staging shards are Arrow IPC files: written once and read three times soon after, they
+    need no Parquet encoding (measured per 4,096 documents: 14 ms to write and 2 ms to read with
+    lz4, against 45 ms and 12-23 ms a read for Parquet)."""
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    with FileSystems.create(path) as f:
+        f.write(sink.getvalue().to_pybytes())
+
+
+def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
+    with FileSystems.open(path) as f:
+        table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+    return table.select(columns) if columns is not None else table
 
 
 class WriteStagingShards(beam.DoFn):
@@ -62,9 +79,8 @@ class WriteStagingShards(beam.DoFn):
 
     def process(self, table: pa.Table):
         name = shard_name(table)
-        path = FileSystems.join(self.staging_dir, name + ".parquet")
-        # lz4: staging shards are written once and read three times, soon after; speed wins.
-        write_parquet(table, path, compression="lz4")
+        path = FileSystems.join(self.staging_dir, name + ".arrow")
+        write_staging(table, path)
         skip = set(INTERNAL) | {"id", "text", N_TOKENS}
         yield StagedShard(
             path=path,

@@ -14,7 +14,6 @@ import json
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-
 from beamsift.transforms.dsir import score_shard
 from beamsift.transforms.featurize import bucket_counts
 from beamsift.transforms.read import POSITION_BITS, REJECTED
@@ -27,7 +26,7 @@ from beamsift.transforms.schema import (
     conform,
 )
 from beamsift.transforms.select import at_or_above
-from beamsift.transforms.stage import read_parquet, write_parquet
+from beamsift.transforms.stage import read_staging, write_parquet
 
 SCORE_FIELDS = [
     pa.field("id", pa.string()),
@@ -58,7 +57,7 @@ class WriteSelectionShards(beam.DoFn):
     def process(self, shard, model, duplicates, thresholds, fields):
         from apache_beam.io.filesystems import FileSystems
 
-        table = read_parquet(shard.path)
+        table = read_staging(shard.path)
         s = score_shard(table, model, duplicates, self.seed)
         id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
         selected = s.eligible & at_or_above(s.key, id_hash, thresholds.get("selected"))
@@ -69,7 +68,8 @@ class WriteSelectionShards(beam.DoFn):
         reasons[~selected] = "not sampled: below the importance-resampling cut"
         too_short = ~s.duplicate & ~s.eligible
         reasons[too_short] = [
-            f"too short: {n} tokens < dsir.min_tokens={model.min_tokens}" for n in n_tokens[too_short]
+            f"too short: {n} tokens < dsir.min_tokens={model.min_tokens}"
+            for n in n_tokens[too_short]
         ]
         scored = table.append_column("dsir_log_weight", pa.array(s.log_weight))
         scored = scored.append_column("dsir_key", pa.array(s.key))
@@ -82,7 +82,9 @@ class WriteSelectionShards(beam.DoFn):
         chosen = scored.filter(pa.array(selected))
         selected_out = conform(chosen, fields, SELECTED_FRONT + SELECTED_SCORES)
         # The text is in selected/ only: scores/ stays small enough to scan for re-selection.
-        write_parquet(scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet"))
+        write_parquet(
+            scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet")
+        )
         write_parquet(
             selected_out, FileSystems.join(self.output_dir, "selected", shard.name + ".parquet")
         )
@@ -104,11 +106,14 @@ class WriteSelectionShards(beam.DoFn):
         }
 
     def _duplicate_reject(self, table: pa.Table, row: int, duplicates) -> dict:
-        record = {
+        # The record as it was read; a null field is left out, as it may not have been there
+        # (staging shards give every record every field of its batch).
+        values = {
             name: table.column(name)[row].as_py()
             for name in table.column_names
             if name not in INTERNAL and name != N_TOKENS
         }
+        record = {k: v for k, v in values.items() if v is not None}
         order = int(table.column(ORDER)[row].as_py())
         first = duplicates.winner_of(order)
         return {

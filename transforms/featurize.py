@@ -27,6 +27,7 @@ from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS
 
 # nltk's WordPunctTokenizer: runs of word characters, or runs of other non-space characters.
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+_ASCII_WORDPUNCT = r"([A-Za-z0-9_]+|[^A-Za-z0-9_\s]+)"
 
 _POLY = np.uint64(0x100000001B3)  # FNV prime: odd, so multiplication is invertible mod 2^64
 _BIGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
@@ -119,18 +120,28 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     single = pc.or_(pc.utf8_is_alnum(no_underscore), _has_no_word_char(vocab))
     single = np.asarray(single.to_numpy(zero_copy_only=False), dtype=bool)
 
-    mixed = np.flatnonzero(~single)
-    pieces, pieces_per_mixed = _split_mixed_words(vocab.take(pa.array(mixed)))
+    # Words that mix word and other characters ("end.", "f(x)") are split into their tokens:
+    # ASCII ones by an Arrow regex kernel, the rest by Python's regex (Unicode \w and \s).
+    ascii_word = np.asarray(pc.string_is_ascii(vocab).to_numpy(zero_copy_only=False), dtype=bool)
+    groups = [
+        (np.flatnonzero(~single & ascii_word), _split_ascii_words),
+        (np.flatnonzero(~single & ~ascii_word), _split_mixed_words),
+    ]
     pieces_per_word = np.ones(len(vocab), dtype=np.int64)
-    pieces_per_word[mixed] = pieces_per_mixed
+    split = []
+    for idx, splitter in groups:
+        pieces, counts = splitter(vocab.take(pa.array(idx)))
+        pieces_per_word[idx] = counts
+        split.append((idx, pieces))
     # Token hashes of each vocabulary word, laid out word after word.
     first_piece = np.zeros(len(vocab) + 1, dtype=np.int64)
     np.cumsum(pieces_per_word, out=first_piece[1:])
     piece_hash = np.empty(first_piece[-1], dtype=np.uint64)
     single_idx = np.flatnonzero(single)
     piece_hash[first_piece[single_idx]] = hash_strings(vocab.take(pa.array(single_idx)))
-    if len(mixed):
-        piece_hash[_ranges(first_piece[mixed], pieces_per_word[mixed])] = hash_strings(pieces)
+    for idx, pieces in split:
+        if len(idx):
+            piece_hash[_ranges(first_piece[idx], pieces_per_word[idx])] = hash_strings(pieces)
     # Expand every word occurrence to its tokens.
     word_vocab_idx = np.asarray(encoded.indices, dtype=np.int64)
     counts = pieces_per_word[word_vocab_idx]
@@ -138,6 +149,15 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     token_end = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=token_end[1:])
     return hashes, token_end[word_offsets]
+
+
+def _split_ascii_words(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """As ``_split_mixed_words`` for ASCII words, where \\w is [A-Za-z0-9_]: all in Arrow."""
+    if len(words) == 0:
+        return pa.array([], pa.large_string()), np.zeros(0, np.int64)
+    spaced = pc.replace_substring_regex(words, pattern=_ASCII_WORDPUNCT, replacement=r"\1 ")
+    tokens = pc.ascii_split_whitespace(pc.ascii_rtrim_whitespace(spaced))
+    return tokens.flatten(), np.asarray(pc.list_value_length(tokens), dtype=np.int64)
 
 
 def _split_mixed_words(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -195,24 +215,26 @@ def hashed_ngram_features(texts: pa.Array, num_buckets: int, max_ngram: int = 2)
     total = len(token_hash)
     # Column j of `grams` holds the hash of the (j+1)-gram that starts at each token; an n-gram
     # exists where the document has n-1 more tokens after its start.
-    tokens_left = np.repeat(token_offsets[1:], n_tokens) - np.arange(total)
     grams = np.empty((total, max_ngram), dtype=np.uint64)
-    valid = np.empty((total, max_ngram), dtype=bool)
+    valid = np.ones((total, max_ngram), dtype=bool)
     grams[:, 0] = token_hash
-    valid[:, 0] = True
+    ends = token_offsets[1:]
     h = token_hash
     with np.errstate(over="ignore"):
         for order in range(2, max_ngram + 1):
             nxt = np.zeros(total, dtype=np.uint64)
             nxt[: total - order + 1] = token_hash[order - 1 :]
-            # Token hashes are splitmix outputs already: one multiply-xor chains them, and the
-            # final mix below spreads the n-gram over the buckets.
+            # Token hashes are splitmix outputs: a multiply-xor chains them into an n-gram hash
+            # whose top bits (the ones the bucket is taken from) depend on every token.
             h = (h * _BIGRAM_MULT) ^ nxt
-            grams[:, order - 1] = splitmix64(h + np.uint64(order))
-            valid[:, order - 1] = tokens_left >= order
-    # Row-major order keeps each document's n-grams together.
-    keep = valid.ravel()
-    buckets = (grams.ravel()[keep] % np.uint64(num_buckets)).astype(np.int64)
+            grams[:, order - 1] = h
+            for back in range(1, order):  # the last order-1 tokens of a document start none
+                has = n_tokens >= back
+                valid[ends[has] - back, order - 1] = False
+    # Row-major order keeps each document's n-grams together. The bucket is taken from the top
+    # 32 bits by multiply-shift (Lemire), several times faster than a 64-bit modulo.
+    kept = grams.ravel()[valid.ravel()]
+    buckets = (((kept >> np.uint64(32)) * np.uint64(num_buckets)) >> np.uint64(32)).astype(np.int64)
     per_doc = np.zeros(len(n_tokens), dtype=np.int64)
     for order in range(1, max_ngram + 1):
         per_doc += np.maximum(n_tokens - (order - 1), 0)

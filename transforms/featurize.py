@@ -208,8 +208,30 @@ class NgramFeatures:
         return np.diff(self.offsets)
 
 
+# Documents featurized at a time. Measured on 2 cores: 1,024 keeps the working arrays in cache
+# and gives ~1.5x the throughput of 4,096 when two workers featurize at once.
+CHUNK_DOCS = 1024
+
+
 def hashed_ngram_features(texts: pa.Array, num_buckets: int, max_ngram: int = 2) -> NgramFeatures:
     """Each document's n-grams of order 1..max_ngram (within the document), hashed into buckets."""
+    if len(texts) <= CHUNK_DOCS:
+        return _hashed_ngram_features(texts, num_buckets, max_ngram)
+    parts = [
+        _hashed_ngram_features(texts.slice(start, CHUNK_DOCS), num_buckets, max_ngram)
+        for start in range(0, len(texts), CHUNK_DOCS)
+    ]
+    n_ngrams = np.concatenate([p.n_ngrams for p in parts])
+    offsets = np.zeros(len(n_ngrams) + 1, dtype=np.int64)
+    np.cumsum(n_ngrams, out=offsets[1:])
+    return NgramFeatures(
+        buckets=np.concatenate([p.buckets for p in parts]),
+        offsets=offsets,
+        n_tokens=np.concatenate([p.n_tokens for p in parts]),
+    )
+
+
+def _hashed_ngram_features(texts: pa.Array, num_buckets: int, max_ngram: int) -> NgramFeatures:
     token_hash, token_offsets = token_hashes(texts)
     n_tokens = np.diff(token_offsets)
     total = len(token_hash)

@@ -21,12 +21,13 @@ from apache_beam.pvalue import AsSingleton
 from beamsift.pipeline.config import Config
 from beamsift.transforms.dedup import FindDuplicateIds
 from beamsift.transforms.dsir import (
-    CountPoolNgrams,
-    CountTargetNgrams,
+    CountDuplicateNgrams,
+    CountNgrams,
     RankShard,
     SumNgramTotals,
     build_model,
     kl_divergence,
+    subtract_totals,
 )
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
 from beamsift.transforms.read import InputSpec, ReadDocuments, ReadTask
@@ -66,10 +67,11 @@ def build_pipeline(
     pool_docs, pool_rejected = p | "ReadPool" >> ReadDocuments(
         pool_tasks, input_spec(cfg, "input"), "pool"
     )
+    count_pool = CountNgrams(buckets, cfg["dsir.min_tokens"])
     staged = (
         pool_docs
         | "FeaturizePool" >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram))
-        | "StagePool" >> beam.ParDo(WriteStagingShards(staging_dir))
+        | "StagePool" >> beam.ParDo(WriteStagingShards(staging_dir, count_pool))
     )
     duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds())
     fields = AsSingleton(
@@ -77,16 +79,23 @@ def build_pipeline(
         | "ShardFieldTypes" >> beam.FlatMap(lambda s: [s.fields])
         | "UnifyFieldTypes" >> beam.CombineGlobally(UnifyFieldTypes())
     )
-    # Only paths travel on; spread them so later passes run on all workers.
-    shards = staged | "SpreadShards" >> beam.Reshuffle()
+    # Only shard references travel on; spread them so later passes run on all workers.
+    shards = staged | "ShardRefs" >> beam.Map(lambda s: s.ref) | "SpreadShards" >> beam.Reshuffle()
 
     # 2. Fit the raw model q̂ over the pool (duplicates excluded) and the target model p̂.
     sum_totals = SumNgramTotals(buckets)
-    pool_totals = (
+    staged_totals = (
+        staged
+        | "ShardTotals" >> beam.Map(lambda s: s.totals)
+        | "SumShardTotals" >> beam.CombineGlobally(sum_totals)
+    )
+    duplicate_totals = (
         shards
-        | "CountPoolNgrams"
-        >> beam.ParDo(CountPoolNgrams(buckets, cfg["dsir.min_tokens"]), duplicates)
-        | "FitRawModel" >> beam.CombineGlobally(sum_totals)
+        | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(count_pool), duplicates)
+        | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals)
+    )
+    pool_totals = staged_totals | "FitRawModel" >> beam.Map(
+        subtract_totals, AsSingleton(duplicate_totals)
     )
     summaries = []
     rejected = [pool_rejected]
@@ -97,7 +106,7 @@ def build_pipeline(
         target_totals = (
             target_docs
             | "FeaturizeTarget" >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram))
-            | "CountTargetNgrams" >> beam.ParDo(CountTargetNgrams(buckets))
+            | "CountTargetNgrams" >> beam.Map(CountNgrams(buckets))
             | "FitTargetModel" >> beam.CombineGlobally(sum_totals)
         )
         rejected.append(target_rejected)
@@ -151,12 +160,8 @@ def build_pipeline(
         | "AllSummaries" >> beam.Flatten()
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
         | "WriteSummary"
-        >> beam.Map(_write_summary, model, pool_totals_side(pool_totals), staging_dir, out)
+        >> beam.Map(_write_summary, model, AsSingleton(pool_totals), staging_dir, out)
     )
-
-
-def pool_totals_side(pool_totals):
-    return AsSingleton(pool_totals)
 
 
 def _write_summary(summary: dict, model, pool_totals, staging_dir: str, out: str) -> None:

@@ -38,15 +38,18 @@ def _selected_ids(out) -> list[str]:
 
 
 def test_dsir_log_weights_match_numpy(tmp_path, small_corpus):
-    manifest, out = _run(
-        tmp_path, small_corpus["pool"], small_corpus["target"], featurize={"buckets": 997}
-    )
+    # A later record reusing an id is rejected and must not count towards the raw model q̂.
+    pool = demo_records(600)
+    duplicate = {"id": pool[3]["id"], "text": "zebra quagga okapi " * 300}
+    path = write_jsonl(tmp_path / "pool.jsonl", pool + [duplicate])
+    manifest, out = _run(tmp_path, path, small_corpus["target"], featurize={"buckets": 997})
+    assert manifest["counts"]["rejected_by_reason"] == {"duplicate id": 1}
     con = duckdb.connect()
     scores = dict(
         con.execute(f"SELECT id, dsir_log_weight FROM '{out}/scores/*.parquet'").fetchall()
     )
     # Direct numpy: count vectors, p and q from sums, log w = c . (log(p+eps) - log(q+eps)).
-    pool, target = demo_records(600), target_records(100)
+    target = target_records(100)
     m, eps = 997, 1e-8
 
     def counts(texts):

@@ -173,38 +173,52 @@ def resolve_k(k: int | None, fraction: float | None, eligible: int) -> int:
     return k
 
 
-class CountTargetNgrams(beam.DoFn):
-    """A featurized target batch -> its NgramTotals."""
+@dataclass(frozen=True)
+class CountNgrams:
+    """A featurized batch -> its NgramTotals (eligible: at least ``min_tokens`` tokens)."""
 
-    def __init__(self, num_buckets: int):
-        self.num_buckets = num_buckets
+    num_buckets: int
+    min_tokens: int = 0
 
-    def process(self, table):
+    def __call__(self, table, rows: np.ndarray | None = None) -> NgramTotals:
         n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
         features = features_from_arrow(table.column(BUCKETS), n_tokens)
-        counts = bucket_counts(features, self.num_buckets)
-        yield NgramTotals(counts, table.num_rows, table.num_rows, int(features.n_ngrams.sum()))
-
-
-class CountPoolNgrams(beam.DoFn):
-    """A staged pool shard -> NgramTotals over its documents that are not duplicates."""
-
-    def __init__(self, num_buckets: int, min_tokens: int):
-        self.num_buckets = num_buckets
-        self.min_tokens = min_tokens
-
-    def process(self, shard, duplicates):
-        table = read_staging(shard.path, columns=[ORDER, N_TOKENS, BUCKETS])
-        keep = ~duplicates.mask(np.asarray(table.column(ORDER).combine_chunks()))
-        n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
-        features = features_from_arrow(table.column(BUCKETS), n_tokens)
+        keep = np.ones(len(n_tokens), dtype=bool) if rows is None else rows
         eligible = keep & (n_tokens >= self.min_tokens)
-        yield NgramTotals(
+        return NgramTotals(
             bucket_counts(features, self.num_buckets, rows=keep),
             int(keep.sum()),
             int(eligible.sum()),
             int(features.n_ngrams[eligible].sum()),
         )
+
+
+class CountDuplicateNgrams(beam.DoFn):
+    """A staged shard -> the NgramTotals of its duplicate-id records, to take out of the fit.
+
+    Shards are counted whole as they are staged (no extra pass); duplicates are rare, so only a
+    shard whose order range holds one is read again.
+    """
+
+    def __init__(self, count: CountNgrams):
+        self.count = count
+
+    def process(self, shard, duplicates):
+        lo, hi = np.searchsorted(duplicates.losers, [shard.min_order, shard.max_order + 1])
+        if lo == hi:
+            return
+        table = read_staging(shard.path, columns=[ORDER, N_TOKENS, BUCKETS])
+        rows = duplicates.mask(np.asarray(table.column(ORDER).combine_chunks()))
+        yield self.count(table, rows)
+
+
+def subtract_totals(all_docs: NgramTotals, duplicates: NgramTotals) -> NgramTotals:
+    return NgramTotals(
+        all_docs.counts - duplicates.counts,
+        all_docs.docs - duplicates.docs,
+        all_docs.eligible - duplicates.eligible,
+        all_docs.eligible_ngrams - duplicates.eligible_ngrams,
+    )
 
 
 def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: dict) -> DsirModel:

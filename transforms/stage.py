@@ -25,15 +25,25 @@ from beamsift.transforms.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field
 
 
 @dataclass(frozen=True)
-class StagedShard:
-    """What travels on from a staging shard: its path and what the global steps need of it."""
+class ShardRef:
+    """A staging shard as the later passes see it: where it is and which input it holds."""
 
     path: str
     name: str
     num_rows: int
+    min_order: int
+    max_order: int
+
+
+@dataclass(frozen=True)
+class StagedShard:
+    """What travels on from a staging shard: its path and what the global steps need of it."""
+
+    ref: ShardRef
     fields: list  # [(name, arrow type as str)] of the input fields
     id_hashes: np.ndarray  # uint64, for finding duplicate ids
     orders: np.ndarray  # int64 input order, aligned with id_hashes
+    totals: object  # what the featurized documents add to the raw model (NgramTotals)
 
 
 def shard_name(table: pa.Table) -> str:
@@ -72,21 +82,26 @@ def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
 
 
 class WriteStagingShards(beam.DoFn):
-    """pa.Table of featurized documents -> StagedShard (the table is written to ``staging_dir``)."""
+    """pa.Table of featurized documents -> StagedShard (the table is written to ``staging_dir``).
 
-    def __init__(self, staging_dir: str):
+    ``count_ngrams(table)`` gives what the shard adds to the raw model, counted here while the
+    features are in memory, so that fitting needs no pass of its own over the shards.
+    """
+
+    def __init__(self, staging_dir: str, count_ngrams):
         self.staging_dir = staging_dir
+        self.count_ngrams = count_ngrams
 
     def process(self, table: pa.Table):
         name = shard_name(table)
         path = FileSystems.join(self.staging_dir, name + ".arrow")
         write_staging(table, path)
         skip = set(INTERNAL) | {"id", "text", N_TOKENS}
+        orders = np.asarray(table.column(ORDER).combine_chunks(), dtype=np.int64)
         yield StagedShard(
-            path=path,
-            name=name,
-            num_rows=table.num_rows,
+            ref=ShardRef(path, name, table.num_rows, int(orders.min()), int(orders.max())),
             fields=field_types(table, skip=skip),
             id_hashes=np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64),
-            orders=np.asarray(table.column(ORDER).combine_chunks(), dtype=np.int64),
+            orders=orders,
+            totals=self.count_ngrams(table),
         )

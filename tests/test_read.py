@@ -97,3 +97,33 @@ def test_no_matching_files(tmp_path):
 
     with pytest.raises(InputError, match="no input files match"):
         expand_input(str(tmp_path / "*.jsonl"), "auto")
+
+
+def test_fast_and_record_paths_give_the_same_table(tmp_path, records):
+    from beamsift.transforms.read import InputSpec, ReadDocumentBatches
+
+    extra = [{"id": 7, "text": "an integer id", "n": 1, "x": None, "text_note": "t"},
+             {"id": "s", "text": "mixed number types", "n": 2.5, "selected": True, "x": None}]
+    rows = records[:50] + extra
+    lines = [json.dumps(r).encode() for r in rows]
+    spec = InputSpec("text", "id", "line", 4096, 1 << 20)
+    fn = ReadDocumentBatches(spec, "pool")
+    task = ReadTask(0, "p.jsonl", "jsonl")
+    positions = list(range(len(lines)))
+    fast, rejects = fn._parse_lines(task, lines, positions)
+    assert fast is not None and not rejects
+    # A malformed line sends the whole batch down the record-by-record path.
+    slow, rejects = fn._parse_lines(task, lines + [b"{oops"], positions + [10**6])
+    assert [r["reason"].split(":")[0] for r in rejects] == ["malformed JSON"]
+    assert fast.schema == slow.schema
+    assert fast.to_pylist() == slow.to_pylist()
+    assert "input_selected" in fast.column_names and fast.column("id").to_pylist()[50] == "7"
+
+
+def test_an_input_field_named_text_does_not_replace_the_document(tmp_path, small_corpus):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"body": "the real document " * 30, "text": "a field"}])
+    cfg = make_config(tmp_path, path, small_corpus["target"], select={"k": 1},
+                      input={"text_field": "body", "id_field": None})
+    run_selection(load_config(str(cfg)), overwrite=True)
+    row = duckdb.connect().execute(f"SELECT text, input_text FROM '{tmp_path}/out/selected/*.parquet'").fetchone()
+    assert row == ("the real document " * 30, "a field")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -47,6 +49,10 @@ FORMAT_BY_SUFFIX = {
     ".txt.zst": "txt",
     ".arrow": "hf",
 }
+
+
+# Arrow types that the record-by-record path (schema.arrow_column) also produces.
+_PLAIN_TYPES = {"string", "int64", "double", "bool", "null"}
 
 
 class InputError(ValueError):
@@ -132,6 +138,12 @@ def _compression(path: str) -> str:
     return CompressionTypes.detect_compression_type(path)
 
 
+def output_column(field: str) -> str:
+    """The column an input field becomes: its own name, unless beamsift writes one by that name
+    (``id`` and ``text`` when they are not the id and text fields, scores, ``selected``, ...)."""
+    return f"input_{field}" if field in RESERVED or field in ("id", "text") else field
+
+
 def make_order(file_index: int, positions: np.ndarray) -> np.ndarray:
     return (np.int64(file_index) << np.int64(POSITION_BITS)) | np.asarray(positions, np.int64)
 
@@ -212,6 +224,9 @@ class ReadDocumentBatches(beam.DoFn):
                     )
             table, more = self._records_to_table(task, records, kept, lines_for=None)
             return table, rejects + more
+        table = self._parse_clean_jsonl(task, lines, positions)
+        if table is not None:
+            return table, []
         records, kept, rejects = [], [], []
         for pos, line in zip(positions, lines):
             try:
@@ -230,6 +245,57 @@ class ReadDocumentBatches(beam.DoFn):
             kept.append(pos)
         table, more = self._records_to_table(task, records, kept, lines_for=None)
         return table, rejects + more
+
+    def _parse_clean_jsonl(self, task, lines, positions) -> pa.Table | None:
+        """The fast path: Arrow's JSON parser over the whole batch, when the batch is clean.
+
+        Returns None where any record needs a closer look (a parse error, a type Arrow would
+        read differently from the record-by-record path, a missing or empty text, invalid
+        UTF-8); the record-by-record path then gives each bad record its own reason. On clean
+        input both paths give the same table.
+        """
+        block = b"\n".join(lines)
+        try:
+            parsed = pa_json.read_json(
+                pa.BufferReader(block),
+                read_options=pa_json.ReadOptions(use_threads=False, block_size=len(block) + 1),
+            )
+            parsed.validate(full=True)  # invalid UTF-8, e.g. from an unpaired surrogate escape
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+            return None
+        text_field, id_field = self.spec.text_field, self.spec.id_field
+        names = parsed.column_names
+        if parsed.num_rows != len(lines) or text_field not in names:
+            return None
+        if any(str(t) not in _PLAIN_TYPES for t in parsed.schema.types):
+            return None  # nested values, timestamps: the record path writes them as JSON text
+        text = parsed.column(text_field)
+        if text.type != pa.string() or text.null_count:
+            return None
+        if not pc.all(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)).as_py():
+            return None
+        if id_field is not None:
+            if id_field not in names:
+                return None
+            ids = parsed.column(id_field)
+            if ids.null_count or ids.type not in (pa.string(), pa.int64()):
+                return None
+            ids = ids.cast(pa.string())
+        else:
+            ids = pa.array([text_hash_id(t) for t in text.to_pylist()], pa.string())
+        columns = {
+            ORDER: pa.array(make_order(task.file_index, np.asarray(positions, np.int64))),
+            "id": ids,
+            "text": text,
+        }
+        for name in names:
+            if name == text_field or (name == id_field and name == "id"):
+                continue
+            column = parsed.column(name)
+            if pa.types.is_null(column.type):
+                column = column.cast(pa.string())  # what the record path makes of all-null
+            columns[output_column(name)] = column
+        return pa.table(columns)
 
     # -- whole text files ---------------------------------------------------------------
     def _whole_file(self, task: ReadTask):
@@ -308,8 +374,7 @@ class ReadDocumentBatches(beam.DoFn):
         for name in names:
             if name == text_field or (name == id_field and name == "id"):
                 continue
-            column = f"input_{name}" if name in RESERVED else name
-            columns[column] = arrow_column([r.get(name) for r in keep_records])
+            columns[output_column(name)] = arrow_column([r.get(name) for r in keep_records])
         return pa.table(columns), rejects
 
 

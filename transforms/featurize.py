@@ -271,7 +271,9 @@ def bucket_counts(
     """Total count of each bucket over the documents (all, or those where ``rows`` is True)."""
     buckets = features.buckets
     if rows is not None:
-        buckets = buckets[np.repeat(rows, features.n_ngrams)]
+        chosen = np.flatnonzero(rows)
+        # Gather the chosen documents' ranges: cheap when few are chosen (a selection).
+        buckets = buckets[_ranges(features.offsets[chosen], features.n_ngrams[chosen])]
     return np.bincount(buckets, minlength=num_buckets).astype(np.int64)
 
 

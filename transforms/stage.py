@@ -65,10 +65,12 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
 
 def write_staging(table: pa.Table, path: str) -> None:
     """Staging shards are Arrow IPC files: written once and read three times soon after, they
-    need no Parquet encoding (measured per 4,096 documents: 14 ms to write and 2 ms to read with
-    lz4, against 45 ms and 12-23 ms a read for Parquet)."""
+    need no Parquet encoding (measured per 4,096 documents: 1.4 ms to write and ~0 to read
+    uncompressed, 14 ms and 2 ms with lz4, against 45 ms and 12-23 ms a read for Parquet)."""
     sink = pa.BufferOutputStream()
-    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    # On local disk the shard stays in the page cache: compressing costs more than it saves.
+    local = FileSystems.get_filesystem(path).scheme() in (None, "file")
+    options = pa.ipc.IpcWriteOptions(compression=None if local else "lz4")
     with pa.ipc.new_file(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     with FileSystems.create(path) as f:

@@ -146,17 +146,13 @@ def evaluate(corpus: Path, target: Path, selections: dict[str, set], k: int, see
             records = [json.loads(line) for line in lines]
             feats = hashed_ngram_features(pa.array([r["text"] for r in records]), BUCKETS)
             ids = [r["id"] for r in records]
-            counts["random"] += bucket_counts(
-                feats, BUCKETS, rows=random_rows[row : row + len(lines)]
-            )
+            counts["random"] += bucket_counts(feats, BUCKETS, rows=random_rows[row : row + len(lines)])
             for name, chosen in selections.items():
                 mask = np.array([i in chosen for i in ids])
                 counts[name] += bucket_counts(feats, BUCKETS, rows=mask)
             row += len(lines)
     kl_random = kl_divergence(target_counts, counts["random"], 1e-8)
-    return {
-        name: kl_random - kl_divergence(target_counts, counts[name], 1e-8) for name in selections
-    }
+    return {name: kl_random - kl_divergence(target_counts, counts[name], 1e-8) for name in selections}
 
 
 def main() -> None:
@@ -203,10 +199,7 @@ def main() -> None:
         "--direct_num_workers=2",
     ]
     secs, rss = timed(beamsift_cmd, work / "beamsift.log")
-    ids = {
-        r[0]
-        for r in duckdb.connect().execute(f"SELECT id FROM '{out}/selected/*.parquet'").fetchall()
-    }
+    ids = {r[0] for r in duckdb.connect().execute(f"SELECT id FROM '{out}/selected/*.parquet'").fetchall()}
     manifest = json.loads((out / "manifest.json").read_text())
     results["beamsift"] = {
         "seconds": secs,
@@ -233,9 +226,7 @@ def main() -> None:
         results["reference"] = {"seconds": secs, "rss": rss, "ids": ref_ids}
 
     kl = evaluate(corpus, target, {name: r["ids"] for name, r in results.items()}, k)
-    print(
-        f"{'':<11}{'seconds':>9}{'docs/s':>10}{'peak RSS':>11}{'selected':>10}{'KL reduction':>14}"
-    )
+    print(f"{'':<11}{'seconds':>9}{'docs/s':>10}{'peak RSS':>11}{'selected':>10}{'KL reduction':>14}")
     for name, r in results.items():
         print(
             f"{name:<11}{r['seconds']:>9.1f}{args.docs / r['seconds']:>10,.0f}"
@@ -245,9 +236,7 @@ def main() -> None:
     if "reference" in results:
         ratio = results["reference"]["seconds"] / results["beamsift"]["seconds"]
         overlap = len(results["beamsift"]["ids"] & results["reference"]["ids"]) / k
-        print(
-            f"speed-up (docs/s, beamsift / reference): {ratio:.1f}x; selections overlap {overlap:.0%}"
-        )
+        print(f"speed-up (docs/s, beamsift / reference): {ratio:.1f}x; selections overlap {overlap:.0%}")
 
 
 if __name__ == "__main__":

@@ -64,9 +64,7 @@ def build_pipeline(
     seed = cfg["seed"]
 
     # 1. Read, validate, featurize and stage the pool.
-    pool_docs, pool_rejected = p | "ReadPool" >> ReadDocuments(
-        pool_tasks, input_spec(cfg, "input"), "pool"
-    )
+    pool_docs, pool_rejected = p | "ReadPool" >> ReadDocuments(pool_tasks, input_spec(cfg, "input"), "pool")
     count_pool = CountNgrams(buckets, cfg["dsir.min_tokens"])
     staged = (
         pool_docs
@@ -85,18 +83,14 @@ def build_pipeline(
     # 2. Fit the raw model q̂ over the pool (duplicates excluded) and the target model p̂.
     sum_totals = SumNgramTotals(buckets)
     staged_totals = (
-        staged
-        | "ShardTotals" >> beam.Map(lambda s: s.totals)
-        | "SumShardTotals" >> beam.CombineGlobally(sum_totals)
+        staged | "ShardTotals" >> beam.Map(lambda s: s.totals) | "SumShardTotals" >> beam.CombineGlobally(sum_totals)
     )
     duplicate_totals = (
         shards
         | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(count_pool), duplicates)
         | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals)
     )
-    pool_totals = staged_totals | "FitRawModel" >> beam.Map(
-        subtract_totals, AsSingleton(duplicate_totals)
-    )
+    pool_totals = staged_totals | "FitRawModel" >> beam.Map(subtract_totals, AsSingleton(duplicate_totals))
     summaries = []
     rejected = [pool_rejected]
     if target_tasks is not None:
@@ -110,10 +104,7 @@ def build_pipeline(
             | "FitTargetModel" >> beam.CombineGlobally(sum_totals)
         )
         rejected.append(target_rejected)
-        summaries.append(
-            target_totals
-            | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}})
-        )
+        summaries.append(target_totals | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}}))
         target_side = AsSingleton(target_totals)
     else:
         target_side = None
@@ -159,8 +150,7 @@ def build_pipeline(
         summaries
         | "AllSummaries" >> beam.Flatten()
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
-        | "WriteSummary"
-        >> beam.Map(_write_summary, model, AsSingleton(pool_totals), staging_dir, out)
+        | "WriteSummary" >> beam.Map(_write_summary, model, AsSingleton(pool_totals), staging_dir, out)
     )
 
 

@@ -52,14 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run a selection pipeline from a YAML config")
     run.add_argument("config", help="YAML config (see configs/dsir.yaml)")
-    run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output.dir")
     run.add_argument("--quiet", action="store_true", help="print only the summary")
-    query = sub.add_parser(
-        "query", help="SQL over a run's outputs (views selected, scores, rejected)"
-    )
+    query = sub.add_parser("query", help="SQL over a run's outputs (views selected, scores, rejected)")
     query.add_argument("output_dir")
     query.add_argument("sql")
     return parser

@@ -173,9 +173,7 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str) -> dict:
             ok = isinstance(value, allowed)
         if not ok:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise ConfigError(
-                f"{source}: config key {key!r} must be {names}, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"{source}: config key {key!r} must be {names}, got {type(value).__name__} {value!r}")
         out[name] = value
     return out
 
@@ -191,18 +189,14 @@ def _check_choices(data: dict, source: str) -> None:
     cfg = Config(data, source)
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
-            raise ConfigError(
-                f"{source}: config key {key!r} must be one of {sorted(allowed)}, got {cfg[key]!r}"
-            )
+            raise ConfigError(f"{source}: config key {key!r} must be one of {sorted(allowed)}, got {cfg[key]!r}")
     k, fraction = cfg["select.k"], cfg["select.fraction"]
     if (k is None) == (fraction is None):
         raise ConfigError(f"{source}: set exactly one of 'select.k' and 'select.fraction'")
     if k is not None and k < 1:
         raise ConfigError(f"{source}: config key 'select.k' must be at least 1, got {k}")
     if fraction is not None and not 0 < fraction <= 1:
-        raise ConfigError(
-            f"{source}: config key 'select.fraction' must be in (0, 1], got {fraction}"
-        )
+        raise ConfigError(f"{source}: config key 'select.fraction' must be in (0, 1], got {fraction}")
     positive = ("input.batch_size", "input.split_bytes", "featurize.buckets", "featurize.max_ngram")
     for key in positive:
         if cfg[key] < 1:

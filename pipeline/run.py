@@ -56,9 +56,7 @@ def run_selection(cfg: Config, overwrite: bool = False, beam_args: list[str] = (
     options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
     staging = FileSystems.join(out, STAGING)
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(
-        pipeline, cfg, pool_tasks, [f[0] for f in pool_files], target_tasks, fitted, staging
-    )
+    build_pipeline(pipeline, cfg, pool_tasks, [f[0] for f in pool_files], target_tasks, fitted, staging)
     result = pipeline.run()
     state = result.wait_until_finish()
     if str(state).split(".")[-1] not in ("DONE", "None"):
@@ -78,9 +76,7 @@ def prepare_output_dir(out: str, overwrite: bool) -> None:
     if FileSystems.exists(out):
         entries = FileSystems.match([FileSystems.join(out, "*")])[0].metadata_list
         if entries and not overwrite:
-            raise OutputExistsError(
-                f"output.dir {out} is not empty; pass --overwrite to replace it"
-            )
+            raise OutputExistsError(f"output.dir {out} is not empty; pass --overwrite to replace it")
         if entries:
             manifest = FileSystems.join(out, MANIFEST)
             if FileSystems.exists(manifest):
@@ -103,9 +99,7 @@ def _check_model_matches(meta: dict, cfg: Config) -> None:
         ("max_ngram", "featurize.max_ngram"),
     ):
         if meta[key] != cfg[cfg_key]:
-            raise InputError(
-                f"dsir.model was fitted with {cfg_key}={meta[key]}, but the config sets {cfg[cfg_key]}"
-            )
+            raise InputError(f"dsir.model was fitted with {cfg_key}={meta[key]}, but the config sets {cfg[cfg_key]}")
 
 
 def _counter(result, name: str) -> int | None:
@@ -134,13 +128,9 @@ def _ensure_every_output_has_a_shard(out: str) -> None:
 def _manifest(cfg, summary, records_read, options, pool_files, started) -> dict:
     counts = summary["counts"]
     selected = counts.get("selected", 0)
-    not_selected = {
-        k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("not selected: ")
-    }
+    not_selected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("not selected: ")}
     rejected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("rejected: ")}
-    target_rejected = {
-        k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("target rejected: ")
-    }
+    target_rejected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("target rejected: ")}
     accounted = selected + sum(not_selected.values()) + sum(rejected.values())
     finished = time.time()
     return {

@@ -10,9 +10,7 @@ from conftest import make_config, run_cli
 
 
 def test_unknown_key_names_the_key_and_the_file(tmp_path, small_corpus):
-    cfg = make_config(
-        tmp_path, small_corpus["pool"], small_corpus["target"], select={"fracton": 0.1}
-    )
+    cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], select={"fracton": 0.1})
     with pytest.raises(
         ConfigError,
         match=r"config.yaml: unknown config key 'select.fracton' \(did you mean 'select.fraction'\?\)",
@@ -37,9 +35,7 @@ def test_bad_overrides_name_the_key(tmp_path, small_corpus, override, message):
 
 def test_missing_required_key():
     with pytest.raises(ConfigError, match="missing required config key 'output.dir'"):
-        config_from_dict(
-            {"input": {"path": "x"}, "target": {"path": "y"}, "select": {"k": 1}}, "c.yaml"
-        )
+        config_from_dict({"input": {"path": "x"}, "target": {"path": "y"}, "select": {"k": 1}}, "c.yaml")
 
 
 def test_cli_run_overwrite_and_query(tmp_path, small_corpus):
@@ -65,15 +61,10 @@ def test_cli_run_overwrite_and_query(tmp_path, small_corpus):
 def test_impossible_k_is_one_clear_line_and_leaves_no_manifest(tmp_path, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"])
     out = tmp_path / "out"
-    proc = run_cli(
-        "run", str(cfg), "--set", "select.k=100000", "--set", f"output.dir={out}", check=False
-    )
+    proc = run_cli("run", str(cfg), "--set", "select.k=100000", "--set", f"output.dir={out}", check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert (
-        last.startswith("beamsift: error: select.k=100000 is larger than the")
-        and "eligible" in last
-    )
+    assert last.startswith("beamsift: error: select.k=100000 is larger than the") and "eligible" in last
     # A failed run leaves nothing that looks complete, and query says so.
     assert not (out / "manifest.json").exists()
     q = run_cli("query", str(out), "SELECT 1", check=False)
@@ -84,9 +75,7 @@ def test_config_error_on_the_command_line(tmp_path, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"])
     proc = run_cli("run", str(cfg), "--set", "seed=abc", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (
-        f"beamsift: error: {cfg}: config key 'seed' must be int, got str 'abc'"
-    )
+    assert proc.stderr.strip() == (f"beamsift: error: {cfg}: config key 'seed' must be int, got str 'abc'")
 
 
 def test_missing_input_is_a_clear_error(tmp_path, small_corpus):

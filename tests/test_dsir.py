@@ -23,14 +23,10 @@ def test_log_weight_by_hand():
         eligible=2,
     )
     # doc 0 = buckets [0, 0, 2]; doc 1 = [1]
-    f = NgramFeatures(
-        buckets=np.array([0, 0, 2, 1]), offsets=np.array([0, 3, 4]), n_tokens=np.array([2, 1])
-    )
+    f = NgramFeatures(buckets=np.array([0, 0, 2, 1]), offsets=np.array([0, 3, 4]), n_tokens=np.array([2, 1]))
     log_w, resampled = model.scores(f)
     eps = 1e-8
-    expected0 = 2 * (math.log(0.5 + eps) - math.log(0.25 + eps)) + (
-        math.log(0.25 + eps) - math.log(0.5 + eps)
-    )
+    expected0 = 2 * (math.log(0.5 + eps) - math.log(0.25 + eps)) + (math.log(0.25 + eps) - math.log(0.5 + eps))
     assert log_w[0] == pytest.approx(expected0, rel=1e-12)  # = log 2
     assert abs(log_w[0] - math.log(2)) < 1e-6
     assert abs(log_w[1]) < 1e-12
@@ -109,3 +105,12 @@ def test_arrow_features_roundtrip():
     back = features_from_arrow(features_to_arrow(f, 10000), f.n_tokens)
     np.testing.assert_array_equal(back.buckets, f.buckets)
     np.testing.assert_array_equal(back.offsets, f.offsets)
+
+
+def test_log_weights_of_documents_without_ngrams_are_zero():
+    f = NgramFeatures(
+        buckets=np.array([1, 1, 0]), offsets=np.array([0, 0, 2, 2, 3, 3]), n_tokens=np.array([0, 2, 0, 1, 0])
+    )
+    np.testing.assert_allclose(dsir_log_weights(f, np.array([10.0, 1.0])), [0, 2, 0, 10, 0])
+    empty = NgramFeatures(np.zeros(0, np.int64), np.zeros(3, np.int64), np.zeros(2, np.int64))
+    np.testing.assert_array_equal(dsir_log_weights(empty, np.array([1.0])), [0, 0])

@@ -25,10 +25,7 @@ def test_regular_install_imports_beamsift(tmp_path):
         capture_output=True,
     )
     assert not (target / "pipeline").exists() and not (target / "transforms").exists()
-    code = (
-        "import beamsift.pipeline.cli, beamsift.transforms.dsir, sys;"
-        "print(beamsift.transforms.dsir.__file__)"
-    )
+    code = "import beamsift.pipeline.cli, beamsift.transforms.dsir, sys;print(beamsift.transforms.dsir.__file__)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         check=True,

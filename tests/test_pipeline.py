@@ -31,9 +31,7 @@ def _run(tmp_path, pool, target, beam_args=(), overrides=(), **sections):
 
 def _selected_ids(out) -> list[str]:
     con = duckdb.connect()
-    rows = con.execute(
-        f"SELECT id FROM read_parquet('{out}/selected/*.parquet') ORDER BY id"
-    ).fetchall()
+    rows = con.execute(f"SELECT id FROM read_parquet('{out}/selected/*.parquet') ORDER BY id").fetchall()
     return [r[0] for r in rows]
 
 
@@ -45,9 +43,7 @@ def test_dsir_log_weights_match_numpy(tmp_path, small_corpus):
     manifest, out = _run(tmp_path, path, small_corpus["target"], featurize={"buckets": 997})
     assert manifest["counts"]["rejected_by_reason"] == {"duplicate id": 1}
     con = duckdb.connect()
-    scores = dict(
-        con.execute(f"SELECT id, dsir_log_weight FROM '{out}/scores/*.parquet'").fetchall()
-    )
+    scores = dict(con.execute(f"SELECT id, dsir_log_weight FROM '{out}/scores/*.parquet'").fetchall())
     # Direct numpy: count vectors, p and q from sums, log w = c . (log(p+eps) - log(q+eps)).
     target = target_records(100)
     m, eps = 997, 1e-8
@@ -116,18 +112,11 @@ def test_broken_records_are_all_accounted_for(tmp_path):
 
 
 def test_short_documents_are_not_selected_with_a_reason(tmp_path, small_corpus):
-    manifest, out = _run(
-        tmp_path, small_corpus["pool"], small_corpus["target"], dsir={"min_tokens": 200}
-    )
+    manifest, out = _run(tmp_path, small_corpus["pool"], small_corpus["target"], dsir={"min_tokens": 200})
     con = duckdb.connect()
-    rows = con.execute(
-        f"SELECT n_tokens, selected, reason FROM '{out}/scores/*.parquet'"
-    ).fetchall()
+    rows = con.execute(f"SELECT n_tokens, selected, reason FROM '{out}/scores/*.parquet'").fetchall()
     short = [r for r in rows if r[0] < 200]
-    assert short and all(
-        not s and re.match(r"too short: \d+ tokens < dsir.min_tokens=200", why)
-        for _, s, why in short
-    )
+    assert short and all(not s and re.match(r"too short: \d+ tokens < dsir.min_tokens=200", why) for _, s, why in short)
     assert all(n >= 200 for n, s, _ in rows if s)
     assert manifest["counts"]["not_selected_by_reason"]["too short"] == len(short)
 
@@ -136,9 +125,7 @@ def test_short_documents_are_not_selected_with_a_reason(tmp_path, small_corpus):
 def test_same_seed_same_selection_on_every_runner(tmp_path, small_corpus, runner):
     # Small split ranges and batches: many read tasks and shards, spread over the workers.
     overrides = ["input.split_bytes=65536", "input.batch_size=64"]
-    _, out_a = _run(
-        tmp_path / "a", small_corpus["pool"], small_corpus["target"], overrides=overrides
-    )
+    _, out_a = _run(tmp_path / "a", small_corpus["pool"], small_corpus["target"], overrides=overrides)
     _, out_b = _run(
         tmp_path / "b",
         small_corpus["pool"],
@@ -158,9 +145,7 @@ def test_selection_does_not_depend_on_batching_but_on_the_seed(tmp_path, small_c
         small_corpus["target"],
         overrides=["input.batch_size=37", "input.split_bytes=100000"],
     )
-    _, out_c = _run(
-        tmp_path / "c", small_corpus["pool"], small_corpus["target"], overrides=["seed=2"]
-    )
+    _, out_c = _run(tmp_path / "c", small_corpus["pool"], small_corpus["target"], overrides=["seed=2"])
     assert _selected_ids(out_a) == _selected_ids(out_b)
     assert _selected_ids(out_a) != _selected_ids(out_c)
 
@@ -170,11 +155,7 @@ def test_selection_prefers_the_target_domain(tmp_path):
     target = write_jsonl(tmp_path / "target.jsonl", target_records(200))
     manifest, out = _run(tmp_path, pool, target, select={"k": 100}, dsir={"min_tokens": 0})
     con = duckdb.connect()
-    by_source = dict(
-        con.execute(
-            f"SELECT source, count(*) FROM '{out}/selected/*.parquet' GROUP BY 1"
-        ).fetchall()
-    )
+    by_source = dict(con.execute(f"SELECT source, count(*) FROM '{out}/selected/*.parquet' GROUP BY 1").fetchall())
     share = Counter(r["source"] for r in demo_records(2000))["pydoc"] / 2000
     assert by_source.get("pydoc", 0) / 100 > 3 * share  # pydoc is ~11% of the pool
     assert manifest["dsir"]["kl"]["target_vs_selected"] < manifest["dsir"]["kl"]["target_vs_random"]
@@ -194,8 +175,6 @@ def test_fitted_model_applies_to_new_data(tmp_path, small_corpus):
 
 
 def test_fraction_selects_share_of_eligible(tmp_path, small_corpus):
-    manifest, out = _run(
-        tmp_path, small_corpus["pool"], small_corpus["target"], select={"k": None, "fraction": 0.1}
-    )
+    manifest, out = _run(tmp_path, small_corpus["pool"], small_corpus["target"], select={"k": None, "fraction": 0.1})
     assert manifest["counts"]["selected"] == round(0.1 * manifest["dsir"]["eligible"])
     assert len(_selected_ids(out)) == manifest["counts"]["selected"]

@@ -17,10 +17,7 @@ from conftest import demo_records, make_config, write_jsonl
 
 
 def _ids(out):
-    return sorted(
-        r[0]
-        for r in duckdb.connect().execute(f"SELECT id FROM '{out}/scores/*.parquet'").fetchall()
-    )
+    return sorted(r[0] for r in duckdb.connect().execute(f"SELECT id FROM '{out}/scores/*.parquet'").fetchall())
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +50,7 @@ def test_formats_read_the_same_documents(tmp_path, small_corpus, records, fmt):
     manifest = run_selection(load_config(str(cfg)), overwrite=True)
     assert manifest["counts"]["input_records"] == len(records)
     assert _ids(tmp_path / "out") == sorted(r["id"] for r in records)
-    sources = (
-        duckdb.connect()
-        .execute(f"SELECT DISTINCT source FROM '{tmp_path}/out/selected/*.parquet'")
-        .fetchall()
-    )
+    sources = duckdb.connect().execute(f"SELECT DISTINCT source FROM '{tmp_path}/out/selected/*.parquet'").fetchall()
     assert sources  # input fields travel to selected/
 
 
@@ -85,9 +78,7 @@ def test_byte_ranges_cover_every_line_once(tmp_path, records):
     for split in (997, 4096, 50_000):
         got = []
         for start in range(0, len(data), split):
-            got += _read_lines(
-                ReadTask(0, str(path), "jsonl", start, min(start + split, len(data)))
-            )
+            got += _read_lines(ReadTask(0, str(path), "jsonl", start, min(start + split, len(data))))
         assert got == whole, split
     assert whole[-1][1] == b"tail without newline"
 
@@ -102,8 +93,10 @@ def test_no_matching_files(tmp_path):
 def test_fast_and_record_paths_give_the_same_table(tmp_path, records):
     from beamsift.transforms.read import InputSpec, ReadDocumentBatches
 
-    extra = [{"id": 7, "text": "an integer id", "n": 1, "x": None, "text_note": "t"},
-             {"id": "s", "text": "mixed number types", "n": 2.5, "selected": True, "x": None}]
+    extra = [
+        {"id": 7, "text": "an integer id", "n": 1, "x": None, "text_note": "t"},
+        {"id": "s", "text": "mixed number types", "n": 2.5, "selected": True, "x": None},
+    ]
     rows = records[:50] + extra
     lines = [json.dumps(r).encode() for r in rows]
     spec = InputSpec("text", "id", "line", 4096, 1 << 20)
@@ -122,8 +115,9 @@ def test_fast_and_record_paths_give_the_same_table(tmp_path, records):
 
 def test_an_input_field_named_text_does_not_replace_the_document(tmp_path, small_corpus):
     path = write_jsonl(tmp_path / "p.jsonl", [{"body": "the real document " * 30, "text": "a field"}])
-    cfg = make_config(tmp_path, path, small_corpus["target"], select={"k": 1},
-                      input={"text_field": "body", "id_field": None})
+    cfg = make_config(
+        tmp_path, path, small_corpus["target"], select={"k": 1}, input={"text_field": "body", "id_field": None}
+    )
     run_selection(load_config(str(cfg)), overwrite=True)
     row = duckdb.connect().execute(f"SELECT text, input_text FROM '{tmp_path}/out/selected/*.parquet'").fetchone()
     assert row == ("the real document " * 30, "a field")

@@ -80,11 +80,14 @@ def log_probs(counts: np.ndarray, eps: float) -> np.ndarray:
 
 def dsir_log_weights(features: NgramFeatures, log_ratio: np.ndarray) -> np.ndarray:
     """log w_i = Σ_j c_ij · log_ratio_j, summed over each document's n-gram occurrences."""
-    values = np.append(log_ratio[features.buckets], 0.0)  # the 0 serves empty trailing documents
-    sums = (
-        np.add.reduceat(values, features.offsets[:-1]) if len(features.offsets) > 1 else values[:0]
-    )
-    sums[features.n_ngrams == 0] = 0.0  # reduceat gives the next value for an empty range
+    values = log_ratio[features.buckets]
+    n_docs = len(features.offsets) - 1
+    if len(values) == 0:
+        return np.zeros(n_docs)
+    # reduceat sums each document's range in order (deterministic); an empty range gives the
+    # value at its start instead of 0, so empty documents are set to 0 afterwards.
+    sums = np.add.reduceat(values, np.minimum(features.offsets[:-1], len(values) - 1))
+    sums[features.n_ngrams == 0] = 0.0
     return sums
 
 
@@ -113,9 +116,7 @@ class DsirModel:
     log_ratio: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.log_ratio = log_probs(self.target_counts, self.smoothing) - log_probs(
-            self.raw_counts, self.smoothing
-        )
+        self.log_ratio = log_probs(self.target_counts, self.smoothing) - log_probs(self.raw_counts, self.smoothing)
 
     def scores(self, features: NgramFeatures) -> tuple[np.ndarray, np.ndarray]:
         """(log weight as the paper defines it, the value that is resampled)."""
@@ -162,9 +163,7 @@ def resolve_k(k: int | None, fraction: float | None, eligible: int) -> int:
     if k is None:
         k = math.floor(fraction * eligible + 0.5)
         if k < 1:
-            raise SelectionError(
-                f"select.fraction={fraction} of {eligible} eligible documents selects none"
-            )
+            raise SelectionError(f"select.fraction={fraction} of {eligible} eligible documents selects none")
     if k > eligible:
         raise SelectionError(
             f"select.k={k} is larger than the {eligible} eligible documents "

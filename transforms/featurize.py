@@ -57,11 +57,7 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     buffers = strings.buffers()
     offsets = np.frombuffer(buffers[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
-    data = (
-        np.frombuffer(buffers[2], dtype=np.uint8)
-        if buffers[2] is not None
-        else np.zeros(0, np.uint8)
-    )
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
     lengths = np.diff(offsets)
     start, stop = int(offsets[0]), int(offsets[-1])
     out = lengths.astype(np.uint64)
@@ -114,10 +110,9 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.combine_chunks()
     vocab = encoded.dictionary
-    # A white-space word is one WordPunct token when it is all word characters (\w: letters,
-    # digits, underscore) or has none of them.
-    no_underscore = pc.replace_substring(vocab, "_", "a")
-    single = pc.or_(pc.utf8_is_alnum(no_underscore), _has_no_word_char(vocab))
+    # A white-space word of only word characters (\w: letters, digits, underscore) is one
+    # WordPunct token; the others (mostly "word," or "f(x)") are split below.
+    single = pc.utf8_is_alnum(pc.replace_substring(vocab, "_", "a"))
     single = np.asarray(single.to_numpy(zero_copy_only=False), dtype=bool)
 
     # Words that mix word and other characters ("end.", "f(x)") are split into their tokens:
@@ -176,10 +171,6 @@ def _split_mixed_words(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
     bounds = np.concatenate([[-1], sep_at, [len(tokens)]])
     counts = np.diff(bounds) - 1
     return tokens.filter(pa.array(~is_sep)), counts
-
-
-def _has_no_word_char(vocab: pa.Array) -> pa.Array:
-    return pc.invert(pc.match_substring_regex(vocab, r"[\pL\pN_]"))
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -265,9 +256,7 @@ def _hashed_ngram_features(texts: pa.Array, num_buckets: int, max_ngram: int) ->
     return NgramFeatures(buckets=buckets, offsets=offsets, n_tokens=n_tokens)
 
 
-def bucket_counts(
-    features: NgramFeatures, num_buckets: int, rows: np.ndarray | None = None
-) -> np.ndarray:
+def bucket_counts(features: NgramFeatures, num_buckets: int, rows: np.ndarray | None = None) -> np.ndarray:
     """Total count of each bucket over the documents (all, or those where ``rows`` is True)."""
     buckets = features.buckets
     if rows is not None:
@@ -292,9 +281,7 @@ def features_from_arrow(column: pa.ChunkedArray | pa.Array, n_tokens: np.ndarray
         column = column.combine_chunks()
     offsets = np.asarray(column.offsets, dtype=np.int64)
     buckets = np.asarray(column.values, dtype=np.int64)[offsets[0] : offsets[-1]]
-    return NgramFeatures(
-        buckets=buckets, offsets=offsets - offsets[0], n_tokens=np.asarray(n_tokens)
-    )
+    return NgramFeatures(buckets=buckets, offsets=offsets - offsets[0], n_tokens=np.asarray(n_tokens))
 
 
 class FeaturizeHashedNgrams(beam.DoFn):
@@ -316,10 +303,7 @@ def hash_ids(ids) -> np.ndarray:
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
     return np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little")
-            for i in ids.to_pylist()
-        ),
+        (int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little") for i in ids.to_pylist()),
         dtype=np.uint64,
         count=len(ids),
     )

@@ -123,9 +123,7 @@ def plan_read_tasks(files: list[tuple[str, str, int]], split_bytes: int) -> list
     tasks = []
     for index, (path, fmt, size) in enumerate(files):
         base = "jsonl" if fmt.startswith("jsonl") else fmt
-        splittable = (
-            base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED
-        )
+        splittable = base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED
         if splittable and size > split_bytes:
             for start in range(0, size, split_bytes):
                 tasks.append(ReadTask(index, path, base, start, min(start + split_bytes, size)))
@@ -219,9 +217,7 @@ class ReadDocumentBatches(beam.DoFn):
                     records.append({self.spec.text_field: line.decode("utf-8")})
                     kept.append(pos)
                 except UnicodeDecodeError as e:
-                    rejects.append(
-                        reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset)
-                    )
+                    rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
             table, more = self._records_to_table(task, records, kept, lines_for=None)
             return table, rejects + more
         table = self._parse_clean_jsonl(task, lines, positions)
@@ -344,9 +340,7 @@ class ReadDocumentBatches(beam.DoFn):
                 if doc_id is _MISSING or doc_id is None:
                     reason = f"missing id field {id_field!r}"
                 elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                    reason = (
-                        f"id field {id_field!r} is {_json_type(doc_id)}, not a string or integer"
-                    )
+                    reason = f"id field {id_field!r} is {_json_type(doc_id)}, not a string or integer"
                 else:
                     doc_id = str(doc_id)
                     if not _encodable(doc_id):
@@ -479,8 +473,6 @@ class ReadDocuments(beam.PTransform):
             # Spread the read tasks over workers before the heavy reading is fused to them.
             | "SpreadReadTasks" >> beam.Reshuffle()
             | "ReadAndValidate"
-            >> beam.ParDo(ReadDocumentBatches(self.spec, self.dataset)).with_outputs(
-                REJECTED, main="documents"
-            )
+            >> beam.ParDo(ReadDocumentBatches(self.spec, self.dataset)).with_outputs(REJECTED, main="documents")
         )
         return results.documents, results[REJECTED]

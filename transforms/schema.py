@@ -66,10 +66,7 @@ def arrow_column(values: list) -> pa.Array:
     elif kinds <= {int, float}:
         return pa.array([None if v is None else float(v) for v in values], pa.float64())
     return pa.array(
-        [
-            None if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
-            for v in values
-        ],
+        [None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values],
         pa.string(),
     )
 
@@ -176,6 +173,4 @@ def _cast(column: pa.ChunkedArray, t: pa.DataType) -> pa.ChunkedArray:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         # Nested or exotic types to text: JSON, the way the JSON reader writes them.
         values = column.to_pylist()
-        return pa.chunked_array(
-            [pa.array([None if v is None else json.dumps(v, default=str) for v in values], t)]
-        )
+        return pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str) for v in values], t)])

@@ -74,9 +74,7 @@ class Candidates:
         return float(self.keys[self.k - 1]), int(self.hashes[self.k - 1])
 
 
-def at_or_above(
-    keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, int] | None
-) -> np.ndarray:
+def at_or_above(keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, int] | None) -> np.ndarray:
     if threshold is None:
         return np.zeros(len(keys), dtype=bool)
     key, h = threshold

@@ -68,8 +68,7 @@ class WriteSelectionShards(beam.DoFn):
         reasons[~selected] = "not sampled: below the importance-resampling cut"
         too_short = ~s.duplicate & ~s.eligible
         reasons[too_short] = [
-            f"too short: {n} tokens < dsir.min_tokens={model.min_tokens}"
-            for n in n_tokens[too_short]
+            f"too short: {n} tokens < dsir.min_tokens={model.min_tokens}" for n in n_tokens[too_short]
         ]
         scored = table.append_column("dsir_log_weight", pa.array(s.log_weight))
         scored = scored.append_column("dsir_key", pa.array(s.key))
@@ -82,12 +81,8 @@ class WriteSelectionShards(beam.DoFn):
         chosen = scored.filter(pa.array(selected))
         selected_out = conform(chosen, fields, SELECTED_FRONT + SELECTED_SCORES)
         # The text is in selected/ only: scores/ stays small enough to scan for re-selection.
-        write_parquet(
-            scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet")
-        )
-        write_parquet(
-            selected_out, FileSystems.join(self.output_dir, "selected", shard.name + ".parquet")
-        )
+        write_parquet(scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet"))
+        write_parquet(selected_out, FileSystems.join(self.output_dir, "selected", shard.name + ".parquet"))
 
         for row in np.flatnonzero(s.duplicate):
             yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
@@ -149,9 +144,7 @@ class WriteRejectedShard(beam.DoFn):
         write_parquet(table, FileSystems.join(self.output_dir, "rejected", f"part-{name}.parquet"))
         counts: dict[str, int] = {}
         for r in rows:
-            key = ("rejected: " if r["input"] == "pool" else "target rejected: ") + reason_category(
-                r["reason"]
-            )
+            key = ("rejected: " if r["input"] == "pool" else "target rejected: ") + reason_category(r["reason"])
             if r["reason"].startswith("duplicate id"):
                 continue  # counted where it was found (WriteSelectionShards)
             counts[key] = counts.get(key, 0) + 1

@@ -61,34 +61,36 @@ def build_corpus(path: Path, n_docs: int) -> None:
             out.write(json.dumps(r) + "\n")
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident memory of a process and all its descendants, in bytes (Linux /proc)."""
-    total, stack = 0, [pid]
+def _tree_rss(pid: int) -> dict[int, int]:
+    """Resident memory of a process and each of its descendants, in bytes (Linux /proc)."""
+    out, stack = {}, [pid]
     while stack:
         p = stack.pop()
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
+                        out[p] = int(line.split()[1]) * 1024
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack += [int(c) for c in f.read().split()]
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return total
+    return out
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Run cmd; return (wall seconds, peak RSS of its process tree)."""
+def timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
+    """Run cmd; return (wall seconds, peak RSS of its process tree, of its largest process)."""
     start = time.perf_counter()
     with open(log, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
-        peak = [0]
+        peak = [0, 0]
 
         def sample():
             while proc.poll() is None:
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                rss = _tree_rss(proc.pid)
+                peak[0] = max(peak[0], sum(rss.values()))
+                peak[1] = max([peak[1], *rss.values()])
                 time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -98,7 +100,7 @@ def timed(cmd: list[str], log: Path) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     if code != 0:
         sys.exit(f"{' '.join(cmd[:3])}... failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
-    return elapsed, peak[0]
+    return elapsed, peak[0], peak[1]
 
 
 def reference_python(arg: str | None) -> str:
@@ -198,12 +200,13 @@ def main() -> None:
         "--direct_running_mode=multi_processing",
         "--direct_num_workers=2",
     ]
-    secs, rss = timed(beamsift_cmd, work / "beamsift.log")
+    secs, rss, rss_one = timed(beamsift_cmd, work / "beamsift.log")
     ids = {r[0] for r in duckdb.connect().execute(f"SELECT id FROM '{out}/selected/*.parquet'").fetchall()}
     manifest = json.loads((out / "manifest.json").read_text())
     results["beamsift"] = {
         "seconds": secs,
         "rss": rss,
+        "rss_one": rss_one,
         "ids": ids,
         "own_kl": manifest["dsir"]["kl"]["reduction"],
     }
@@ -215,7 +218,7 @@ def main() -> None:
         ref_out, cache = work / "reference-out", work / "reference-cache"
         for d in (ref_out, cache):
             subprocess.run(["rm", "-rf", str(d)], check=True)
-        secs, rss = timed(
+        secs, rss, rss_one = timed(
             [py, str(script), str(corpus), str(target), str(cache), str(ref_out), str(k)],
             work / "reference.log",
         )
@@ -223,14 +226,16 @@ def main() -> None:
         for path in glob.glob(str(ref_out / "*.jsonl")):
             with open(path, encoding="utf-8") as f:
                 ref_ids |= {json.loads(line)["id"] for line in f}
-        results["reference"] = {"seconds": secs, "rss": rss, "ids": ref_ids}
+        results["reference"] = {"seconds": secs, "rss": rss, "rss_one": rss_one, "ids": ref_ids}
 
     kl = evaluate(corpus, target, {name: r["ids"] for name, r in results.items()}, k)
-    print(f"{'':<11}{'seconds':>9}{'docs/s':>10}{'peak RSS':>11}{'selected':>10}{'KL reduction':>14}")
+    header = f"{'':<11}{'seconds':>9}{'docs/s':>10}{'peak RSS (all / largest process)':>34}"
+    print(f"{header}{'selected':>10}{'KL reduction':>14}")
     for name, r in results.items():
         print(
             f"{name:<11}{r['seconds']:>9.1f}{args.docs / r['seconds']:>10,.0f}"
-            f"{r['rss'] / 2**20:>8,.0f} MB{len(r['ids']):>10,}{kl[name]:>14.4f}"
+            f"{r['rss'] / 2**20:>20,.0f} MB / {r['rss_one'] / 2**20:>5,.0f} MB"
+            f"{len(r['ids']):>10,}{kl[name]:>14.4f}"
         )
     print(f"beamsift's own manifest KL reduction: {results['beamsift']['own_kl']:.4f}")
     if "reference" in results:

@@ -143,7 +143,12 @@ def build_pipeline(
         | "BatchRejected" >> beam.BatchElements(min_batch_size=1, max_batch_size=10000)
         | "WriteRejected" >> beam.ParDo(WriteRejectedShard(out))
     )
-    summaries += [written.summary, rejected_summary]
+    # Each writer's summaries are summed where they are made (a combine right after its ParDo
+    # is lifted into the same stage), so per-shard n-gram vectors never pile up in the runner.
+    summaries += [
+        written.summary | "SumSelectionSummaries" >> beam.CombineGlobally(SumSummaries()),
+        rejected_summary | "SumRejectedSummaries" >> beam.CombineGlobally(SumSummaries()),
+    ]
 
     # 5. One summary for the manifest; the fitted model to artifacts/.
     (

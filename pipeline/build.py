@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from beamsift.pipeline.config import Config
-from beamsift.transforms.dedup import FindDuplicateIds
+from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.dsir import (
     CountDuplicateNgrams,
     CountNgrams,
@@ -71,11 +71,14 @@ def build_pipeline(
         | "FeaturizePool" >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram))
         | "StagePool" >> beam.ParDo(WriteStagingShards(staging_dir, count_pool))
     )
-    duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds())
+    # Global values that may be empty are combined without defaults (each default costs the
+    # runner a stage) and given their empty value at the side input.
+    duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds(), default_value=NO_DUPLICATES)
     fields = AsSingleton(
         staged
         | "ShardFieldTypes" >> beam.FlatMap(lambda s: [s.fields])
-        | "UnifyFieldTypes" >> beam.CombineGlobally(UnifyFieldTypes())
+        | "UnifyFieldTypes" >> beam.CombineGlobally(UnifyFieldTypes()).without_defaults(),
+        default_value=[],
     )
     # Only shard references travel on; spread them so later passes run on all workers.
     shards = staged | "ShardRefs" >> beam.Map(lambda s: s.ref) | "SpreadShards" >> beam.Reshuffle()
@@ -88,9 +91,11 @@ def build_pipeline(
     duplicate_totals = (
         shards
         | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(count_pool), duplicates)
-        | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals)
+        | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals).without_defaults()
     )
-    pool_totals = staged_totals | "FitRawModel" >> beam.Map(subtract_totals, AsSingleton(duplicate_totals))
+    pool_totals = staged_totals | "FitRawModel" >> beam.Map(
+        subtract_totals, AsSingleton(duplicate_totals, default_value=sum_totals.create_accumulator())
+    )
     summaries = []
     rejected = [pool_rejected]
     if target_tasks is not None:
@@ -129,7 +134,8 @@ def build_pipeline(
     thresholds = AsSingleton(
         shards
         | "RankShards" >> beam.ParDo(RankShard(seed), model, duplicates)
-        | "MergeTopK" >> beam.CombineGlobally(MergeCandidates())
+        | "MergeTopK" >> beam.CombineGlobally(MergeCandidates()).without_defaults(),
+        default_value={},
     )
 
     # 4. Write selected/ and scores/ for every shard, and rejected/.
@@ -146,8 +152,8 @@ def build_pipeline(
     # Each writer's summaries are summed where they are made (a combine right after its ParDo
     # is lifted into the same stage), so per-shard n-gram vectors never pile up in the runner.
     summaries += [
-        written.summary | "SumSelectionSummaries" >> beam.CombineGlobally(SumSummaries()),
-        rejected_summary | "SumRejectedSummaries" >> beam.CombineGlobally(SumSummaries()),
+        written.summary | "SumSelectionSummaries" >> beam.CombineGlobally(SumSummaries()).without_defaults(),
+        rejected_summary | "SumRejectedSummaries" >> beam.CombineGlobally(SumSummaries()).without_defaults(),
     ]
 
     # 5. One summary for the manifest; the fitted model to artifacts/.

@@ -34,6 +34,9 @@ class DuplicateIds:
         return int(self.winners[np.searchsorted(self.losers, order)])
 
 
+NO_DUPLICATES = DuplicateIds(losers=np.zeros(0, np.int64), winners=np.zeros(0, np.int64))
+
+
 def _partition(shard):
     part = (shard.id_hashes % np.uint64(NUM_PARTITIONS)).astype(np.int64)
     for p in np.unique(part):
@@ -75,7 +78,7 @@ def _merge_duplicates(parts) -> DuplicateIds:
 
 
 class FindDuplicateIds(beam.PTransform):
-    """PCollection[StagedShard] -> singleton DuplicateIds."""
+    """PCollection[StagedShard] -> DuplicateIds (nothing for an empty input: use NO_DUPLICATES)."""
 
     def expand(self, shards):
         return (
@@ -83,6 +86,6 @@ class FindDuplicateIds(beam.PTransform):
             | "PartitionIdHashes" >> beam.FlatMap(_partition)
             | "FirstOccurrencePerPartition" >> beam.CombinePerKey(_FirstOccurrence())
             | "DropPartitionKey" >> beam.Values()
-            | "GatherDuplicates" >> beam.combiners.ToList()
+            | "GatherDuplicates" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
             | "SortDuplicates" >> beam.Map(_merge_duplicates)
         )

@@ -23,6 +23,14 @@ class _DropBeamImportNotice(logging.Filter):
         return "apitools not found" not in record.getMessage()
 
 
+class _DropReportedSelectionErrors(logging.Filter):
+    """A SelectionError is the user's to fix and is reported in one line: Beam's worker log of
+    it, with its traceback, would bury that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SelectionError" not in record.getMessage() and "SelectionError" not in str(record.exc_info)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addFilter(_DropBeamImportNotice())
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -90,11 +98,12 @@ def _find_selection_error(e: BaseException, cls) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, cls):
-            return str(e)
+            return str(e).split(" [while running", 1)[0].strip()
         text = str(e)
         marker = cls.__name__ + ": "
         if marker in text:
-            return text.split(marker, 1)[1].splitlines()[0].strip()
+            line = text.split(marker, 1)[1].splitlines()[0]
+            return line.split(" [while running", 1)[0].strip()
         e = e.__cause__ or e.__context__
     return None
 
@@ -138,6 +147,8 @@ def _quiet_logs(quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.WARNING
     for name in ("apache_beam", "root", ""):
         logging.getLogger(name).setLevel(level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropReportedSelectionErrors())
 
 
 if __name__ == "__main__":

@@ -64,7 +64,11 @@ def test_impossible_k_is_one_clear_line_and_leaves_no_manifest(tmp_path, small_c
     proc = run_cli("run", str(cfg), "--set", "select.k=100000", "--set", f"output.dir={out}", check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("beamsift: error: select.k=100000 is larger than the") and "eligible" in last
+    assert proc.stderr.strip() == last  # one line, no worker traceback
+    assert last.startswith("beamsift: error: select.k=100000 is larger than the")
+    assert last.endswith(
+        "eligible documents (valid, unique id, at least dsir.min_tokens=20 tokens): lower select.k or dsir.min_tokens"
+    )
     # A failed run leaves nothing that looks complete, and query says so.
     assert not (out / "manifest.json").exists()
     q = run_cli("query", str(out), "SELECT 1", check=False)

@@ -159,15 +159,15 @@ def load_fitted_counts(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
         return z["target_counts"], z["raw_counts"], json.loads(str(z["meta"]))
 
 
-def resolve_k(k: int | None, fraction: float | None, eligible: int) -> int:
+def resolve_k(k: int | None, fraction: float | None, eligible: int, min_tokens: int) -> int:
     if k is None:
         k = math.floor(fraction * eligible + 0.5)
         if k < 1:
             raise SelectionError(f"select.fraction={fraction} of {eligible} eligible documents selects none")
     if k > eligible:
         raise SelectionError(
-            f"select.k={k} is larger than the {eligible} eligible documents "
-            f"(valid, unique id, at least dsir.min_tokens tokens)"
+            f"select.k={k} is larger than the {eligible} eligible documents (valid, unique id, "
+            f"at least dsir.min_tokens={min_tokens} tokens): lower select.k or dsir.min_tokens"
         )
     return k
 
@@ -228,7 +228,7 @@ def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: d
         target_counts, raw_counts = target.counts, pool.counts
     if target_counts.sum() == 0:
         raise SelectionError("the target has no n-grams: every target document was rejected?")
-    k = resolve_k(params["k"], params["fraction"], pool.eligible)
+    k = resolve_k(params["k"], params["fraction"], pool.eligible, params["min_tokens"])
     return DsirModel(
         target_counts=target_counts,
         raw_counts=raw_counts,

@@ -266,13 +266,9 @@ def bucket_counts(features: NgramFeatures, num_buckets: int, rows: np.ndarray | 
     return np.bincount(buckets, minlength=num_buckets).astype(np.int64)
 
 
-def bucket_dtype(num_buckets: int) -> pa.DataType:
-    return pa.uint16() if num_buckets <= 2**16 else pa.uint32()
-
-
 def features_to_arrow(features: NgramFeatures, num_buckets: int) -> pa.ListArray:
     """Per-document bucket ids as an Arrow list column (2 bytes an n-gram for <= 65,536 buckets)."""
-    values = pa.array(features.buckets.astype(bucket_dtype(num_buckets).to_pandas_dtype()))
+    values = pa.array(features.buckets.astype(np.uint16 if num_buckets <= 2**16 else np.uint32))
     return pa.LargeListArray.from_arrays(pa.array(features.offsets, pa.int64()), values)
 
 

@@ -18,6 +18,7 @@ import json
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
+from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.dsir import (
@@ -74,27 +75,27 @@ def build_pipeline(
     # Global values that may be empty are combined without defaults (each default costs the
     # runner a stage) and given their empty value at the side input.
     duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds(), default_value=NO_DUPLICATES)
-    fields = AsSingleton(
-        staged
-        | "ShardFieldTypes" >> beam.FlatMap(lambda s: [s.fields])
-        | "UnifyFieldTypes" >> beam.CombineGlobally(UnifyFieldTypes()).without_defaults(),
-        default_value=[],
-    )
+
     # Only shard references travel on; spread them so later passes run on all workers.
     shards = staged | "ShardRefs" >> beam.Map(lambda s: s.ref) | "SpreadShards" >> beam.Reshuffle()
 
     # 2. Fit the raw model q̂ over the pool (duplicates excluded) and the target model p̂.
+    # One combine over the staged shards: the unified field types and the raw n-gram totals.
     sum_totals = SumNgramTotals(buckets)
-    staged_totals = (
-        staged | "ShardTotals" >> beam.Map(lambda s: s.totals) | "SumShardTotals" >> beam.CombineGlobally(sum_totals)
+    staging_summary = (
+        staged
+        | "ShardSummaries" >> beam.Map(lambda s: (s.fields, s.totals))
+        | "SummarizeStaging" >> beam.CombineGlobally(TupleCombineFn(UnifyFieldTypes(), sum_totals))
     )
+    fields = AsSingleton(staging_summary | "FieldTypes" >> beam.Map(lambda summary: summary[0]))
     duplicate_totals = (
         shards
         | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(count_pool), duplicates)
         | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals).without_defaults()
     )
-    pool_totals = staged_totals | "FitRawModel" >> beam.Map(
-        subtract_totals, AsSingleton(duplicate_totals, default_value=sum_totals.create_accumulator())
+    pool_totals = staging_summary | "FitRawModel" >> beam.Map(
+        lambda summary, dups: subtract_totals(summary[1], dups),
+        AsSingleton(duplicate_totals, default_value=sum_totals.create_accumulator()),
     )
     summaries = []
     rejected = [pool_rejected]

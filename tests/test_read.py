@@ -121,3 +121,18 @@ def test_an_input_field_named_text_does_not_replace_the_document(tmp_path, small
     run_selection(load_config(str(cfg)), overwrite=True)
     row = duckdb.connect().execute(f"SELECT text, input_text FROM '{tmp_path}/out/selected/*.parquet'").fetchone()
     assert row == ("the real document " * 30, "a field")
+
+
+def test_line_blocks_match_line_reading(tmp_path, records):
+    from beamsift.transforms.read import _read_line_blocks
+
+    path = write_jsonl(tmp_path / "p.jsonl", records, [b"", b"  ", b"{\"id\": \"crlf\"}\r", b"tail"])
+    data = path.read_bytes()
+    whole = [(p, line) for p, line in _read_lines(ReadTask(0, str(path), "jsonl"))]
+    for split, max_lines in ((len(data), 7), (997, 3), (4096, 1000), (50_000, 64)):
+        got = []
+        for start in range(0, len(data), split):
+            task = ReadTask(0, str(path), "jsonl", start, min(start + split, len(data)))
+            for block, starts, ends, positions in _read_line_blocks(task, max_lines, chunk=1000):
+                got += [(int(p), block[s:e].rstrip(b"\r")) for s, e, p in zip(starts, ends, positions)]
+        assert got == whole, (split, max_lines)

@@ -197,6 +197,9 @@ class ReadDocumentBatches(beam.DoFn):
 
     # -- line files (jsonl, txt per line) -------------------------------------------------
     def _line_batches(self, task: ReadTask):
+        if task.format == "jsonl":
+            yield from self._jsonl_batches(task)
+            return
         lines, positions = [], []
         for position, line in _read_lines(task):
             if not line.strip():
@@ -209,7 +212,25 @@ class ReadDocumentBatches(beam.DoFn):
         if lines:
             yield self._parse_lines(task, lines, positions)
 
-    def _parse_lines(self, task, lines, positions):
+    def _jsonl_batches(self, task: ReadTask):
+        """JSONL batches straight from the file's bytes: a batch whose lines all open an object
+        goes to Arrow's parser as it is, with no Python object per line."""
+        for block, starts, ends, positions in _read_line_blocks(task, self.spec.batch_size):
+            if len(starts) and bool(np.all(np.frombuffer(block, np.uint8)[starts] == ord("{"))):
+                table = self._parse_clean_jsonl(task, block, positions)
+                if table is not None:
+                    yield table, []
+                    continue
+            lines, kept = [], []
+            for start, end, position in zip(starts.tolist(), ends.tolist(), positions.tolist()):
+                line = block[start:end].rstrip(b"\r")
+                if line.strip():  # a blank line is not a record
+                    lines.append(line)
+                    kept.append(position)
+            if lines:
+                yield self._parse_lines(task, lines, kept, try_arrow=False)
+
+    def _parse_lines(self, task, lines, positions, try_arrow=True):
         if task.format == "txt":
             records, rejects, kept = [], [], []
             for pos, line in zip(positions, lines):
@@ -220,7 +241,7 @@ class ReadDocumentBatches(beam.DoFn):
                     rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
             table, more = self._records_to_table(task, records, kept, lines_for=None)
             return table, rejects + more
-        table = self._parse_clean_jsonl(task, lines, positions)
+        table = self._parse_clean_jsonl(task, b"\n".join(lines), positions) if try_arrow else None
         if table is not None:
             return table, []
         records, kept, rejects = [], [], []
@@ -242,7 +263,7 @@ class ReadDocumentBatches(beam.DoFn):
         table, more = self._records_to_table(task, records, kept, lines_for=None)
         return table, rejects + more
 
-    def _parse_clean_jsonl(self, task, lines, positions) -> pa.Table | None:
+    def _parse_clean_jsonl(self, task, block: bytes, positions) -> pa.Table | None:
         """The fast path: Arrow's JSON parser over the whole batch, when the batch is clean.
 
         Returns None where any record needs a closer look (a parse error, a type Arrow would
@@ -250,7 +271,6 @@ class ReadDocumentBatches(beam.DoFn):
         UTF-8); the record-by-record path then gives each bad record its own reason. On clean
         input both paths give the same table.
         """
-        block = b"\n".join(lines)
         try:
             parsed = pa_json.read_json(
                 pa.BufferReader(block),
@@ -261,7 +281,7 @@ class ReadDocumentBatches(beam.DoFn):
             return None
         text_field, id_field = self.spec.text_field, self.spec.id_field
         names = parsed.column_names
-        if parsed.num_rows != len(lines) or text_field not in names:
+        if parsed.num_rows != len(positions) or text_field not in names:
             return None
         if any(str(t) not in _PLAIN_TYPES for t in parsed.schema.types):
             return None  # nested values, timestamps: the record path writes them as JSON text
@@ -431,6 +451,42 @@ def _read_lines(task: ReadTask, chunk: int = 1 << 20) -> Iterator[tuple[int, byt
                     return
                 yield position, line.rstrip(b"\r")
                 position += len(line) + 1
+
+
+def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
+    """(block, starts, ends, positions) for up to ``max_lines`` lines at a time of a task's range.
+
+    ``block[starts[i]:ends[i]]`` is a line (without its newline); ``positions`` are the lines'
+    byte offsets in the (decompressed) file. Line ends are found with numpy, not a Python loop.
+    Range ownership is as in ``_read_lines``: the lines that start before ``stop``.
+    """
+    with FileSystems.open(task.path, compression_type=_compression(task.path)) as f:
+        base = task.start  # file position of buffer[0]
+        if task.start > 0:
+            f.seek(task.start - 1)
+            base = task.start - 1 + len(f.readline())
+        buffer, eof = b"", False
+        while True:
+            while not eof and buffer.count(b"\n") < max_lines:
+                data = f.read(chunk)
+                eof = not data
+                buffer += data
+            if not buffer:
+                return
+            newlines = np.flatnonzero(np.frombuffer(buffer, np.uint8) == ord("\n"))[:max_lines]
+            if len(newlines) == 0:  # the last line, without a newline
+                newlines = np.array([len(buffer)])
+            starts = np.concatenate([[0], newlines[:-1] + 1])
+            positions = base + starts
+            owned = positions < task.stop if task.stop is not None else np.ones(len(starts), bool)
+            n = int(owned.sum())
+            if n:
+                end = int(newlines[n - 1])
+                yield buffer[:end], starts[:n], newlines[:n], positions[:n]
+            if n < len(starts):
+                return
+            consumed = int(newlines[-1]) + 1
+            buffer, base = buffer[consumed:], base + consumed
 
 
 def _iter_arrow_file(task: ReadTask, batch_size: int):

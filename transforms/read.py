@@ -525,7 +525,7 @@ class ReadDocuments(beam.PTransform):
     def expand(self, pbegin):
         results = (
             pbegin
-            | "ListReadTasks" >> beam.Create(self.tasks)
+            | "ListReadTasks" >> beam.Create(self.tasks, reshuffle=False)
             # Spread the read tasks over workers before the heavy reading is fused to them.
             | "SpreadReadTasks" >> beam.Reshuffle()
             | "ReadAndValidate"

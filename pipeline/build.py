@@ -123,12 +123,7 @@ def build_pipeline(
         "length_norm": cfg["dsir.length_norm"],
         "min_tokens": cfg["dsir.min_tokens"],
     }
-    model_pc = pool_totals | "BuildDsirModel" >> beam.Map(
-        lambda pool, target, fitted, params: build_model(pool, target, fitted, params),
-        target_side if target_side is not None else None,
-        fitted_model,
-        params,
-    )
+    model_pc = pool_totals | "BuildDsirModel" >> beam.Map(build_model, target_side, fitted_model, params)
     model = AsSingleton(model_pc)
 
     # 3. Importance resampling: per-shard top k, merged into the global k-th key.

@@ -91,9 +91,6 @@ class Config:
             node = node[part]
         return node
 
-    def section(self, name: str) -> dict:
-        return dict(self.data[name])
-
     def to_dict(self) -> dict:
         return copy.deepcopy(self.data)
 

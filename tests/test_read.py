@@ -126,7 +126,7 @@ def test_an_input_field_named_text_does_not_replace_the_document(tmp_path, small
 def test_line_blocks_match_line_reading(tmp_path, records):
     from beamsift.transforms.read import _read_line_blocks
 
-    path = write_jsonl(tmp_path / "p.jsonl", records, [b"", b"  ", b"{\"id\": \"crlf\"}\r", b"tail"])
+    path = write_jsonl(tmp_path / "p.jsonl", records, [b"", b"  ", b'{"id": "crlf"}\r', b"tail"])
     data = path.read_bytes()
     whole = [(p, line) for p, line in _read_lines(ReadTask(0, str(path), "jsonl"))]
     for split, max_lines in ((len(data), 7), (997, 3), (4096, 1000), (50_000, 64)):

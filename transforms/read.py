@@ -239,7 +239,7 @@ class ReadDocumentBatches(beam.DoFn):
                     kept.append(pos)
                 except UnicodeDecodeError as e:
                     rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
-            table, more = self._records_to_table(task, records, kept, lines_for=None)
+            table, more = self._records_to_table(task, records, kept)
             return table, rejects + more
         table = self._parse_clean_jsonl(task, b"\n".join(lines), positions) if try_arrow else None
         if table is not None:
@@ -260,7 +260,7 @@ class ReadDocumentBatches(beam.DoFn):
                 continue
             records.append(record)
             kept.append(pos)
-        table, more = self._records_to_table(task, records, kept, lines_for=None)
+        table, more = self._records_to_table(task, records, kept)
         return table, rejects + more
 
     def _parse_clean_jsonl(self, task, block: bytes, positions) -> pa.Table | None:
@@ -325,7 +325,7 @@ class ReadDocumentBatches(beam.DoFn):
         except UnicodeDecodeError as e:
             yield None, [reject(task, 0, f"invalid UTF-8: {e.reason}", data, self.dataset)]
             return
-        yield self._records_to_table(task, [{self.spec.text_field: text}], [0], lines_for=None)
+        yield self._records_to_table(task, [{self.spec.text_field: text}], [0])
 
     # -- Parquet and HuggingFace Arrow files ----------------------------------------------
     def _arrow_batches(self, task: ReadTask):
@@ -336,10 +336,10 @@ class ReadDocumentBatches(beam.DoFn):
             records = batch.to_pylist()
             positions = list(range(row, row + len(records)))
             row += len(records)
-            yield self._records_to_table(task, records, positions, lines_for=None)
+            yield self._records_to_table(task, records, positions)
 
     # -- shared: validate records and build the table ---------------------------------------
-    def _records_to_table(self, task, records, positions, lines_for):
+    def _records_to_table(self, task, records, positions):
         text_field, id_field = self.spec.text_field, self.spec.id_field
         keep_records, keep_pos, rejects = [], [], []
         texts, ids = [], []

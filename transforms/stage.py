@@ -58,11 +58,6 @@ def write_parquet(table: pa.Table, path: str) -> None:
         f.write(buffer.getvalue())
 
 
-def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    with FileSystems.open(path) as f:
-        return pq.read_table(pa.BufferReader(f.read()), columns=columns)
-
-
 def write_staging(table: pa.Table, path: str) -> None:
     """Staging shards are Arrow IPC files: written once and read three times soon after, they
     need no Parquet encoding (measured per 4,096 documents: 1.4 ms to write and ~0 to read

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -37,21 +38,7 @@ def test_log_weight_by_hand():
 
 
 def _fields(model):
-    return {
-        k: getattr(model, k)
-        for k in (
-            "target_counts",
-            "raw_counts",
-            "smoothing",
-            "num_buckets",
-            "max_ngram",
-            "length_norm",
-            "min_tokens",
-            "mean_ngrams",
-            "k",
-            "eligible",
-        )
-    }
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init}
 
 
 def test_log_weights_equal_count_vector_dot_product():

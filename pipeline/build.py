@@ -76,8 +76,9 @@ def build_pipeline(
     # runner a stage) and given their empty value at the side input.
     duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds(), default_value=NO_DUPLICATES)
 
-    # Only shard references travel on; spread them so later passes run on all workers.
-    shards = staged | "ShardRefs" >> beam.Map(lambda s: s.ref) | "SpreadShards" >> beam.Reshuffle()
+    # Only shard references travel on. No reshuffle is needed to spread them: every pass over
+    # them waits on a side input computed from all shards, which materialises them anyway.
+    shards = staged | "ShardRefs" >> beam.Map(lambda s: s.ref)
 
     # 2. Fit the raw model q̂ over the pool (duplicates excluded) and the target model p̂.
     # One combine over the staged shards: the unified field types and the raw n-gram totals.

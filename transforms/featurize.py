@@ -15,7 +15,6 @@ sequence, and a subset's distribution is a bincount over the subset's sequences.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -297,10 +296,4 @@ class FeaturizeHashedNgrams(beam.DoFn):
 
 def hash_ids(ids) -> np.ndarray:
     """A stable 64-bit hash of each id: the key for de-duplication and the seeded noise."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little") for i in ids.to_pylist()),
-        dtype=np.uint64,
-        count=len(ids),
-    )
+    return hash_strings(ids)

@@ -12,7 +12,7 @@ import pytest
 import zstandard
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.read import ReadTask, _read_lines, expand_input
+from beamsift.transforms.read import ReadTask, _read_line_blocks, expand_input
 from conftest import demo_records, make_config, write_jsonl
 
 
@@ -71,15 +71,26 @@ def test_txt_per_line_and_per_file(tmp_path, small_corpus):
         assert manifest["counts"]["input_records"] == expected, mode
 
 
+def _lines_of_ranges(path, size, split, max_lines, chunk):
+    got = []
+    for start in range(0, size, split):
+        task = ReadTask(0, str(path), "jsonl", start, min(start + split, size))
+        for block, starts, ends, positions in _read_line_blocks(task, max_lines, chunk=chunk):
+            got += [(int(p), block[s:e].rstrip(b"\r")) for s, e, p in zip(starts, ends, positions)]
+    return got
+
+
 def test_byte_ranges_cover_every_line_once(tmp_path, records):
-    path = write_jsonl(tmp_path / "p.jsonl", records, [b"", b"tail without newline"])
-    data = path.read_bytes()
-    whole = list(_read_lines(ReadTask(0, str(path), "jsonl")))
-    for split in (997, 4096, 50_000):
-        got = []
-        for start in range(0, len(data), split):
-            got += _read_lines(ReadTask(0, str(path), "jsonl", start, min(start + split, len(data))))
-        assert got == whole, split
+    path = write_jsonl(tmp_path / "p.jsonl", records, [b"", b"  ", b'{"id": "crlf"}\r', b"tail without newline"])
+    data = path.read_bytes()[:-1]  # the last line really ends without a newline
+    path.write_bytes(data)
+    # The oracle: every line of the file with the byte offset it starts at.
+    whole, offset = [], 0
+    for line in data.split(b"\n"):
+        whole.append((offset, line.rstrip(b"\r")))
+        offset += len(line) + 1
+    for split, max_lines, chunk in ((len(data), 7, 1000), (997, 3, 1000), (4096, 1000, 1 << 20), (50_000, 64, 1000)):
+        assert _lines_of_ranges(path, len(data), split, max_lines, chunk) == whole, (split, max_lines)
     assert whole[-1][1] == b"tail without newline"
 
 
@@ -93,24 +104,30 @@ def test_no_matching_files(tmp_path):
 def test_fast_and_record_paths_give_the_same_table(tmp_path, records):
     from beamsift.transforms.read import InputSpec, ReadDocumentBatches
 
-    extra = [
-        {"id": 7, "text": "an integer id", "n": 1, "x": None, "text_note": "t"},
-        {"id": "s", "text": "mixed number types", "n": 2.5, "selected": True, "x": None},
-    ]
-    rows = records[:50] + extra
-    lines = [json.dumps(r).encode() for r in rows]
     spec = InputSpec("text", "id", "line", 4096, 1 << 20)
     fn = ReadDocumentBatches(spec, "pool")
     task = ReadTask(0, "p.jsonl", "jsonl")
-    positions = list(range(len(lines)))
-    fast, rejects = fn._parse_lines(task, lines, positions)
-    assert fast is not None and not rejects
-    # A malformed line sends the whole batch down the record-by-record path.
-    slow, rejects = fn._parse_lines(task, lines + [b"{oops"], positions + [10**6])
-    assert [r["reason"].split(":")[0] for r in rejects] == ["malformed JSON"]
-    assert fast.schema == slow.schema
-    assert fast.to_pylist() == slow.to_pylist()
-    assert "input_selected" in fast.column_names and fast.column("id").to_pylist()[50] == "7"
+    batches = [
+        records[:50]
+        + [
+            {"id": "a", "text": "mixed number types", "n": 1, "x": None, "text_note": "t"},
+            {"id": "s", "text": "and a reserved name", "n": 2.5, "selected": True, "x": None},
+        ],
+        [{"id": 7, "text": "an integer id"}, {"id": 8, "text": "another one"}],
+    ]
+    for rows in batches:
+        lines = [json.dumps(r).encode() for r in rows]
+        positions = list(range(len(lines)))
+        fast = fn._parse_clean_jsonl(task, b"\n".join(lines), positions)
+        assert fast is not None  # the batch is clean: Arrow's parser takes it
+        # A malformed line sends the whole batch down the record-by-record path.
+        slow, rejects = fn._parse_lines(task, lines + [b"{oops"], positions + [10**6])
+        assert [r["reason"].split(":")[0] for r in rejects] == ["malformed JSON"]
+        assert fast.schema == slow.schema
+        assert fast.to_pylist() == slow.to_pylist()
+    first = fn._parse_clean_jsonl(task, b"\n".join(json.dumps(r).encode() for r in batches[0]), list(range(52)))
+    assert "input_selected" in first.column_names and first.column("n").type == pa.float64()
+    assert fast.column("id").to_pylist() == ["7", "8"]
 
 
 def test_an_input_field_named_text_does_not_replace_the_document(tmp_path, small_corpus):
@@ -121,18 +138,3 @@ def test_an_input_field_named_text_does_not_replace_the_document(tmp_path, small
     run_selection(load_config(str(cfg)), overwrite=True)
     row = duckdb.connect().execute(f"SELECT text, input_text FROM '{tmp_path}/out/selected/*.parquet'").fetchone()
     assert row == ("the real document " * 30, "a field")
-
-
-def test_line_blocks_match_line_reading(tmp_path, records):
-    from beamsift.transforms.read import _read_line_blocks
-
-    path = write_jsonl(tmp_path / "p.jsonl", records, [b"", b"  ", b'{"id": "crlf"}\r', b"tail"])
-    data = path.read_bytes()
-    whole = [(p, line) for p, line in _read_lines(ReadTask(0, str(path), "jsonl"))]
-    for split, max_lines in ((len(data), 7), (997, 3), (4096, 1000), (50_000, 64)):
-        got = []
-        for start in range(0, len(data), split):
-            task = ReadTask(0, str(path), "jsonl", start, min(start + split, len(data)))
-            for block, starts, ends, positions in _read_line_blocks(task, max_lines, chunk=1000):
-                got += [(int(p), block[s:e].rstrip(b"\r")) for s, e, p in zip(starts, ends, positions)]
-        assert got == whole, (split, max_lines)

@@ -197,26 +197,11 @@ class ReadDocumentBatches(beam.DoFn):
 
     # -- line files (jsonl, txt per line) -------------------------------------------------
     def _line_batches(self, task: ReadTask):
-        if task.format == "jsonl":
-            yield from self._jsonl_batches(task)
-            return
-        lines, positions = [], []
-        for position, line in _read_lines(task):
-            if not line.strip():
-                continue  # a blank line is not a record
-            lines.append(line)
-            positions.append(position)
-            if len(lines) == self.spec.batch_size:
-                yield self._parse_lines(task, lines, positions)
-                lines, positions = [], []
-        if lines:
-            yield self._parse_lines(task, lines, positions)
-
-    def _jsonl_batches(self, task: ReadTask):
-        """JSONL batches straight from the file's bytes: a batch whose lines all open an object
-        goes to Arrow's parser as it is, with no Python object per line."""
+        """Batches of lines straight from the file's bytes. A JSONL batch whose lines all open
+        an object goes to Arrow's parser as it is, with no Python object per line; any other
+        batch is parsed line by line."""
         for block, starts, ends, positions in _read_line_blocks(task, self.spec.batch_size):
-            if len(starts) and bool(np.all(np.frombuffer(block, np.uint8)[starts] == ord("{"))):
+            if task.format == "jsonl" and bool(np.all(np.frombuffer(block, np.uint8)[starts] == ord("{"))):
                 table = self._parse_clean_jsonl(task, block, positions)
                 if table is not None:
                     yield table, []
@@ -228,9 +213,9 @@ class ReadDocumentBatches(beam.DoFn):
                     lines.append(line)
                     kept.append(position)
             if lines:
-                yield self._parse_lines(task, lines, kept, try_arrow=False)
+                yield self._parse_lines(task, lines, kept)
 
-    def _parse_lines(self, task, lines, positions, try_arrow=True):
+    def _parse_lines(self, task, lines, positions):
         if task.format == "txt":
             records, rejects, kept = [], [], []
             for pos, line in zip(positions, lines):
@@ -241,9 +226,6 @@ class ReadDocumentBatches(beam.DoFn):
                     rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
             table, more = self._records_to_table(task, records, kept)
             return table, rejects + more
-        table = self._parse_clean_jsonl(task, b"\n".join(lines), positions) if try_arrow else None
-        if table is not None:
-            return table, []
         records, kept, rejects = [], [], []
         for pos, line in zip(positions, lines):
             try:
@@ -419,46 +401,13 @@ def _record_text(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
-def _read_lines(task: ReadTask, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
-    """(position, line) for each line that starts in the task's byte range.
-
-    Positions are byte offsets in the (decompressed) file. A range that does not start at 0
-    skips the line in progress: the range before it owns that line.
-    """
-    compression = _compression(task.path)
-    with FileSystems.open(task.path, compression_type=compression) as f:
-        position = task.start
-        if task.start > 0:
-            f.seek(task.start - 1)
-            # Skip to the end of the line that is in progress at start - 1.
-            skipped = f.readline()
-            position = task.start - 1 + len(skipped)
-        carry = b""
-        while True:
-            # `position` is where the unread line (`carry` and what follows) starts.
-            if task.stop is not None and position >= task.stop:
-                return
-            data = f.read(chunk)
-            if not data:
-                if carry:
-                    yield position, carry.rstrip(b"\r")
-                return
-            data = carry + data
-            lines = data.split(b"\n")
-            carry = lines.pop()
-            for line in lines:
-                if task.stop is not None and position >= task.stop:
-                    return
-                yield position, line.rstrip(b"\r")
-                position += len(line) + 1
-
-
 def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
     """(block, starts, ends, positions) for up to ``max_lines`` lines at a time of a task's range.
 
     ``block[starts[i]:ends[i]]`` is a line (without its newline); ``positions`` are the lines'
     byte offsets in the (decompressed) file. Line ends are found with numpy, not a Python loop.
-    Range ownership is as in ``_read_lines``: the lines that start before ``stop``.
+    A range owns the lines that start in it, as Beam's own text source does: a range that does
+    not start at 0 skips the line in progress, which the range before it owns.
     """
     with FileSystems.open(task.path, compression_type=_compression(task.path)) as f:
         base = task.start  # file position of buffer[0]

@@ -76,8 +76,8 @@ class WriteSelectionShards(beam.DoFn):
         scored = scored.append_column("selected", pa.array(selected))
         scored = scored.append_column("reason", pa.array(reasons, pa.string()))
 
-        valid = scored.filter(pa.array(~s.duplicate))
-        scores_out = conform(valid, fields, SCORE_FIELDS)
+        # Select the score columns first: filtering then never copies the text.
+        scores_out = conform(scored, fields, SCORE_FIELDS).filter(pa.array(~s.duplicate))
         chosen = scored.filter(pa.array(selected))
         selected_out = conform(chosen, fields, SELECTED_FRONT + SELECTED_SCORES)
         # The text is in selected/ only: scores/ stays small enough to scan for re-selection.

@@ -31,7 +31,8 @@ from beamsift.transforms.dsir import (
     subtract_totals,
 )
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
-from beamsift.transforms.read import InputSpec, ReadDocuments, ReadTask
+from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.read import CountRejectReasons, InputSpec, ReadDocuments, ReadTask
 from beamsift.transforms.schema import UnifyFieldTypes
 from beamsift.transforms.select import MergeCandidates
 from beamsift.transforms.stage import WriteStagingShards
@@ -58,19 +59,24 @@ def build_pipeline(
     pool_files: list[str],
     target_tasks: list[ReadTask] | None,
     fitted_model: tuple | None,
+    out: str,
     staging_dir: str,
+    progress_dir: str | None = None,
 ) -> None:
-    out = cfg["output.dir"]
+    """Add the run's transforms to ``p``; outputs go to ``out`` (the run's own new folder)."""
     buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
     seed = cfg["seed"]
 
     # 1. Read, validate, featurize and stage the pool.
-    pool_docs, pool_rejected = p | "ReadPool" >> ReadDocuments(pool_tasks, input_spec(cfg, "input"), "pool")
+    pool_docs, pool_rejected = p | "ReadPool" >> ReadDocuments(
+        pool_tasks, input_spec(cfg, "input"), "pool", progress_dir
+    )
     count_pool = CountNgrams(buckets, cfg["dsir.min_tokens"])
     staged = (
         pool_docs
-        | "FeaturizePool" >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram))
-        | "StagePool" >> beam.ParDo(WriteStagingShards(staging_dir, count_pool))
+        | "FeaturizePool"
+        >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram, StageMeter("featurize", progress_dir)))
+        | "StagePool" >> beam.ParDo(WriteStagingShards(staging_dir, count_pool, progress_dir))
     )
     # Global values that may be empty are combined without defaults (each default costs the
     # runner a stage) and given their empty value at the side input.
@@ -102,11 +108,12 @@ def build_pipeline(
     rejected = [pool_rejected]
     if target_tasks is not None:
         target_docs, target_rejected = p | "ReadTarget" >> ReadDocuments(
-            target_tasks, input_spec(cfg, "target"), "target"
+            target_tasks, input_spec(cfg, "target"), "target", progress_dir
         )
         target_totals = (
             target_docs
-            | "FeaturizeTarget" >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram))
+            | "FeaturizeTarget"
+            >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram, StageMeter("featurize_target", progress_dir)))
             | "CountTargetNgrams" >> beam.Map(CountNgrams(buckets))
             | "FitTargetModel" >> beam.CombineGlobally(sum_totals)
         )
@@ -124,20 +131,33 @@ def build_pipeline(
         "length_norm": cfg["dsir.length_norm"],
         "min_tokens": cfg["dsir.min_tokens"],
     }
-    model_pc = pool_totals | "BuildDsirModel" >> beam.Map(build_model, target_side, fitted_model, params)
+    # What was rejected while reading, by reason: an impossible selection quotes it as its cause.
+    reject_reasons = AsSingleton(
+        list(rejected)
+        | "ReadRejects" >> beam.Flatten()
+        | "CountRejectReasons" >> beam.CombineGlobally(CountRejectReasons()).without_defaults(),
+        default_value={},
+    )
+    model_pc = pool_totals | "BuildDsirModel" >> beam.Map(
+        build_model, target_side, fitted_model, params, reject_reasons
+    )
     model = AsSingleton(model_pc)
 
     # 3. Importance resampling: per-shard top k, merged into the global k-th key.
     thresholds = AsSingleton(
         shards
-        | "RankShards" >> beam.ParDo(RankShard(seed), model, duplicates)
+        | "RankShards" >> beam.ParDo(RankShard(seed, progress_dir), model, duplicates)
         | "MergeTopK" >> beam.CombineGlobally(MergeCandidates()).without_defaults(),
         default_value={},
     )
 
     # 4. Write selected/ and scores/ for every shard, and rejected/.
     written = shards | "WriteSelection" >> beam.ParDo(
-        WriteSelectionShards(out, seed, pool_files), model, duplicates, thresholds, fields
+        WriteSelectionShards(out, seed, pool_files, cfg["input.text_field"], cfg["input.id_field"], progress_dir),
+        model,
+        duplicates,
+        thresholds,
+        fields,
     ).with_outputs("rejected", main="summary")
     rejected.append(written.rejected)
     rejected_summary = (

@@ -1,19 +1,36 @@
 """The ``beamsift`` command line.
 
-    beamsift run CONFIG [--set dotted.key=value ...] [--overwrite] [-- BEAM_OPTIONS...]
-    beamsift query OUTPUT_DIR "SQL"
+    beamsift run CONFIG [--set dotted.key=value ...] [--overwrite] [--quiet] [-- BEAM_OPTIONS...]
+    beamsift query OUTPUT_DIR "SQL" [--format table|csv|json|markdown] [--max-width N]
+    beamsift init [PATH]
 
 Everything after ``--`` goes to Beam's PipelineOptions unchanged. Errors that are the user's to
-fix (config, input, output folder, an impossible selection) exit with status 2 and one line.
+fix (config, input, output folder, an impossible selection) exit with status 2 and one line;
+Ctrl-C exits with 130 and SIGTERM with 143, after removing what the run had written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+import tempfile
+import traceback
 
 from beamsift.pipeline.config import ConfigError, load_config
+
+TEMPLATE = "dsir.yaml"
+
+
+class UserError(Exception):
+    pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that the same clean-up as for Ctrl-C runs."""
 
 
 class _DropBeamImportNotice(logging.Filter):
@@ -23,12 +40,13 @@ class _DropBeamImportNotice(logging.Filter):
         return "apitools not found" not in record.getMessage()
 
 
-class _DropReportedSelectionErrors(logging.Filter):
+class _DropReportedErrors(logging.Filter):
     """A SelectionError is the user's to fix and is reported in one line: Beam's worker log of
     it, with its traceback, would bury that line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "SelectionError" not in record.getMessage() and "SelectionError" not in str(record.exc_info)
+        text = record.getMessage() + str(record.exc_info)
+        return "SelectionError" not in text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,62 +56,205 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1 :]
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command is None:
-        _parser().print_help()
+        parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "run":
             return _run(args, beam_args)
+        if args.command == "init":
+            return _init(args)
         return _query(args)
     except UserError as e:
         print(f"beamsift: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"beamsift: {what}; nothing was published, and output.dir is as it was", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-class UserError(Exception):
-    pass
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("beamsift")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def template_path() -> str:
+    """The commented template config shipped with the package (the repository's configs/)."""
+    from importlib import resources
+
+    return str(resources.files("beamsift.configs") / TEMPLATE)
+
+
+RUN_EPILOG = """\
+overriding keys:
+  --set dotted.key=value  overrides one key of CONFIG; the value is YAML (5000, 0.1, null,
+                          [a, b]). Repeat it for more keys. Setting select.k replaces a
+                          select.fraction that CONFIG sets, and the other way round.
+  -- BEAM_OPTIONS         everything after a lone -- goes to Beam's PipelineOptions, e.g.
+                          -- --direct_running_mode=multi_processing --direct_num_workers=2
+                          -- --runner=PortableRunner --job_endpoint=embed --environment_type=LOOPBACK
+
+output.dir:
+  A run writes into a new folder beside output.dir and puts it in place only when it is
+  complete: an error, Ctrl-C or a kill leaves the earlier result as it was. An output.dir
+  that holds anything beamsift did not write (or an input) is refused; beamsift never
+  deletes your files.
+
+the config:
+  Every key, commented, is in the template: {template}
+  `beamsift init my.yaml` copies it for you to edit.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="beamsift", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run a selection pipeline from a YAML config")
-    run.add_argument("config", help="YAML config (see configs/dsir.yaml)")
+    from beamsift.pipeline import query
+
+    parser = argparse.ArgumentParser(prog="beamsift", description="Data selection for ML training on Apache Beam.")
+    parser.add_argument("--version", action="version", version=f"beamsift {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,query,init}")
+    run = sub.add_parser(
+        "run",
+        help="run a selection pipeline from a YAML config",
+        description="Read, score and select a corpus as CONFIG says; write selected/, scores/, "
+        "rejected/, artifacts/ and manifest.json to output.dir.",
+        epilog=RUN_EPILOG.format(template=template_path()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", help="YAML config (a template: `beamsift init`)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--overwrite", action="store_true", help="replace a non-empty output.dir")
-    run.add_argument("--quiet", action="store_true", help="print only the summary")
-    query = sub.add_parser("query", help="SQL over a run's outputs (views selected, scores, rejected)")
-    query.add_argument("output_dir")
-    query.add_argument("sql")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier beamsift result in output.dir")
+    run.add_argument("--quiet", action="store_true", help="print only the summary: no progress, no Beam logs")
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show live progress (default: on a terminal, for local runners)",
+    )
+    q = sub.add_parser(
+        "query",
+        help=query.HELP,
+        description=query.HELP_DESCRIPTION,
+        epilog=query.HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    query.add_arguments(q)
+    init = sub.add_parser(
+        "init",
+        help="write a commented template config to edit",
+        description=f"Copy the commented template config ({template_path()}) to PATH.",
+    )
+    init.add_argument("path", nargs="?", default="beamsift.yaml", help="where to write it (default: beamsift.yaml)")
     return parser
 
 
-def _run(args, beam_args) -> int:
-    from beamsift.pipeline.run import OutputExistsError, run_selection
-    from beamsift.transforms.dsir import SelectionError
-    from beamsift.transforms.read import InputError
+def _init(args) -> int:
+    import shutil
 
+    if os.path.exists(args.path):
+        raise UserError(f"{args.path} already exists; give another path")
+    try:
+        shutil.copyfile(template_path(), args.path)
+    except OSError as e:
+        raise UserError(f"cannot write {args.path}: {e.strerror}") from None
+    print(f"beamsift: wrote {args.path}; edit input.path, target.path and output.dir, then run:")
+    print(f"  beamsift run {args.path}")
+    return 0
+
+
+def _run(args, beam_args) -> int:
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         raise UserError(str(e)) from None
     _quiet_logs(args.quiet)
+    from beamsift.pipeline.output import OutputDirError
+    from beamsift.pipeline.run import run_selection
+    from beamsift.transforms.dsir import SelectionError
+    from beamsift.transforms.read import InputError
+
+    show_progress = args.progress if args.progress is not None else (not args.quiet and sys.stderr.isatty())
+    progress = _progress_display if show_progress else None
+    log_path = os.path.join(tempfile.gettempdir(), f"beamsift-{os.getpid()}.log")
     try:
-        manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args)
-    except (InputError, OutputExistsError) as e:
+        with _workers_stderr_to(log_path if (args.quiet or show_progress) else None):
+            manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, progress=progress)
+    except (InputError, OutputDirError) as e:
         raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        raise
     except Exception as e:  # noqa: BLE001
         # A SelectionError is raised on a worker; runners re-raise it wrapped with a traceback.
-        message = _find_selection_error(e, SelectionError)
-        if message is None:
-            raise
-        raise UserError(message) from None
+        message = _find_error(e, SelectionError)
+        if message is not None:
+            raise UserError(message) from None
+        with open(log_path, "a", encoding="utf-8") as f:
+            traceback.print_exc(file=f)
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise UserError(f"the run failed: {last[:300]} (the full traceback is in {log_path})") from None
+    with contextlib.suppress(OSError):
+        os.remove(log_path)
     print(summary_text(manifest))
     return 0
 
 
-def _find_selection_error(e: BaseException, cls) -> str | None:
+def _progress_display(folder: str, total_bytes: int):
+    from beamsift.pipeline.progress import ProgressDisplay
+
+    return ProgressDisplay(_terminal, folder, total_bytes)
+
+
+class _SavedStderr:
+    """Where our own messages go while fd 2 is redirected: the terminal's original stderr."""
+
+    stream = sys.stderr
+
+    def write(self, text):
+        self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+_terminal = _SavedStderr()
+
+
+@contextlib.contextmanager
+def _workers_stderr_to(path: str | None):
+    """Send fd 2 (Beam's logs, and the worker processes', which inherit it) to a log file, while
+    our own progress line keeps the real stderr."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    _terminal.stream = os.fdopen(os.dup(saved), "w", encoding="utf-8", errors="replace")
+    with open(path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            _terminal.stream.close()
+            _terminal.stream = sys.stderr
+
+
+def _find_error(e: BaseException, cls) -> str | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -110,36 +271,48 @@ def _find_selection_error(e: BaseException, cls) -> str | None:
 
 def summary_text(manifest: dict) -> str:
     c = manifest["counts"]
+    out = manifest["config"]["output"]["dir"]
     lines = [
-        f"beamsift: wrote {manifest['config']['output']['dir']} in {manifest['timings']['total_s']:.1f} s",
-        f"  input records   {c['input_records']:>10,}",
+        f"beamsift: selected {c['selected']:,} of {c['input_records']:,} input records "
+        f"in {manifest['timings']['total_s']:.1f} s",
         f"  selected        {c['selected']:>10,}",
         f"  not selected    {c['not_selected']:>10,}"
-        + "".join(f"\n    {k:<28}{v:>8,}" for k, v in c["not_selected_by_reason"].items()),
+        + "".join(f"\n    {k:<14}{v:>10,}" for k, v in c["not_selected_by_reason"].items()),
         f"  rejected        {c['rejected']:>10,}"
-        + "".join(f"\n    {k:<28}{v:>8,}" for k, v in c["rejected_by_reason"].items()),
+        + "".join(f"\n    {k:<14}{v:>10,}" for k, v in c["rejected_by_reason"].items()),
     ]
     kl = manifest["dsir"].get("kl")
     if kl:
+        gap = kl["target_vs_random"]
+        share = f"{kl['reduction'] / gap:.0%} of the way" if gap > 0 else "no gap"
         lines.append(
-            f"  KL reduction    {kl['reduction']:>10.4f}  (KL(target||random) {kl['target_vs_random']:.4f}"
-            f" -> KL(target||selected) {kl['target_vs_selected']:.4f})"
+            f"  KL reduction    {kl['reduction']:>10.4f}  the selection's n-grams are that much closer to the "
+            f"target's than a random pick's\n"
+            f"                              (KL {gap:.4f} -> {kl['target_vs_selected']:.4f}, {share} to the target; "
+            "0 = no better than random, higher is better)"
         )
     if c["accounted_for"] is False:
         lines.append("  WARNING: the counts do not add up to the input records")
+    if c["input_records"] and c["rejected"] > c["input_records"] / 2:
+        top = max(c["rejected_by_reason"].items(), key=lambda kv: kv[1])[0]
+        lines.append(
+            f"  WARNING: {c['rejected'] / c['input_records']:.0%} of the input records were rejected, most as "
+            f'{top!r}: see `beamsift query {out} "SELECT reason, detail, count(*) FROM rejected GROUP BY ALL"`'
+        )
+    lines += [
+        f"  outputs         {out}/  selected/ (documents), scores/ (every document's scores), rejected/, manifest.json",
+        f'  next            beamsift query {out} "SELECT reason, count(*) AS n FROM scores GROUP BY 1 ORDER BY n DESC"',
+    ]
     return "\n".join(lines)
 
 
 def _query(args) -> int:
-    import duckdb
-    from beamsift.pipeline.query import QueryError, format_table, run_query
+    from beamsift.pipeline.query import QueryError, main
 
     try:
-        columns, rows = run_query(args.output_dir, args.sql)
-    except (QueryError, duckdb.Error) as e:
-        raise UserError(str(e).splitlines()[0]) from None
-    print(format_table(columns, rows))
-    return 0
+        return main(args)
+    except QueryError as e:
+        raise UserError(str(e)) from None
 
 
 def _quiet_logs(quiet: bool) -> None:
@@ -148,7 +321,7 @@ def _quiet_logs(quiet: bool) -> None:
     for name in ("apache_beam", "root", ""):
         logging.getLogger(name).setLevel(level)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropReportedSelectionErrors())
+        handler.addFilter(_DropReportedErrors())
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ class Config:
 
     data: dict
     source: str
+    overridden: tuple = ()  # the dotted keys set with --set
 
     def __getitem__(self, dotted: str) -> Any:
         node: Any = self.data
@@ -111,25 +112,55 @@ def config_from_dict(raw: Any, source: str = "<dict>", overrides=()) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping of sections to keys")
     raw = copy.deepcopy(raw)
+    origins: dict[str, str] = {}
     for item in overrides:
-        _apply_override(raw, item, source)
-    data = _resolve(SCHEMA, raw, source, prefix="")
-    _check_choices(data, source)
-    return Config(data=data, source=source)
+        key = _apply_override(raw, item, source)
+        origins[key] = f"--set {item}"
+    # The budget is one of two keys: --set of one replaces the other that the file sets.
+    for key, other in (("select.k", "select.fraction"), ("select.fraction", "select.k")):
+        if key in origins and other not in origins and isinstance(raw.get("select"), dict):
+            if _get(raw, key) is not None:
+                raw["select"].pop(other.split(".")[1], None)
+    data = _resolve(SCHEMA, raw, source, prefix="", origins=origins)
+    _check_choices(data, source, origins)
+    return Config(data=data, source=source, overridden=tuple(origins))
 
 
-def _apply_override(raw: dict, item: str, source: str) -> None:
+def _get(raw: dict, dotted: str):
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _all_keys(schema: dict = SCHEMA, prefix: str = "") -> list[str]:
+    keys = []
+    for name, spec in schema.items():
+        keys += _all_keys(spec, prefix + name + ".") if isinstance(spec, dict) else [prefix + name]
+    return keys
+
+
+def _apply_override(raw: dict, item: str, source: str) -> str:
+    """Apply one ``--set key=value``; return the dotted key."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        raise ConfigError(f"--set {item}: expected --set dotted.key=value, e.g. --set select.k=5000")
     key, _, text = item.partition("=")
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
     node_schema: Any = SCHEMA
     for part in parts:
         if not isinstance(node_schema, dict) or part not in node_schema:
-            raise ConfigError(f"--set {key}: unknown config key {key!r}")
+            import difflib
+
+            close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--set {item}: unknown config key {key!r}{hint}")
         node_schema = node_schema[part]
     if isinstance(node_schema, dict):
-        raise ConfigError(f"--set {key}: {key!r} is a section; set one of its keys")
+        keys = ", ".join(repr(f"{key}.{k}") for k in node_schema)
+        raise ConfigError(f"--set {item}: {key!r} is a section; set one of its keys: {keys}")
     # YAML parsing of the value gives 5000 -> int, 0.1 -> float, null -> None, [a, b] -> list.
     value = yaml.safe_load(text) if text.strip() else ""
     node = raw
@@ -138,9 +169,11 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])!r} in {source} is not a section")
     node[parts[-1]] = value
+    return key
 
 
-def _resolve(schema: dict, raw: Any, source: str, prefix: str) -> dict:
+def _resolve(schema: dict, raw: Any, source: str, prefix: str, origins: dict | None = None) -> dict:
+    origins = origins or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.')!r} must be a section (a mapping)")
     unknown = sorted(set(raw) - set(schema))
@@ -153,7 +186,7 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str) -> dict:
     for name, spec in schema.items():
         key = prefix + name
         if isinstance(spec, dict):
-            out[name] = _resolve(spec, raw.get(name, {}) or {}, source, key + ".")
+            out[name] = _resolve(spec, raw.get(name, {}) or {}, source, key + ".", origins)
             continue
         default, types, _ = spec
         if name not in raw:
@@ -170,7 +203,8 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str) -> dict:
             ok = isinstance(value, allowed)
         if not ok:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise ConfigError(f"{source}: config key {key!r} must be {names}, got {type(value).__name__} {value!r}")
+            where = origins.get(key, source)
+            raise ConfigError(f"{where}: config key {key!r} must be {names}, got {_kind(value)} {value!r}")
         out[name] = value
     return out
 
@@ -182,29 +216,51 @@ def _closest(name: str, schema: dict) -> str | None:
     return match[0] if match else None
 
 
-def _check_choices(data: dict, source: str) -> None:
+def _kind(value) -> str:
+    """A value's kind in YAML's words, not Python's."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "int", float: "float", str: "str", list: "list", dict: "mapping"}.get(
+        type(value), "value"
+    )
+
+
+def _check_choices(data: dict, source: str, origins: dict | None = None) -> None:
+    origins = origins or {}
     cfg = Config(data, source)
+
+    def fail(key: str, message: str):
+        raise ConfigError(f"{origins.get(key, source)}: {message}")
+
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
-            raise ConfigError(f"{source}: config key {key!r} must be one of {sorted(allowed)}, got {cfg[key]!r}")
+            fail(key, f"config key {key!r} must be one of {sorted(allowed)}, got {cfg[key]!r}")
     k, fraction = cfg["select.k"], cfg["select.fraction"]
-    if (k is None) == (fraction is None):
-        raise ConfigError(f"{source}: set exactly one of 'select.k' and 'select.fraction'")
+    if k is None and fraction is None:
+        fail("select.k", "set one of 'select.k' and 'select.fraction'")
+    if k is not None and fraction is not None:
+        where = origins.get("select.k") or origins.get("select.fraction") or source
+        raise ConfigError(
+            f"{where}: set only one of 'select.k' and 'select.fraction' (the other can be cleared with "
+            f"--set select.k=null or --set select.fraction=null)"
+        )
     if k is not None and k < 1:
-        raise ConfigError(f"{source}: config key 'select.k' must be at least 1, got {k}")
+        fail("select.k", f"config key 'select.k' must be at least 1, got {k}")
     if fraction is not None and not 0 < fraction <= 1:
-        raise ConfigError(f"{source}: config key 'select.fraction' must be in (0, 1], got {fraction}")
+        fail("select.fraction", f"config key 'select.fraction' must be in (0, 1], got {fraction}")
     positive = ("input.batch_size", "input.split_bytes", "featurize.buckets", "featurize.max_ngram")
     for key in positive:
         if cfg[key] < 1:
-            raise ConfigError(f"{source}: config key {key!r} must be at least 1, got {cfg[key]}")
+            fail(key, f"config key {key!r} must be at least 1, got {cfg[key]}")
     if cfg["featurize.buckets"] > 2**32:
-        raise ConfigError(f"{source}: config key 'featurize.buckets' must be at most 2**32")
+        fail("featurize.buckets", "config key 'featurize.buckets' must be at most 2**32")
     if cfg["dsir.min_tokens"] < 0:
-        raise ConfigError(f"{source}: config key 'dsir.min_tokens' must be >= 0")
+        fail("dsir.min_tokens", "config key 'dsir.min_tokens' must be >= 0")
     if cfg["dsir.smoothing"] <= 0:
-        raise ConfigError(f"{source}: config key 'dsir.smoothing' must be > 0")
+        fail("dsir.smoothing", "config key 'dsir.smoothing' must be > 0")
     if cfg["target.path"] is None and cfg["dsir.model"] is None:
-        raise ConfigError(f"{source}: set 'target.path' (or 'dsir.model' to apply a fitted model)")
+        fail("target.path", "set 'target.path' (or 'dsir.model' to apply a fitted model)")
+    if cfg["input.id_field"] is not None and cfg["input.id_field"] == cfg["input.text_field"]:
+        fail("input.id_field", "'input.id_field' and 'input.text_field' name the same field")
     if not all(isinstance(o, str) for o in cfg["beam.options"]):
-        raise ConfigError(f"{source}: config key 'beam.options' must be a list of strings")
+        fail("beam.options", "config key 'beam.options' must be a list of strings")

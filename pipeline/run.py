@@ -1,17 +1,24 @@
-"""Running a selection: check the output folder, build and run the pipeline, publish the manifest.
+"""Running a selection: check the inputs and the output folder, run the pipeline into a new
+folder beside ``output.dir``, and publish it in one step when it is complete.
 
-Publishing order is what makes a crashed run recognisable: the manifest is written last, after
-every shard, so an output folder without ``manifest.json`` is an incomplete run (``beamsift
-query`` refuses it), and a new run into a non-empty folder needs ``--overwrite``, which first
-removes the old manifest and then the rest.
+What can be checked before reading the corpus is checked first (the files, the fields of the
+first records, a ``k`` the input's size already rules out, whether ``output.dir`` may be
+written), so that a mistake costs a second, not a run. The output folder's rules, and why a
+failed or interrupted run leaves the previous result as it was, are in ``output.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import platform
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from importlib import metadata
 
@@ -20,77 +27,160 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline
 from beamsift.pipeline.config import Config
+from beamsift.pipeline.output import (
+    MANIFEST,
+    STAGING,
+    OutputDirError,
+    PendingOutput,
+    check_output_dir,
+    is_local,
+)
 from beamsift.transforms.dsir import SelectionError, load_fitted_counts
-from beamsift.transforms.read import InputError, expand_input, plan_read_tasks
-from beamsift.transforms.schema import REJECTED_SCHEMA
+from beamsift.transforms.meter import NAMESPACE, stage_timings
+from beamsift.transforms.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
+from beamsift.transforms.schema import REJECTED_SCHEMA, output_column
 from beamsift.transforms.stage import write_parquet
-from beamsift.transforms.write import SCORE_FIELDS, SELECTED_FRONT, SELECTED_SCORES
+from beamsift.transforms.write import SCORE_FIELDS, SELECTED_FRONT, SELECTED_SCORES, with_text_named
 
-MANIFEST = "manifest.json"
-STAGING = "_staging"
-OUTPUT_DIRS = ("selected", "scores", "rejected", "artifacts")
+OutputExistsError = OutputDirError  # the name earlier versions used
+
+# Runners whose workers share this machine's disk, so that progress can travel through files.
+LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "PortableRunner"}
 
 log = logging.getLogger("beamsift")
 
 
-class OutputExistsError(RuntimeError):
-    pass
+def run_selection(
+    cfg: Config,
+    overwrite: bool = False,
+    beam_args: list[str] = (),
+    progress=None,
+) -> dict:
+    """Run the pipeline that ``cfg`` describes; return the manifest (also written to disk).
 
-
-def run_selection(cfg: Config, overwrite: bool = False, beam_args: list[str] = ()) -> dict:
-    """Run the pipeline that ``cfg`` describes; return the manifest (also written to disk)."""
+    ``progress``: a callable ``(progress_dir, total_bytes) -> context manager`` that shows live
+    progress from the files that the workers write into ``progress_dir`` (see
+    ``transforms/meter.py``); None for no progress.
+    """
     started = time.time()
-    out = cfg["output.dir"].rstrip("/")
-    pool_files = expand_input(cfg["input.path"], cfg["input.format"])
-    pool_tasks = plan_read_tasks(pool_files, cfg["input.split_bytes"])
+    out = cfg["output.dir"].rstrip("/") or cfg["output.dir"]
+    pool_files = _expand(cfg, "input")
+    check_fields(pool_files, _spec(cfg, "input"), "input")
+    _check_k_possible(cfg, pool_files)
+    inputs = {"input.path": _read_paths(cfg["input.path"], pool_files)}
     target_tasks = None
-    if cfg["target.path"] is not None:
-        target_files = expand_input(cfg["target.path"], cfg["target.format"])
-        target_tasks = plan_read_tasks(target_files, cfg["input.split_bytes"])
-    fitted = _load_model(cfg["dsir.model"]) if cfg["dsir.model"] else None
-    if fitted is not None:
+    fitted = None
+    if cfg["dsir.model"]:
+        fitted, model_path = _load_model(cfg["dsir.model"])
         _check_model_matches(fitted[2], cfg)
-        target_tasks = None  # the saved model carries the target's counts
-    prepare_output_dir(out, overwrite)
+        inputs["dsir.model"] = [model_path]
+    elif cfg["target.path"] is not None:
+        target_files = _expand(cfg, "target")
+        check_fields(target_files, _spec(cfg, "target"), "target")
+        target_tasks = plan_read_tasks(target_files, cfg["input.split_bytes"])
+        inputs["target.path"] = _read_paths(cfg["target.path"], target_files)
+    check_output_dir(out, overwrite, inputs)
+    pool_tasks = plan_read_tasks(pool_files, cfg["input.split_bytes"])
 
     options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
-    staging = FileSystems.join(out, STAGING)
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, cfg, pool_tasks, [f[0] for f in pool_files], target_tasks, fitted, staging)
-    result = pipeline.run()
-    state = result.wait_until_finish()
-    if str(state).split(".")[-1] not in ("DONE", "None"):
-        raise RuntimeError(f"the pipeline ended in state {state}")
-    records_read = _counter(result, "pool_records_read")
-    with FileSystems.open(FileSystems.join(staging, SUMMARY_FILE)) as f:
-        summary = json.load(f)
-    FileSystems.delete([staging])
-    _ensure_every_output_has_a_shard(out)
-    manifest = _manifest(cfg, summary, records_read, options, pool_files, started)
-    with FileSystems.create(FileSystems.join(out, MANIFEST)) as f:
-        f.write(json.dumps(manifest, indent=2).encode())
+    pending = PendingOutput(out)
+    pending.create()
+    try:
+        staging = FileSystems.join(pending.path, STAGING)
+        with _progress_channel(progress, options, pool_tasks) as progress_dir:
+            pipeline = beam.Pipeline(options=options)
+            build_pipeline(
+                pipeline,
+                cfg,
+                pool_tasks,
+                [f[0] for f in pool_files],
+                target_tasks,
+                fitted,
+                pending.path,
+                staging,
+                progress_dir,
+            )
+            result = pipeline.run()
+            state = result.wait_until_finish()
+        if str(state).split(".")[-1] not in ("DONE", "None"):
+            raise RuntimeError(f"the pipeline ended in state {state}")
+        metrics = _query_metrics(result)
+        with FileSystems.open(FileSystems.join(staging, SUMMARY_FILE)) as f:
+            summary = json.load(f)
+        FileSystems.delete([staging])
+        _ensure_every_output_has_a_shard(pending.path, output_column(cfg["input.text_field"]))
+        manifest = _manifest(cfg, summary, metrics, options, pool_files, started)
+        with FileSystems.create(FileSystems.join(pending.path, MANIFEST)) as f:
+            f.write(json.dumps(manifest, indent=2).encode())
+        with _signals_deferred():  # a Ctrl-C now would land between two renames
+            pending.publish()
+    except BaseException:
+        pending.discard()
+        raise
     return manifest
 
 
-def prepare_output_dir(out: str, overwrite: bool) -> None:
-    if FileSystems.exists(out):
-        entries = FileSystems.match([FileSystems.join(out, "*")])[0].metadata_list
-        if entries and not overwrite:
-            raise OutputExistsError(f"output.dir {out} is not empty; pass --overwrite to replace it")
-        if entries:
-            manifest = FileSystems.join(out, MANIFEST)
-            if FileSystems.exists(manifest):
-                FileSystems.delete([manifest])  # first: the old run no longer looks complete
-            FileSystems.delete([out])
+def _spec(cfg: Config, section: str):
+    from beamsift.pipeline.build import input_spec
+
+    return input_spec(cfg, section)
+
+
+def _expand(cfg: Config, section: str) -> list[tuple[str, str, int]]:
+    pattern, key = cfg[f"{section}.path"], f"{section}.path"
+    try:
+        return expand_input(pattern, cfg[f"{section}.format"], key)
+    except InputError as e:
+        if "no files match" not in str(e) or not is_local(pattern) or os.path.isabs(pattern):
+            raise
+        # Relative paths are read from the current folder (as every path on the command line
+        # is), not from the config's: say so, and where the file is if it is there instead.
+        hint = f" (relative paths are read from the current folder, {os.getcwd()}"
+        config_dir = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source.endswith((".yaml", ".yml")) else None
+        if config_dir and config_dir != os.getcwd():
+            beside = os.path.join(config_dir, pattern)
+            if FileSystems.match([beside])[0].metadata_list or os.path.exists(beside):
+                hint += f"; the config's folder has it: write {os.path.relpath(beside)}"
+        raise InputError(str(e) + hint + ")") from None
+
+
+def _read_paths(pattern: str, files: list[tuple[str, str, int]]) -> list[str]:
+    """What an input reads: its files, and a HuggingFace dataset's folder as a whole."""
+    paths = [f[0] for f in files]
+    if files and files[0][1] == "hf":
+        paths.append(pattern.rstrip("/"))
+    return paths
+
+
+def _check_k_possible(cfg: Config, pool_files) -> None:
+    k = cfg["select.k"]
+    if k is None:
+        return
+    bound = max_records(pool_files, cfg["input.txt_mode"])
+    if bound is not None and k > bound:
+        raise InputError(
+            f"select.k={k} is more than the input holds: {cfg['input.path']} has at most {bound:,} records; "
+            "lower select.k (or use select.fraction)"
+        )
 
 
 def _load_model(path: str):
-    model_path = path if path.endswith(".npz") else FileSystems.join(path, MODEL_FILE)
-    try:
-        with FileSystems.open(model_path) as f:
-            return load_fitted_counts(f.read())
-    except Exception as e:  # noqa: BLE001 - any failure to read it is the same problem for the user
-        raise InputError(f"dsir.model: cannot read a fitted model at {model_path}: {e}") from None
+    """A fitted DSIR model from a run folder, its artifacts/ folder, or the .npz file itself."""
+    if path.endswith(".npz"):
+        candidates = [path]
+    else:
+        candidates = [FileSystems.join(path, MODEL_FILE), FileSystems.join(path, "artifacts", MODEL_FILE)]
+    for model_path in candidates:
+        if not FileSystems.exists(model_path):
+            continue
+        try:
+            with FileSystems.open(model_path) as f:
+                return load_fitted_counts(f.read()), model_path
+        except Exception as e:  # noqa: BLE001 - any failure to read it is the same problem for the user
+            raise InputError(f"dsir.model: cannot read a fitted model at {model_path}: {e}") from None
+    raise InputError(
+        f"dsir.model {path}: no {MODEL_FILE} there; give an earlier run's folder, its artifacts/ folder or the file"
+    )
 
 
 def _check_model_matches(meta: dict, cfg: Config) -> None:
@@ -102,21 +192,65 @@ def _check_model_matches(meta: dict, cfg: Config) -> None:
             raise InputError(f"dsir.model was fitted with {cfg_key}={meta[key]}, but the config sets {cfg[cfg_key]}")
 
 
-def _counter(result, name: str) -> int | None:
+@contextlib.contextmanager
+def _progress_channel(progress, options: PipelineOptions, tasks):
+    """A local folder for the workers' progress files, shown by ``progress`` while the run lasts."""
+    runner = options.get_all_options().get("runner") or "FnApiRunner"
+    if progress is None or runner.split(".")[-1] not in LOCAL_RUNNERS:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="beamsift-progress-")
     try:
-        counters = result.metrics().query(beam.metrics.MetricsFilter().with_name(name))["counters"]
+        with progress(folder, sum(t.nbytes for t in tasks)):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block is done, then act on them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            os.kill(os.getpid(), caught[0])
+
+
+def _query_metrics(result) -> dict:
+    """beamsift's metrics by name: counters summed, distributions as (min, max)."""
+    try:
+        results = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
     except Exception:  # noqa: BLE001 - some runners report no metrics
-        return None
-    values = [c.committed if c.committed is not None else c.attempted for c in counters]
-    return int(sum(values)) if values else 0
+        return {}
+    out: dict = {}
+    for c in results.get("counters", []):
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    for d in results.get("distributions", []):
+        value = d.committed if d.committed is not None else d.attempted
+        if value is None or not value.count:
+            continue
+        lo, hi = out.get(d.key.metric.name, (value.min, value.max))
+        out[d.key.metric.name] = (min(lo, value.min), max(hi, value.max))
+    return out
 
 
-def _ensure_every_output_has_a_shard(out: str) -> None:
+def _ensure_every_output_has_a_shard(out: str, text_column: str) -> None:
     """An empty output still gets one empty shard, so DuckDB's glob finds its columns."""
     import pyarrow as pa
 
     schemas = {
-        "selected": pa.schema(SELECTED_FRONT + SELECTED_SCORES),
+        "selected": with_text_named(pa.schema(SELECTED_FRONT + SELECTED_SCORES).empty_table(), text_column).schema,
         "scores": pa.schema(SCORE_FIELDS),
         "rejected": REJECTED_SCHEMA,
     }
@@ -125,8 +259,9 @@ def _ensure_every_output_has_a_shard(out: str) -> None:
             write_parquet(schema.empty_table(), FileSystems.join(out, name, "part-empty.parquet"))
 
 
-def _manifest(cfg, summary, records_read, options, pool_files, started) -> dict:
+def _manifest(cfg, summary, metrics, options, pool_files, started) -> dict:
     counts = summary["counts"]
+    records_read = metrics.get("pool_records_read")
     selected = counts.get("selected", 0)
     not_selected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("not selected: ")}
     rejected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("rejected: ")}
@@ -162,7 +297,7 @@ def _manifest(cfg, summary, records_read, options, pool_files, started) -> dict:
             "mean_ngrams_per_eligible_document": summary["mean_ngrams"],
             "kl": summary.get("kl"),
         },
-        "timings": {"total_s": round(finished - started, 3)},
+        "timings": {"total_s": round(finished - started, 3), "stages": stage_timings(metrics)},
         "versions": {
             "python": platform.python_version(),
             **{p: _version(p) for p in ("apache-beam", "pyarrow", "numpy", "duckdb")},
@@ -177,4 +312,4 @@ def _version(package: str) -> str | None:
         return None
 
 
-__all__ = ["run_selection", "prepare_output_dir", "OutputExistsError", "SelectionError"]
+__all__ = ["run_selection", "OutputDirError", "OutputExistsError", "SelectionError", "InputError"]

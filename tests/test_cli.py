@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from beamsift.pipeline.config import ConfigError, config_from_dict, load_config
@@ -24,7 +25,7 @@ def test_unknown_key_names_the_key_and_the_file(tmp_path, small_corpus):
         ("select.kk=3", "unknown config key 'select.kk'"),
         ("select.k=many", "config key 'select.k' must be int or null, got str 'many'"),
         ("input.format=csv", "config key 'input.format' must be one of"),
-        ("select.fraction=0.5", "set exactly one of 'select.k' and 'select.fraction'"),
+        ("select.fraction=2", "config key 'select.fraction' must be in (0, 1], got 2"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, small_corpus, override, message):
@@ -58,31 +59,46 @@ def test_cli_run_overwrite_and_query(tmp_path, small_corpus):
     assert q.stdout.splitlines()[0].strip() == "n" and q.stdout.splitlines()[2].strip() == "50"
 
 
-def test_impossible_k_is_one_clear_line_and_leaves_no_manifest(tmp_path, small_corpus):
+def test_impossible_k_is_one_clear_line_and_leaves_nothing(tmp_path, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"])
     out = tmp_path / "out"
-    proc = run_cli("run", str(cfg), "--set", "select.k=100000", "--set", f"output.dir={out}", check=False)
+    # 600 records, fewer than 500 of them with 200 tokens: found only once the pool is read.
+    args = ["--set", "select.k=500", "--set", "dsir.min_tokens=200", "--set", f"output.dir={out}"]
+    proc = run_cli("run", str(cfg), *args, check=False)
     assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.stderr.strip() == last  # one line, no worker traceback
-    assert last.startswith("beamsift: error: select.k=100000 is larger than the")
-    assert last.endswith(
-        "eligible documents (valid, unique id, at least dsir.min_tokens=20 tokens): lower select.k or dsir.min_tokens"
-    )
-    # A failed run leaves nothing that looks complete, and query says so.
-    assert not (out / "manifest.json").exists()
+    line = proc.stderr.strip()
+    assert "\n" not in line  # one line, no worker traceback
+    assert re.fullmatch(
+        r"beamsift: error: select.k=500 is larger than the \d+ eligible documents: none of the 600 pool records "
+        r"was rejected; \d+ valid documents have fewer than dsir.min_tokens=200 tokens "
+        r"\(lower select.k or dsir.min_tokens\)",
+        line,
+    ), line
+    # A failed run leaves nothing behind: no output.dir, no folder beside it.
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
     q = run_cli("query", str(out), "SELECT 1", check=False)
-    assert q.returncode == 2 and "no manifest.json" in q.stderr
+    assert q.returncode == 2 and q.stderr.strip() == f"beamsift: error: {out}: no such folder"
+
+
+def test_a_k_that_the_input_size_rules_out_fails_before_reading(tmp_path, small_corpus):
+    cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"])
+    proc = run_cli("run", str(cfg), "--set", "select.k=100000", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"beamsift: error: select.k=100000 is more than the input holds: {small_corpus['pool']} has at most "
+        "600 records; lower select.k (or use select.fraction)"
+    )
 
 
 def test_config_error_on_the_command_line(tmp_path, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"])
     proc = run_cli("run", str(cfg), "--set", "seed=abc", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"beamsift: error: {cfg}: config key 'seed' must be int, got str 'abc'")
+    assert proc.stderr.strip() == "beamsift: error: --set seed=abc: config key 'seed' must be int, got str 'abc'"
 
 
 def test_missing_input_is_a_clear_error(tmp_path, small_corpus):
     cfg = make_config(tmp_path, tmp_path / "nothing-*.jsonl", small_corpus["target"])
     proc = run_cli("run", str(cfg), check=False)
-    assert proc.returncode == 2 and "no input files match" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"beamsift: error: input.path {tmp_path}/nothing-*.jsonl: no files match"

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.featurize import NgramFeatures, bucket_counts, features_from_arrow
+from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.read import describe_rejects
 from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
 from beamsift.transforms.select import RANDOM_STREAM, SELECT_STREAM, Candidates, gumbel
 from beamsift.transforms.stage import read_staging
@@ -159,17 +161,24 @@ def load_fitted_counts(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
         return z["target_counts"], z["raw_counts"], json.loads(str(z["meta"]))
 
 
-def resolve_k(k: int | None, fraction: float | None, eligible: int, min_tokens: int) -> int:
+def resolve_k(k: int | None, fraction: float | None, eligible: int, explain: str = "") -> int:
     if k is None:
         k = math.floor(fraction * eligible + 0.5)
         if k < 1:
-            raise SelectionError(f"select.fraction={fraction} of {eligible} eligible documents selects none")
+            raise SelectionError(f"select.fraction={fraction} of {eligible} eligible documents selects none{explain}")
     if k > eligible:
-        raise SelectionError(
-            f"select.k={k} is larger than the {eligible} eligible documents (valid, unique id, "
-            f"at least dsir.min_tokens={min_tokens} tokens): lower select.k or dsir.min_tokens"
-        )
+        raise SelectionError(f"select.k={k} is larger than the {eligible} eligible documents{explain}")
     return k
+
+
+def _explain_eligible(pool: NgramTotals, rejects: dict, min_tokens: int) -> str:
+    """Why the eligible pool is as small as it is, in the order a user would check."""
+    short = pool.docs - pool.eligible
+    parts = [describe_rejects(rejects, "pool", pool.docs)]
+    if short:
+        parts.append(f"{short:,} valid documents have fewer than dsir.min_tokens={min_tokens} tokens")
+    hint = "lower select.k or dsir.min_tokens" if short else "lower select.k"
+    return ": " + "; ".join(parts) + f" ({hint})"
 
 
 @dataclass(frozen=True)
@@ -220,15 +229,23 @@ def subtract_totals(all_docs: NgramTotals, duplicates: NgramTotals) -> NgramTota
     )
 
 
-def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: dict) -> DsirModel:
-    """Combine the two fits (or a saved model's counts) and the run's parameters."""
+def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: dict, rejects=None) -> DsirModel:
+    """Combine the two fits (or a saved model's counts) and the run's parameters.
+
+    ``rejects`` (read.CountRejectReasons) lets an impossible selection name its real cause: a
+    wrong text field rejects every record, and "k is larger than the 0 eligible" alone hides that.
+    """
+    rejects = rejects or {}
     if fitted is not None:
         target_counts, raw_counts, _ = fitted
     else:
         target_counts, raw_counts = target.counts, pool.counts
+        if target.docs == 0:
+            raise SelectionError(f"the target has no valid documents: {describe_rejects(rejects, 'target', 0)}")
     if target_counts.sum() == 0:
-        raise SelectionError("the target has no n-grams: every target document was rejected?")
-    k = resolve_k(params["k"], params["fraction"], pool.eligible, params["min_tokens"])
+        raise SelectionError("the target has no n-grams: its documents hold no word or punctuation tokens")
+    explain = _explain_eligible(pool, rejects, params["min_tokens"])
+    k = resolve_k(params["k"], params["fraction"], pool.eligible, explain)
     return DsirModel(
         target_counts=target_counts,
         raw_counts=raw_counts,
@@ -279,14 +296,23 @@ def score_shard(table, model: DsirModel, duplicates, seed: int) -> ShardScores:
 class RankShard(beam.DoFn):
     """A staged shard -> its k best candidates for the selection and for the random baseline."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, progress_dir: str | None = None):
         self.seed = seed
+        self.meter = StageMeter("rank", progress_dir)
+
+    def setup(self):
+        self.meter.setup()
+
+    def finish_bundle(self):
+        self.meter.flush()
 
     def process(self, shard, model, duplicates):
+        started = self.meter.start()
         table = read_staging(shard.path, columns=SCORE_COLUMNS)
         s = score_shard(table, model, duplicates, self.seed)
         id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
         valid = ~s.duplicate
+        self.meter.done(started, docs=table.num_rows)
         yield {
             "selected": Candidates.of(s.key[s.eligible], id_hash[s.eligible], model.k),
             "random": Candidates.of(s.random_key[valid], id_hash[valid], model.k),

@@ -22,7 +22,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS
+from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
 
 # nltk's WordPunctTokenizer: runs of word characters, or runs of other non-space characters.
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
@@ -283,17 +284,31 @@ def features_from_arrow(column: pa.ChunkedArray | pa.Array, n_tokens: np.ndarray
 class FeaturizeHashedNgrams(beam.DoFn):
     """Adds ``n_tokens``, the id hash and the hashed n-gram buckets to each batch of documents."""
 
-    def __init__(self, num_buckets: int, max_ngram: int):
+    def __init__(self, num_buckets: int, max_ngram: int, meter: StageMeter | None = None):
         self.num_buckets = num_buckets
         self.max_ngram = max_ngram
+        self.meter = meter or StageMeter("featurize")
+
+    def setup(self):
+        self.meter.setup()
+
+    def finish_bundle(self):
+        self.meter.flush()
 
     def process(self, table: pa.Table):
-        features = hashed_ngram_features(table.column("text"), self.num_buckets, self.max_ngram)
+        started = self.meter.start()
+        features = hashed_ngram_features(table.column(TEXT), self.num_buckets, self.max_ngram)
         table = table.append_column(ID_HASH, pa.array(hash_ids(table.column("id"))))
         table = table.append_column(N_TOKENS, pa.array(features.n_tokens.astype(np.int32)))
-        yield table.append_column(BUCKETS, features_to_arrow(features, self.num_buckets))
+        table = table.append_column(BUCKETS, features_to_arrow(features, self.num_buckets))
+        self.meter.done(started, docs=table.num_rows)
+        yield table
 
 
 def hash_ids(ids) -> np.ndarray:
-    """A stable 64-bit hash of each id: the key for de-duplication and the seeded noise."""
+    """A stable 64-bit hash of each id: the key for de-duplication and the seeded noise.
+
+    Integer ids are hashed as their decimal text, so 7 and "7" are the same id on every batch."""
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        ids = pc.cast(ids, pa.string())
     return hash_strings(ids)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.schema import ORDER, RESERVED, arrow_column
+from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.schema import ORDER, SOURCE_FILE, TEXT, arrow_column, output_column
 
 POSITION_BITS = 40  # a record's position in its file (byte offset or row) < 2**40
 REJECTED = "rejected"
@@ -68,6 +70,7 @@ class ReadTask:
     format: str  # jsonl | parquet | txt | hf  (compression is found from the suffix)
     start: int = 0
     stop: int | None = None  # None: to the end of the file
+    nbytes: int = 0  # the bytes of the file this task covers (for progress)
 
 
 @dataclass(frozen=True)
@@ -81,42 +84,187 @@ class InputSpec:
     split_bytes: int
 
 
-def detect_format(path: str) -> str:
+def detect_format(path: str, key: str = "input.path") -> str:
     lower = path.lower()
     for suffix in sorted(FORMAT_BY_SUFFIX, key=len, reverse=True):
         if lower.endswith(suffix):
             return FORMAT_BY_SUFFIX[suffix]
+    section = key.split(".")[0]
     raise InputError(
-        f"{path}: cannot tell the format from the file name; set input.format "
+        f"{key}: cannot tell the format of {path} from its name; set {section}.format "
         f"(one of jsonl, jsonl.gz, jsonl.zst, parquet, txt, hf)"
     )
 
 
-def expand_input(pattern: str, fmt: str) -> list[tuple[str, str, int]]:
+def expand_input(pattern: str, fmt: str, key: str = "input.path") -> list[tuple[str, str, int]]:
     """The files of an input glob as (path, format, size), in a fixed order.
 
     A folder written by ``datasets.Dataset.save_to_disk`` (it holds ``state.json``) stands for
-    its Arrow files, in the order that ``state.json`` lists them.
+    its Arrow files, in the order that ``state.json`` lists them. ``key`` names the config key
+    in errors.
     """
-    state = posixpath.join(pattern.rstrip("/"), "state.json")
+    folder = pattern.rstrip("/")
+    state = posixpath.join(folder, "state.json")
     if fmt in ("auto", "hf") and FileSystems.exists(state):
         with FileSystems.open(state) as f:
             data_files = json.load(f).get("_data_files", [])
-        paths = [posixpath.join(pattern.rstrip("/"), d["filename"]) for d in data_files]
+        paths = [posixpath.join(folder, d["filename"]) for d in data_files]
         sizes = [FileSystems.match([p])[0].metadata_list[0].size_in_bytes for p in paths]
         return [(p, "hf", s) for p, s in zip(paths, sizes)]
+    if FileSystems.get_filesystem(folder).scheme() in (None, "file") and os.path.isdir(folder):
+        if fmt == "hf":
+            raise InputError(f"{key} {pattern} is not a HuggingFace save_to_disk folder: it has no state.json")
+        raise InputError(
+            f"{key} {pattern} is a folder; give a glob of its files, e.g. {folder}/*.jsonl or {folder}/*.txt"
+        )
     try:
         metadata = FileSystems.match([pattern])[0].metadata_list
     except Exception as e:  # noqa: BLE001 - FileSystems raises BeamIOError for bad globs
-        raise InputError(f"{pattern}: cannot list input files: {e}") from None
+        raise InputError(f"{key} {pattern}: cannot list the files: {e}") from None
     files = sorted((m.path, m.size_in_bytes) for m in metadata)
     if not files:
-        raise InputError(f"{pattern}: no input files match")
+        raise InputError(f"{key} {pattern}: no files match")
     out = []
     for path, size in files:
-        f = detect_format(path) if fmt == "auto" else fmt
+        f = detect_format(path, key) if fmt == "auto" else fmt
         out.append((path, f, size))
     return out
+
+
+SAMPLE_RECORDS = 100
+
+
+def check_fields(files: list[tuple[str, str, int]], spec: InputSpec, section: str) -> None:
+    """Check the text and id fields against the first records, before any worker starts.
+
+    A wrong ``text_field`` would otherwise reject every record one by one and end in an error
+    about an empty selection. Only a field absent from (or never text in) every sampled record
+    is an error: a few bad records are the reader's to reject with a reason.
+    """
+    path, fmt, _ = files[0]
+    if fmt == "txt":
+        return  # the line (or the file) is the text
+    if fmt in ("parquet", "hf"):
+        schema = _arrow_schema(path, fmt)
+        names = schema.names
+        for field, what in ((spec.text_field, "text_field"), (spec.id_field, "id_field")):
+            if field is not None and field not in names:
+                raise InputError(
+                    f"{section}.{what} {field!r} is not a column of {path}; its columns: {_listing(names)}"
+                )
+        t = schema.field(spec.text_field).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise InputError(
+                f"{section}.text_field {spec.text_field!r} is a column of {_arrow_kind(t)}, not text, in {path}; "
+                f"its columns: {_listing(names)}"
+            )
+        return
+    lines, records = _first_records(files)
+    if not lines:
+        return  # empty files: nothing to check, the run reports 0 records
+    if not records:
+        raise InputError(
+            f"{section}.path: none of the first {len(lines)} lines of {path} is a JSON object "
+            f"(line 1: {lines[0][:60]!r}); is {section}.format right?"
+        )
+    fields: dict[str, int] = {}
+    for r in records:
+        for name in r:
+            fields[name] = fields.get(name, 0) + 1
+    names = list(fields)
+    where = f"the first {len(records)} records of {path}"
+    for field, what in ((spec.text_field, "text_field"), (spec.id_field, "id_field")):
+        if field is not None and field not in fields:
+            raise InputError(f"{section}.{what} {field!r} is in none of {where}; their fields: {_listing(names)}")
+    kinds = {_json_type(r[spec.text_field]) for r in records if spec.text_field in r}
+    if "a string" not in kinds:
+        raise InputError(
+            f"{section}.text_field {spec.text_field!r} holds {' or '.join(sorted(kinds))}, never text, in {where}; "
+            f"their fields: {_listing(names)}"
+        )
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _arrow_kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "numbers"
+    if pa.types.is_boolean(t):
+        return "booleans"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return "lists"
+    if pa.types.is_struct(t):
+        return "objects"
+    return f"values of type {t}"
+
+
+def _arrow_schema(path: str, fmt: str) -> pa.Schema:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        if fmt == "parquet":
+            return pq.ParquetFile(f).schema_arrow
+        data = f.read()
+    try:
+        return pa.ipc.open_stream(data).schema
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(data).schema
+
+
+def _first_records(files, max_files: int = 5) -> tuple[list[bytes], list[dict]]:
+    """The first non-blank lines of the first files, and the JSON objects among them."""
+    lines: list[bytes] = []
+    for path, _, _ in files[:max_files]:
+        task = ReadTask(0, path, "jsonl")
+        for block, starts, ends, _ in _read_line_blocks(task, SAMPLE_RECORDS):
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                line = block[start:end].strip()
+                if line:
+                    lines.append(line)
+            break
+        if len(lines) >= SAMPLE_RECORDS:
+            break
+    lines = lines[:SAMPLE_RECORDS]
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return lines, records
+
+
+def max_records(files: list[tuple[str, str, int]], txt_mode: str, max_bytes: int = 256 << 20) -> int | None:
+    """An upper bound of the records in ``files`` where one is cheap to know, else None.
+
+    Parquet footers give row counts; uncompressed line files are counted by their newlines (a
+    blank line is not a record, so lines bound records) when they are small enough to scan.
+    """
+    total = 0
+    scanned = 0
+    for path, fmt, size in files:
+        if fmt == "txt" and txt_mode == "file":
+            total += 1
+        elif fmt == "parquet":
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        elif fmt in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED:
+            scanned += size
+            if scanned > max_bytes:
+                return None
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                lines = 0
+                last = b"\n"
+                while chunk := f.read(8 << 20):
+                    lines += chunk.count(b"\n")
+                    last = chunk[-1:]
+                total += lines + (last != b"\n")
+        else:
+            return None
+    return total
 
 
 def plan_read_tasks(files: list[tuple[str, str, int]], split_bytes: int) -> list[ReadTask]:
@@ -126,20 +274,15 @@ def plan_read_tasks(files: list[tuple[str, str, int]], split_bytes: int) -> list
         splittable = base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED
         if splittable and size > split_bytes:
             for start in range(0, size, split_bytes):
-                tasks.append(ReadTask(index, path, base, start, min(start + split_bytes, size)))
+                stop = min(start + split_bytes, size)
+                tasks.append(ReadTask(index, path, base, start, stop, stop - start))
         else:
-            tasks.append(ReadTask(index, path, base))
+            tasks.append(ReadTask(index, path, base, nbytes=size))
     return tasks
 
 
 def _compression(path: str) -> str:
     return CompressionTypes.detect_compression_type(path)
-
-
-def output_column(field: str) -> str:
-    """The column an input field becomes: its own name, unless beamsift writes one by that name
-    (``id`` and ``text`` when they are not the id and text fields, scores, ``selected``, ...)."""
-    return f"input_{field}" if field in RESERVED or field in ("id", "text") else field
 
 
 def make_order(file_index: int, positions: np.ndarray) -> np.ndarray:
@@ -151,7 +294,8 @@ def text_hash_id(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
 
-def reject(task: ReadTask, position: int, reason: str, record: bytes | str, dataset: str) -> dict:
+def reject(task: ReadTask, position: int, reason: str, detail: str | None, record: bytes | str, dataset: str) -> dict:
+    """A dead-letter record: ``reason`` is one of schema.REJECT_REASONS, ``detail`` says what exactly."""
     if isinstance(record, bytes):
         record = record.decode("utf-8", errors="backslashreplace")
     else:  # unpaired surrogates cannot be written as UTF-8: keep them as \udXXX escapes
@@ -161,6 +305,7 @@ def reject(task: ReadTask, position: int, reason: str, record: bytes | str, data
         "source_file": task.path,
         "position": int(position),
         "reason": reason,
+        "detail": detail,
         "record": record,
         "id": None,
     }
@@ -173,14 +318,27 @@ class ReadDocumentBatches(beam.DoFn):
     fields (nested values as JSON text; see ``schema.arrow_column``).
     """
 
-    def __init__(self, spec: InputSpec, dataset: str):
+    def __init__(self, spec: InputSpec, dataset: str, progress_dir: str | None = None):
         self.spec = spec
         self.dataset = dataset
+        self.meter = StageMeter("read" if dataset == "pool" else f"read_{dataset}", progress_dir)
 
     def setup(self):
         self.records_read = beam.metrics.Metrics.counter("beamsift", f"{self.dataset}_records_read")
+        self.meter.setup()
+
+    def finish_bundle(self):
+        self.meter.flush()
 
     def process(self, task: ReadTask) -> Iterator:
+        started = self.meter.start()
+        for out in self._read(task):
+            if not isinstance(out, beam.pvalue.TaggedOutput):
+                self.meter.progress(docs=out.num_rows)
+            yield out
+        self.meter.done(started, nbytes=task.nbytes)
+
+    def _read(self, task: ReadTask) -> Iterator:
         if task.format in ("parquet", "hf"):
             batches = self._arrow_batches(task)
         elif task.format == "txt" and self.spec.txt_mode == "file":
@@ -223,7 +381,7 @@ class ReadDocumentBatches(beam.DoFn):
                     records.append({self.spec.text_field: line.decode("utf-8")})
                     kept.append(pos)
                 except UnicodeDecodeError as e:
-                    rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
+                    rejects.append(reject(task, pos, "invalid UTF-8", _utf8_detail(e), line, self.dataset))
             table, more = self._records_to_table(task, records, kept)
             return table, rejects + more
         records, kept, rejects = [], [], []
@@ -231,14 +389,14 @@ class ReadDocumentBatches(beam.DoFn):
             try:
                 record = json.loads(line)
             except UnicodeDecodeError as e:
-                rejects.append(reject(task, pos, f"invalid UTF-8: {e.reason}", line, self.dataset))
+                rejects.append(reject(task, pos, "invalid UTF-8", _utf8_detail(e), line, self.dataset))
                 continue
             except ValueError as e:
-                rejects.append(reject(task, pos, f"malformed JSON: {e}", line, self.dataset))
+                rejects.append(reject(task, pos, "malformed JSON", str(e), line, self.dataset))
                 continue
             if not isinstance(record, dict):
-                kind = type(record).__name__
-                rejects.append(reject(task, pos, f"not a JSON object ({kind})", line, self.dataset))
+                detail = f"the line holds {_json_type(record)}"
+                rejects.append(reject(task, pos, "not a JSON object", detail, line, self.dataset))
                 continue
             records.append(record)
             kept.append(pos)
@@ -278,13 +436,12 @@ class ReadDocumentBatches(beam.DoFn):
             ids = parsed.column(id_field)
             if ids.null_count or ids.type not in (pa.string(), pa.int64()):
                 return None
-            ids = ids.cast(pa.string())
         else:
             ids = pa.array([text_hash_id(t) for t in text.to_pylist()], pa.string())
         columns = {
             ORDER: pa.array(make_order(task.file_index, np.asarray(positions, np.int64))),
             "id": ids,
-            "text": text,
+            TEXT: text,
         }
         for name in names:
             if name == text_field or (name == id_field and name == "id"):
@@ -300,14 +457,18 @@ class ReadDocumentBatches(beam.DoFn):
         with FileSystems.open(task.path, compression_type=_compression(task.path)) as f:
             data = f.read()
         if not data.strip():
-            yield None, [reject(task, 0, "empty text", data, self.dataset)]
+            yield None, [reject(task, 0, "empty text", "the file holds only white space", data, self.dataset)]
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield None, [reject(task, 0, f"invalid UTF-8: {e.reason}", data, self.dataset)]
+            yield None, [reject(task, 0, "invalid UTF-8", _utf8_detail(e), data, self.dataset)]
             return
-        yield self._records_to_table(task, [{self.spec.text_field: text}], [0])
+        # The file is the record: its path is the only other thing known about it.
+        table, rejects = self._records_to_table(task, [{self.spec.text_field: text}], [0])
+        if table is not None:
+            table = table.append_column(SOURCE_FILE, pa.array([task.path], pa.string()))
+        yield table, rejects
 
     # -- Parquet and HuggingFace Arrow files ----------------------------------------------
     def _arrow_batches(self, task: ReadTask):
@@ -327,28 +488,30 @@ class ReadDocumentBatches(beam.DoFn):
         texts, ids = [], []
         for pos, record in zip(positions, records):
             text = record.get(text_field, _MISSING)
-            reason = None
+            reason = detail = None
             if text is _MISSING:
-                reason = f"missing text field {text_field!r}"
+                reason, detail = "missing text field", _missing_field(text_field, record)
             elif not isinstance(text, str):
-                reason = f"text field {text_field!r} is {_json_type(text)}, not a string"
+                reason, detail = "text is not a string", f"field {text_field!r} holds {_json_type(text)}"
             elif not text.strip():
-                reason = "empty text"
+                reason, detail = "empty text", f"field {text_field!r} holds only white space" if text else None
             elif not _encodable(text):
-                reason = "invalid UTF-8: text holds unpaired surrogates"
+                reason, detail = "invalid UTF-8", "the text holds unpaired surrogates"
             doc_id = None
             if reason is None and id_field is not None:
                 doc_id = record.get(id_field, _MISSING)
                 if doc_id is _MISSING or doc_id is None:
-                    reason = f"missing id field {id_field!r}"
+                    reason = "missing id"
+                    detail = _missing_field(id_field, record) if doc_id is _MISSING else f"field {id_field!r} is null"
                 elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                    reason = f"id field {id_field!r} is {_json_type(doc_id)}, not a string or integer"
-                else:
-                    doc_id = str(doc_id)
-                    if not _encodable(doc_id):
-                        reason = "invalid UTF-8: id holds unpaired surrogates"
+                    reason, detail = (
+                        "invalid id",
+                        f"field {id_field!r} holds {_json_type(doc_id)}, not a string or integer",
+                    )
+                elif isinstance(doc_id, str) and not _encodable(doc_id):
+                    reason, detail = "invalid UTF-8", "the id holds unpaired surrogates"
             if reason is not None:
-                rejects.append(reject(task, pos, reason, _record_text(record), self.dataset))
+                rejects.append(reject(task, pos, reason, detail, _record_text(record), self.dataset))
                 continue
             if doc_id is None:
                 doc_id = text_hash_id(text)
@@ -360,8 +523,8 @@ class ReadDocumentBatches(beam.DoFn):
             return None, rejects
         columns = {
             ORDER: pa.array(make_order(task.file_index, np.asarray(keep_pos, np.int64))),
-            "id": pa.array(ids, pa.string()),
-            "text": pa.array(texts, pa.string()),
+            "id": _id_column(ids),
+            TEXT: pa.array(texts, pa.string()),
         }
         names = {}
         for record in keep_records:
@@ -378,15 +541,36 @@ _MISSING = object()
 
 
 def _json_type(value) -> str:
+    """What a value is, in JSON's words (never a Python type name)."""
     if value is None:
         return "null"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "a " + {bytes: "binary value"}.get(type(value), "value of another kind")
+
+
+def _missing_field(name: str, record: dict) -> str:
+    fields = ", ".join(repr(k) for k in list(record)[:20]) or "none"
+    return f"no field {name!r}; the record's fields: {fields}"
+
+
+def _utf8_detail(e: UnicodeDecodeError) -> str:
+    return f"{e.reason} at byte {e.start}"
+
+
+def _id_column(ids: list) -> pa.Array:
+    """Integer ids stay integers (where every id of the batch is one that fits int64)."""
+    if all(isinstance(i, int) and -(2**63) <= i < 2**63 for i in ids):
+        return pa.array(ids, pa.int64())
+    return pa.array([str(i) for i in ids], pa.string())
 
 
 def _encodable(text: str) -> bool:
@@ -462,14 +646,57 @@ def _rebatch(batch: pa.RecordBatch, size: int):
         yield batch.slice(start, size)
 
 
+class CountRejectReasons(beam.CombineFn):
+    """Reject records -> {dataset: {reason: [count, the first detail seen]}}: what the errors that
+    explain an empty or short selection quote ("all 600 records were rejected: missing text ...")."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, record):
+        by_reason = acc.setdefault(record["input"], {})
+        entry = by_reason.setdefault(record["reason"], [0, record.get("detail")])
+        entry[0] += 1
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for acc in accs:
+            for dataset, by_reason in acc.items():
+                mine = out.setdefault(dataset, {})
+                for reason, (n, detail) in by_reason.items():
+                    entry = mine.setdefault(reason, [0, detail])
+                    entry[0] += n
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def describe_rejects(rejects: dict, dataset: str, valid: int) -> str:
+    """'600 of 600 pool records were rejected, 600 as "missing text field" (no field ...)'."""
+    by_reason = rejects.get(dataset, {})
+    rejected = sum(n for n, _ in by_reason.values())
+    if not rejected:
+        return f"none of the {valid:,} {dataset} records was rejected"
+    reason, (n, detail) = max(by_reason.items(), key=lambda item: item[1][0])
+    text = f"{rejected:,} of {valid + rejected:,} {dataset} records were rejected, {n:,} as {reason!r}"
+    if detail:
+        text += f" ({detail})"
+    if n < rejected:
+        text += f" and {rejected - n:,} for other reasons (see rejected/)"
+    return text
+
+
 class ReadDocuments(beam.PTransform):
     """files -> (documents: PCollection[pa.Table], rejected: PCollection[dict])."""
 
-    def __init__(self, tasks: list[ReadTask], spec: InputSpec, dataset: str):
+    def __init__(self, tasks: list[ReadTask], spec: InputSpec, dataset: str, progress_dir: str | None = None):
         super().__init__()
         self.tasks = tasks
         self.spec = spec
         self.dataset = dataset
+        self.progress_dir = progress_dir
 
     def expand(self, pbegin):
         results = (
@@ -478,6 +705,8 @@ class ReadDocuments(beam.PTransform):
             # Spread the read tasks over workers before the heavy reading is fused to them.
             | "SpreadReadTasks" >> beam.Reshuffle()
             | "ReadAndValidate"
-            >> beam.ParDo(ReadDocumentBatches(self.spec, self.dataset)).with_outputs(REJECTED, main="documents")
+            >> beam.ParDo(ReadDocumentBatches(self.spec, self.dataset, self.progress_dir)).with_outputs(
+                REJECTED, main="documents"
+            )
         )
         return results.documents, results[REJECTED]

@@ -16,31 +16,66 @@ import pyarrow.compute as pc
 
 ORDER = "_order"  # global input order: file index << 40 | position in the file
 ID_HASH = "_id_hash"
+TEXT = "_text"  # the document's text; written out under the input's own name for it
 N_TOKENS = "n_tokens"
 BUCKETS = "_ngram_buckets"
+SOURCE_FILE = "source_file"  # the file a document-per-file text record came from
+INTERNAL = (ORDER, ID_HASH, BUCKETS, TEXT)
 
-# Columns that beamsift writes; an input field of the same name is kept as input_<name>.
-RESERVED = frozenset(
+# Columns that beamsift writes into scores/ and selected/. Scripts rely on these names, so an
+# input field that has one of them is the one renamed: it is written as ``input_<name>``.
+BEAMSIFT_COLUMNS = frozenset(
     {
-        ORDER,
-        ID_HASH,
-        BUCKETS,
-        N_TOKENS,
+        "id",
         "selected",
         "reason",
+        N_TOKENS,
         "n_ngrams",
         "dsir_log_weight",
         "dsir_key",
+        SOURCE_FILE,
     }
 )
-INTERNAL = (ORDER, ID_HASH, BUCKETS)
+RESERVED = BEAMSIFT_COLUMNS | frozenset(INTERNAL)
+
+
+def output_column(field: str) -> str:
+    """The column an input field becomes: its own name, unless beamsift writes a column by that
+    name (``id`` when it is not the id field, ``selected``, ``reason``, a score): ``input_<name>``."""
+    return f"input_{field}" if field in RESERVED else field
+
+
+def input_field(column: str) -> str:
+    """The input field a column came from (the inverse of ``output_column``)."""
+    if column.startswith("input_") and column[len("input_") :] in RESERVED:
+        return column[len("input_") :]
+    return column
+
+
+# The reasons a record is rejected: a small fixed vocabulary (``GROUP BY reason`` gives a
+# handful of rows); what exactly was wrong is in the ``detail`` column.
+REJECT_REASONS = (
+    "malformed JSON",
+    "not a JSON object",
+    "invalid UTF-8",
+    "missing text field",
+    "text is not a string",
+    "empty text",
+    "missing id",
+    "invalid id",
+    "duplicate id",
+)
 
 REJECTED_SCHEMA = pa.schema(
     [
         ("input", pa.string()),  # pool or target
         ("source_file", pa.string()),
-        ("position", pa.int64()),  # byte offset of the line (row index for Parquet/Arrow)
-        ("reason", pa.string()),
+        # Where the record starts: the byte offset of its line in the (decompressed) file for
+        # JSONL and text lines (0-based; `tail -c +$((position + 1)) FILE | head -1` shows it),
+        # the row index for Parquet and HuggingFace files, 0 for a document-per-file text.
+        ("position", pa.int64()),
+        ("reason", pa.string()),  # one of REJECT_REASONS
+        ("detail", pa.string()),  # what exactly was wrong, in words
         ("record", pa.string()),  # the raw record; invalid UTF-8 bytes as \xNN escapes
         ("id", pa.string()),  # set where the record had a valid id (duplicates)
     ]
@@ -76,6 +111,8 @@ def unify_types(a: pa.DataType, b: pa.DataType) -> pa.DataType:
         return a
     if pa.types.is_null(a):
         return b
+    if pa.types.is_integer(a) and pa.types.is_integer(b):
+        return pa.int64()
     if _numeric(a) and _numeric(b):
         return pa.float64()
     return pa.string()
@@ -150,12 +187,21 @@ def field_types(table: pa.Table, skip=()) -> list[tuple[str, str]]:
 
 
 def conform(table: pa.Table, fields: list[tuple[str, str]], front: list[pa.Field]) -> pa.Table:
-    """``table`` with the columns ``front`` then the unified input ``fields``, cast to their types."""
+    """``table`` with the columns ``front`` then the unified input ``fields``, cast to their types.
+
+    A front column that is also a unified field (the id, whose type is unified over the input
+    like a field's) takes the unified type.
+    """
+    unified = dict(fields)
     arrays, schema = [], []
     for f in front:
-        arrays.append(table.column(f.name).cast(f.type))
-        schema.append(f)
+        t = _type_from_str(unified[f.name]) if f.name in unified else f.type
+        arrays.append(_cast(table.column(f.name), t))
+        schema.append(pa.field(f.name, t))
+    names = {f.name for f in front}
     for name, type_str in fields:
+        if name in names:
+            continue
         t = _type_from_str(type_str)
         if name in table.column_names:
             arrays.append(_cast(table.column(name), t))

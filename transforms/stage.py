@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from beamsift.transforms.meter import StageMeter
 from beamsift.transforms.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field_types
 
 
@@ -85,20 +86,30 @@ class WriteStagingShards(beam.DoFn):
     features are in memory, so that fitting needs no pass of its own over the shards.
     """
 
-    def __init__(self, staging_dir: str, count_ngrams):
+    def __init__(self, staging_dir: str, count_ngrams, progress_dir: str | None = None):
         self.staging_dir = staging_dir
         self.count_ngrams = count_ngrams
+        self.meter = StageMeter("stage", progress_dir)
+
+    def setup(self):
+        self.meter.setup()
+
+    def finish_bundle(self):
+        self.meter.flush()
 
     def process(self, table: pa.Table):
+        started = self.meter.start()
         name = shard_name(table)
         path = FileSystems.join(self.staging_dir, name + ".arrow")
         write_staging(table, path)
-        skip = set(INTERNAL) | {"id", "text", N_TOKENS}
+        skip = set(INTERNAL) | {N_TOKENS}  # the id is kept: its type is unified like a field's
         orders = np.asarray(table.column(ORDER).combine_chunks(), dtype=np.int64)
+        totals = self.count_ngrams(table)
+        self.meter.done(started, docs=table.num_rows)
         yield StagedShard(
             ref=ShardRef(path, name, table.num_rows, int(orders.min()), int(orders.max())),
             fields=field_types(table, skip=skip),
             id_hashes=np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64),
             orders=orders,
-            totals=self.count_ngrams(table),
+            totals=totals,
         )

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 from beamsift.transforms.dsir import score_shard
 from beamsift.transforms.featurize import bucket_counts
+from beamsift.transforms.meter import StageMeter
 from beamsift.transforms.read import POSITION_BITS, REJECTED
 from beamsift.transforms.schema import (
     ID_HASH,
@@ -23,11 +24,16 @@ from beamsift.transforms.schema import (
     N_TOKENS,
     ORDER,
     REJECTED_SCHEMA,
+    TEXT,
     conform,
+    input_field,
+    output_column,
 )
 from beamsift.transforms.select import at_or_above
 from beamsift.transforms.stage import read_staging, write_parquet
 
+# scores/: one row for every valid document. ``id`` takes the input's id type (an integer id
+# stays an integer); the input fields other than the text follow these columns.
 SCORE_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("dsir_log_weight", pa.float64()),
@@ -37,41 +43,64 @@ SCORE_FIELDS = [
     pa.field("selected", pa.bool_()),
     pa.field("reason", pa.string()),
 ]
-SELECTED_FRONT = [pa.field("id", pa.string()), pa.field("text", pa.string())]
+SELECTED_FRONT = [pa.field("id", pa.string()), pa.field(TEXT, pa.string())]
 SELECTED_SCORES = [f for f in SCORE_FIELDS if f.name not in ("id", "selected", "reason")]
 
+# Why a valid document was not selected: a small fixed vocabulary; the details are columns
+# (``n_tokens`` for "too short", ``dsir_key`` against the cut for "not sampled").
+TOO_SHORT = "too short"
+NOT_SAMPLED = "not sampled"
 
-def reason_category(reason: str) -> str:
-    """The part of a reason before its details: what the manifest counts by."""
-    return reason.split(":", 1)[0]
+
+def with_text_named(table: pa.Table, text_column: str) -> pa.Table:
+    """The internal text column under the name the input gave it."""
+    return table.rename_columns([text_column if n == TEXT else n for n in table.column_names])
 
 
 class WriteSelectionShards(beam.DoFn):
     """A staged shard -> selected/ and scores/ shards, duplicate-id rejects, and a summary."""
 
-    def __init__(self, output_dir: str, seed: int, input_files: list[str]):
+    def __init__(
+        self,
+        output_dir: str,
+        seed: int,
+        input_files: list[str],
+        text_field: str,
+        id_field: str | None,
+        progress_dir: str | None = None,
+    ):
         self.output_dir = output_dir
         self.seed = seed
         self.input_files = input_files
+        self.text_field = text_field
+        self.id_field = id_field
+        self.meter = StageMeter("write", progress_dir)
+
+    def setup(self):
+        self.meter.setup()
+
+    def finish_bundle(self):
+        self.meter.flush()
 
     def process(self, shard, model, duplicates, thresholds, fields):
         from apache_beam.io.filesystems import FileSystems
 
+        started = self.meter.start()
         table = read_staging(shard.path)
         s = score_shard(table, model, duplicates, self.seed)
         id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
         selected = s.eligible & at_or_above(s.key, id_hash, thresholds.get("selected"))
         in_random = ~s.duplicate & at_or_above(s.random_key, id_hash, thresholds.get("random"))
 
-        n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
         reasons = np.full(table.num_rows, None, dtype=object)
-        reasons[~selected] = "not sampled: below the importance-resampling cut"
+        reasons[~selected] = NOT_SAMPLED
         too_short = ~s.duplicate & ~s.eligible
-        reasons[too_short] = [
-            f"too short: {n} tokens < dsir.min_tokens={model.min_tokens}" for n in n_tokens[too_short]
-        ]
+        reasons[too_short] = TOO_SHORT
+        # Only an eligible document has a resampling key, so that ORDER BY dsir_key DESC LIMIT k
+        # over scores/ re-selects exactly what the run selected.
+        key = pa.array(s.key, mask=~s.eligible)
         scored = table.append_column("dsir_log_weight", pa.array(s.log_weight))
-        scored = scored.append_column("dsir_key", pa.array(s.key))
+        scored = scored.append_column("dsir_key", key)
         scored = scored.append_column("n_ngrams", pa.array(s.n_ngrams))
         scored = scored.append_column("selected", pa.array(selected))
         scored = scored.append_column("reason", pa.array(reasons, pa.string()))
@@ -80,6 +109,7 @@ class WriteSelectionShards(beam.DoFn):
         scores_out = conform(scored, fields, SCORE_FIELDS).filter(pa.array(~s.duplicate))
         chosen = scored.filter(pa.array(selected))
         selected_out = conform(chosen, fields, SELECTED_FRONT + SELECTED_SCORES)
+        selected_out = with_text_named(selected_out, output_column(self.text_field))
         # The text is in selected/ only: scores/ stays small enough to scan for re-selection.
         write_parquet(scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet"))
         write_parquet(selected_out, FileSystems.join(self.output_dir, "selected", shard.name + ".parquet"))
@@ -87,12 +117,13 @@ class WriteSelectionShards(beam.DoFn):
         for row in np.flatnonzero(s.duplicate):
             yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
 
+        self.meter.done(started, docs=table.num_rows)
         counts = {"selected": int(selected.sum())}
         if s.duplicate.any():
             counts["rejected: duplicate id"] = int(s.duplicate.sum())
         not_selected = ~s.duplicate & ~selected
         for r in reasons[not_selected]:
-            key = "not selected: " + reason_category(r)
+            key = "not selected: " + r
             counts[key] = counts.get(key, 0) + 1
         yield {
             "counts": counts,
@@ -101,24 +132,29 @@ class WriteSelectionShards(beam.DoFn):
         }
 
     def _duplicate_reject(self, table: pa.Table, row: int, duplicates) -> dict:
-        # The record as it was read; a null field is left out, as it may not have been there
-        # (staging shards give every record every field of its batch).
-        values = {
-            name: table.column(name)[row].as_py()
-            for name in table.column_names
-            if name not in INTERNAL and name != N_TOKENS
-        }
-        record = {k: v for k, v in values.items() if v is not None}
+        # The record as it was read, under its own field names; a null field is left out, as it
+        # may not have been there (staging shards give every record every field of its batch).
+        record = {}
+        for name in table.column_names:
+            if name == TEXT:
+                record[self.text_field] = table.column(name)[row].as_py()
+            elif name == "id":
+                if self.id_field == "id":
+                    record["id"] = table.column(name)[row].as_py()
+            elif name not in INTERNAL and name != N_TOKENS:
+                record[input_field(name)] = table.column(name)[row].as_py()
+        record = {k: v for k, v in record.items() if v is not None}
         order = int(table.column(ORDER)[row].as_py())
         first = duplicates.winner_of(order)
         return {
             "input": "pool",
             "source_file": self._file(order),
             "position": order & ((1 << POSITION_BITS) - 1),
-            "reason": f"duplicate id: the first record with this id is at "
-            f"{self._file(first)} position {first & ((1 << POSITION_BITS) - 1)}",
+            "reason": "duplicate id",
+            "detail": f"the first record with this id is at {self._file(first)} position "
+            f"{first & ((1 << POSITION_BITS) - 1)}",
             "record": json.dumps(record, ensure_ascii=False, default=str),
-            "id": record.get("id"),
+            "id": str(table.column("id")[row].as_py()),
         }
 
     def _file(self, order: int) -> str:
@@ -144,8 +180,8 @@ class WriteRejectedShard(beam.DoFn):
         write_parquet(table, FileSystems.join(self.output_dir, "rejected", f"part-{name}.parquet"))
         counts: dict[str, int] = {}
         for r in rows:
-            key = ("rejected: " if r["input"] == "pool" else "target rejected: ") + reason_category(r["reason"])
-            if r["reason"].startswith("duplicate id"):
+            key = ("rejected: " if r["input"] == "pool" else "target rejected: ") + r["reason"]
+            if r["reason"] == "duplicate id":
                 continue  # counted where it was found (WriteSelectionShards)
             counts[key] = counts.get(key, 0) + 1
         yield {"counts": counts}

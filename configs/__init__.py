@@ -1,0 +1,1 @@
+"""Commented YAML configs to copy and edit (`beamsift init` writes the DSIR template)."""

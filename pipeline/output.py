@@ -1,0 +1,257 @@
+"""The output folder: beamsift deletes only what beamsift wrote, and a run that does not finish
+leaves the previous result as it was.
+
+A run writes into a new sibling folder (``.NAME.beamsift-tmp-ID`` next to ``output.dir``) whose
+first file is a marker; only when that folder is complete (every shard, then the manifest) does
+it take the place of ``output.dir``:
+
+- on a local disk by one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), or where that is not
+  available two renames, the old result first moved aside and then removed;
+- on object stores (``gs://``, ``s3://``), where a rename is a copy, by copying the new files over
+  the old ones with the manifest last, then removing the old files that the new run did not write.
+  The new result is complete in the sibling folder until the copy is done.
+
+A folder is beamsift's own when it holds the marker or the manifest of an earlier run, and
+nothing else than what beamsift writes. Any other folder is refused, even with ``--overwrite``:
+the user's files are never deleted, whatever ``output.dir`` says.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+
+from apache_beam.io.filesystems import FileSystems
+
+MANIFEST = "manifest.json"
+MARKER = "_beamsift_output"
+STAGING = "_staging"
+OUTPUT_DIRS = ("selected", "scores", "rejected", "artifacts")
+OWN_ENTRIES = frozenset(OUTPUT_DIRS) | {MANIFEST, MARKER, STAGING}
+TMP_TAG = ".beamsift-tmp-"
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be used: the message says why and what to do."""
+
+
+def is_local(path: str) -> bool:
+    return FileSystems.get_filesystem(path).scheme() in (None, "file")
+
+
+def _entries(path: str) -> list[str]:
+    if is_local(path):
+        return sorted(os.listdir(path))
+    metadata = FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list
+    return sorted({m.path[len(path.rstrip("/")) + 1 :].split("/", 1)[0] for m in metadata})
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path) if is_local(path) else FileSystems.exists(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True where ``path`` is ``folder`` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _absolute(path: str) -> str:
+    return os.path.realpath(path) if is_local(path) else path.rstrip("/")
+
+
+def check_output_dir(out: str, overwrite: bool, inputs: dict[str, list[str]]) -> None:
+    """Refuse an ``output.dir`` that beamsift may not write, before any work is done.
+
+    ``inputs`` maps a config key (``input.path``, ``target.path``, ``dsir.model``) to the paths it
+    reads: files, or folders read whole (a HuggingFace dataset, a model).
+    """
+    real_out = _absolute(out)
+    for key, paths in inputs.items():
+        for path in paths:
+            real = _absolute(path)
+            if _inside(real, real_out):
+                raise OutputDirError(
+                    f"output.dir {out} holds {path}, which {key} reads: beamsift would overwrite its own "
+                    "input; choose an output.dir outside the input"
+                )
+            if _inside(real_out, real):
+                raise OutputDirError(
+                    f"output.dir {out} is inside {path}, which {key} reads; choose an output.dir outside the input"
+                )
+    if is_local(out) and os.path.islink(out):
+        raise OutputDirError(f"output.dir {out} is a symbolic link; give the folder itself")
+    if not _exists(out):
+        return
+    if is_local(out) and not os.path.isdir(out):
+        raise OutputDirError(f"output.dir {out} is a file, not a folder")
+    entries = _entries(out)
+    if not entries:
+        return
+    foreign = [e for e in entries if e not in OWN_ENTRIES]
+    if foreign or not (MARKER in entries or _is_beamsift_manifest(out)):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        what = f"holds {shown}, which beamsift did not write" if foreign else "was not written by beamsift"
+        raise OutputDirError(
+            f"output.dir {out} {what}; beamsift replaces only its own outputs: choose a new or empty folder"
+        )
+    if MANIFEST in entries and not overwrite:
+        raise OutputDirError(
+            f"output.dir {out} holds the result of an earlier run; pass --overwrite to replace it "
+            "(it is replaced only once the new run is complete)"
+        )
+
+
+def _is_beamsift_manifest(out: str) -> bool:
+    try:
+        with FileSystems.open(FileSystems.join(out, MANIFEST)) as f:
+            return "beamsift_version" in json.loads(f.read())
+    except Exception:  # noqa: BLE001 - unreadable or not JSON: not ours
+        return False
+
+
+def _sibling(out: str, run_id: str) -> str:
+    out = out.rstrip("/")
+    parent, name = os.path.split(out) if is_local(out) else out.rsplit("/", 1)
+    return (
+        os.path.join(parent or ".", f".{name}{TMP_TAG}{run_id}")
+        if is_local(out)
+        else f"{parent}/.{name}{TMP_TAG}{run_id}"
+    )
+
+
+class PendingOutput:
+    """A new result being written next to ``output.dir``, published only when complete."""
+
+    def __init__(self, out: str):
+        self.out = out.rstrip("/") or out
+        self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = _sibling(self.out, self.run_id)
+
+    def create(self) -> None:
+        """Make the folder and write the marker first: whatever happens next, it is ours."""
+        remove_abandoned_runs(self.out)
+        if is_local(self.path):
+            try:
+                os.makedirs(self.path)
+            except OSError as e:
+                raise OutputDirError(f"output.dir {self.out}: cannot create a folder beside it: {e.strerror}") from None
+        marker = {"written_by": "beamsift", "pid": os.getpid(), "host": socket.gethostname(), "created": time.time()}
+        with FileSystems.create(FileSystems.join(self.path, MARKER)) as f:
+            f.write(json.dumps(marker).encode())
+
+    def publish(self) -> None:
+        """Put the complete new result in the place of ``output.dir``."""
+        if is_local(self.out):
+            _swap_local(self.path, self.out)
+        else:
+            _copy_over(self.path, self.out)
+
+    def discard(self) -> None:
+        """Remove the unfinished result (and its staging shards); ``output.dir`` is untouched."""
+        _remove_own(self.path)
+
+
+def _swap_local(new: str, out: str) -> None:
+    if not os.path.lexists(out):
+        os.rename(new, out)
+        return
+    if _exchange(new, out):
+        shutil.rmtree(new)  # it now holds the old result
+        return
+    # No atomic exchange here: move the old result aside, the new one in, then drop the old.
+    aside = new + "-old"
+    os.rename(out, aside)
+    os.rename(new, out)
+    shutil.rmtree(aside)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}: {os.strerror(ctypes.get_errno())}")
+
+
+def _files_under(path: str) -> list[str]:
+    """Every file under ``path``, relative to it (our layout is at most two levels deep)."""
+    base = path.rstrip("/") + "/"
+    found = set()
+    for pattern in ("*", "*/*"):
+        for m in FileSystems.match([base + pattern])[0].metadata_list:
+            found.add(m.path[len(base) :])
+    return sorted(found)
+
+
+def _copy_over(new: str, out: str) -> None:
+    """Object stores: copy the new files in, the manifest last, then drop the old run's others."""
+    old = set(_files_under(out)) if FileSystems.exists(out) else set()
+    new_files = [f for f in _files_under(new) if f != MANIFEST]
+    if MANIFEST in old:  # first: while files are being replaced the folder is not a complete run
+        FileSystems.delete([FileSystems.join(out, MANIFEST)])
+    FileSystems.copy([FileSystems.join(new, f) for f in new_files], [FileSystems.join(out, f) for f in new_files])
+    stale = [FileSystems.join(out, f) for f in old - set(new_files) - {MANIFEST} if f.split("/", 1)[0] in OWN_ENTRIES]
+    if stale:
+        FileSystems.delete(stale)
+    FileSystems.copy([FileSystems.join(new, MANIFEST)], [FileSystems.join(out, MANIFEST)])
+    _remove_own(new)
+
+
+def _remove_own(path: str) -> None:
+    if not _exists(path):
+        return
+    if is_local(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        FileSystems.delete([path])
+
+
+def remove_abandoned_runs(out: str) -> None:
+    """Remove the sibling folders of runs into ``out`` that were killed (no process, same host)."""
+    if not is_local(out):
+        return
+    parent, name = os.path.split(os.path.abspath(out))
+    prefix = f".{name}{TMP_TAG}"
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        path = os.path.join(parent, entry)
+        try:
+            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+                marker = json.load(f)
+        except (OSError, ValueError):
+            if entry.endswith("-old") and os.path.isdir(path):  # an old result moved aside
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

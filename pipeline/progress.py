@@ -1,0 +1,108 @@
+"""Live progress on a terminal: documents per stage, rate, elapsed time, and a bar for reading.
+
+The workers write running totals into a local folder (``transforms/meter.py``); a thread here
+sums them a few times a second and redraws one line on the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+# (stage as the meters name it, label shown)
+STAGES = (("read", "read"), ("featurize", "featurized"), ("rank", "scored"), ("write", "written"))
+
+
+def read_totals(folder: str) -> dict[str, dict[str, int]]:
+    """{stage: {"docs": n, "bytes": n}} summed over the progress files in ``folder``."""
+    totals: dict[str, dict[str, int]] = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return totals
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        stage = name.split(".", 1)[0]
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                part = json.load(f)
+        except (OSError, ValueError):
+            continue  # being replaced right now: next time
+        entry = totals.setdefault(stage, {"docs": 0, "bytes": 0})
+        entry["docs"] += int(part.get("docs", 0))
+        entry["bytes"] += int(part.get("bytes", 0))
+    return totals
+
+
+def render(totals: dict, total_bytes: int, elapsed: float, rates: dict[str, float], width: int) -> str:
+    parts = []
+    read = totals.get("read", {"docs": 0, "bytes": 0})
+    if total_bytes:
+        share = min(read["bytes"] / total_bytes, 1.0)
+        filled = int(share * 20)
+        parts.append(f"[{'#' * filled}{'.' * (20 - filled)}] {share:4.0%}")
+    for stage, label in STAGES:
+        docs = totals.get(stage, {}).get("docs", 0)
+        text = f"{label} {docs:,}"
+        if stage in rates:
+            text += f" ({_short(rates[stage])} docs/s)"
+        parts.append(text)
+    parts.append(f"{int(elapsed // 60)}:{int(elapsed % 60):02d}")
+    line = " | ".join(parts)
+    return line if len(line) < width else line[: max(width - 2, 10)] + "…"
+
+
+def _short(x: float) -> str:
+    return f"{x / 1000:.1f}k" if x >= 10_000 else f"{x:,.0f}"
+
+
+class ProgressDisplay:
+    """A context manager: one line on ``stream``, redrawn until the block ends, then cleared."""
+
+    def __init__(self, stream, folder: str, total_bytes: int, interval: float = 0.25):
+        self.stream = stream
+        self.folder = folder
+        self.total_bytes = total_bytes
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._first_seen: dict[str, float] = {}
+        self._last_change: dict[str, tuple[float, int]] = {}
+
+    def __enter__(self):
+        self.started = time.time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+        return False
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self.draw()
+
+    def draw(self) -> None:
+        now = time.time()
+        totals = read_totals(self.folder)
+        rates = {}
+        for stage, _ in STAGES:
+            docs = totals.get(stage, {}).get("docs", 0)
+            if docs and stage not in self._first_seen:
+                self._first_seen[stage] = now - self.interval  # it began within the last interval
+            if docs and self._last_change.get(stage, (0, 0))[1] != docs:
+                self._last_change[stage] = (now, docs)
+            if stage in self._first_seen:
+                t_last, _ = self._last_change[stage]
+                if t_last - self._first_seen[stage] >= 1:
+                    rates[stage] = docs / (t_last - self._first_seen[stage])
+        width = shutil.get_terminal_size((100, 20)).columns
+        self.stream.write("\r" + render(totals, self.total_bytes, now - self.started, rates, width) + "\x1b[K")
+        self.stream.flush()

@@ -1,0 +1,101 @@
+"""How far each stage has got: Beam metrics for the manifest, and live progress on local runs.
+
+Each DoFn that does a stage's work holds a ``StageMeter`` and wraps each unit of work in
+``meter.start()`` / ``meter.done(...)``. Two things come of it:
+
+- Beam metrics (a distribution of start and end times, counters of busy time and documents),
+  which every runner reports after the run: the manifest's per-stage wall and busy times;
+- on a local run whose driver shows progress, small files in a local folder, one per DoFn
+  instance, rewritten at most a few times a second with the instance's running totals. Beam's
+  local runners give the driver no metrics until the end, and the workers of the multi-process
+  and portable runners are other processes, so a shared folder is the channel. On a distributed
+  runner ``progress_dir`` is None and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import apache_beam as beam
+
+NAMESPACE = "beamsift"
+FLUSH_EVERY_S = 0.25
+
+
+class StageMeter:
+    def __init__(self, stage: str, progress_dir: str | None = None):
+        self.stage = stage
+        self.progress_dir = progress_dir
+
+    def setup(self) -> None:
+        m = beam.metrics.Metrics
+        self._start = m.distribution(NAMESPACE, f"stage_{self.stage}_start_ms")
+        self._end = m.distribution(NAMESPACE, f"stage_{self.stage}_end_ms")
+        self._busy = m.counter(NAMESPACE, f"stage_{self.stage}_busy_ms")
+        self._docs = m.counter(NAMESPACE, f"stage_{self.stage}_docs")
+        self._totals = {"docs": 0, "bytes": 0}
+        self._file = None
+        if self.progress_dir is not None:
+            self._file = os.path.join(self.progress_dir, f"{self.stage}.{os.getpid()}.{uuid.uuid4().hex[:8]}.json")
+        self._flushed = 0.0
+
+    def start(self) -> float:
+        now = time.time()
+        self._start.update(int(now * 1000))
+        return now
+
+    def done(self, started: float, docs: int = 0, nbytes: int = 0) -> None:
+        now = time.time()
+        self._end.update(int(now * 1000))
+        self._busy.inc(int((now - started) * 1000))
+        if docs:
+            self._docs.inc(docs)
+        self.progress(docs, nbytes)
+
+    def progress(self, docs: int = 0, nbytes: int = 0) -> None:
+        """Count work done inside a unit (e.g. bytes of a file being read) for the live display."""
+        if self._file is None:
+            return
+        self._totals["docs"] += docs
+        self._totals["bytes"] += nbytes
+        if time.time() - self._flushed >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._file is None:
+            return
+        self._flushed = time.time()
+        tmp = self._file + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self._totals, f)
+            os.replace(tmp, self._file)
+        except OSError:
+            self._file = None  # the driver has gone (and removed the folder): stop reporting
+
+
+def stage_timings(metrics: dict) -> dict:
+    """{stage: {wall_s, busy_s, docs}} from the run's metrics results (see ``query_metrics``)."""
+    out: dict[str, dict] = {}
+    for name, value in metrics.items():
+        if not name.startswith("stage_"):
+            continue
+        stage, _, what = name[len("stage_") :].rpartition("_")
+        if what == "ms":  # start_ms / end_ms / busy_ms
+            stage, _, what = stage.rpartition("_")
+        entry = out.setdefault(stage, {})
+        entry[what] = value
+    timings = {}
+    for stage, e in out.items():
+        t = {}
+        if "start" in e and "end" in e:
+            t["wall_s"] = round((e["end"][1] - e["start"][0]) / 1000, 3)
+        if "busy" in e:
+            t["busy_s"] = round(e["busy"] / 1000, 3)
+        if "docs" in e:
+            t["docs"] = e["docs"]
+        timings[stage] = t
+    return timings

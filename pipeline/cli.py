@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_signal)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
     try:
         if args.command == "run":
             return _run(args, beam_args)
@@ -72,15 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beamsift: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        terminated = isinstance(e, Terminated) or _signals_received[-1:] == [signal.SIGTERM]
+        what = "terminated" if terminated else "interrupted"
         print(f"beamsift: {what}; nothing was published, and output.dir is as it was", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if terminated else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+_signals_received: list[int] = []
+
+
+def _on_signal(signum, frame):
+    # Raised where the program is; Beam may wrap it in its own error, so it is also recorded.
+    _signals_received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _version() -> str:
@@ -197,6 +206,8 @@ def _run(args, beam_args) -> int:
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001
+        if _signals_received:  # a signal that Beam re-raised as its own error
+            raise KeyboardInterrupt() from None
         # A SelectionError is raised on a worker; runners re-raise it wrapped with a traceback.
         message = _find_error(e, SelectionError)
         if message is not None:

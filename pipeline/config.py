@@ -261,6 +261,7 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
     if cfg["target.path"] is None and cfg["dsir.model"] is None:
         fail("target.path", "set 'target.path' (or 'dsir.model' to apply a fitted model)")
     if cfg["input.id_field"] is not None and cfg["input.id_field"] == cfg["input.text_field"]:
-        fail("input.id_field", "'input.id_field' and 'input.text_field' name the same field")
+        key = "input.text_field" if "input.text_field" in origins else "input.id_field"
+        fail(key, "'input.id_field' and 'input.text_field' name the same field")
     if not all(isinstance(o, str) for o in cfg["beam.options"]):
         fail("beam.options", "config key 'beam.options' must be a list of strings")

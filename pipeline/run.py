@@ -140,7 +140,9 @@ def _expand(cfg: Config, section: str) -> list[tuple[str, str, int]]:
         if config_dir and config_dir != os.getcwd():
             beside = os.path.join(config_dir, pattern)
             if FileSystems.match([beside])[0].metadata_list or os.path.exists(beside):
-                hint += f"; the config's folder has it: write {os.path.relpath(beside)}"
+                shown = os.path.relpath(beside)
+                shown = os.path.normpath(beside) if shown.startswith("..") else shown
+                hint += f"; the config's folder has it: write {shown}"
         raise InputError(str(e) + hint + ")") from None
 
 

@@ -165,7 +165,7 @@ def check_fields(files: list[tuple[str, str, int]], spec: InputSpec, section: st
     if not records:
         raise InputError(
             f"{section}.path: none of the first {len(lines)} lines of {path} is a JSON object "
-            f"(line 1: {lines[0][:60]!r}); is {section}.format right?"
+            f"(line 1: {lines[0][:60].decode('utf-8', 'replace')!r}); is {section}.format right?"
         )
     fields: dict[str, int] = {}
     for r in records:

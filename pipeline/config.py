@@ -104,7 +104,10 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     return config_from_dict(raw if raw is not None else {}, path, overrides)
 
 
@@ -202,9 +205,10 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str, origins: dict | N
         else:
             ok = isinstance(value, allowed)
         if not ok:
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            kinds = [t for t in allowed if not (t is int and float in allowed)]  # "a number" says both
+            names = " or ".join(_KINDS.get(t, t.__name__) for t in kinds)
             where = origins.get(key, source)
-            raise ConfigError(f"{where}: config key {key!r} must be {names}, got {_kind(value)} {value!r}")
+            raise ConfigError(f"{where}: config key {key!r} must be {names}, got {_kind(value)}: {value!r}")
         out[name] = value
     return out
 
@@ -216,13 +220,20 @@ def _closest(name: str, schema: dict) -> str | None:
     return match[0] if match else None
 
 
+# Kinds of values in YAML's words, not Python's.
+_KINDS = {
+    type(None): "null",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "text",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
 def _kind(value) -> str:
-    """A value's kind in YAML's words, not Python's."""
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "int", float: "float", str: "str", list: "list", dict: "mapping"}.get(
-        type(value), "value"
-    )
+    return _KINDS.get(type(value), "a value of another kind")
 
 
 def _check_choices(data: dict, source: str, origins: dict | None = None) -> None:

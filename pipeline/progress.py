@@ -13,7 +13,7 @@ import threading
 import time
 
 # (stage as the meters name it, label shown)
-STAGES = (("read", "read"), ("featurize", "featurized"), ("rank", "scored"), ("write", "written"))
+STAGES = (("read", "read"), ("rank", "scored"), ("write", "written"))
 
 
 def read_totals(folder: str) -> dict[str, dict[str, int]]:
@@ -43,8 +43,8 @@ def render(totals: dict, total_bytes: int, elapsed: float, rates: dict[str, floa
     read = totals.get("read", {"docs": 0, "bytes": 0})
     if total_bytes:
         share = min(read["bytes"] / total_bytes, 1.0)
-        filled = int(share * 20)
-        parts.append(f"[{'#' * filled}{'.' * (20 - filled)}] {share:4.0%}")
+        filled = int(share * 16)
+        parts.append(f"[{'#' * filled}{'.' * (16 - filled)}] {share:4.0%}")
     for stage, label in STAGES:
         docs = totals.get(stage, {}).get("docs", 0)
         text = f"{label} {docs:,}"
@@ -81,6 +81,7 @@ class ProgressDisplay:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=2)
+        self.draw()  # the final counts, for a log that keeps what a terminal erases
         self.stream.write("\r\x1b[K")
         self.stream.flush()
         return False

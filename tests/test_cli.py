@@ -23,7 +23,7 @@ def test_unknown_key_names_the_key_and_the_file(tmp_path, small_corpus):
     "override, message",
     [
         ("select.kk=3", "unknown config key 'select.kk'"),
-        ("select.k=many", "config key 'select.k' must be int or null, got str 'many'"),
+        ("select.k=many", "config key 'select.k' must be an integer or null, got text: 'many'"),
         ("input.format=csv", "config key 'input.format' must be one of"),
         ("select.fraction=2", "config key 'select.fraction' must be in (0, 1], got 2"),
     ],
@@ -94,7 +94,9 @@ def test_config_error_on_the_command_line(tmp_path, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"])
     proc = run_cli("run", str(cfg), "--set", "seed=abc", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "beamsift: error: --set seed=abc: config key 'seed' must be int, got str 'abc'"
+    assert (
+        proc.stderr.strip() == "beamsift: error: --set seed=abc: config key 'seed' must be an integer, got text: 'abc'"
+    )
 
 
 def test_missing_input_is_a_clear_error(tmp_path, small_corpus):

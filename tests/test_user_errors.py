@@ -61,7 +61,7 @@ def pool_records():
         ("select.kk=3", "--set select.kk=3: unknown config key 'select.kk' (did you mean 'select.k'?)"),
         ("selct.k=3", "--set selct.k=3: unknown config key 'selct.k' (did you mean 'select.k'?)"),
         ("select=3", "--set select=3: 'select' is a section; set one of its keys: 'select.k', 'select.fraction'"),
-        ("seed=abc", "--set seed=abc: config key 'seed' must be int, got str 'abc'"),
+        ("seed=abc", "--set seed=abc: config key 'seed' must be an integer, got text: 'abc'"),
         (
             "input.format=csv",
             "--set input.format=csv: config key 'input.format' must be one of ['auto', 'hf', 'jsonl', "
@@ -214,3 +214,49 @@ def test_version_and_help():
     assert template.endswith("dsir.yaml") and open(template).read().startswith("# DSIR")
     query_help = run_cli("query", "--help").stdout
     assert all(view in query_help for view in ("selected", "scores", "rejected"))
+
+
+def test_config_file_errors(tmp_path, small_corpus):
+    missing = tmp_path / "nothere.yaml"
+    assert _error(run_cli("run", str(missing), check=False)) == f"{missing}: no such config file"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("input: [unclosed\n")
+    assert _error(run_cli("run", str(broken), check=False)) == (
+        f"{broken}: not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"
+    )
+    cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], dsir={"smoothing": True})
+    assert _error(run_cli("run", str(cfg), check=False)) == (
+        f"{cfg}: config key 'dsir.smoothing' must be a number, got true or false: True"
+    )
+    no_out = tmp_path / "no-out.yaml"
+    no_out.write_text(yaml.safe_dump({"input": {"path": "x"}, "target": {"path": "y"}, "select": {"k": 1}}))
+    assert _error(run_cli("run", str(no_out), check=False)) == f"{no_out}: missing required config key 'output.dir'"
+
+
+def test_output_dir_that_is_a_file_or_a_link(tmp_path, small_corpus):
+    (tmp_path / "file").write_text("mine")
+    cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], out=tmp_path / "file")
+    assert _error(run_cli("run", str(cfg), check=False)) == f"output.dir {tmp_path}/file is a file, not a folder"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], out=tmp_path / "link")
+    assert _error(run_cli("run", str(cfg), check=False)) == (
+        f"output.dir {tmp_path}/link is a symbolic link; give the folder itself"
+    )
+    assert (tmp_path / "file").read_text() == "mine" and not any((tmp_path / "real").iterdir())
+
+
+def test_unknown_file_suffix_and_a_model_of_another_shape(tmp_path, small_corpus):
+    odd = tmp_path / "pool.data"
+    odd.write_bytes(small_corpus["pool"].read_bytes())
+    cfg = make_config(tmp_path, odd, small_corpus["target"])
+    assert _error(run_cli("run", str(cfg), check=False)) == (
+        f"input.path: cannot tell the format of {odd} from its name; set input.format "
+        "(one of jsonl, jsonl.gz, jsonl.zst, parquet, txt, hf)"
+    )
+    run_cli("run", str(cfg), "--set", "input.format=jsonl")  # the format named: it reads
+    model = tmp_path / "out"
+    cfg = make_config(tmp_path / "b", small_corpus["pool"], small_corpus["target"], dsir={"model": str(model)})
+    assert _error(run_cli("run", str(cfg), "--set", "featurize.buckets=999", check=False)) == (
+        "dsir.model was fitted with featurize.buckets=10000, but the config sets 999"
+    )

@@ -1,45 +1,42 @@
-"""Assembling the DSIR selection pipeline from the transforms, top to bottom.
+"""Assembling a run's pipeline from its config: read and stage the pool once, then the stages in
+the order ``stages:`` lists them, then the writers.
 
-    read pool ─ featurize ─ stage ─┬─ find duplicate ids ─────────────┐
-                                   ├─ unify field types                │ side inputs
-                                   └─ count raw n-grams (fit q̂) ──┐   │
-    read target ─ featurize ─ count target n-grams (fit p̂) ──────┴─ DSIR model
-    staged shards ─ rank (per-shard top k) ─ merge ─ thresholds
-    staged shards ─ write selected/ + scores/ ─┐
-    rejected records ─ write rejected/ ────────┴─ run summary (counts, KL reduction)
+    read pool ─ featurize ─ stage ─┬─ find duplicate ids ──────────────┐ side inputs
+                                   ├─ unify field types                 │
+                                   └─ count raw n-grams (DSIR's q̂) ─┐   │
+    read target ─ featurize ─ count target n-grams (DSIR's p̂) ─────┴─ DSIR model
+    staged shards ─ stage 1 ─ stage 2 ─ ... ─ select ─ write selected/ + scores/ ─┐
+    rejected records ─ write rejected/ ────────────────────────────────────────────┴─ summary
 
-This module holds no algorithm: each step is a transform from ``beamsift.transforms``.
+A scorer adds columns, a filter takes documents out of the running with a reason, the selector
+picks the budget from what is left (``transforms/chain.py``). This module holds no algorithm:
+each step is a transform from ``beamsift.transforms``; it only wires them as the config says.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
-from beamsift.pipeline.config import Config
+from beamsift.pipeline.config import Config, stage_kind
+from beamsift.transforms import dsir
+from beamsift.transforms.chain import STAGED, ApplyStage, Chain
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
-from beamsift.transforms.dsir import (
-    CountDuplicateNgrams,
-    CountNgrams,
-    RankShard,
-    SumNgramTotals,
-    build_model,
-    kl_divergence,
-    subtract_totals,
-)
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
 from beamsift.transforms.meter import StageMeter
 from beamsift.transforms.read import CountRejectReasons, InputSpec, ReadDocuments, ReadTask
 from beamsift.transforms.schema import UnifyFieldTypes
-from beamsift.transforms.select import MergeCandidates
+from beamsift.transforms.select import Cut, CutStage, explain_running
 from beamsift.transforms.stage import WriteStagingShards
 from beamsift.transforms.write import SumSummaries, WriteRejectedShard, WriteSelectionShards
 
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "dsir_model.npz"
+SELECT_COLUMNS = (("selected", "bool"), ("_in_random", "bool"))
 
 
 def input_spec(cfg: Config, section: str) -> InputSpec:
@@ -49,6 +46,45 @@ def input_spec(cfg: Config, section: str) -> InputSpec:
         txt_mode=cfg[f"{section}.txt_mode"],
         batch_size=cfg["input.batch_size"],
         split_bytes=cfg["input.split_bytes"],
+    )
+
+
+def make_chain(cfg: Config, staging_dir: str) -> Chain:
+    columns = {}
+    for name in cfg["stages"]:
+        kind = stage_kind(name)
+        if kind == "dsir":
+            columns[name] = dsir.COLUMNS
+        elif kind == "select":
+            columns[name] = SELECT_COLUMNS
+    return Chain(staging_dir, tuple(cfg["stages"]), columns)
+
+
+def filter_cut(cfg: Config, name: str) -> Cut:
+    c = lambda key: cfg[f"{name}.{key}"]  # noqa: E731
+    if c("min") is not None or c("max") is not None:
+        return Cut(c("column"), "threshold", low=c("min"), high=c("max"))
+    if c("keep_bottom") is not None:
+        return Cut(c("column"), "bottom", fraction=c("keep_bottom"))
+    return Cut(c("column"), "band" if c("drop_top") else "top", fraction=c("keep_top"), offset=c("drop_top"))
+
+
+def select_cut(cfg: Config) -> Cut:
+    method, column = cfg["select.method"], cfg["select.column"]
+    key_column = None
+    if method == "importance" and column in (None, "dsir_log_weight"):
+        # DSIR's own importance resampling: its key holds the (length-normalised) log weight plus
+        # the seeded Gumbel noise.
+        column, key_column = "dsir_log_weight", "dsir_key"
+    return Cut(
+        column or "",
+        method,
+        k=cfg["select.k"],
+        fraction=cfg["select.fraction"],
+        offset=cfg["select.offset"],
+        low=cfg["select.min"],
+        high=cfg["select.max"],
+        key_column=key_column,
     )
 
 
@@ -66,47 +102,41 @@ def build_pipeline(
     """Add the run's transforms to ``p``; outputs go to ``out`` (the run's own new folder)."""
     buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
     seed = cfg["seed"]
+    kinds = [stage_kind(name) for name in cfg["stages"]]
+    chain = make_chain(cfg, staging_dir)
 
     # 1. Read, validate, featurize and stage the pool.
     pool_docs, pool_rejected = p | "ReadPool" >> ReadDocuments(
         pool_tasks, input_spec(cfg, "input"), "pool", progress_dir
     )
-    count_pool = CountNgrams(buckets, cfg["dsir.min_tokens"])
+    count_pool = dsir.CountNgrams(buckets, cfg["dsir.min_tokens"])
     staged = (
         pool_docs
         | "FeaturizePool"
         >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram, StageMeter("featurize", progress_dir)))
-        | "StagePool" >> beam.ParDo(WriteStagingShards(staging_dir, count_pool, progress_dir))
+        | "StagePool" >> beam.ParDo(WriteStagingShards(FileSystems.join(staging_dir, STAGED), count_pool, progress_dir))
     )
     # Global values that may be empty are combined without defaults (each default costs the
     # runner a stage) and given their empty value at the side input.
     duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds(), default_value=NO_DUPLICATES)
-
     # Only shard references travel on. No reshuffle is needed to spread them: every pass over
     # them waits on a side input computed from all shards, which materialises them anyway.
     shards = staged | "ShardRefs" >> beam.Map(lambda s: s.ref)
 
-    # 2. Fit the raw model q̂ over the pool (duplicates excluded) and the target model p̂.
     # One combine over the staged shards: the unified field types and the raw n-gram totals.
-    sum_totals = SumNgramTotals(buckets)
+    sum_totals = dsir.SumNgramTotals(buckets)
     staging_summary = (
         staged
         | "ShardSummaries" >> beam.Map(lambda s: (s.fields, s.totals))
         | "SummarizeStaging" >> beam.CombineGlobally(TupleCombineFn(UnifyFieldTypes(), sum_totals))
     )
     fields = AsSingleton(staging_summary | "FieldTypes" >> beam.Map(lambda summary: summary[0]))
-    duplicate_totals = (
-        shards
-        | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(count_pool), duplicates)
-        | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals).without_defaults()
-    )
-    pool_totals = staging_summary | "FitRawModel" >> beam.Map(
-        lambda summary, dups: subtract_totals(summary[1], dups),
-        AsSingleton(duplicate_totals, default_value=sum_totals.create_accumulator()),
-    )
-    summaries = []
     rejected = [pool_rejected]
-    if target_tasks is not None:
+    summaries = []
+
+    # 2. The target, read and featurized for DSIR's p̂.
+    target_totals = None
+    if "dsir" in kinds and target_tasks is not None:
         target_docs, target_rejected = p | "ReadTarget" >> ReadDocuments(
             target_tasks, input_spec(cfg, "target"), "target", progress_dir
         )
@@ -114,23 +144,12 @@ def build_pipeline(
             target_docs
             | "FeaturizeTarget"
             >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram, StageMeter("featurize_target", progress_dir)))
-            | "CountTargetNgrams" >> beam.Map(CountNgrams(buckets))
+            | "CountTargetNgrams" >> beam.Map(dsir.CountNgrams(buckets))
             | "FitTargetModel" >> beam.CombineGlobally(sum_totals)
         )
         rejected.append(target_rejected)
         summaries.append(target_totals | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}}))
-        target_side = AsSingleton(target_totals)
-    else:
-        target_side = None
-    params = {
-        "k": cfg["select.k"],
-        "fraction": cfg["select.fraction"],
-        "smoothing": float(cfg["dsir.smoothing"]),
-        "num_buckets": buckets,
-        "max_ngram": max_ngram,
-        "length_norm": cfg["dsir.length_norm"],
-        "min_tokens": cfg["dsir.min_tokens"],
-    }
+
     # What was rejected while reading, by reason: an impossible selection quotes it as its cause.
     reject_reasons = AsSingleton(
         list(rejected)
@@ -138,27 +157,63 @@ def build_pipeline(
         | "CountRejectReasons" >> beam.CombineGlobally(CountRejectReasons()).without_defaults(),
         default_value={},
     )
-    model_pc = pool_totals | "BuildDsirModel" >> beam.Map(
-        build_model, target_side, fitted_model, params, reject_reasons
-    )
-    model = AsSingleton(model_pc)
+    model = None
+    if "dsir" in kinds:
+        model = _fit_dsir(
+            cfg,
+            staging_summary,
+            shards,
+            duplicates,
+            sum_totals,
+            count_pool,
+            target_totals,
+            fitted_model,
+            reject_reasons,
+        )
 
-    # 3. Importance resampling: per-shard top k, merged into the global k-th key.
-    thresholds = AsSingleton(
-        shards
-        | "RankShards" >> beam.ParDo(RankShard(seed, progress_dir), model, duplicates)
-        | "MergeTopK" >> beam.CombineGlobally(MergeCandidates()).without_defaults(),
-        default_value={},
-    )
+    # 3. The stages, in order.
+    stage_summaries = []
+    for name, kind in zip(cfg["stages"], kinds):
+        if kind == "dsir":
+            fn = dsir.ScoreDsirShard(name, chain, seed, progress_dir)
+            shards, summary = shards | "Stage_" + name >> ApplyStage(fn, duplicates, model)
+        elif kind == "filter":
+            shards, summary = shards | "Stage_" + name >> CutStage(
+                name, filter_cut(cfg, name), "filter", chain, seed, duplicates, progress_dir
+            )
+        else:  # select
+            prior = AsSingleton(
+                (stage_summaries or [p | "NoPriorStages" >> beam.Create([{}])])
+                | "PriorSummaries" >> beam.Flatten()
+                | "SumPriorSummaries" >> beam.CombineGlobally(SumSummaries()),
+            )
+            explain = functools.partial(_explain, cfg["dsir.min_tokens"] if "dsir" in kinds else None)
+            shards, summary = shards | "Stage_" + name >> CutStage(
+                name,
+                select_cut(cfg),
+                "select",
+                chain,
+                seed,
+                duplicates,
+                progress_dir,
+                explain,
+                (reject_reasons, prior),
+            )
+        stage_summaries.append(summary)
 
     # 4. Write selected/ and scores/ for every shard, and rejected/.
-    written = shards | "WriteSelection" >> beam.ParDo(
-        WriteSelectionShards(out, seed, pool_files, cfg["input.text_field"], cfg["input.id_field"], progress_dir),
-        model,
-        duplicates,
-        thresholds,
-        fields,
-    ).with_outputs("rejected", main="summary")
+    write = WriteSelectionShards(
+        out,
+        chain,
+        pool_files,
+        cfg["input.text_field"],
+        cfg["input.id_field"],
+        buckets if "dsir" in kinds else None,
+        progress_dir,
+    )
+    written = shards | "WriteSelection" >> beam.ParDo(write, duplicates, fields).with_outputs(
+        "rejected", main="summary"
+    )
     rejected.append(written.rejected)
     rejected_summary = (
         rejected
@@ -171,31 +226,60 @@ def build_pipeline(
     summaries += [
         written.summary | "SumSelectionSummaries" >> beam.CombineGlobally(SumSummaries()).without_defaults(),
         rejected_summary | "SumRejectedSummaries" >> beam.CombineGlobally(SumSummaries()).without_defaults(),
+        stage_summaries | "AllStageSummaries" >> beam.Flatten(),
     ]
 
-    # 5. One summary for the manifest; the fitted model to artifacts/.
+    # 5. One summary for the manifest; the fitted models to artifacts/.
     (
         summaries
         | "AllSummaries" >> beam.Flatten()
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
-        | "WriteSummary" >> beam.Map(_write_summary, model, AsSingleton(pool_totals), staging_dir, out)
+        | "WriteSummary" >> beam.Map(_write_summary, model, staging_dir, out)
     )
 
 
-def _write_summary(summary: dict, model, pool_totals, staging_dir: str, out: str) -> None:
-    eps = model.smoothing
-    report = {"counts": summary["counts"], "k": model.k, "eligible": model.eligible}
-    if "selected_ngrams" in summary:
-        kl_random = kl_divergence(model.target_counts, summary["random_ngrams"], eps)
-        kl_selected = kl_divergence(model.target_counts, summary["selected_ngrams"], eps)
-        report["kl"] = {
-            "target_vs_random": kl_random,
-            "target_vs_selected": kl_selected,
-            "reduction": kl_random - kl_selected,
-        }
-    report["mean_ngrams"] = model.mean_ngrams
-    report["pool_valid"] = pool_totals.docs
-    with FileSystems.create(FileSystems.join(out, "artifacts", MODEL_FILE)) as f:
-        f.write(model.to_bytes())
+def _explain(min_tokens, total, rejects, prior) -> str:
+    return explain_running(total, rejects, prior, min_tokens)
+
+
+def _fit_dsir(cfg, staging_summary, shards, duplicates, sum_totals, count_pool, target_totals, fitted, rejects):
+    """DSIR's model as a side input: the pool's n-gram totals less the duplicates' (q̂), and the
+    target's (p̂), or a saved model's counts."""
+    duplicate_totals = (
+        shards
+        | "CountDuplicateNgrams" >> beam.ParDo(dsir.CountDuplicateNgrams(count_pool), duplicates)
+        | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals).without_defaults()
+    )
+    pool_totals = staging_summary | "FitRawModel" >> beam.Map(
+        lambda summary, dups: dsir.subtract_totals(summary[1], dups),
+        AsSingleton(duplicate_totals, default_value=sum_totals.create_accumulator()),
+    )
+    params = {
+        "smoothing": float(cfg["dsir.smoothing"]),
+        "num_buckets": cfg["featurize.buckets"],
+        "max_ngram": cfg["featurize.max_ngram"],
+        "length_norm": cfg["dsir.length_norm"],
+        "min_tokens": cfg["dsir.min_tokens"],
+    }
+    target_side = AsSingleton(target_totals) if target_totals is not None else None
+    model = pool_totals | "BuildDsirModel" >> beam.Map(dsir.build_model, target_side, fitted, params, rejects)
+    return AsSingleton(model)
+
+
+def _write_summary(summary: dict, model, staging_dir: str, out: str) -> None:
+    report = {"counts": summary["counts"], "stages": summary.get("stages", {})}
+    if model is not None:
+        report["dsir"] = {"eligible": model.eligible, "mean_ngrams": model.mean_ngrams}
+        if "selected_ngrams" in summary:
+            eps = model.smoothing
+            kl_random = dsir.kl_divergence(model.target_counts, summary["random_ngrams"], eps)
+            kl_selected = dsir.kl_divergence(model.target_counts, summary["selected_ngrams"], eps)
+            report["dsir"]["kl"] = {
+                "target_vs_random": kl_random,
+                "target_vs_selected": kl_selected,
+                "reduction": kl_random - kl_selected,
+            }
+        with FileSystems.create(FileSystems.join(out, "artifacts", MODEL_FILE)) as f:
+            f.write(model.to_bytes())
     with FileSystems.create(FileSystems.join(staging_dir, SUMMARY_FILE)) as f:
         f.write(json.dumps(report).encode())

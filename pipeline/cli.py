@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"beamsift: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`beamsift ... | head`): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated) or _signals_received[-1:] == [signal.SIGTERM]
         what = "terminated" if terminated else "interrupted"
@@ -204,6 +208,8 @@ def _run(args, beam_args) -> int:
     except (InputError, OutputDirError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            os.remove(log_path)
         raise
     except Exception as e:  # noqa: BLE001
         if _signals_received:  # a signal that Beam re-raised as its own error
@@ -283,16 +289,17 @@ def _find_error(e: BaseException, cls) -> str | None:
 def summary_text(manifest: dict) -> str:
     c = manifest["counts"]
     out = manifest["config"]["output"]["dir"]
+    width = max([14, *(len(k) for k in c["not_selected_by_reason"]), *(len(k) for k in c["rejected_by_reason"])])
     lines = [
         f"beamsift: selected {c['selected']:,} of {c['input_records']:,} input records "
         f"in {manifest['timings']['total_s']:.1f} s",
-        f"  selected        {c['selected']:>10,}",
-        f"  not selected    {c['not_selected']:>10,}"
-        + "".join(f"\n    {k:<14}{v:>10,}" for k, v in c["not_selected_by_reason"].items()),
-        f"  rejected        {c['rejected']:>10,}"
-        + "".join(f"\n    {k:<14}{v:>10,}" for k, v in c["rejected_by_reason"].items()),
+        f"  {'selected':<{width + 2}}{c['selected']:>10,}",
+        f"  {'not selected':<{width + 2}}{c['not_selected']:>10,}",
+        *(f"    {k:<{width}}{v:>10,}" for k, v in c["not_selected_by_reason"].items()),
+        f"  {'rejected':<{width + 2}}{c['rejected']:>10,}",
+        *(f"    {k:<{width}}{v:>10,}" for k, v in c["rejected_by_reason"].items()),
     ]
-    kl = manifest["dsir"].get("kl")
+    kl = manifest.get("dsir", {}).get("kl")
     if kl:
         gap = kl["target_vs_random"]
         share = f"{kl['reduction'] / gap:.0%} of the way" if gap > 0 else "no gap"

@@ -8,6 +8,7 @@ because a silently ignored typo (``select.fracton``) would change which data a m
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,23 @@ SCHEMA: dict[str, Any] = {
         "smoothing": (1e-8, (int, float), "eps in log(p + eps), as in the reference"),
         "model": (None, (str, type(None)), "artifacts/ folder of an earlier run: apply, don't fit"),
     },
+    "stages": (None, (list, type(None)), "the stages, in order; null = [dsir, select]"),
+    "filter": {  # the parameters of a filter stage named filter, or filter_<anything>
+        "column": (None, (str, type(None)), "the score column the filter reads"),
+        "keep_top": (None, (int, float, type(None)), "keep this share of the running with the highest values"),
+        "keep_bottom": (None, (int, float, type(None)), "or this share with the lowest values"),
+        "drop_top": (0, (int, float), "first drop this share with the highest values (a band)"),
+        "min": (None, (int, float, type(None)), "or keep values >= min"),
+        "max": (None, (int, float, type(None)), "and/or keep values <= max"),
+    },
     "select": {
+        "method": ("importance", str, "importance, top, bottom, band, threshold, weighted or all"),
+        "column": (None, (str, type(None)), "the column it ranks by (importance: dsir_log_weight)"),
         "k": (None, (int, type(None)), "select exactly k documents"),
         "fraction": (None, (int, float, type(None)), "or this fraction of the eligible documents"),
+        "offset": (0, (int, float), "band: skip this many (or this share) of the highest first"),
+        "min": (None, (int, float, type(None)), "threshold: keep values >= min"),
+        "max": (None, (int, float, type(None)), "threshold: keep values <= max"),
     },
     "seed": (0, int, "fixes the selection together with the document ids"),
     "output": {
@@ -71,7 +86,24 @@ CHOICES = {
     "input.txt_mode": {"line", "file"},
     "target.txt_mode": {"line", "file"},
     "dsir.length_norm": {"none", "mean"},
+    "select.method": {"importance", "top", "bottom", "band", "threshold", "weighted", "all"},
 }
+
+# Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that
+# may repeat; its parameters are the section of its name.
+STAGE_KINDS = ("dsir", "filter", "select")
+REPEATABLE = ("filter",)
+DEFAULT_STAGES = ["dsir", "select"]
+# The score columns each kind of stage writes (a filter's or the selector's column must be one
+# that an earlier stage writes, or n_tokens, which every run has).
+STAGE_COLUMNS = {"dsir": ("dsir_log_weight", "dsir_key", "n_ngrams")}
+
+
+def stage_kind(name: str) -> str | None:
+    if name in STAGE_KINDS:
+        return name
+    kind = name.split("_", 1)[0]
+    return kind if kind in REPEATABLE and name != kind else None
 
 
 class ConfigError(ValueError):
@@ -124,9 +156,36 @@ def config_from_dict(raw: Any, source: str = "<dict>", overrides=()) -> Config:
         if key in origins and other not in origins and isinstance(raw.get("select"), dict):
             if _get(raw, key) is not None:
                 raw["select"].pop(other.split(".")[1], None)
-    data = _resolve(SCHEMA, raw, source, prefix="", origins=origins)
+    schema = _schema_with_stage_sections(raw, source)
+    data = _resolve(schema, raw, source, prefix="", origins=origins)
+    if data["stages"] is None:
+        data["stages"] = list(DEFAULT_STAGES)
     _check_choices(data, source, origins)
     return Config(data=data, source=source, overridden=tuple(origins))
+
+
+def _schema_with_stage_sections(raw: dict, source: str) -> dict:
+    """SCHEMA plus a section for each repeatable stage named kind_<label> (e.g. filter_quality)."""
+    stages = raw.get("stages")
+    if stages is None:
+        return SCHEMA
+    if not isinstance(stages, list) or not all(isinstance(n, str) for n in stages):
+        raise ConfigError(f"{source}: config key 'stages' must be a list of stage names, e.g. [dsir, select]")
+    schema = dict(SCHEMA)
+    for name in stages:
+        kind = stage_kind(name)
+        if kind is None:
+            import difflib
+
+            close = difflib.get_close_matches(name, STAGE_KINDS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown stage {name!r} in 'stages'{hint}; the stages are {', '.join(STAGE_KINDS)}, "
+                f"and {' or '.join(k + '_<label>' for k in REPEATABLE)} for another of a kind"
+            )
+        if kind != name:
+            schema[name] = SCHEMA[kind]
+    return schema
 
 
 def _get(raw: dict, dotted: str):
@@ -199,6 +258,8 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str, origins: dict | N
             continue
         value = raw[name]
         allowed = types if isinstance(types, tuple) else (types,)
+        if isinstance(value, str) and float in allowed and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-8 (no dot) as text; it is meant as a number
         # bool is an int in Python; a YAML `true` where a number is expected is a mistake.
         if isinstance(value, bool) and bool not in allowed:
             ok = False
@@ -220,6 +281,8 @@ def _closest(name: str, schema: dict) -> str | None:
     return match[0] if match else None
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 # Kinds of values in YAML's words, not Python's.
 _KINDS = {
     type(None): "null",
@@ -230,6 +293,48 @@ _KINDS = {
     list: "a list",
     dict: "a mapping",
 }
+
+
+def _check_stages(cfg: Config, fail) -> None:
+    stages = cfg["stages"]
+    if not stages or stages[-1] != "select" or stages.count("select") != 1:
+        fail("stages", f"'stages' must end with select, once (got {stages})")
+    if len(set(stages)) != len(stages):
+        fail("stages", f"'stages' names a stage twice; name a second one kind_<label> (got {stages})")
+    available = ["n_tokens"]
+    for name in stages:
+        kind = stage_kind(name)
+        if kind == "filter":
+            _check_filter(cfg, name, available, fail)
+        available += STAGE_COLUMNS.get(kind, ())
+    method, column = cfg["select.method"], cfg["select.column"]
+    if method == "importance" and column is None and "dsir" not in stages:
+        fail("select.column", "select.method 'importance' needs select.column (a log weight) without a dsir stage")
+    if method in ("top", "bottom", "band", "threshold", "weighted") and column is None:
+        fail("select.column", f"select.method {method!r} needs select.column: one of {available}")
+    if column is not None and column not in available:
+        fail("select.column", f"select.column {column!r} is not a column of an earlier stage: one of {available}")
+    if method == "threshold" and cfg["select.min"] is None and cfg["select.max"] is None:
+        fail("select.min", "select.method 'threshold' needs select.min and/or select.max")
+    if cfg["select.offset"] < 0:
+        fail("select.offset", "config key 'select.offset' must be >= 0")
+
+
+def _check_filter(cfg: Config, name: str, available: list, fail) -> None:
+    column = cfg[f"{name}.column"]
+    if column is None or column not in available:
+        what = "needs" if column is None else f"has {column!r}, not"
+        fail(f"{name}.column", f"{name}.column {what} a column of an earlier stage: one of {available}")
+    rules = [r for r in ("keep_top", "keep_bottom") if cfg[f"{name}.{r}"] is not None]
+    bounds = cfg[f"{name}.min"] is not None or cfg[f"{name}.max"] is not None
+    if len(rules) + bounds != 1:
+        fail(f"{name}.keep_top", f"{name}: set one of keep_top, keep_bottom, or min/max")
+    for r in ("keep_top", "keep_bottom", "drop_top"):
+        value = cfg[f"{name}.{r}"]
+        if value is not None and not 0 <= value <= 1:
+            fail(f"{name}.{r}", f"config key '{name}.{r}' is a share: it must be in [0, 1], got {value}")
+    if cfg[f"{name}.drop_top"] and cfg[f"{name}.keep_top"] is None:
+        fail(f"{name}.drop_top", f"{name}.drop_top goes with keep_top (a band: drop the top, keep the next)")
 
 
 def _kind(value) -> str:
@@ -246,8 +351,9 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             fail(key, f"config key {key!r} must be one of {sorted(allowed)}, got {cfg[key]!r}")
+    _check_stages(cfg, fail)
     k, fraction = cfg["select.k"], cfg["select.fraction"]
-    if k is None and fraction is None:
+    if k is None and fraction is None and cfg["select.method"] not in ("threshold", "all"):
         fail("select.k", "set one of 'select.k' and 'select.fraction'")
     if k is not None and fraction is not None:
         where = origins.get("select.k") or origins.get("select.fraction") or source
@@ -269,8 +375,8 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
         fail("dsir.min_tokens", "config key 'dsir.min_tokens' must be >= 0")
     if cfg["dsir.smoothing"] <= 0:
         fail("dsir.smoothing", "config key 'dsir.smoothing' must be > 0")
-    if cfg["target.path"] is None and cfg["dsir.model"] is None:
-        fail("target.path", "set 'target.path' (or 'dsir.model' to apply a fitted model)")
+    if "dsir" in cfg["stages"] and cfg["target.path"] is None and cfg["dsir.model"] is None:
+        fail("target.path", "set 'target.path' (or 'dsir.model' to apply a fitted model): the dsir stage needs one")
     if cfg["input.id_field"] is not None and cfg["input.id_field"] == cfg["input.text_field"]:
         key = "input.text_field" if "input.text_field" in origins else "input.id_field"
         fail(key, "'input.id_field' and 'input.text_field' name the same field")

@@ -25,7 +25,7 @@ from importlib import metadata
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline
+from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline, make_chain
 from beamsift.pipeline.config import Config
 from beamsift.pipeline.output import (
     MANIFEST,
@@ -40,7 +40,7 @@ from beamsift.transforms.meter import NAMESPACE, stage_timings
 from beamsift.transforms.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
 from beamsift.transforms.schema import REJECTED_SCHEMA, output_column
 from beamsift.transforms.stage import write_parquet
-from beamsift.transforms.write import SCORE_FIELDS, SELECTED_FRONT, SELECTED_SCORES, with_text_named
+from beamsift.transforms.write import score_fields, selected_fields, with_text_named
 
 OutputExistsError = OutputDirError  # the name earlier versions used
 
@@ -70,7 +70,9 @@ def run_selection(
     inputs = {"input.path": _read_paths(cfg["input.path"], pool_files)}
     target_tasks = None
     fitted = None
-    if cfg["dsir.model"]:
+    if "dsir" not in cfg["stages"]:
+        pass
+    elif cfg["dsir.model"]:
         fitted, model_path = _load_model(cfg["dsir.model"])
         _check_model_matches(fitted[2], cfg)
         inputs["dsir.model"] = [model_path]
@@ -108,15 +110,24 @@ def run_selection(
         with FileSystems.open(FileSystems.join(staging, SUMMARY_FILE)) as f:
             summary = json.load(f)
         FileSystems.delete([staging])
-        _ensure_every_output_has_a_shard(pending.path, output_column(cfg["input.text_field"]))
+        _ensure_every_output_has_a_shard(pending.path, make_chain(cfg, staging), output_column(cfg["input.text_field"]))
         manifest = _manifest(cfg, summary, metrics, options, pool_files, started)
         with FileSystems.create(FileSystems.join(pending.path, MANIFEST)) as f:
             f.write(json.dumps(manifest, indent=2).encode())
-        with _signals_deferred():  # a Ctrl-C now would land between two renames
-            pending.publish()
     except BaseException:
         pending.discard()
         raise
+    try:
+        with _signals_deferred():  # a Ctrl-C now would land between two renames
+            pending.publish()
+    except Exception as e:  # noqa: BLE001
+        if is_local(out):
+            pending.discard()
+            raise
+        # On an object store the copy may have begun: the complete result is kept where it is.
+        raise OutputDirError(
+            f"publishing to {out} failed ({e}); the complete new result is in {pending.path}"
+        ) from None
     return manifest
 
 
@@ -247,13 +258,13 @@ def _query_metrics(result) -> dict:
     return out
 
 
-def _ensure_every_output_has_a_shard(out: str, text_column: str) -> None:
+def _ensure_every_output_has_a_shard(out: str, chain, text_column: str) -> None:
     """An empty output still gets one empty shard, so DuckDB's glob finds its columns."""
     import pyarrow as pa
 
     schemas = {
-        "selected": with_text_named(pa.schema(SELECTED_FRONT + SELECTED_SCORES).empty_table(), text_column).schema,
-        "scores": pa.schema(SCORE_FIELDS),
+        "selected": with_text_named(pa.schema(selected_fields(chain)).empty_table(), text_column).schema,
+        "scores": pa.schema(score_fields(chain)),
         "rejected": REJECTED_SCHEMA,
     }
     for name, schema in schemas.items():
@@ -293,18 +304,38 @@ def _manifest(cfg, summary, metrics, options, pool_files, started) -> dict:
             "rejected": sum(target_rejected.values()),
             "rejected_by_reason": target_rejected,
         },
-        "dsir": {
-            "k": summary["k"],
-            "eligible": summary["eligible"],
-            "mean_ngrams_per_eligible_document": summary["mean_ngrams"],
-            "kl": summary.get("kl"),
-        },
+        "stages": _stage_report(cfg, summary.get("stages", {}), stage_timings(metrics)),
+        **(
+            {
+                "dsir": {
+                    "k": selected,
+                    "eligible": summary["dsir"]["eligible"],
+                    "mean_ngrams_per_eligible_document": summary["dsir"]["mean_ngrams"],
+                    "kl": summary["dsir"].get("kl"),
+                }
+            }
+            if "dsir" in summary
+            else {}
+        ),
         "timings": {"total_s": round(finished - started, 3), "stages": stage_timings(metrics)},
         "versions": {
             "python": platform.python_version(),
             **{p: _version(p) for p in ("apache-beam", "pyarrow", "numpy", "duckdb")},
         },
     }
+
+
+def _stage_report(cfg, stages: dict, timings: dict) -> list[dict]:
+    """Per stage, in order: documents in, out, taken out by reason, and wall time."""
+    report = []
+    for name in cfg["stages"]:
+        counts = dict(stages.get(name, {"in": 0, "out": 0}))
+        entry = {"name": name, "in": counts.pop("in", 0), "out": counts.pop("out", 0), "taken_out": counts}
+        meter = "select" if name == "select" else ("rank" if name == "dsir" else name)
+        if meter in timings and "wall_s" in timings[meter]:
+            entry["wall_s"] = timings[meter]["wall_s"]
+        report.append(entry)
+    return report
 
 
 def _version(package: str) -> str | None:

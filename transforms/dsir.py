@@ -18,21 +18,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
+from beamsift.transforms.chain import ShardStageFn, running_mask
 from beamsift.transforms.featurize import NgramFeatures, bucket_counts, features_from_arrow
-from beamsift.transforms.meter import StageMeter
 from beamsift.transforms.read import describe_rejects
 from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
-from beamsift.transforms.select import RANDOM_STREAM, SELECT_STREAM, Candidates, gumbel
+from beamsift.transforms.select import SELECT_STREAM, SelectionError, gumbel
 from beamsift.transforms.stage import read_staging
-
-
-class SelectionError(ValueError):
-    """The selection asked for cannot be made (e.g. k larger than the eligible pool)."""
 
 
 @dataclass
@@ -113,8 +108,8 @@ class DsirModel:
     length_norm: str
     min_tokens: int
     mean_ngrams: float  # mean n-grams per eligible pool document (for length_norm: mean)
-    k: int  # how many documents to select
-    eligible: int
+    k: int | None = None  # not used by scoring: the selector stage decides the budget
+    eligible: int = 0  # pool documents with at least min_tokens tokens
     log_ratio: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -159,26 +154,6 @@ class DsirModel:
 def load_fitted_counts(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
     with np.load(io.BytesIO(data)) as z:
         return z["target_counts"], z["raw_counts"], json.loads(str(z["meta"]))
-
-
-def resolve_k(k: int | None, fraction: float | None, eligible: int, explain: str = "") -> int:
-    if k is None:
-        k = math.floor(fraction * eligible + 0.5)
-        if k < 1:
-            raise SelectionError(f"select.fraction={fraction} of {eligible} eligible documents selects none{explain}")
-    if k > eligible:
-        raise SelectionError(f"select.k={k} is larger than the {eligible} eligible documents{explain}")
-    return k
-
-
-def _explain_eligible(pool: NgramTotals, rejects: dict, min_tokens: int) -> str:
-    """Why the eligible pool is as small as it is, in the order a user would check."""
-    short = pool.docs - pool.eligible
-    parts = [describe_rejects(rejects, "pool", pool.docs)]
-    if short:
-        parts.append(f"{short:,} valid documents have fewer than dsir.min_tokens={min_tokens} tokens")
-    hint = "lower select.k or dsir.min_tokens" if short else "lower select.k"
-    return ": " + "; ".join(parts) + f" ({hint})"
 
 
 @dataclass(frozen=True)
@@ -232,8 +207,8 @@ def subtract_totals(all_docs: NgramTotals, duplicates: NgramTotals) -> NgramTota
 def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: dict, rejects=None) -> DsirModel:
     """Combine the two fits (or a saved model's counts) and the run's parameters.
 
-    ``rejects`` (read.CountRejectReasons) lets an impossible selection name its real cause: a
-    wrong text field rejects every record, and "k is larger than the 0 eligible" alone hides that.
+    ``rejects`` (read.CountRejectReasons) lets an empty target name its real cause: a wrong text
+    field rejects every record, and "the target has no n-grams" alone hides that.
     """
     rejects = rejects or {}
     if fitted is not None:
@@ -244,8 +219,6 @@ def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: d
             raise SelectionError(f"the target has no valid documents: {describe_rejects(rejects, 'target', 0)}")
     if target_counts.sum() == 0:
         raise SelectionError("the target has no n-grams: its documents hold no word or punctuation tokens")
-    explain = _explain_eligible(pool, rejects, params["min_tokens"])
-    k = resolve_k(params["k"], params["fraction"], pool.eligible, explain)
     return DsirModel(
         target_counts=target_counts,
         raw_counts=raw_counts,
@@ -255,65 +228,43 @@ def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: d
         length_norm=params["length_norm"],
         min_tokens=params["min_tokens"],
         mean_ngrams=pool.eligible_ngrams / max(pool.eligible, 1),
-        k=k,
         eligible=pool.eligible,
     )
 
 
-SCORE_COLUMNS = [ORDER, ID_HASH, N_TOKENS, BUCKETS]
+TOO_SHORT = "too short"
+# The columns the DSIR stage adds to scores/ (name, Arrow type).
+COLUMNS = (("dsir_log_weight", "double"), ("dsir_key", "double"), ("n_ngrams", "int64"))
 
 
-@dataclass
-class ShardScores:
-    """DSIR scores of a staged shard's documents, aligned with its rows."""
+class ScoreDsirShard(ShardStageFn):
+    """A staged shard -> its DSIR columns: the paper's log importance weight, the importance-
+    resampling key (the weight, length-normalised if asked, plus Gumbel noise seeded by (seed, id);
+    null for a document out of the running, so that ORDER BY dsir_key DESC LIMIT k re-selects),
+    and its n-gram count. A document below ``dsir.min_tokens`` leaves the running: "too short"."""
 
-    log_weight: np.ndarray  # the paper's log importance weight
-    key: np.ndarray  # resampling key: (normalised) log weight + Gumbel noise
-    random_key: np.ndarray  # Gumbel noise alone: the uniformly random baseline subset
-    n_ngrams: np.ndarray
-    duplicate: np.ndarray  # bool: rejected, an earlier record has the same id
-    eligible: np.ndarray  # bool: may be selected (not a duplicate, long enough)
-    features: NgramFeatures
-
-
-def score_shard(table, model: DsirModel, duplicates, seed: int) -> ShardScores:
-    n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
-    id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
-    features = features_from_arrow(table.column(BUCKETS), n_tokens)
-    log_w, resampled = model.scores(features)
-    duplicate = duplicates.mask(np.asarray(table.column(ORDER).combine_chunks()))
-    return ShardScores(
-        log_weight=log_w,
-        key=resampled + gumbel(id_hash, seed, SELECT_STREAM),
-        random_key=gumbel(id_hash, seed, RANDOM_STREAM),
-        n_ngrams=features.n_ngrams,
-        duplicate=duplicate,
-        eligible=~duplicate & model.eligible_mask(n_tokens),
-        features=features,
-    )
-
-
-class RankShard(beam.DoFn):
-    """A staged shard -> its k best candidates for the selection and for the random baseline."""
-
-    def __init__(self, seed: int, progress_dir: str | None = None):
+    def __init__(self, name, chain, seed: int, progress_dir=None):
+        super().__init__(name, chain, progress_dir, meter_stage="rank")
         self.seed = seed
-        self.meter = StageMeter("rank", progress_dir)
 
-    def setup(self):
-        self.meter.setup()
-
-    def finish_bundle(self):
-        self.meter.flush()
-
-    def process(self, shard, model, duplicates):
-        started = self.meter.start()
-        table = read_staging(shard.path, columns=SCORE_COLUMNS)
-        s = score_shard(table, model, duplicates, self.seed)
+    def score(self, shard, reasons, model):
+        table = read_staging(shard.path, columns=[ID_HASH, N_TOKENS, BUCKETS])
+        n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
         id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
-        valid = ~s.duplicate
-        self.meter.done(started, docs=table.num_rows)
-        yield {
-            "selected": Candidates.of(s.key[s.eligible], id_hash[s.eligible], model.k),
-            "random": Candidates.of(s.random_key[valid], id_hash[valid], model.k),
-        }
+        features = features_from_arrow(table.column(BUCKETS), n_tokens)
+        log_w, resampled = model.scores(features)
+        running = running_mask(reasons)
+        reasons[running & ~model.eligible_mask(n_tokens)] = TOO_SHORT
+        key = resampled + gumbel(id_hash, self.seed, SELECT_STREAM)
+        key[~running_mask(reasons)] = np.nan
+        return {"dsir_log_weight": log_w, "dsir_key": key, "n_ngrams": features.n_ngrams}, reasons
+
+
+def selection_ngrams(staged, selected: np.ndarray, in_random: np.ndarray, num_buckets: int) -> dict:
+    """The hashed n-gram counts of a shard's selected and random-baseline documents (KL reduction)."""
+    n_tokens = np.asarray(staged.column(N_TOKENS).combine_chunks())
+    features = features_from_arrow(staged.column(BUCKETS), n_tokens)
+    return {
+        "selected_ngrams": bucket_counts(features, num_buckets, rows=selected),
+        "random_ngrams": bucket_counts(features, num_buckets, rows=in_random),
+    }

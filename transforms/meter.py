@@ -47,10 +47,13 @@ class StageMeter:
         self._start.update(int(now * 1000))
         return now
 
-    def done(self, started: float, docs: int = 0, nbytes: int = 0) -> None:
+    def done(self, started: float, docs: int = 0, nbytes: int = 0, busy: bool = True) -> None:
+        """``busy=False`` where the unit's time includes other stages' (a reader that yields its
+        batches to the stages fused after it)."""
         now = time.time()
         self._end.update(int(now * 1000))
-        self._busy.inc(int((now - started) * 1000))
+        if busy:
+            self._busy.inc(int((now - started) * 1000))
         if docs:
             self._docs.inc(docs)
         self.progress(docs, nbytes)

@@ -336,7 +336,7 @@ class ReadDocumentBatches(beam.DoFn):
             if not isinstance(out, beam.pvalue.TaggedOutput):
                 self.meter.progress(docs=out.num_rows)
             yield out
-        self.meter.done(started, nbytes=task.nbytes)
+        self.meter.done(started, nbytes=task.nbytes, busy=False)
 
     def _read(self, task: ReadTask) -> Iterator:
         if task.format in ("parquet", "hf"):

@@ -1,4 +1,4 @@
-"""Selecting exactly k documents: Gumbel top-k, seeded by the config seed and the document id.
+"""Cutting by rank: the selector's methods and the filters' rules, seeded by (seed, document id).
 
 Sampling k items without replacement with probabilities ∝ w_i is the same as keeping the k
 largest keys log w_i + G_i with G_i ~ Gumbel(0, 1) (the Gumbel top-k trick). G_i comes from a
@@ -6,16 +6,23 @@ hash of (seed, id), not from a generator that walks the data, so the selection i
 every runner and for any number of workers (the reference seeds numpy per process and its
 selection changes with ``num_proc``).
 
-The global top-k never gathers the pool: each shard keeps its own k best (key, id hash) pairs,
-and a combine merges those lists, keeping k. Ties in the key are broken by the id hash.
+Every rule here is "keep the documents ranked (offset, offset + k] by a key": top-k by a column,
+bottom-k (the key negated), a quantile band (skip the top offset, keep the next k), importance
+resampling (the key is a log weight plus Gumbel noise), weighted sampling without replacement (log
+weight + Gumbel: Efraimidis & Spirakis's scheme in its Gumbel form). A threshold keeps what lies
+in [min, max]. The global ranks never gather the pool: each shard keeps its own offset + k best
+(key, id hash) pairs, a combine merges those lists, and the pairs at the two cut ranks decide
+every document. Ties in the key are broken by the id hash.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
+from beamsift.transforms.chain import ShardStageFn
 from beamsift.transforms.featurize import splitmix64
 
 SELECT_STREAM = 0x5E1EC7
@@ -67,11 +74,13 @@ class Candidates:
             max(self.k, other.k),
         )
 
-    def threshold(self) -> tuple[float, int] | None:
-        """The k-th best (key, id hash): an item is in the top k iff it is at least as good."""
-        if len(self.keys) < self.k:
+    def threshold(self, rank: int | None = None) -> tuple[float, int] | None:
+        """The (key, id hash) at ``rank`` (1-based; default k): an item ranks at or above it iff
+        it is at least as good. None where fewer items than that were ranked."""
+        rank = self.k if rank is None else rank
+        if rank < 1 or len(self.keys) < rank:
             return None
-        return float(self.keys[self.k - 1]), int(self.hashes[self.k - 1])
+        return float(self.keys[rank - 1]), int(self.hashes[rank - 1])
 
 
 def at_or_above(keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, int] | None) -> np.ndarray:
@@ -82,7 +91,7 @@ def at_or_above(keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, in
 
 
 class MergeCandidates(beam.CombineFn):
-    """Per-shard candidate lists (a dict name -> Candidates) -> the global top k of each."""
+    """Per-shard candidate lists (a dict name -> Candidates) -> the global candidates of each."""
 
     def create_accumulator(self):
         return {}
@@ -99,4 +108,288 @@ class MergeCandidates(beam.CombineFn):
         return out
 
     def extract_output(self, acc):
-        return {name: c.threshold() for name, c in acc.items()}
+        return acc
+
+
+class SelectionError(ValueError):
+    """The selection asked for cannot be made (e.g. k larger than the documents in the running)."""
+
+
+METHODS = ("importance", "top", "bottom", "band", "threshold", "weighted", "all")
+SAMPLING = ("importance", "weighted")
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A rule that keeps part of the documents still in the running, by one column.
+
+    ``k``/``fraction``: how many to keep (a fraction is of the documents in the running);
+    ``offset``: how many of the best to skip first (a value below 1 is a fraction); ``low``,
+    ``high``: the kept range of the column (threshold). ``key_column``: a column that already
+    holds the ranking key (DSIR writes ``dsir_key``, its log weight plus the seeded noise).
+    """
+
+    column: str
+    method: str = "top"
+    k: int | None = None
+    fraction: float | None = None
+    offset: float = 0
+    low: float | None = None
+    high: float | None = None
+    key_column: str | None = None
+
+    def ranked(self) -> bool:
+        return self.method not in ("threshold", "all") or self.k is not None or self.fraction is not None
+
+    def ranks(self, running: int) -> tuple[int, int]:
+        """(skip, keep) as counts, given how many documents are in the running."""
+        skip = int(math.floor(self.offset * running + 0.5)) if 0 < self.offset < 1 else int(self.offset)
+        if self.k is not None:
+            keep = self.k
+        elif self.fraction is not None:
+            keep = int(math.floor(self.fraction * running + 0.5))
+        else:
+            keep = running
+        return skip, keep
+
+    def keys(self, values: np.ndarray, id_hash: np.ndarray, seed: int) -> np.ndarray:
+        """The ranking key of each document (larger is better); NaN values rank last."""
+        if self.method == "bottom":
+            keys = -values
+        elif self.method == "importance" and self.key_column is None:
+            keys = values + gumbel(id_hash, seed, SELECT_STREAM)
+        elif self.method == "weighted":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                keys = np.log(values) + gumbel(id_hash, seed, SELECT_STREAM)
+        else:
+            keys = values
+        return np.where(np.isnan(keys), -np.inf, keys)
+
+    def in_range(self, values: np.ndarray) -> np.ndarray:
+        ok = ~np.isnan(values)
+        if self.low is not None:
+            ok &= values >= self.low
+        if self.high is not None:
+            ok &= values <= self.high
+        return ok
+
+
+def apply_cut(
+    cut: Cut, keys: np.ndarray, values: np.ndarray, id_hash: np.ndarray, running: np.ndarray, thresholds: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, above) masks: kept in the cut; above = ranked better than the kept band (skipped)."""
+    kept = running & cut.in_range(values) if cut.method == "threshold" else running.copy()
+    above = np.zeros(len(keys), dtype=bool)
+    if cut.ranked():
+        upper, lower = thresholds.get("upper"), thresholds.get("lower")
+        if upper is not None:
+            above = running & at_or_above(keys, id_hash, upper)
+        within = at_or_above(keys, id_hash, lower) if lower is not None else np.ones(len(keys), bool)
+        kept &= within & ~above
+        if cut.method != "threshold":
+            kept &= keys > -np.inf  # no value, no rank
+    return kept, above
+
+
+def cut_thresholds(merged: dict, skip: int, keep: int) -> dict:
+    """The (key, id hash) pairs at the two cut ranks, from the merged candidates."""
+    ranked = merged.get("ranked")
+    if ranked is None:
+        return {}
+    return {
+        "upper": ranked.threshold(skip) if skip else None,
+        "lower": ranked.threshold(skip + keep),
+        "random": merged["random"].threshold() if "random" in merged else None,
+    }
+
+
+# ---- the Beam side: rank the shards, merge, cut --------------------------------------------
+
+
+def cut_reasons(cut: Cut, role: str) -> tuple[str, str, str]:
+    """(below, above, missing): what ``scores.reason`` says of a document the cut leaves out.
+
+    The selector's are a small fixed vocabulary; a filter's name the rule, so that GROUP BY reason
+    gives one row per filter: "filtered: dsir_log_weight below the 60th percentile"."""
+    if role == "select":
+        below = "not sampled" if cut.method in SAMPLING else "below the cut"
+        return below, "above the band", f"no {cut.column}"
+    c = cut.column
+    missing = f"filtered: no {c}"
+    if cut.method == "threshold":
+        return f"filtered: {c} out of range", f"filtered: {c} out of range", missing
+    skip, keep = cut.offset, cut.fraction
+    if cut.method == "bottom":
+        return f"filtered: {c} above the {_pct(keep)} percentile", "", missing
+    below = f"filtered: {c} below the {_pct(1 - skip - keep)} percentile" if keep is not None else ""
+    above = f"filtered: {c} above the {_pct(1 - skip)} percentile" if skip else ""
+    return below, above, missing
+
+
+def _pct(share: float | None) -> str:
+    if share is None:
+        return "cut"
+    p = round(100 * share, 2)
+    p = int(p) if p == int(p) else p
+    suffix = "th" if 10 <= p % 100 <= 20 or int(p) != p else {1: "st", 2: "nd", 3: "rd"}.get(int(p) % 10, "th")
+    return f"{p}{suffix}"
+
+
+class RankForCut(beam.DoFn):
+    """A shard -> its best (offset + k) candidates by the cut's key (and the random baseline's)."""
+
+    def __init__(self, stage: str, cut: Cut, chain, seed: int, random_baseline: bool = False):
+        self.stage = stage
+        self.cut = cut
+        self.chain = chain
+        self.seed = seed
+        self.random_baseline = random_baseline
+
+    def process(self, item, duplicates, running_total: int):
+        from beamsift.transforms.chain import running_mask
+        from beamsift.transforms.schema import ID_HASH
+        from beamsift.transforms.stage import read_staging
+
+        shard = item.ref if hasattr(item, "ref") else item
+        reasons = self.chain.reasons(self.stage, shard, duplicates)
+        running = running_mask(reasons)
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        out = {}
+        if self.cut.ranked():
+            skip, keep = self.cut.ranks(running_total)
+            values = self.chain.column(self.cut.column, shard.name)
+            if self.cut.key_column is not None:
+                keys = self.cut.keys(self.chain.column(self.cut.key_column, shard.name), id_hash, self.seed)
+            else:
+                keys = self.cut.keys(values, id_hash, self.seed)
+            rankable = running & self.cut.in_range(values) if self.cut.method == "threshold" else running
+            out["ranked"] = Candidates.of(keys[rankable], id_hash[rankable], max(skip + keep, 1))
+            if self.random_baseline:
+                valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
+                random_keys = gumbel(id_hash[valid], self.seed, RANDOM_STREAM)
+                out["random"] = Candidates.of(random_keys, id_hash[valid], max(keep, 1))
+        yield out
+
+
+def check_budget(cut: Cut, running_total: int, explain=None) -> tuple[int, int]:
+    """The cut's (skip, keep), or a SelectionError that says why it cannot be made."""
+    skip, keep = cut.ranks(running_total)
+    why = explain() if explain is not None else ""
+    if cut.k is not None and skip + keep > running_total:
+        offset = f" after skipping the top {skip}" if skip else ""
+        raise SelectionError(
+            f"select.k={cut.k} is larger than the {max(running_total - skip, 0)} eligible documents{offset}{why}"
+        )
+    if cut.fraction is not None and keep < 1:
+        raise SelectionError(f"select.fraction={cut.fraction} of {running_total} documents selects none{why}")
+    return skip, keep
+
+
+class ApplyCutShard(ShardStageFn):
+    """A shard -> the cut applied: reasons for what it leaves out; the selector also writes
+    ``selected`` and, for the KL reduction, ``_in_random`` (the random baseline of the same size)."""
+
+    def __init__(self, name, chain, cut: Cut, role: str, seed: int, progress_dir=None):
+        super().__init__(name, chain, progress_dir, meter_stage=name if role == "filter" else "select")
+        self.cut = cut
+        self.role = role
+        self.seed = seed
+
+    def score(self, shard, reasons, thresholds):
+        from beamsift.transforms.chain import running_mask
+        from beamsift.transforms.schema import ID_HASH
+        from beamsift.transforms.stage import read_staging
+
+        running = running_mask(reasons)
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        below_reason, above_reason, missing_reason = cut_reasons(self.cut, self.role)
+        columns = {}
+        if self.cut.method == "all":
+            kept = running
+        else:
+            values = self.chain.column(self.cut.column, shard.name)
+            source = self.chain.column(self.cut.key_column, shard.name) if self.cut.key_column else values
+            keys = self.cut.keys(source, id_hash, self.seed)
+            kept, above = apply_cut(self.cut, keys, values, id_hash, running, thresholds)
+            missing = running & np.isnan(values)
+            reasons[running & above] = above_reason
+            reasons[running & ~kept & ~above & ~missing] = below_reason
+            reasons[missing] = missing_reason
+        if self.role == "select":
+            columns["selected"] = kept
+            valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
+            random_keys = gumbel(id_hash, self.seed, RANDOM_STREAM)
+            columns["_in_random"] = valid & at_or_above(random_keys, id_hash, thresholds.get("random"))
+        return columns, reasons
+
+
+class CutStage(beam.PTransform):
+    """A filter or the selector: rank the documents in the running by the cut's key, merge the
+    shards' best into the global cut ranks, then apply the cut to every shard.
+
+    ``explain``: for the selector, a function of (reject reasons, earlier stages' summaries) that
+    says why the running is as small as it is, when the budget cannot be met.
+    """
+
+    def __init__(self, name, cut: Cut, role: str, chain, seed, duplicates, progress_dir=None, explain=None, context=()):
+        super().__init__()
+        self.name = name
+        self.cut = cut
+        self.role = role
+        self.chain = chain
+        self.seed = seed
+        self.duplicates = duplicates
+        self.progress_dir = progress_dir
+        self.explain = explain  # (running total, *context values) -> why the running is that small
+        self.context = context  # side inputs for explain
+
+    def expand(self, shards):
+        from beamsift.transforms.chain import ApplyStage, running_total
+
+        total = running_total(shards, "Count", self.duplicates)
+        budget = beam.pvalue.AsSingleton(
+            shards.pipeline | "One" >> beam.Create([None]) | "Budget" >> beam.Map(self._budget, total, *self.context)
+        )
+        random_baseline = self.role == "select"
+        merged = (
+            shards
+            | "Rank"
+            >> beam.ParDo(
+                RankForCut(self.name, self.cut, self.chain, self.seed, random_baseline), self.duplicates, total
+            )
+            | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
+        )
+        thresholds = beam.pvalue.AsSingleton(
+            merged | "CutRanks" >> beam.Map(lambda m, b: cut_thresholds(m, *b), budget), default_value={}
+        )
+        fn = ApplyCutShard(self.name, self.chain, self.cut, self.role, self.seed, self.progress_dir)
+        return shards | "Cut" >> ApplyStage(fn, self.duplicates, thresholds)
+
+    def _budget(self, _, total, *context):
+        if self.role != "select":
+            return self.cut.ranks(total)
+        explain = (lambda: self.explain(total, *context)) if self.explain is not None else None
+        return check_budget(self.cut, total, explain)
+
+
+def explain_running(total: int, rejects: dict, prior: dict, min_tokens: int | None = None) -> str:
+    """Why only ``total`` documents are left for the selector: what was rejected while reading,
+    and what each earlier stage took out."""
+    from beamsift.transforms.read import describe_rejects
+
+    stages = prior.get("stages", {})
+    first = next(iter(stages.values()), None)
+    valid = first["in"] if first else total
+    parts = [describe_rejects(rejects, "pool", valid)]
+    short = False
+    for counts in stages.values():
+        for reason, n in counts.items():
+            if reason in ("in", "out"):
+                continue
+            if reason == "too short" and min_tokens is not None:
+                short = True
+                parts.append(f"{n:,} valid documents have fewer than dsir.min_tokens={min_tokens} tokens")
+            else:
+                parts.append(f"{n:,} were taken out as {reason!r}")
+    hint = "lower select.k or dsir.min_tokens" if short else "lower select.k"
+    return ": " + "; ".join(parts) + f" ({hint})"

@@ -14,12 +14,11 @@ import json
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from beamsift.transforms.dsir import score_shard
-from beamsift.transforms.featurize import bucket_counts
+from beamsift.transforms.chain import DUPLICATE, REASON, Chain
+from beamsift.transforms.dsir import selection_ngrams
 from beamsift.transforms.meter import StageMeter
 from beamsift.transforms.read import POSITION_BITS, REJECTED
 from beamsift.transforms.schema import (
-    ID_HASH,
     INTERNAL,
     N_TOKENS,
     ORDER,
@@ -29,27 +28,32 @@ from beamsift.transforms.schema import (
     input_field,
     output_column,
 )
-from beamsift.transforms.select import at_or_above
 from beamsift.transforms.stage import read_staging, write_parquet
 
-# scores/: one row for every valid document. ``id`` takes the input's id type (an integer id
-# stays an integer); the input fields other than the text follow these columns.
-SCORE_FIELDS = [
-    pa.field("id", pa.string()),
-    pa.field("dsir_log_weight", pa.float64()),
-    pa.field("dsir_key", pa.float64()),
-    pa.field(N_TOKENS, pa.int32()),
-    pa.field("n_ngrams", pa.int64()),
-    pa.field("selected", pa.bool_()),
-    pa.field("reason", pa.string()),
-]
-SELECTED_FRONT = [pa.field("id", pa.string()), pa.field(TEXT, pa.string())]
-SELECTED_SCORES = [f for f in SCORE_FIELDS if f.name not in ("id", "selected", "reason")]
 
-# Why a valid document was not selected: a small fixed vocabulary; the details are columns
-# (``n_tokens`` for "too short", ``dsir_key`` against the cut for "not sampled").
-TOO_SHORT = "too short"
-NOT_SAMPLED = "not sampled"
+def score_fields(chain: Chain) -> list[pa.Field]:
+    """scores/: one row for every valid document. ``id`` takes the input's id type (an integer id
+    stays an integer); each stage's columns follow in stage order; the input fields but the text
+    come after these."""
+    return [pa.field("id", pa.string()), *_stage_fields(chain), *_TAIL]
+
+
+def selected_fields(chain: Chain) -> list[pa.Field]:
+    """selected/: the selected documents: id, the text (under its input name), the scores."""
+    return [pa.field("id", pa.string()), pa.field(TEXT, pa.string()), *_stage_fields(chain), _TAIL[0]]
+
+
+_TYPES = {"double": pa.float64(), "int64": pa.int64(), "int32": pa.int32(), "bool": pa.bool_(), "string": pa.string()}
+_TAIL = [pa.field(N_TOKENS, pa.int32()), pa.field("selected", pa.bool_()), pa.field("reason", pa.string())]
+
+
+def _stage_fields(chain: Chain) -> list[pa.Field]:
+    fields = []
+    for stage in chain.stages:
+        for name, type_str in chain.columns.get(stage, ()):
+            if not name.startswith("_") and name != "selected":
+                fields.append(pa.field(name, _TYPES[type_str]))
+    return fields
 
 
 def with_text_named(table: pa.Table, text_column: str) -> pa.Table:
@@ -58,22 +62,26 @@ def with_text_named(table: pa.Table, text_column: str) -> pa.Table:
 
 
 class WriteSelectionShards(beam.DoFn):
-    """A staged shard -> selected/ and scores/ shards, duplicate-id rejects, and a summary."""
+    """A shard after the last stage -> its selected/ and scores/ shards, its duplicate-id rejects,
+    and a summary (counts by reason; with DSIR, the n-gram counts of the selected and the random
+    subsets, for the KL reduction)."""
 
     def __init__(
         self,
         output_dir: str,
-        seed: int,
+        chain: Chain,
         input_files: list[str],
         text_field: str,
         id_field: str | None,
+        ngram_buckets: int | None = None,
         progress_dir: str | None = None,
     ):
         self.output_dir = output_dir
-        self.seed = seed
+        self.chain = chain
         self.input_files = input_files
         self.text_field = text_field
         self.id_field = id_field
+        self.ngram_buckets = ngram_buckets
         self.meter = StageMeter("write", progress_dir)
 
     def setup(self):
@@ -82,54 +90,47 @@ class WriteSelectionShards(beam.DoFn):
     def finish_bundle(self):
         self.meter.flush()
 
-    def process(self, shard, model, duplicates, thresholds, fields):
+    def process(self, item, duplicates, fields):
         from apache_beam.io.filesystems import FileSystems
 
+        shard = item.ref
         started = self.meter.start()
         table = read_staging(shard.path)
-        s = score_shard(table, model, duplicates, self.seed)
-        id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
-        selected = s.eligible & at_or_above(s.key, id_hash, thresholds.get("selected"))
-        in_random = ~s.duplicate & at_or_above(s.random_key, id_hash, thresholds.get("random"))
-
-        reasons = np.full(table.num_rows, None, dtype=object)
-        reasons[~selected] = NOT_SAMPLED
-        too_short = ~s.duplicate & ~s.eligible
-        reasons[too_short] = TOO_SHORT
-        # Only an eligible document has a resampling key, so that ORDER BY dsir_key DESC LIMIT k
-        # over scores/ re-selects exactly what the run selected.
-        key = pa.array(s.key, mask=~s.eligible)
-        scored = table.append_column("dsir_log_weight", pa.array(s.log_weight))
-        scored = scored.append_column("dsir_key", key)
-        scored = scored.append_column("n_ngrams", pa.array(s.n_ngrams))
+        last = self.chain.read(self.chain.stages[-1], shard.name)
+        reasons = np.asarray(last.column(REASON).to_pylist(), dtype=object)
+        selected = np.asarray(last.column("selected").to_numpy(zero_copy_only=False), dtype=bool)
+        duplicate = np.array([r == DUPLICATE for r in reasons], dtype=bool)
+        scored = table
+        for f in _stage_fields(self.chain):
+            column = self.chain.read(self.chain.producer(f.name), shard.name, [f.name]).column(0)
+            scored = scored.append_column(f.name, column)
         scored = scored.append_column("selected", pa.array(selected))
-        scored = scored.append_column("reason", pa.array(reasons, pa.string()))
+        scored = scored.append_column("reason", pa.array(np.where(duplicate, None, reasons), pa.string()))
 
         # Select the score columns first: filtering then never copies the text.
-        scores_out = conform(scored, fields, SCORE_FIELDS).filter(pa.array(~s.duplicate))
+        scores_out = conform(scored, fields, score_fields(self.chain)).filter(pa.array(~duplicate))
         chosen = scored.filter(pa.array(selected))
-        selected_out = conform(chosen, fields, SELECTED_FRONT + SELECTED_SCORES)
+        selected_out = conform(chosen, fields, selected_fields(self.chain))
         selected_out = with_text_named(selected_out, output_column(self.text_field))
         # The text is in selected/ only: scores/ stays small enough to scan for re-selection.
         write_parquet(scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet"))
         write_parquet(selected_out, FileSystems.join(self.output_dir, "selected", shard.name + ".parquet"))
 
-        for row in np.flatnonzero(s.duplicate):
+        for row in np.flatnonzero(duplicate):
             yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
 
         self.meter.done(started, docs=table.num_rows)
         counts = {"selected": int(selected.sum())}
-        if s.duplicate.any():
-            counts["rejected: duplicate id"] = int(s.duplicate.sum())
-        not_selected = ~s.duplicate & ~selected
-        for r in reasons[not_selected]:
+        if duplicate.any():
+            counts["rejected: duplicate id"] = int(duplicate.sum())
+        for r in reasons[~duplicate & ~selected]:
             key = "not selected: " + r
             counts[key] = counts.get(key, 0) + 1
-        yield {
-            "counts": counts,
-            "selected_ngrams": bucket_counts(s.features, model.num_buckets, rows=selected),
-            "random_ngrams": bucket_counts(s.features, model.num_buckets, rows=in_random),
-        }
+        summary = {"counts": counts}
+        if self.ngram_buckets is not None and "_in_random" in last.column_names:
+            in_random = np.asarray(last.column("_in_random").to_numpy(zero_copy_only=False), dtype=bool)
+            summary.update(selection_ngrams(table, selected, in_random, self.ngram_buckets))
+        yield summary
 
     def _duplicate_reject(self, table: pa.Table, row: int, duplicates) -> dict:
         # The record as it was read, under its own field names; a null field is left out, as it
@@ -188,27 +189,30 @@ class WriteRejectedShard(beam.DoFn):
 
 
 class SumSummaries(beam.CombineFn):
-    """Add up summary dicts: counts by key, and n-gram count vectors."""
+    """Add up summary dicts: numbers and count vectors are summed, nested dicts key by key."""
 
     def create_accumulator(self):
         return {"counts": {}}
 
     def add_input(self, acc, part):
-        for key, value in part.items():
-            if key == "counts":
-                for name, n in value.items():
-                    acc["counts"][name] = acc["counts"].get(name, 0) + n
-            elif key in acc:
-                acc[key] = acc[key] + value
-            else:
-                acc[key] = value
-        return acc
+        return _add(acc, part)
 
     def merge_accumulators(self, accs):
         out = self.create_accumulator()
         for acc in accs:
-            self.add_input(out, acc)
+            _add(out, acc)
         return out
 
     def extract_output(self, acc):
         return acc
+
+
+def _add(acc: dict, part: dict) -> dict:
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add(acc.setdefault(key, {}), value)
+        elif key in acc:
+            acc[key] = acc[key] + value
+        else:
+            acc[key] = value
+    return acc

@@ -1,0 +1,174 @@
+"""The stage chain's plumbing: what a stage reads and writes for each staged shard.
+
+A run stages the pool once (``stage.py``); every stage after that works shard by shard. A stage
+writes its columns for a shard to ``_staging/<stage>/<shard>.arrow``, row-aligned with the staged
+shard, together with ``_reason``: why each document is out of the running after this stage
+(null while it is still in). A scorer adds columns and copies the reasons; a filter or the
+selector only adds reasons. A later stage reads the columns it needs from the stage that wrote
+them and the reasons from the stage just before it, never the input again.
+
+What travels between stages is a ``StageShard``: the shard's reference and how many of its
+documents are still in the running, so that a stage whose rule is a share ("keep the top 40%")
+knows the total before it ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.stage import ShardRef, read_staging, write_staging
+
+REASON = "_reason"
+DUPLICATE = "duplicate id"
+STAGED = "docs"  # the staged documents: _staging/docs/<shard>.arrow
+STAGED_COLUMNS = ("n_tokens",)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The stages of a run, in order, and the columns each writes (a picklable value)."""
+
+    staging_dir: str
+    stages: tuple[str, ...]
+    columns: dict = field(default_factory=dict)  # stage -> tuple of (column, arrow type as str)
+
+    def producer(self, column: str) -> str:
+        """The stage that writes ``column`` (the latest one, if several do); the staged documents
+        (``docs``) for the columns that staging writes, such as ``n_tokens``."""
+        if column in STAGED_COLUMNS:
+            return STAGED
+        for stage in reversed(self.stages):
+            if column in dict(self.columns.get(stage, ())):
+                return stage
+        known = sorted({c for cols in self.columns.values() for c, _ in cols})
+        raise KeyError(f"no stage writes a column {column!r}; the stages write {known}")
+
+    def before(self, stage: str) -> str | None:
+        i = self.stages.index(stage)
+        return self.stages[i - 1] if i else None
+
+    def path(self, stage: str, shard: str) -> str:
+        return FileSystems.join(self.staging_dir, stage, shard + ".arrow")
+
+    def read(self, stage: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+        return read_staging(self.path(stage, shard), columns)
+
+    def write(self, stage: str, shard: str, table: pa.Table) -> None:
+        write_staging(table, self.path(stage, shard))
+
+    def reasons(self, stage: str, shard: ShardRef, duplicates) -> np.ndarray:
+        """Why each document of ``shard`` is out of the running before ``stage`` (None: in it)."""
+        prev = self.before(stage)
+        if prev is not None:
+            return np.asarray(self.read(prev, shard.name, [REASON]).column(REASON).to_pylist(), dtype=object)
+        orders = np.asarray(read_staging(shard.path, ["_order"]).column(0).combine_chunks(), np.int64)
+        out = np.full(len(orders), None, dtype=object)
+        out[duplicates.mask(orders)] = DUPLICATE
+        return out
+
+    def column(self, name: str, shard: str) -> np.ndarray:
+        """A column written by an earlier stage, as float64 (NaN where it is null)."""
+        values = self.read(self.producer(name), shard, [name]).column(name).combine_chunks()
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class StageShard:
+    """A shard after a stage: its reference, and how many documents are still in the running."""
+
+    ref: ShardRef
+    running: int
+
+
+def running_mask(reasons: np.ndarray) -> np.ndarray:
+    return np.array([r is None for r in reasons], dtype=bool)
+
+
+def stage_summary(stage: str, before: np.ndarray, after: np.ndarray) -> dict:
+    """What a stage did to a shard: documents in, out, and taken out by reason (for the manifest)."""
+    in_before = running_mask(before)
+    taken = in_before & ~running_mask(after)
+    by_reason: dict[str, int] = {}
+    for r in after[taken]:
+        by_reason[r] = by_reason.get(r, 0) + 1
+    return {"stages": {stage: {"in": int(in_before.sum()), "out": int(in_before.sum() - taken.sum()), **by_reason}}}
+
+
+class ShardStageFn(beam.DoFn):
+    """Base of a stage's per-shard DoFn: progress and timing, and the bookkeeping of reasons.
+
+    A subclass implements ``score(shard, reasons, *side_inputs) -> (columns: dict, reasons)``,
+    where ``columns`` maps each of its column names to an array aligned with the shard's rows.
+    """
+
+    def __init__(self, name: str, chain: Chain, progress_dir: str | None = None, meter_stage: str | None = None):
+        self.name = name
+        self.chain = chain
+        self.meter = StageMeter(meter_stage or name, progress_dir)
+
+    def setup(self):
+        self.meter.setup()
+
+    def finish_bundle(self):
+        self.meter.flush()
+
+    def process(self, item, duplicates, *side_inputs):
+        shard = item.ref if isinstance(item, StageShard) else item
+        started = self.meter.start()
+        before = self.chain.reasons(self.name, shard, duplicates)
+        columns, after = self.score(shard, before.copy(), *side_inputs)
+        arrays = {REASON: pa.array(list(after), pa.string())}
+        for name, type_str in self.chain.columns.get(self.name, ()):
+            arrays[name] = _arrow(columns[name], type_str)
+        self.chain.write(self.name, shard.name, pa.table(arrays))
+        self.meter.done(started, docs=shard.num_rows)
+        yield beam.pvalue.TaggedOutput("summary", stage_summary(self.name, before, after))
+        yield StageShard(shard, int(running_mask(after).sum()))
+
+    def score(self, shard: ShardRef, reasons: np.ndarray, *side_inputs):
+        raise NotImplementedError
+
+
+def _arrow(values, type_str: str) -> pa.Array:
+    if isinstance(values, pa.Array):
+        return values
+    t = {"double": pa.float64(), "int64": pa.int64(), "int32": pa.int32(), "bool": pa.bool_(), "string": pa.string()}[
+        type_str
+    ]
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f" and t == pa.float64():
+        return pa.array(values, t, mask=np.isnan(values))  # NaN: not computed for this document
+    return pa.array(values, t)
+
+
+class ApplyStage(beam.PTransform):
+    """Run a ShardStageFn over the shards; (StageShards, per-stage summaries)."""
+
+    def __init__(self, fn: ShardStageFn, duplicates, *side_inputs):
+        super().__init__()
+        self.fn = fn
+        self.duplicates = duplicates
+        self.side_inputs = side_inputs
+
+    def expand(self, shards):
+        out = shards | beam.ParDo(self.fn, self.duplicates, *self.side_inputs).with_outputs("summary", main="shards")
+        return out.shards, out.summary
+
+
+def running_total(shards, label: str, duplicates):
+    """The number of documents still in the running over all shards (a side input)."""
+    return beam.pvalue.AsSingleton(
+        shards | f"{label}Running" >> beam.Map(_running, duplicates) | f"{label}Total" >> beam.CombineGlobally(sum)
+    )
+
+
+def _running(item, duplicates) -> int:
+    if isinstance(item, StageShard):
+        return item.running
+    # A staged shard before any stage: all but its duplicate ids are in the running.
+    orders = np.asarray(read_staging(item.path, ["_order"]).column(0).combine_chunks(), np.int64)
+    return int((~duplicates.mask(orders)).sum())

@@ -23,13 +23,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
-from beamsift.transforms import dsir
+from beamsift.transforms import dsir, proxy
 from beamsift.transforms.chain import STAGED, ApplyStage, Chain
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
 from beamsift.transforms.meter import StageMeter
 from beamsift.transforms.read import CountRejectReasons, InputSpec, ReadDocuments, ReadTask
-from beamsift.transforms.schema import UnifyFieldTypes
+from beamsift.transforms.schema import TEXT, UnifyFieldTypes, output_column
 from beamsift.transforms.select import Cut, CutStage, explain_running
 from beamsift.transforms.stage import WriteStagingShards
 from beamsift.transforms.write import SumSummaries, WriteRejectedShard, WriteSelectionShards
@@ -57,7 +57,35 @@ def make_chain(cfg: Config, staging_dir: str) -> Chain:
             columns[name] = dsir.COLUMNS
         elif kind == "select":
             columns[name] = SELECT_COLUMNS
+        elif kind == "proxy":
+            columns[name] = proxy.proxy_columns(proxy_settings(cfg))
+        elif kind == "excess_loss":
+            columns[name] = proxy.EXCESS_COLUMNS
     return Chain(staging_dir, tuple(cfg["stages"]), columns)
+
+
+def proxy_settings(cfg: Config, model: str | None = None) -> proxy.ProxySettings:
+    label = cfg["input.label_field"]
+    return proxy.ProxySettings(
+        model=model if model is not None else cfg["proxy.model"],
+        seeds=cfg["proxy.seeds"],
+        sample=cfg["proxy.sample"],
+        epochs=cfg["proxy.epochs"],
+        batch_size=cfg["proxy.batch_size"],
+        learning_rate=cfg["proxy.learning_rate"],
+        holdout=float(cfg["proxy.holdout"]),
+        patience=cfg["proxy.patience"],
+        hidden=cfg["proxy.hidden"],
+        vocab_size=cfg["proxy.vocab_size"],
+        layers=cfg["proxy.layers"],
+        dim=cfg["proxy.dim"],
+        heads=cfg["proxy.heads"],
+        context=cfg["proxy.context"],
+        grand=cfg["proxy.grand"],
+        label_column=output_column(label) if label is not None else None,
+        num_buckets=cfg["featurize.buckets"],
+        threads=cfg["proxy.threads"],
+    )
 
 
 def filter_cut(cfg: Config, name: str) -> Cut:
@@ -134,12 +162,18 @@ def build_pipeline(
     rejected = [pool_rejected]
     summaries = []
 
-    # 2. The target, read and featurized for DSIR's p̂.
-    target_totals = None
-    if "dsir" in kinds and target_tasks is not None:
+    # 2. The target, read and featurized for DSIR's p̂; its texts for excess_loss's reference model.
+    target_totals = target_texts = None
+    if target_tasks is not None:
         target_docs, target_rejected = p | "ReadTarget" >> ReadDocuments(
             target_tasks, input_spec(cfg, "target"), "target", progress_dir
         )
+        target_texts = AsSingleton(
+            target_docs
+            | "TargetTexts" >> beam.Map(lambda t: t.column(TEXT).to_pylist())
+            | "AllTargetTexts" >> beam.CombineGlobally(lambda parts: sorted(x for part in parts for x in part))
+        )
+    if "dsir" in kinds and target_tasks is not None:
         target_totals = (
             target_docs
             | "FeaturizeTarget"
@@ -177,6 +211,20 @@ def build_pipeline(
         if kind == "dsir":
             fn = dsir.ScoreDsirShard(name, chain, seed, progress_dir)
             shards, summary = shards | "Stage_" + name >> ApplyStage(fn, duplicates, model)
+        elif kind in ("proxy", "excess_loss"):
+            excess = kind == "excess_loss"
+            settings = proxy_settings(cfg, cfg["excess_loss.model"] if excess else None)
+            shards, summary = shards | "Stage_" + name >> proxy.ModelStage(
+                name,
+                chain,
+                settings,
+                seed,
+                duplicates,
+                FileSystems.join(out, "artifacts"),
+                excess,
+                target_texts,
+                progress_dir,
+            )
         elif kind == "filter":
             shards, summary = shards | "Stage_" + name >> CutStage(
                 name, filter_cut(cfg, name), "filter", chain, seed, duplicates, progress_dir

@@ -28,6 +28,7 @@ SCHEMA: dict[str, Any] = {
             "the field that holds a unique id; null = hash of text",
         ),
         "txt_mode": ("line", str, "for txt input: a document per line, or per file"),
+        "label_field": (None, (str, type(None)), "a field with each document's label: the proxy is a classifier"),
         "batch_size": (4096, int, "documents per batch (and per staging shard)"),
         "split_bytes": (16 * 2**20, int, "uncompressed text files are read in ranges of this size"),
     },
@@ -49,6 +50,27 @@ SCHEMA: dict[str, Any] = {
         "model": (None, (str, type(None)), "artifacts/ folder of an earlier run: apply, don't fit"),
     },
     "stages": (None, (list, type(None)), "the stages, in order; null = [dsir, select]"),
+    "proxy": {  # the proxy model: trained in the run on a sample of the pool, or given
+        "model": (None, (str, type(None)), "a saved model folder to apply instead of training"),
+        "seeds": (3, int, "K proxies from K seeds; scores are their mean (EL2N: K = 10)"),
+        "sample": (20000, int, "train on at most this many documents of the pool (seeded)"),
+        "epochs": (10, int, "at most this many epochs; training stops early (held-out loss)"),
+        "batch_size": (32, int, "training batch size"),
+        "learning_rate": (None, (int, float, type(None)), "Adam's; null: 1e-3 classifier, 3e-3 causal LM"),
+        "holdout": (0.1, (int, float), "share of the sample held out to decide when to stop"),
+        "patience": (1, int, "epochs without a better held-out loss before stopping"),
+        "hidden": (64, int, "classifier: hidden units"),
+        "vocab_size": (8000, int, "causal LM: BPE vocabulary trained on the sample"),
+        "layers": (2, int, "causal LM: GPT-2 layers"),
+        "dim": (128, int, "causal LM: width"),
+        "heads": (4, int, "causal LM: attention heads"),
+        "context": (256, int, "causal LM: tokens per document; longer ones are truncated (counted)"),
+        "grand": (False, bool, "also the exact GraNd over all parameters (per-example gradients; slower)"),
+        "threads": (0, int, "torch threads per worker; 0: all cores"),
+    },
+    "excess_loss": {
+        "model": (None, (str, type(None)), "a run's artifacts/excess_loss folder to apply instead of training"),
+    },
     "filter": {  # the parameters of a filter stage named filter, or filter_<anything>
         "column": (None, (str, type(None)), "the score column the filter reads"),
         "keep_top": (None, (int, float, type(None)), "keep this share of the running with the highest values"),
@@ -91,12 +113,16 @@ CHOICES = {
 
 # Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that
 # may repeat; its parameters are the section of its name.
-STAGE_KINDS = ("dsir", "filter", "select")
+STAGE_KINDS = ("dsir", "filter", "proxy", "excess_loss", "select")
 REPEATABLE = ("filter",)
 DEFAULT_STAGES = ["dsir", "select"]
 # The score columns each kind of stage writes (a filter's or the selector's column must be one
 # that an earlier stage writes, or n_tokens, which every run has).
-STAGE_COLUMNS = {"dsir": ("dsir_log_weight", "dsir_key", "n_ngrams")}
+STAGE_COLUMNS = {
+    "dsir": ("dsir_log_weight", "dsir_key", "n_ngrams"),
+    "proxy": ("loss", "perplexity", "el2n", "grand_last_layer"),
+    "excess_loss": ("loss", "perplexity", "reference_loss", "excess_loss"),
+}
 
 
 def stage_kind(name: str) -> str | None:
@@ -307,6 +333,8 @@ def _check_stages(cfg: Config, fail) -> None:
         if kind == "filter":
             _check_filter(cfg, name, available, fail)
         available += STAGE_COLUMNS.get(kind, ())
+        if kind == "proxy" and cfg["proxy.grand"]:
+            available.append("grand")
     method, column = cfg["select.method"], cfg["select.column"]
     if method == "importance" and column is None and "dsir" not in stages:
         fail("select.column", "select.method 'importance' needs select.column (a log weight) without a dsir stage")
@@ -377,6 +405,16 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
         fail("dsir.smoothing", "config key 'dsir.smoothing' must be > 0")
     if "dsir" in cfg["stages"] and cfg["target.path"] is None and cfg["dsir.model"] is None:
         fail("target.path", "set 'target.path' (or 'dsir.model' to apply a fitted model): the dsir stage needs one")
+    if "excess_loss" in cfg["stages"] and cfg["target.path"] is None and cfg["excess_loss.model"] is None:
+        fail("target.path", "set 'target.path': the excess_loss stage trains its reference model on it")
+    label = cfg["input.label_field"]
+    if label is not None and label in (cfg["input.text_field"], cfg["input.id_field"]):
+        fail("input.label_field", "'input.label_field' names the text or the id field")
+    if "excess_loss" in cfg["stages"] and label is not None:
+        fail("input.label_field", "excess_loss compares language models: it takes no input.label_field")
+    for key in ("proxy.seeds", "proxy.sample", "proxy.epochs", "proxy.batch_size", "proxy.context"):
+        if cfg[key] < 1:
+            fail(key, f"config key {key!r} must be at least 1, got {cfg[key]}")
     if cfg["input.id_field"] is not None and cfg["input.id_field"] == cfg["input.text_field"]:
         key = "input.text_field" if "input.text_field" in origins else "input.id_field"
         fail(key, "'input.id_field' and 'input.text_field' name the same field")

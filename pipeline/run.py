@@ -65,18 +65,23 @@ def run_selection(
     started = time.time()
     out = cfg["output.dir"].rstrip("/") or cfg["output.dir"]
     pool_files = _expand(cfg, "input")
-    check_fields(pool_files, _spec(cfg, "input"), "input")
+    check_fields(pool_files, _spec(cfg, "input"), "input", cfg["input.label_field"])
     _check_k_possible(cfg, pool_files)
     inputs = {"input.path": _read_paths(cfg["input.path"], pool_files)}
     target_tasks = None
     fitted = None
-    if "dsir" not in cfg["stages"]:
-        pass
-    elif cfg["dsir.model"]:
+    stages = cfg["stages"]
+    if "dsir" in stages and cfg["dsir.model"]:
         fitted, model_path = _load_model(cfg["dsir.model"])
         _check_model_matches(fitted[2], cfg)
         inputs["dsir.model"] = [model_path]
-    elif cfg["target.path"] is not None:
+    for key in ("proxy.model", "excess_loss.model"):
+        if key.split(".")[0] in stages and cfg[key] is not None:
+            inputs[key] = [_check_saved_model(key, cfg[key])]
+    needs_target = ("dsir" in stages and not cfg["dsir.model"]) or (
+        "excess_loss" in stages and not cfg["excess_loss.model"]
+    )
+    if needs_target and cfg["target.path"] is not None:
         target_files = _expand(cfg, "target")
         check_fields(target_files, _spec(cfg, "target"), "target")
         target_tasks = plan_read_tasks(target_files, cfg["input.split_bytes"])
@@ -194,6 +199,16 @@ def _load_model(path: str):
     raise InputError(
         f"dsir.model {path}: no {MODEL_FILE} there; give an earlier run's folder, its artifacts/ folder or the file"
     )
+
+
+def _check_saved_model(key: str, path: str) -> str:
+    """A model folder given in the config must be there before any worker starts."""
+    if not is_local(path) or not os.path.isdir(path):
+        raise InputError(
+            f"{key} {path}: no such folder; give a folder saved with save_pretrained (a run's artifacts/"
+            f"{key.split('.')[0]}); hub ids are not fetched by the workers: download the model first"
+        )
+    return os.path.abspath(path)
 
 
 def _check_model_matches(meta: dict, cfg: Config) -> None:

@@ -102,8 +102,9 @@ def stage_summary(stage: str, before: np.ndarray, after: np.ndarray) -> dict:
 class ShardStageFn(beam.DoFn):
     """Base of a stage's per-shard DoFn: progress and timing, and the bookkeeping of reasons.
 
-    A subclass implements ``score(shard, reasons, *side_inputs) -> (columns: dict, reasons)``,
-    where ``columns`` maps each of its column names to an array aligned with the shard's rows.
+    A subclass implements ``score(shard, reasons, *side_inputs) -> (columns: dict, reasons[, counts])``,
+    where ``columns`` maps each of its column names to an array aligned with the shard's rows, and
+    ``counts`` are other per-shard counts for the manifest (e.g. documents truncated).
     """
 
     def __init__(self, name: str, chain: Chain, progress_dir: str | None = None, meter_stage: str | None = None):
@@ -121,13 +122,16 @@ class ShardStageFn(beam.DoFn):
         shard = item.ref if isinstance(item, StageShard) else item
         started = self.meter.start()
         before = self.chain.reasons(self.name, shard, duplicates)
-        columns, after = self.score(shard, before.copy(), *side_inputs)
+        columns, after, *extra = self.score(shard, before.copy(), *side_inputs)
         arrays = {REASON: pa.array(list(after), pa.string())}
         for name, type_str in self.chain.columns.get(self.name, ()):
             arrays[name] = _arrow(columns[name], type_str)
         self.chain.write(self.name, shard.name, pa.table(arrays))
         self.meter.done(started, docs=shard.num_rows)
-        yield beam.pvalue.TaggedOutput("summary", stage_summary(self.name, before, after))
+        summary = stage_summary(self.name, before, after)
+        for key, n in (extra[0] if extra else {}).items():  # other counts a stage reports (truncated, ...)
+            summary["stages"][self.name][key] = n
+        yield beam.pvalue.TaggedOutput("summary", summary)
         yield StageShard(shard, int(running_mask(after).sum()))
 
     def score(self, shard: ShardRef, reasons: np.ndarray, *side_inputs):

@@ -134,7 +134,9 @@ def expand_input(pattern: str, fmt: str, key: str = "input.path") -> list[tuple[
 SAMPLE_RECORDS = 100
 
 
-def check_fields(files: list[tuple[str, str, int]], spec: InputSpec, section: str) -> None:
+def check_fields(
+    files: list[tuple[str, str, int]], spec: InputSpec, section: str, label_field: str | None = None
+) -> None:
     """Check the text and id fields against the first records, before any worker starts.
 
     A wrong ``text_field`` would otherwise reject every record one by one and end in an error
@@ -147,7 +149,7 @@ def check_fields(files: list[tuple[str, str, int]], spec: InputSpec, section: st
     if fmt in ("parquet", "hf"):
         schema = _arrow_schema(path, fmt)
         names = schema.names
-        for field, what in ((spec.text_field, "text_field"), (spec.id_field, "id_field")):
+        for field, what in ((spec.text_field, "text_field"), (spec.id_field, "id_field"), (label_field, "label_field")):
             if field is not None and field not in names:
                 raise InputError(
                     f"{section}.{what} {field!r} is not a column of {path}; its columns: {_listing(names)}"
@@ -173,7 +175,7 @@ def check_fields(files: list[tuple[str, str, int]], spec: InputSpec, section: st
             fields[name] = fields.get(name, 0) + 1
     names = list(fields)
     where = f"the first {len(records)} records of {path}"
-    for field, what in ((spec.text_field, "text_field"), (spec.id_field, "id_field")):
+    for field, what in ((spec.text_field, "text_field"), (spec.id_field, "id_field"), (label_field, "label_field")):
         if field is not None and field not in fields:
             raise InputError(f"{section}.{what} {field!r} is in none of {where}; their fields: {_listing(names)}")
     kinds = {_json_type(r[spec.text_field]) for r in records if spec.text_field in r}

@@ -1,0 +1,355 @@
+"""Proxy and reference models, and the per-example scores computed under them.
+
+Two kinds of model, both torch models that transformers saves and loads (``save_pretrained``):
+
+- labelled text (``input.label_field``): ``NgramClassifier``, a bag-of-hashed-n-grams network
+  (the n-grams beamsift already computes, L2-normalised; one hidden layer). Fast enough on CPU to
+  train K of them on the whole pool, which is what EL2N and GraNd need (Paul et al. 2021);
+- unlabelled text: a small GPT-2 trained from scratch with a byte-level BPE tokenizer that is
+  trained on a sample of the data (HF ``tokenizers``).
+
+Per example, for a model with softmax output p and target y (the label; for a causal LM, each
+next token, averaged over the example's tokens):
+
+    loss              cross-entropy (mean over tokens for a causal LM); perplexity = exp(loss)
+    el2n              ‖p − onehot(y)‖₂                       (Paul et al. 2021, EL2N)
+    grand             ‖∇_θ loss‖₂ over all parameters, exact, per example (torch.func vmap)
+    grand_last_layer  ‖∇_W loss‖₂ of the output layer only: for one output (a label)
+                      ‖p − y‖₂·sqrt(‖h‖² + 1) with h the layer's input and 1 for its bias; for a
+                      causal LM ‖(1/T) Σ_t (p_t − y_t) h_tᵀ‖_F (GPT-2's head has no bias)
+
+Each is averaged over the K proxies (``proxy.seeds``) by the caller.
+
+torch and transformers are imported inside the functions, so that a run without model stages
+never loads them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+CLASSIFIER = "beamsift-ngram-classifier"
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# ---- the bag-of-n-grams classifier -------------------------------------------------------
+
+
+def _classifier_classes():
+    """The config and model classes (defined on first use: they subclass transformers')."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class NgramClassifierConfig(PretrainedConfig):
+        model_type = CLASSIFIER
+
+        def __init__(self, num_buckets=10000, hidden_size=64, label_names=("0", "1"), **kwargs):
+            kwargs.pop("num_labels", None)
+            kwargs.pop("label2id", None)
+            kwargs["id2label"] = dict(enumerate(label_names))
+            super().__init__(**kwargs)
+            self.num_buckets = num_buckets
+            self.hidden_size = hidden_size
+            self.label_names = list(label_names)
+
+    class NgramClassifier(PreTrainedModel):
+        """x (L2-normalised hashed n-gram counts) -> ReLU(W1 x + b1) = h -> W2 h + b2 = logits."""
+
+        config_class = NgramClassifierConfig
+        base_model_prefix = "classifier"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.hidden = torch.nn.Linear(config.num_buckets, config.hidden_size)
+            self.out = torch.nn.Linear(config.hidden_size, config.num_labels)
+            self.post_init()
+
+        def forward(self, features):
+            h = torch.relu(self.hidden(features))
+            return self.out(h), h
+
+    _CLASSES = (NgramClassifierConfig, NgramClassifier)
+    return _CLASSES
+
+
+_CLASSES = None
+
+
+def dense_features(buckets: list[np.ndarray], num_buckets: int):
+    """Documents' hashed n-gram bucket ids -> a (B, num_buckets) tensor of L2-normalised counts."""
+    torch = _torch()
+    x = torch.zeros(len(buckets), num_buckets)
+    for i, b in enumerate(buckets):
+        if len(b):
+            counts = np.bincount(b, minlength=num_buckets).astype(np.float32)
+            x[i] = torch.from_numpy(counts / np.linalg.norm(counts))
+    return x
+
+
+def new_classifier(num_buckets: int, num_labels: int, label_names: list[str], hidden: int, seed: int):
+    torch = _torch()
+    config_cls, model_cls = _classifier_classes()
+    torch.manual_seed(seed)
+    assert len(label_names) == num_labels
+    config = config_cls(num_buckets=num_buckets, hidden_size=hidden, label_names=label_names)
+    return model_cls(config)
+
+
+def classifier_scores(model, x, y, exact_grand: bool) -> dict[str, np.ndarray]:
+    """loss, el2n, grand_last_layer (and grand) of each example of a batch under a classifier."""
+    torch = _torch()
+    with torch.no_grad():
+        logits, h = model(x)
+        p = torch.softmax(logits, dim=-1)
+        onehot = torch.nn.functional.one_hot(y, logits.shape[-1]).to(p.dtype)
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        err = p - onehot
+        el2n = err.norm(dim=-1)
+        last = el2n * torch.sqrt((h * h).sum(-1) + 1.0)
+    out = {"loss": loss.numpy(), "el2n": el2n.numpy(), "grand_last_layer": last.numpy()}
+    if exact_grand:
+
+        def example_loss(params, xi, yi):
+            logits_i, _ = torch.func.functional_call(model, params, (xi[None],))
+            return torch.nn.functional.cross_entropy(logits_i, yi[None])
+
+        out["grand"] = per_example_grad_norms(model, example_loss, (x, y))
+    return out
+
+
+def per_example_grad_norms(model, example_loss, batch: tuple) -> np.ndarray:
+    """‖∇_θ example_loss(θ, *example)‖₂ over all parameters, exactly, for each example of a batch
+    (per-sample gradients with torch.func: vmap over the batch of grad of one example's loss)."""
+    torch = _torch()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
+    n = batch[0].shape[0]
+    squares = sum((g.reshape(n, -1) ** 2).sum(1) for g in grads.values())
+    return torch.sqrt(squares).detach().numpy()
+
+
+# ---- the causal LM --------------------------------------------------------------------------
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (a sample of the data)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def new_causal_lm(vocab_size: int, layers: int, dim: int, heads: int, context: int, seed: int):
+    torch = _torch()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=context,
+        n_embd=dim,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,  # dropout costs ~8% of a step and an early-stopped proxy does not need it
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config._attn_implementation = "eager"  # what torch.func's vmap can trace (exact GraNd)
+    return GPT2LMHeadModel(config)
+
+
+def encode(tokenizer, texts: list[str], context: int) -> tuple[list[list[int]], int]:
+    """Token ids of each text, cut to the model's context; and how many texts were cut."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = sum(len(i) > context for i in ids)
+    return [i[:context] for i in ids], cut
+
+
+def pad(ids: list[list[int]]):
+    """(input_ids, mask) tensors, right-padded with 0."""
+    torch = _torch()
+    longest = max(max(len(i) for i in ids), 2)
+    x = torch.zeros(len(ids), longest, dtype=torch.long)
+    mask = torch.zeros(len(ids), longest)
+    for row, i in enumerate(ids):
+        x[row, : len(i)] = torch.tensor(i, dtype=torch.long)
+        mask[row, : len(i)] = 1
+    return x, mask
+
+
+def _additive_mask(mask):
+    """A ready 4D additive attention mask (B, 1, T, T): causal and padding. Given whole, GPT-2
+    does not build one itself (the builder cannot be traced by vmap)."""
+    torch = _torch()
+    t = mask.shape[-1]
+    allowed = torch.tril(torch.ones(t, t, dtype=mask.dtype)) * mask[:, None, :]
+    return ((1.0 - allowed) * torch.finfo(torch.float32).min)[:, None]
+
+
+def lm_token_losses(model, x, mask):
+    """Per-token cross-entropy of each next token (B, T-1), its weights, logits and last hidden."""
+    torch = _torch()
+    out = model(input_ids=x, attention_mask=_additive_mask(mask), output_hidden_states=True)
+    logits = out.logits[:, :-1]
+    targets = x[:, 1:]
+    weights = mask[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return losses, weights, logits, out.hidden_states[-1][:, :-1], targets
+
+
+def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:
+    """loss, perplexity, el2n, grand_last_layer (and grand) of each example under a causal LM.
+
+    An example of one token has no next token to predict: its scores are NaN."""
+    torch = _torch()
+    with torch.no_grad():
+        losses, w, logits, h, targets = lm_token_losses(model, x, mask)
+        n = w.sum(1)
+        denom = n.clamp(min=1)
+        loss = (losses * w).sum(1) / denom
+        p = torch.softmax(logits, dim=-1)
+        err = p
+        err.scatter_add_(-1, targets[..., None], -torch.ones_like(targets[..., None], dtype=p.dtype))
+        err = err * w[..., None]
+        el2n = (err.norm(dim=-1) * w).sum(1) / denom
+        # ∇_W of the mean token loss for the output layer: (1/T) Σ_t e_t h_tᵀ, per example.
+        last = torch.linalg.matrix_norm(torch.bmm(err.transpose(1, 2), h * w[..., None])) / denom
+    out = {"loss": loss.numpy(), "el2n": el2n.numpy(), "grand_last_layer": last.numpy()}
+    if exact_grand:
+
+        def example_loss(params, xi, mi):
+            o = torch.func.functional_call(model, params, (xi[None],), {"attention_mask": _additive_mask(mi[None])})
+            token_losses = torch.nn.functional.cross_entropy(o.logits[0, :-1], xi[1:], reduction="none")
+            wi = mi[1:]
+            return (token_losses * wi).sum() / wi.sum().clamp(min=1)
+
+        out["grand"] = per_example_grad_norms(model, example_loss, (x, mask))
+    empty = (n == 0).numpy()
+    for v in out.values():
+        v[empty] = np.nan
+    out["perplexity"] = np.exp(out["loss"])
+    return out
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    holdout: float = 0.1  # share of the sample held out to decide when to stop
+    patience: int = 1  # epochs without a better held-out loss before stopping
+
+
+def train(model, batches_of, n: int, settings: TrainSettings, seed: int, loss_of, checkpoints: list | None = None):
+    """Adam on ``n`` examples with early stopping on a held-out share; returns the best model
+    (lowest held-out loss) and the number of epochs run.
+
+    ``batches_of(indices)`` builds a batch; ``loss_of(model, batch)`` is the mean batch loss.
+    Stopping on held-out loss keeps a proxy in its early phase of training, before it memorises
+    noisy labels (what EL2N needs to flag them; Paul et al. 2021). ``checkpoints``: if a list,
+    each epoch's (learning rate, state) is appended (TracIn).
+    """
+    torch = _torch()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    held = max(int(n * settings.holdout), 1) if n >= 10 else 0
+    holdout, train_idx = order[:held], order[held:]
+    opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    best, best_state, stale, epochs = math.inf, None, 0, 0
+    for _ in range(settings.epochs):
+        model.train()
+        shuffled = rng.permutation(train_idx)
+        for start in range(0, len(shuffled), settings.batch_size):
+            batch = batches_of(shuffled[start : start + settings.batch_size])
+            opt.zero_grad()
+            loss = loss_of(model, batch)
+            loss.backward()
+            opt.step()
+        epochs += 1
+        if checkpoints is not None:
+            checkpoints.append((settings.learning_rate, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        if not held:
+            continue
+        model.eval()
+        with torch.no_grad():
+            total = 0.0
+            for start in range(0, held, settings.batch_size * 4):
+                idx = holdout[start : start + settings.batch_size * 4]
+                total += float(loss_of(model, batches_of(idx))) * len(idx)
+        if total / held < best - 1e-6:
+            best, stale = total / held, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= settings.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, epochs
+
+
+# ---- moving models between workers ---------------------------------------------------------
+
+
+def pack(objects: dict) -> bytes:
+    """{name: model or tokenizer} -> one tar of their save_pretrained folders."""
+    quiet_transformers()
+    buffer = io.BytesIO()
+    with tempfile.TemporaryDirectory() as d, tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, obj in objects.items():
+            obj.save_pretrained(os.path.join(d, name))
+            tar.add(os.path.join(d, name), arcname=name)
+    return buffer.getvalue()
+
+
+def unpack(data: bytes, folder: str) -> None:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(folder, filter="data")
+
+
+def quiet_transformers() -> None:
+    """No progress bars or load reports from transformers in a pipeline's workers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_model(path: str):
+    """A model saved by ``save_pretrained``: ours (the classifier) or any transformers causal LM."""
+    import json
+
+    quiet_transformers()
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type == CLASSIFIER:
+        return _classifier_classes()[1].from_pretrained(path).eval()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+    return model.eval()

@@ -1,0 +1,452 @@
+"""The model stages: a proxy model trained in the run (or given), and scores under it.
+
+    staged shards ─ sample (seeded by (seed, id), ≤ proxy.sample docs) ─ train K proxies ─┐
+    staged shards ────────────────────── score every document in the running ────────────┴─ columns
+
+``proxy``: with labels (``input.label_field``) a bag-of-n-grams classifier, without a small
+GPT-2; K seeds (``proxy.seeds``), each trained with early stopping on a held-out share of the
+sample. Columns: ``loss``, ``perplexity``, ``el2n``, ``grand_last_layer`` and, with
+``proxy.grand: true``, the exact ``grand`` (``models.py`` has the formulas), each the mean over
+the K proxies.
+
+``excess_loss``: the same kind of model trained on the pool's sample and a reference model trained
+on the target sample, with one tokenizer trained on both; columns ``loss``, ``perplexity``,
+``reference_loss`` and ``excess_loss`` = loss − reference_loss (Moore & Lewis 2010: high where the
+target's model explains a document better than the pool's).
+
+The sample is the documents with the smallest seeded hash key, taken by a combine that keeps
+the n smallest: the same documents on every runner. The trained models are saved to
+``artifacts/`` and travel to the scoring workers as one side input (a tar of their
+``save_pretrained`` folders), loaded once per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from beamsift.transforms import models
+from beamsift.transforms.chain import ShardStageFn, running_mask
+from beamsift.transforms.featurize import features_from_arrow
+from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
+from beamsift.transforms.select import uniform01
+from beamsift.transforms.stage import read_staging
+
+SAMPLE_STREAM = 0x5A4D91
+NO_LABEL = "no label"
+UNKNOWN_LABEL = "unknown label"
+
+PROXY_COLUMNS = (
+    ("loss", "double"),
+    ("perplexity", "double"),
+    ("el2n", "double"),
+    ("grand_last_layer", "double"),
+)
+EXCESS_COLUMNS = (("loss", "double"), ("perplexity", "double"), ("reference_loss", "double"), ("excess_loss", "double"))
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The ``proxy`` section: what model, how it is trained, what is computed."""
+
+    model: str | None = None  # a saved model (folder) to apply instead of training
+    seeds: int = 3
+    sample: int = 20000
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float | None = None
+    holdout: float = 0.1
+    patience: int = 1
+    hidden: int = 64  # classifier
+    vocab_size: int = 8000  # causal LM
+    layers: int = 2
+    dim: int = 128
+    heads: int = 4
+    context: int = 256
+    grand: bool = False
+    label_column: str | None = None  # the staged column with the labels (input.label_field)
+    num_buckets: int = 10000
+    threads: int = 0  # torch threads per worker; 0: all cores
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_column is not None
+
+    def train_settings(self) -> models.TrainSettings:
+        lr = self.learning_rate or (1e-3 if self.labelled else 3e-3)
+        return models.TrainSettings(self.epochs, self.batch_size, lr, self.holdout, self.patience)
+
+
+def proxy_columns(settings: ProxySettings) -> tuple:
+    return PROXY_COLUMNS + ((("grand", "double"),) if settings.grand else ())
+
+
+# ---- the sample -----------------------------------------------------------------------------
+
+
+class SampleRows(beam.DoFn):
+    """A shard -> its documents in the running with their sample keys, at most n (the smallest)."""
+
+    def __init__(self, stage: str, chain, n: int, seed: int, settings: ProxySettings, with_labels: bool):
+        self.stage = stage
+        self.chain = chain
+        self.n = n
+        self.seed = seed
+        self.settings = settings
+        self.with_labels = with_labels
+
+    def process(self, item, duplicates):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        table = read_staging(shard.path, [ID_HASH])
+        id_hash = np.asarray(table.column(0).combine_chunks(), np.uint64)
+        keys = uniform01(id_hash, self.seed, SAMPLE_STREAM)
+        keys[~running] = np.inf
+        rows = np.argsort(keys, kind="stable")[: min(self.n, int(running.sum()))]
+        if not len(rows):
+            return
+        payload = _payload(shard, rows, self.settings, self.with_labels)
+        yield [(float(keys[r]), int(id_hash[r]), p) for r, p in zip(rows, payload)]
+
+
+def _payload(shard, rows: np.ndarray, settings: ProxySettings, with_labels: bool) -> list:
+    if settings.labelled:
+        cols = [N_TOKENS, BUCKETS, settings.label_column]
+        table = read_staging(shard.path, cols).take(rows)
+        n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
+        f = features_from_arrow(table.column(BUCKETS), n_tokens)
+        labels = table.column(settings.label_column).to_pylist()
+        return [(f.buckets[f.offsets[i] : f.offsets[i + 1]], _label(labels[i])) for i in range(len(rows))]
+    texts = read_staging(shard.path, [TEXT]).take(rows).column(0).to_pylist()
+    return [(t, None) for t in texts]
+
+
+def _label(value) -> str | None:
+    return None if value is None else str(value)
+
+
+class KeepSmallest(beam.CombineFn):
+    """Lists of (key, id hash, payload) -> the n with the smallest (key, id hash), sorted."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, items):
+        return sorted(acc + list(items), key=lambda t: (t[0], t[1]))[: self.n]
+
+    def merge_accumulators(self, accs):
+        out = []
+        for acc in accs:
+            out = self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def _set_threads(settings: ProxySettings) -> None:
+    import torch
+
+    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+
+
+def train_proxies(sample: list, settings: ProxySettings, seed: int, artifacts: str | None, target=None) -> bytes:
+    """The K proxies (and, with ``target``, the tokenizer's and a reference model), packed.
+
+    ``sample``: [(key, id hash, (payload, label))]; ``target``: the target's texts."""
+    _set_threads(settings)
+    payload = [p for _, _, p in sample]
+    if settings.labelled:
+        objects, info = _train_classifiers(payload, settings, seed)
+    else:
+        objects, info = _train_lms([t for t, _ in payload], settings, seed, target)
+    data = models.pack(objects)
+    if artifacts is not None:
+        _save_artifacts(data, artifacts)
+    return data
+
+
+def _train_classifiers(payload, settings: ProxySettings, seed: int):
+    import torch
+
+    labelled = [(b, y) for b, y in payload if y is not None]
+    names = sorted({y for _, y in labelled})
+    if len(names) < 2:
+        from beamsift.transforms.select import SelectionError
+
+        raise SelectionError(
+            f"input.label_field: the proxy's training sample has {len(names)} label(s) ({names}); "
+            "a classifier needs at least 2"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    buckets = [b for b, _ in labelled]
+    y = torch.tensor([index[label] for _, label in labelled])
+
+    def batch_of(idx):
+        return models.dense_features([buckets[i] for i in idx], settings.num_buckets), y[idx]
+
+    def loss_of(model, batch):
+        logits, _ = model(batch[0])
+        return torch.nn.functional.cross_entropy(logits, batch[1])
+
+    objects = {}
+    for k in range(settings.seeds):
+        model = models.new_classifier(settings.num_buckets, len(names), names, settings.hidden, seed * 1000 + k)
+        model, _ = models.train(model, batch_of, len(labelled), settings.train_settings(), seed * 1000 + k, loss_of)
+        objects[f"proxy-{k}"] = model
+    return objects, {}
+
+
+def _train_lms(texts: list[str], settings: ProxySettings, seed: int, target: list[str] | None):
+    tokenizer = models.train_tokenizer(texts + list(target or []), settings.vocab_size)
+    objects = {"tokenizer": tokenizer}
+    seeds = 1 if target is not None else settings.seeds
+    for name, corpus, count in (("proxy", texts, seeds), ("reference", target, 1)):
+        if corpus is None:
+            continue
+        ids, _ = models.encode(tokenizer, corpus, settings.context)
+        ids = [i for i in ids if len(i) >= 2]
+        for k in range(count):
+            model = models.new_causal_lm(
+                len(tokenizer), settings.layers, settings.dim, settings.heads, settings.context, seed * 1000 + k
+            )
+            model, _ = models.train(
+                model,
+                lambda idx, ids=ids: models.pad([ids[i] for i in idx]),
+                len(ids),
+                settings.train_settings(),
+                seed * 1000 + k,
+                _lm_loss,
+            )
+            objects[f"{name}-{k}"] = model
+    return objects, {}
+
+
+def _lm_loss(model, batch):
+    losses, w, *_ = models.lm_token_losses(model, *batch)
+    return (losses * w).sum() / w.sum().clamp(min=1)
+
+
+def _save_artifacts(data: bytes, artifacts: str) -> None:
+    """The packed models, unpacked under artifacts/ (local) or as one tar (object stores)."""
+    if FileSystems.get_filesystem(artifacts).scheme() in (None, "file"):
+        models.unpack(data, artifacts)
+    else:
+        with FileSystems.create(FileSystems.join(artifacts, "models.tar")) as f:
+            f.write(data)
+
+
+def load_given(path: str) -> bytes:
+    """A saved model folder (``save_pretrained``; a run's artifacts/proxy) packed like a trained one."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in sorted(os.listdir(path)):
+            if os.path.isdir(os.path.join(path, name)):
+                tar.add(os.path.join(path, name), arcname=name)
+        if os.path.exists(os.path.join(path, "config.json")):
+            tar.add(path, arcname="proxy-0")
+    return buffer.getvalue()
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+
+class _Loaded:
+    """Models unpacked from a bundle, kept per worker (a DoFn instance) across bundles."""
+
+    def __init__(self, data: bytes):
+        self.folder = tempfile.mkdtemp(prefix="beamsift-models-")
+        models.unpack(data, self.folder)
+        names = sorted(os.listdir(self.folder))
+        self.proxies = [models.load_model(os.path.join(self.folder, n)) for n in names if n.startswith("proxy-")]
+        self.references = [models.load_model(os.path.join(self.folder, n)) for n in names if n.startswith("reference-")]
+        self.tokenizer = None
+        if "tokenizer" in names:
+            from transformers import PreTrainedTokenizerFast
+
+            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(self.folder, "tokenizer"))
+        self.labels = None
+        if self.proxies and hasattr(self.proxies[0].config, "label_names"):
+            self.labels = {n: i for i, n in enumerate(self.proxies[0].config.label_names)}
+
+
+class ScoreWithModels(ShardStageFn):
+    """A shard -> model scores of its documents in the running (NaN for the others)."""
+
+    def __init__(self, name, chain, settings: ProxySettings, excess: bool = False, progress_dir=None):
+        super().__init__(name, chain, progress_dir)
+        self.settings = settings
+        self.excess = excess
+        self._loaded = None
+        self._loaded_key = None
+
+    def _models(self, data: bytes) -> _Loaded:
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        if self._loaded_key != key:
+            _set_threads(self.settings)
+            self._loaded, self._loaded_key = _Loaded(data), key
+        return self._loaded
+
+    def score(self, shard, reasons, bundle):
+        loaded = self._models(bundle)
+        running = running_mask(reasons)
+        n = len(reasons)
+        columns = {name: np.full(n, np.nan) for name, _ in self.chain.columns[self.name]}
+        rows = np.flatnonzero(running)
+        extra = {}
+        if self.settings.labelled:
+            rows, reasons = self._labels_known(shard, rows, reasons, loaded)
+            scores = self._classify(shard, rows, loaded)
+        else:
+            scores, truncated = self._lm(shard, rows, loaded)
+            if truncated:
+                extra["truncated to proxy.context tokens"] = truncated
+        for name, values in scores.items():
+            if name in columns:
+                columns[name][rows] = values
+        return columns, reasons, extra
+
+    def _labels_known(self, shard, rows, reasons, loaded):
+        labels = read_staging(shard.path, [self.settings.label_column]).column(0).to_pylist()
+        keep = []
+        for r in rows:
+            label = _label(labels[r])
+            if label is None:
+                reasons[r] = NO_LABEL
+            elif label not in loaded.labels:
+                reasons[r] = UNKNOWN_LABEL
+            else:
+                keep.append(r)
+        return np.asarray(keep, dtype=np.int64), reasons
+
+    def _classify(self, shard, rows, loaded) -> dict:
+        import torch
+
+        if not len(rows):
+            return {}
+        table = read_staging(shard.path, [N_TOKENS, BUCKETS, self.settings.label_column]).take(rows)
+        f = features_from_arrow(table.column(BUCKETS), np.asarray(table.column(N_TOKENS).combine_chunks()))
+        labels = [loaded.labels[_label(v)] for v in table.column(2).to_pylist()]
+        buckets = [f.buckets[f.offsets[i] : f.offsets[i + 1]] for i in range(len(rows))]
+
+        def run(idx):
+            x = models.dense_features([buckets[i] for i in idx], self.settings.num_buckets)
+            y = torch.tensor([labels[i] for i in idx])
+            return _mean([models.classifier_scores(m, x, y, self.settings.grand) for m in loaded.proxies])
+
+        # Exact GraNd materialises one gradient per example: smaller batches.
+        out = _in_batches(run, len(rows), 32 if self.settings.grand else 256)
+        out["perplexity"] = np.exp(out["loss"])
+        return out
+
+    def _lm(self, shard, rows, loaded) -> tuple[dict, int]:
+        if not len(rows):
+            return {}, 0
+        texts = read_staging(shard.path, [TEXT]).take(rows).column(0).to_pylist()
+        ids, truncated = models.encode(loaded.tokenizer, texts, self.settings.context)
+        order = np.argsort([len(i) for i in ids], kind="stable")  # similar lengths together: less padding
+
+        def run(idx):
+            x, mask = models.pad([ids[order[i]] for i in idx])
+            out = _mean([models.lm_scores(m, x, mask, self.settings.grand and not self.excess) for m in loaded.proxies])
+            if self.excess:
+                ref = _mean([models.lm_scores(m, x, mask, False) for m in loaded.references])
+                out = {"loss": out["loss"], "perplexity": out["perplexity"], "reference_loss": ref["loss"]}
+                out["excess_loss"] = out["loss"] - out["reference_loss"]
+            return out
+
+        sorted_scores = _in_batches(run, len(ids), 16)
+        back = np.empty(len(order), dtype=np.int64)
+        back[order] = np.arange(len(order))
+        return {k: v[back] for k, v in sorted_scores.items()}, truncated
+
+
+def _mean(per_model: list[dict]) -> dict:
+    return {k: np.mean([m[k] for m in per_model], axis=0) for k in per_model[0]}
+
+
+def _in_batches(run, n: int, size: int) -> dict:
+    """run(indices) over batches of ``size``; a batch that runs out of memory is split in two."""
+    parts = []
+
+    def go(idx):
+        try:
+            parts.append((idx, run(idx)))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if "out of memory" not in str(e).lower() and not isinstance(e, MemoryError) or len(idx) == 1:
+                raise
+            half = len(idx) // 2
+            go(idx[:half])
+            go(idx[half:])
+
+    for start in range(0, n, size):
+        go(np.arange(start, min(start + size, n)))
+    out = {}
+    for idx, scores in parts:
+        for k, v in scores.items():
+            out.setdefault(k, np.full(n, np.nan))[idx] = v
+    return out
+
+
+class ModelStage(beam.PTransform):
+    """The proxy (or excess-loss) stage: sample, train (or load), score. -> (shards, summaries)."""
+
+    def __init__(
+        self,
+        name,
+        chain,
+        settings: ProxySettings,
+        seed,
+        duplicates,
+        artifacts,
+        excess=False,
+        target_texts=None,
+        progress_dir=None,
+    ):
+        super().__init__()
+        self.name = name
+        self.chain = chain
+        self.settings = settings
+        self.seed = seed
+        self.duplicates = duplicates
+        self.artifacts = artifacts
+        self.excess = excess
+        self.target_texts = target_texts  # a side input: the target's texts (excess_loss)
+        self.progress_dir = progress_dir
+
+    def expand(self, shards):
+        from beamsift.transforms.chain import ApplyStage
+
+        s = self.settings
+        if s.model is not None:
+            bundle = shards.pipeline | "GivenModel" >> beam.Create([s.model]) | "Pack" >> beam.Map(load_given)
+        else:
+            sample = (
+                shards
+                | "Sample"
+                >> beam.ParDo(SampleRows(self.name, self.chain, s.sample, self.seed, s, s.labelled), self.duplicates)
+                | "KeepSample" >> beam.CombineGlobally(KeepSmallest(s.sample))
+            )
+            extra = (self.target_texts,) if self.excess else ()
+            artifacts = FileSystems.join(self.artifacts, self.name)
+            bundle = sample | "Train" >> beam.Map(self._train, artifacts, *extra)
+        fn = ScoreWithModels(self.name, self.chain, s, self.excess, self.progress_dir)
+        return shards | "Score" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(bundle))
+
+    def _train(self, sample, artifacts, target=None):
+        return train_proxies(sample, self.settings, self.seed, artifacts, target)

@@ -160,7 +160,8 @@ def main() -> None:
             el2n = scores[:, 0]
             ranked = np.argsort(-el2n, kind="stable")
             print(
-                "  accuracy on held-out true labels after pruning (keep share: el2n / el2n without the top 10% / random)"
+                "  accuracy on held-out true labels after pruning "
+                "(keep share: el2n / el2n without the top 10% / random)"
             )
             for keep in (0.3, 0.5, 0.7):
                 n = int(keep * len(pool))

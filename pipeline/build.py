@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
-from beamsift.transforms import dsir, proxy
+from beamsift.transforms import dsir, proxy, reweight
 from beamsift.transforms.chain import STAGED, ApplyStage, Chain
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
@@ -61,6 +61,8 @@ def make_chain(cfg: Config, staging_dir: str) -> Chain:
             columns[name] = proxy.proxy_columns(proxy_settings(cfg))
         elif kind == "excess_loss":
             columns[name] = proxy.EXCESS_COLUMNS
+        elif kind == "reweight":
+            columns[name] = reweight.COLUMNS
     return Chain(staging_dir, tuple(cfg["stages"]), columns)
 
 
@@ -223,6 +225,18 @@ def build_pipeline(
                 FileSystems.join(out, "artifacts"),
                 excess,
                 target_texts,
+                progress_dir,
+            )
+        elif kind == "reweight":
+            shards, summary = shards | "Stage_" + name >> reweight.ReweightByLoss(
+                name,
+                chain,
+                cfg["reweight.column"],
+                cfg["reweight.strategy"],
+                float(cfg["reweight.temperature"]),
+                tuple(cfg["reweight.bounds"]),
+                seed,
+                duplicates,
                 progress_dir,
             )
         elif kind == "filter":

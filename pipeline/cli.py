@@ -228,10 +228,10 @@ def _run(args, beam_args) -> int:
     return 0
 
 
-def _progress_display(folder: str, total_bytes: int):
+def _progress_display(folder: str, total_bytes: int, stages: list[str]):
     from beamsift.pipeline.progress import ProgressDisplay
 
-    return ProgressDisplay(_terminal, folder, total_bytes)
+    return ProgressDisplay(_terminal, folder, total_bytes, stages)
 
 
 class _SavedStderr:

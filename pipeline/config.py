@@ -68,6 +68,12 @@ SCHEMA: dict[str, Any] = {
         "grand": (False, bool, "also the exact GraNd over all parameters (per-example gradients; slower)"),
         "threads": (0, int, "torch threads per worker; 0: all cores"),
     },
+    "reweight": {  # loss-based sample weights (Sow et al., ICLR 2025)
+        "column": ("loss", str, "the loss column an earlier stage writes (proxy or excess_loss)"),
+        "strategy": ("linupper", str, "linupper (the paper's best), upper, mid or extremes"),
+        "temperature": (1.0, (int, float), "r in softmax(f(h) / r): lower = sharper weights"),
+        "bounds": ([0.01, 0.99], list, "the loss quantiles that map to -1 and +1"),
+    },
     "excess_loss": {
         "model": (None, (str, type(None)), "a run's artifacts/excess_loss folder to apply instead of training"),
     },
@@ -109,11 +115,12 @@ CHOICES = {
     "target.txt_mode": {"line", "file"},
     "dsir.length_norm": {"none", "mean"},
     "select.method": {"importance", "top", "bottom", "band", "threshold", "weighted", "all"},
+    "reweight.strategy": {"linupper", "upper", "mid", "extremes"},
 }
 
 # Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that
 # may repeat; its parameters are the section of its name.
-STAGE_KINDS = ("dsir", "filter", "proxy", "excess_loss", "select")
+STAGE_KINDS = ("dsir", "filter", "proxy", "excess_loss", "reweight", "select")
 REPEATABLE = ("filter",)
 DEFAULT_STAGES = ["dsir", "select"]
 # The score columns each kind of stage writes (a filter's or the selector's column must be one
@@ -122,6 +129,7 @@ STAGE_COLUMNS = {
     "dsir": ("dsir_log_weight", "dsir_key", "n_ngrams"),
     "proxy": ("loss", "perplexity", "el2n", "grand_last_layer"),
     "excess_loss": ("loss", "perplexity", "reference_loss", "excess_loss"),
+    "reweight": ("weight",),
 }
 
 
@@ -332,6 +340,12 @@ def _check_stages(cfg: Config, fail) -> None:
         kind = stage_kind(name)
         if kind == "filter":
             _check_filter(cfg, name, available, fail)
+        if kind == "reweight" and cfg["reweight.column"] not in available:
+            fail(
+                "reweight.column",
+                f"reweight.column {cfg['reweight.column']!r} is not a column of an earlier stage: "
+                f"one of {available} (put a proxy or excess_loss stage before it)",
+            )
         available += STAGE_COLUMNS.get(kind, ())
         if kind == "proxy" and cfg["proxy.grand"]:
             available.append("grand")
@@ -412,6 +426,11 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
         fail("input.label_field", "'input.label_field' names the text or the id field")
     if "excess_loss" in cfg["stages"] and label is not None:
         fail("input.label_field", "excess_loss compares language models: it takes no input.label_field")
+    bounds = cfg["reweight.bounds"]
+    if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not 0 <= bounds[0] < bounds[1] <= 1:
+        fail("reweight.bounds", f"'reweight.bounds' must be two quantiles [low, high] in [0, 1], got {bounds}")
+    if cfg["reweight.temperature"] <= 0:
+        fail("reweight.temperature", "config key 'reweight.temperature' must be > 0")
     for key in ("proxy.seeds", "proxy.sample", "proxy.epochs", "proxy.batch_size", "proxy.context"):
         if cfg[key] < 1:
             fail(key, f"config key {key!r} must be at least 1, got {cfg[key]}")

@@ -12,8 +12,7 @@ import shutil
 import threading
 import time
 
-# (stage as the meters name it, label shown)
-STAGES = (("read", "read"), ("rank", "scored"), ("write", "written"))
+LABELS = {"write": "written"}
 
 
 def read_totals(folder: str) -> dict[str, dict[str, int]]:
@@ -38,16 +37,16 @@ def read_totals(folder: str) -> dict[str, dict[str, int]]:
     return totals
 
 
-def render(totals: dict, total_bytes: int, elapsed: float, rates: dict[str, float], width: int) -> str:
+def render(totals: dict, total_bytes: int, elapsed: float, rates: dict[str, float], width: int, stages=()) -> str:
     parts = []
     read = totals.get("read", {"docs": 0, "bytes": 0})
     if total_bytes:
         share = min(read["bytes"] / total_bytes, 1.0)
         filled = int(share * 16)
         parts.append(f"[{'#' * filled}{'.' * (16 - filled)}] {share:4.0%}")
-    for stage, label in STAGES:
+    for stage in ["read", *stages, "write"]:
         docs = totals.get(stage, {}).get("docs", 0)
-        text = f"{label} {docs:,}"
+        text = f"{LABELS.get(stage, stage)} {docs:,}"
         if stage in rates:
             text += f" ({_short(rates[stage])} docs/s)"
         parts.append(text)
@@ -63,8 +62,9 @@ def _short(x: float) -> str:
 class ProgressDisplay:
     """A context manager: one line on ``stream``, redrawn until the block ends, then cleared."""
 
-    def __init__(self, stream, folder: str, total_bytes: int, interval: float = 0.25):
+    def __init__(self, stream, folder: str, total_bytes: int, stages=(), interval: float = 0.25):
         self.stream = stream
+        self.stages = list(stages)
         self.folder = folder
         self.total_bytes = total_bytes
         self.interval = interval
@@ -94,7 +94,7 @@ class ProgressDisplay:
         now = time.time()
         totals = read_totals(self.folder)
         rates = {}
-        for stage, _ in STAGES:
+        for stage in ["read", *self.stages, "write"]:
             docs = totals.get(stage, {}).get("docs", 0)
             if docs and stage not in self._first_seen:
                 self._first_seen[stage] = now - self.interval  # it began within the last interval
@@ -105,5 +105,6 @@ class ProgressDisplay:
                 if t_last - self._first_seen[stage] >= 1:
                     rates[stage] = docs / (t_last - self._first_seen[stage])
         width = shutil.get_terminal_size((100, 20)).columns
-        self.stream.write("\r" + render(totals, self.total_bytes, now - self.started, rates, width) + "\x1b[K")
+        line = render(totals, self.total_bytes, now - self.started, rates, width, self.stages)
+        self.stream.write("\r" + line + "\x1b[K")
         self.stream.flush()

@@ -94,7 +94,7 @@ def run_selection(
     pending.create()
     try:
         staging = FileSystems.join(pending.path, STAGING)
-        with _progress_channel(progress, options, pool_tasks) as progress_dir:
+        with _progress_channel(progress, options, pool_tasks, cfg["stages"]) as progress_dir:
             pipeline = beam.Pipeline(options=options)
             build_pipeline(
                 pipeline,
@@ -221,7 +221,7 @@ def _check_model_matches(meta: dict, cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def _progress_channel(progress, options: PipelineOptions, tasks):
+def _progress_channel(progress, options: PipelineOptions, tasks, stages):
     """A local folder for the workers' progress files, shown by ``progress`` while the run lasts."""
     runner = options.get_all_options().get("runner") or "FnApiRunner"
     if progress is None or runner.split(".")[-1] not in LOCAL_RUNNERS:
@@ -229,7 +229,7 @@ def _progress_channel(progress, options: PipelineOptions, tasks):
         return
     folder = tempfile.mkdtemp(prefix="beamsift-progress-")
     try:
-        with progress(folder, sum(t.nbytes for t in tasks)):
+        with progress(folder, sum(t.nbytes for t in tasks), list(stages)):
             yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -345,10 +345,12 @@ def _stage_report(cfg, stages: dict, timings: dict) -> list[dict]:
     report = []
     for name in cfg["stages"]:
         counts = dict(stages.get(name, {"in": 0, "out": 0}))
+        notes = counts.pop("notes", {})
         entry = {"name": name, "in": counts.pop("in", 0), "out": counts.pop("out", 0), "taken_out": counts}
-        meter = "select" if name == "select" else ("rank" if name == "dsir" else name)
-        if meter in timings and "wall_s" in timings[meter]:
-            entry["wall_s"] = timings[meter]["wall_s"]
+        if notes:
+            entry["notes"] = notes
+        if name in timings and "wall_s" in timings[name]:
+            entry["wall_s"] = timings[name]["wall_s"]
         report.append(entry)
     return report
 

@@ -134,7 +134,7 @@ def test_rejected_position_is_the_byte_offset_of_the_line(tmp_path, small_corpus
 def test_manifest_has_per_stage_times(demo_run):
     out, _ = demo_run
     stages = json.loads((out / "manifest.json").read_text())["timings"]["stages"]
-    assert {"read", "featurize", "stage", "rank", "write"} <= set(stages)
+    assert {"read", "featurize", "stage", "dsir", "select", "write"} <= set(stages)
     assert all(s["wall_s"] >= 0 for s in stages.values())
     assert stages["write"]["docs"] == stages["featurize"]["docs"] == 7072
 
@@ -142,7 +142,7 @@ def test_manifest_has_per_stage_times(demo_run):
 def test_progress_on_request_and_silence_with_quiet(tmp_path, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], input={"batch_size": 64})
     shown = run_cli("run", str(cfg), "--progress")
-    assert re.search(r"read [\d,]+ .*\| scored [\d,]+ .*\| written [\d,]+", shown.stderr), shown.stderr
+    assert re.search(r"read [\d,]+ .*\| dsir [\d,]+ .*\| select [\d,]+ .*\| written [\d,]+", shown.stderr), shown.stderr
     assert "written 600" in shown.stderr.replace(",", "")
     workers = ["--", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
     quiet = run_cli("run", str(cfg), "--overwrite", "--quiet", *workers)

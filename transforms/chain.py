@@ -110,7 +110,7 @@ class ShardStageFn(beam.DoFn):
     def __init__(self, name: str, chain: Chain, progress_dir: str | None = None, meter_stage: str | None = None):
         self.name = name
         self.chain = chain
-        self.meter = StageMeter(meter_stage or name, progress_dir)
+        self.meter = StageMeter(meter_stage or name, progress_dir)  # the progress display's name
 
     def setup(self):
         self.meter.setup()
@@ -129,8 +129,8 @@ class ShardStageFn(beam.DoFn):
         self.chain.write(self.name, shard.name, pa.table(arrays))
         self.meter.done(started, docs=shard.num_rows)
         summary = stage_summary(self.name, before, after)
-        for key, n in (extra[0] if extra else {}).items():  # other counts a stage reports (truncated, ...)
-            summary["stages"][self.name][key] = n
+        if extra and extra[0]:  # other counts a stage reports (documents truncated, ...)
+            summary["stages"][self.name]["notes"] = dict(extra[0])
         yield beam.pvalue.TaggedOutput("summary", summary)
         yield StageShard(shard, int(running_mask(after).sum()))
 

@@ -244,7 +244,7 @@ class ScoreDsirShard(ShardStageFn):
     and its n-gram count. A document below ``dsir.min_tokens`` leaves the running: "too short"."""
 
     def __init__(self, name, chain, seed: int, progress_dir=None):
-        super().__init__(name, chain, progress_dir, meter_stage="rank")
+        super().__init__(name, chain, progress_dir)
         self.seed = seed
 
     def score(self, shard, reasons, model):

@@ -207,15 +207,25 @@ def _additive_mask(mask):
     return ((1.0 - allowed) * torch.finfo(torch.float32).min)[:, None]
 
 
-def lm_token_losses(model, x, mask):
+def lm_token_losses(model, x, mask, hidden: bool = True):
     """Per-token cross-entropy of each next token (B, T-1), its weights, logits and last hidden."""
     torch = _torch()
-    out = model(input_ids=x, attention_mask=_additive_mask(mask), output_hidden_states=True)
+    out = model(input_ids=x, attention_mask=_additive_mask(mask), output_hidden_states=hidden)
     logits = out.logits[:, :-1]
     targets = x[:, 1:]
     weights = mask[:, 1:]
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return losses, weights, logits, out.hidden_states[-1][:, :-1], targets
+    return losses, weights, logits, out.hidden_states[-1][:, :-1] if hidden else None, targets
+
+
+def lm_losses(model, x, mask) -> np.ndarray:
+    """Only the mean token loss of each example (NaN for an example of one token)."""
+    torch = _torch()
+    with torch.no_grad():
+        losses, w, *_ = lm_token_losses(model, x, mask, hidden=False)
+        loss = ((losses * w).sum(1) / w.sum(1).clamp(min=1)).numpy()
+    loss[(w.sum(1) == 0).numpy()] = np.nan
+    return loss
 
 
 def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:

@@ -363,12 +363,11 @@ class ScoreWithModels(ShardStageFn):
 
         def run(idx):
             x, mask = models.pad([ids[order[i]] for i in idx])
-            out = _mean([models.lm_scores(m, x, mask, self.settings.grand and not self.excess) for m in loaded.proxies])
-            if self.excess:
-                ref = _mean([models.lm_scores(m, x, mask, False) for m in loaded.references])
-                out = {"loss": out["loss"], "perplexity": out["perplexity"], "reference_loss": ref["loss"]}
-                out["excess_loss"] = out["loss"] - out["reference_loss"]
-            return out
+            if self.excess:  # two losses, nothing else: the output layer's softmax is most of the cost
+                loss = np.mean([models.lm_losses(m, x, mask) for m in loaded.proxies], axis=0)
+                ref = np.mean([models.lm_losses(m, x, mask) for m in loaded.references], axis=0)
+                return {"loss": loss, "perplexity": np.exp(loss), "reference_loss": ref, "excess_loss": loss - ref}
+            return _mean([models.lm_scores(m, x, mask, self.settings.grand) for m in loaded.proxies])
 
         sorted_scores = _in_batches(run, len(ids), 16)
         back = np.empty(len(order), dtype=np.int64)

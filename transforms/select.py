@@ -290,7 +290,7 @@ class ApplyCutShard(ShardStageFn):
     ``selected`` and, for the KL reduction, ``_in_random`` (the random baseline of the same size)."""
 
     def __init__(self, name, chain, cut: Cut, role: str, seed: int, progress_dir=None):
-        super().__init__(name, chain, progress_dir, meter_stage=name if role == "filter" else "select")
+        super().__init__(name, chain, progress_dir)
         self.cut = cut
         self.role = role
         self.seed = seed

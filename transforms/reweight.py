@@ -1,0 +1,158 @@
+"""Loss-based sample reweighting (Sow et al., "Dynamic Loss-Based Sample Reweighting for Improved
+Large Language Model Pretraining", ICLR 2025, arXiv:2502.06733).
+
+Each document's loss l (from an earlier stage: ``proxy`` or ``excess_loss``) is normalised into
+[−δ, δ] with bounds taken over the corpus, h = 2δ(l − l_lo)/(l_hi − l_lo) − δ, clipped; a
+strategy f maps it to a preference:
+
+    LinUpper  f(h) = min(h + δ, δ)       (the paper's best: down-weight the low-loss, learned ones)
+    Upper     f(h) = h/2 + δ/2
+    Mid       f(h) = 1 − h²/δ²
+    Extremes  f(h) = |h|
+
+and the weights are w = softmax(f(h)/r) over the corpus, r a temperature (the paper's kl_reg),
+written times the number of documents so that they average 1: what a trainer's weighted sampler
+takes, and what ``select.method: weighted`` resamples by. The paper's group is a training
+batch, with its min and max; over a corpus the bounds are robust quantiles (``reweight.bounds``,
+default the 1st and 99th percentiles), estimated on a seeded sample of the losses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import apache_beam as beam
+import numpy as np
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.proxy import KeepSmallest
+from beamsift.transforms.schema import ID_HASH
+from beamsift.transforms.select import uniform01
+from beamsift.transforms.stage import read_staging
+
+STRATEGIES = ("linupper", "upper", "mid", "extremes")
+COLUMNS = (("weight", "double"),)
+BOUNDS_STREAM = 0xB0DD5
+BOUNDS_SAMPLE = 20000
+
+
+def preference(losses: np.ndarray, low: float, high: float, strategy: str, delta: float = 1.0) -> np.ndarray:
+    """f(h) for each loss, h the loss normalised into [−δ, δ] by the bounds (and clipped)."""
+    span = high - low
+    h = np.zeros_like(losses) if span <= 0 else 2 * delta * (losses - low) / span - delta
+    h = np.clip(h, -delta, delta)
+    if strategy == "linupper":
+        return np.minimum(h + delta, delta)
+    if strategy == "upper":
+        return h / 2 + delta / 2
+    if strategy == "mid":
+        return 1 - h**2 / delta**2
+    if strategy == "extremes":
+        return np.abs(h)
+    raise ValueError(f"unknown reweighting strategy {strategy!r}; one of {STRATEGIES}")
+
+
+def softmax_weights(f: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(f / r) times the number of items: weights that average 1 (all at once, for tests;
+    the stage computes the same with the normaliser summed over the shards)."""
+    z = f / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum() * len(f)
+
+
+class _SampleLosses(beam.DoFn):
+    def __init__(self, stage, chain, column, seed):
+        self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
+
+    def process(self, item, duplicates):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        values = self.chain.column(self.column, shard.name)
+        ok = running & ~np.isnan(values)
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        keys = uniform01(id_hash, self.seed, BOUNDS_STREAM)
+        rows = np.flatnonzero(ok)
+        rows = rows[np.argsort(keys[rows], kind="stable")[:BOUNDS_SAMPLE]]
+        yield [(float(keys[r]), int(id_hash[r]), float(values[r])) for r in rows]
+
+
+class _Preferences(beam.DoFn):
+    """A shard -> Σ exp(f/r − c) over its documents in the running (c: a fixed shift for range)."""
+
+    def __init__(self, stage, chain, column, params):
+        self.stage, self.chain, self.column, self.params = stage, chain, column, params
+
+    def process(self, item, duplicates, bounds):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        values = self.chain.column(self.column, shard.name)
+        ok = running & ~np.isnan(values)
+        f = preference(values[ok], *bounds, self.params["strategy"])
+        yield (float(np.exp(f / self.params["temperature"] - self.params["shift"]).sum()), int(ok.sum()))
+
+
+class WriteWeights(ShardStageFn):
+    def __init__(self, name, chain, column, params, progress_dir=None):
+        super().__init__(name, chain, progress_dir)
+        self.column, self.params = column, params
+
+    def score(self, shard, reasons, bounds, normaliser):
+        total, count = normaliser
+        values = self.chain.column(self.column, shard.name)
+        ok = running_mask(reasons) & ~np.isnan(values)
+        weight = np.full(len(reasons), np.nan)
+        f = preference(values[ok], *bounds, self.params["strategy"])
+        weight[ok] = np.exp(f / self.params["temperature"] - self.params["shift"]) / total * count
+        return {"weight": weight}, reasons
+
+
+class ReweightByLoss(beam.PTransform):
+    """The reweight stage: bounds from a sample, the softmax's normaliser over all shards, weights."""
+
+    def __init__(self, name, chain, column, strategy, temperature, bounds, seed, duplicates, progress_dir=None):
+        super().__init__()
+        self.name, self.chain, self.column, self.seed = name, chain, column, seed
+        self.duplicates, self.progress_dir, self.quantiles = duplicates, progress_dir, bounds
+        # exp(f/r) with f ≤ δ = 1: shifting by 1/r keeps every term ≤ 1 (no overflow at small r).
+        self.params = {"strategy": strategy, "temperature": temperature, "shift": 1.0 / temperature}
+
+    def expand(self, shards):
+        q_lo, q_hi = self.quantiles
+        bounds = beam.pvalue.AsSingleton(
+            shards
+            | "SampleLosses"
+            >> beam.ParDo(_SampleLosses(self.name, self.chain, self.column, self.seed), self.duplicates)
+            | "KeepSample" >> beam.CombineGlobally(KeepSmallest(BOUNDS_SAMPLE))
+            | "Bounds" >> beam.Map(lambda s: _bounds([v for _, _, v in s], q_lo, q_hi))
+        )
+        normaliser = beam.pvalue.AsSingleton(
+            shards
+            | "Preferences"
+            >> beam.ParDo(_Preferences(self.name, self.chain, self.column, self.params), self.duplicates, bounds)
+            | "Normaliser" >> beam.CombineGlobally(_SumPairs())
+        )
+        fn = WriteWeights(self.name, self.chain, self.column, self.params, self.progress_dir)
+        return shards | "Weigh" >> ApplyStage(fn, self.duplicates, bounds, normaliser)
+
+
+def _bounds(values: list[float], q_lo: float, q_hi: float) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    lo, hi = np.quantile(np.asarray(values), [q_lo, q_hi])
+    return float(lo), float(hi)
+
+
+class _SumPairs(beam.CombineFn):
+    def create_accumulator(self):
+        return (0.0, 0)
+
+    def add_input(self, acc, item):
+        return acc[0] + item[0], acc[1] + item[1]
+
+    def merge_accumulators(self, accs):
+        total, count = 0.0, 0
+        for t, c in accs:
+            total, count = total + t, count + c
+        return total, count
+
+    def extract_output(self, acc):
+        return acc if acc[0] > 0 else (math.inf, 0)

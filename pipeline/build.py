@@ -84,6 +84,9 @@ def proxy_settings(cfg: Config, model: str | None = None) -> proxy.ProxySettings
         heads=cfg["proxy.heads"],
         context=cfg["proxy.context"],
         grand=cfg["proxy.grand"],
+        self_influence=cfg["proxy.self_influence"],
+        target_influence=cfg["proxy.target_influence"],
+        max_ngram=cfg["featurize.max_ngram"],
         label_column=output_column(label) if label is not None else None,
         num_buckets=cfg["featurize.buckets"],
         threads=cfg["proxy.threads"],
@@ -170,10 +173,12 @@ def build_pipeline(
         target_docs, target_rejected = p | "ReadTarget" >> ReadDocuments(
             target_tasks, input_spec(cfg, "target"), "target", progress_dir
         )
+        label = output_column(cfg["input.label_field"]) if cfg["input.label_field"] else None
         target_texts = AsSingleton(
             target_docs
-            | "TargetTexts" >> beam.Map(lambda t: t.column(TEXT).to_pylist())
-            | "AllTargetTexts" >> beam.CombineGlobally(lambda parts: sorted(x for part in parts for x in part))
+            | "TargetTexts" >> beam.Map(_texts_and_labels, label)
+            | "AllTargetTexts"
+            >> beam.CombineGlobally(lambda parts: sorted((x for part in parts for x in part), key=str))
         )
     if "dsir" in kinds and target_tasks is not None:
         target_totals = (
@@ -298,6 +303,12 @@ def build_pipeline(
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
         | "WriteSummary" >> beam.Map(_write_summary, model, staging_dir, out)
     )
+
+
+def _texts_and_labels(table, label: str | None) -> list[tuple]:
+    texts = table.column(TEXT).to_pylist()
+    labels = table.column(label).to_pylist() if label in table.column_names else [None] * len(texts)
+    return list(zip(texts, labels))
 
 
 def _explain(min_tokens, total, rejects, prior) -> str:

@@ -66,6 +66,8 @@ SCHEMA: dict[str, Any] = {
         "heads": (4, int, "causal LM: attention heads"),
         "context": (256, int, "causal LM: tokens per document; longer ones are truncated (counted)"),
         "grand": (False, bool, "also the exact GraNd over all parameters (per-example gradients; slower)"),
+        "self_influence": (False, bool, "also TracIn self-influence over the epochs' checkpoints (last layer)"),
+        "target_influence": (False, bool, "also the alignment with the target's mean gradient (last layer)"),
         "threads": (0, int, "torch threads per worker; 0: all cores"),
     },
     "reweight": {  # loss-based sample weights (Sow et al., ICLR 2025)
@@ -347,8 +349,8 @@ def _check_stages(cfg: Config, fail) -> None:
                 f"one of {available} (put a proxy or excess_loss stage before it)",
             )
         available += STAGE_COLUMNS.get(kind, ())
-        if kind == "proxy" and cfg["proxy.grand"]:
-            available.append("grand")
+        if kind == "proxy":
+            available += [c for c in ("grand", "self_influence", "target_influence") if cfg[f"proxy.{c}"]]
     method, column = cfg["select.method"], cfg["select.column"]
     if method == "importance" and column is None and "dsir" not in stages:
         fail("select.column", "select.method 'importance' needs select.column (a log weight) without a dsir stage")
@@ -419,6 +421,8 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
         fail("dsir.smoothing", "config key 'dsir.smoothing' must be > 0")
     if "dsir" in cfg["stages"] and cfg["target.path"] is None and cfg["dsir.model"] is None:
         fail("target.path", "set 'target.path' (or 'dsir.model' to apply a fitted model): the dsir stage needs one")
+    if "proxy" in cfg["stages"] and cfg["proxy.target_influence"] and cfg["target.path"] is None:
+        fail("target.path", "set 'target.path': proxy.target_influence aligns with the target's gradient")
     if "excess_loss" in cfg["stages"] and cfg["target.path"] is None and cfg["excess_loss.model"] is None:
         fail("target.path", "set 'target.path': the excess_loss stage trains its reference model on it")
     label = cfg["input.label_field"]

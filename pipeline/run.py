@@ -78,8 +78,10 @@ def run_selection(
     for key in ("proxy.model", "excess_loss.model"):
         if key.split(".")[0] in stages and cfg[key] is not None:
             inputs[key] = [_check_saved_model(key, cfg[key])]
-    needs_target = ("dsir" in stages and not cfg["dsir.model"]) or (
-        "excess_loss" in stages and not cfg["excess_loss.model"]
+    needs_target = (
+        ("dsir" in stages and not cfg["dsir.model"])
+        or ("excess_loss" in stages and not cfg["excess_loss.model"])
+        or ("proxy" in stages and cfg["proxy.target_influence"])
     )
     if needs_target and cfg["target.path"] is not None:
         target_files = _expand(cfg, "target")

@@ -80,7 +80,7 @@ def test_lm_scores_against_autograd_and_padding(tiny_lm):
             logits = model(input_ids=t).logits[0, :-1]
             yield torch.nn.functional.cross_entropy(logits, t[0, 1:])
 
-    expected_loss = [float(loss) for loss in losses()]
+    expected_loss = [float(loss.detach()) for loss in losses()]
     np.testing.assert_allclose(scores["loss"][:3], expected_loss, rtol=1e-5)
     np.testing.assert_allclose(scores["perplexity"][:3], np.exp(expected_loss), rtol=1e-5)
     np.testing.assert_allclose(scores["grand"][:3], _loop_grad_norms(model, losses), rtol=1e-4)
@@ -188,3 +188,58 @@ def test_same_model_scores_and_ids_on_every_runner(tmp_path, runner):
     np.testing.assert_allclose([r[1] for r in ra], [r[1] for r in rb], rtol=1e-6)
     assert sum(r[2] for r in ra) == 20
     assert os.path.isdir(a / "artifacts" / "proxy" / "proxy-0")
+
+
+def test_last_layer_gradients_and_their_alignment_against_autograd(classifier, tiny_lm):
+    model, x, y = classifier
+    grads = models.last_layer_grads(model, (x, y), labelled=True)
+    for i in range(len(y)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1])[0], y[i : i + 1]).backward()
+        expected = torch.cat([model.out.weight.grad, model.out.bias.grad[:, None]], dim=1)
+        torch.testing.assert_close(grads[i], expected, rtol=1e-5, atol=1e-7)
+    # Alignment: the cosine of each example's gradient with a direction.
+    direction = grads[:2].mean(0)
+    cos = models.gradient_alignment(grads, direction)
+    flat = grads.reshape(4, -1)
+    expected = (flat @ direction.reshape(-1)) / (flat.norm(dim=1) * direction.norm())
+    np.testing.assert_allclose(cos, expected.numpy(), rtol=1e-5)
+    assert cos[0] > 0 and -1 <= cos.min() and cos.max() <= 1
+    lm, ids = tiny_lm
+    x, mask = models.pad(ids[:3])
+    grads = models.last_layer_grads(lm, (x, mask), labelled=False)
+    scores = models.lm_scores(lm, x, mask, exact_grand=False)
+    np.testing.assert_allclose(grads.reshape(3, -1).norm(dim=1).numpy(), scores["grand_last_layer"], rtol=1e-5)
+
+
+def test_influence_columns_of_the_proxy_stage(tmp_path):
+    records = _labelled(240)
+    pool = write_jsonl(tmp_path / "pool.jsonl", records)
+    target = write_jsonl(tmp_path / "target.jsonl", [r for r in records if r["label"] == "pydoc"][:20])
+    cfg = make_config(
+        tmp_path,
+        pool,
+        target,
+        input={"label_field": "label"},
+        stages=["proxy", "select"],
+        proxy={"seeds": 1, "epochs": 3, "self_influence": True, "target_influence": True},
+        select={"method": "top", "column": "target_influence", "k": 20},
+    )
+    run_selection(load_config(str(cfg)), overwrite=True)
+    rows = (
+        duckdb.connect()
+        .execute(
+            f"SELECT label, target_influence, self_influence, grand_last_layer FROM '{tmp_path}/out/scores/*.parquet'"
+        )
+        .fetchall()
+    )
+    by_label = {}
+    for label, ti, si, gll in rows:
+        by_label.setdefault(label, []).append(ti)
+        assert si >= 0 and -1 <= ti <= 1
+    # The target is Python documentation: its own domain aligns with it best.
+    means = {k: np.mean(v) for k, v in by_label.items()}
+    assert max(means, key=means.get) == "pydoc"
+    # TracIn over the checkpoints kept (up to the best epoch): Σ_t η_t ||g_t||², one per epoch.
+    ckpts = sorted(p.name for p in (tmp_path / "out" / "artifacts" / "proxy").iterdir() if p.name.startswith("ckpt-"))
+    assert ckpts and all(c.startswith("ckpt-0-") for c in ckpts)

@@ -262,6 +262,37 @@ def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:
     return out
 
 
+# ---- influence: last-layer gradients ------------------------------------------------------
+
+
+def last_layer_grads(model, batch, labelled: bool):
+    """Each example's gradient of its loss with respect to the output layer's weights (and bias,
+    for the classifier), as a (B, outputs, inputs) tensor, from the forward pass alone."""
+    torch = _torch()
+    with torch.no_grad():
+        if labelled:
+            x, y = batch
+            logits, h = model(x)
+            e = torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
+            a = torch.cat([h, torch.ones(len(h), 1)], dim=1)
+            return e[:, :, None] * a[:, None, :]
+        x, mask = batch
+        _, w, logits, h, targets = lm_token_losses(model, x, mask)
+        err = torch.softmax(logits, dim=-1)
+        err.scatter_add_(-1, targets[..., None], -torch.ones_like(targets[..., None], dtype=err.dtype))
+        err = err * w[..., None]
+        return torch.bmm(err.transpose(1, 2), h * w[..., None]) / w.sum(1).clamp(min=1)[:, None, None]
+
+
+def gradient_alignment(grads, direction) -> np.ndarray:
+    """Cosine of each example's gradient with a direction (the target's mean gradient): > 0
+    where a step on the example lowers the target's loss."""
+    flat = grads.reshape(len(grads), -1)
+    d = direction.reshape(-1)
+    cos = flat @ d / (flat.norm(dim=1) * d.norm()).clamp(min=1e-30)
+    return cos.numpy()
+
+
 # ---- training --------------------------------------------------------------------------------
 
 
@@ -289,7 +320,7 @@ def train(model, batches_of, n: int, settings: TrainSettings, seed: int, loss_of
     held = max(int(n * settings.holdout), 1) if n >= 10 else 0
     holdout, train_idx = order[:held], order[held:]
     opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    best, best_state, stale, epochs = math.inf, None, 0, 0
+    best, best_state, stale, epochs, best_epoch = math.inf, None, 0, 0, 0
     for _ in range(settings.epochs):
         model.train()
         shuffled = rng.permutation(train_idx)
@@ -311,7 +342,7 @@ def train(model, batches_of, n: int, settings: TrainSettings, seed: int, loss_of
                 idx = holdout[start : start + settings.batch_size * 4]
                 total += float(loss_of(model, batches_of(idx))) * len(idx)
         if total / held < best - 1e-6:
-            best, stale = total / held, 0
+            best, stale, best_epoch = total / held, 0, epochs
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
@@ -319,6 +350,8 @@ def train(model, batches_of, n: int, settings: TrainSettings, seed: int, loss_of
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+        if checkpoints is not None:
+            del checkpoints[best_epoch:]  # TracIn sums over the path to the model that is kept
     model.eval()
     return model, epochs
 

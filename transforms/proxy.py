@@ -69,6 +69,9 @@ class ProxySettings:
     heads: int = 4
     context: int = 256
     grand: bool = False
+    self_influence: bool = False  # TracIn over the epochs' checkpoints (last layer)
+    target_influence: bool = False  # alignment with the target's mean gradient (last layer)
+    max_ngram: int = 2
     label_column: str | None = None  # the staged column with the labels (input.label_field)
     num_buckets: int = 10000
     threads: int = 0  # torch threads per worker; 0: all cores
@@ -84,7 +87,16 @@ class ProxySettings:
 
 
 def proxy_columns(settings: ProxySettings) -> tuple:
-    return PROXY_COLUMNS + ((("grand", "double"),) if settings.grand else ())
+    extra = [
+        (c, "double")
+        for c, on in (
+            ("grand", settings.grand),
+            ("self_influence", settings.self_influence),
+            ("target_influence", settings.target_influence),
+        )
+        if on
+    ]
+    return PROXY_COLUMNS + tuple(extra)
 
 
 # ---- the sample -----------------------------------------------------------------------------
@@ -204,9 +216,26 @@ def _train_classifiers(payload, settings: ProxySettings, seed: int):
     objects = {}
     for k in range(settings.seeds):
         model = models.new_classifier(settings.num_buckets, len(names), names, settings.hidden, seed * 1000 + k)
-        model, _ = models.train(model, batch_of, len(labelled), settings.train_settings(), seed * 1000 + k, loss_of)
+        checkpoints = [] if settings.self_influence else None
+        model, _ = models.train(
+            model, batch_of, len(labelled), settings.train_settings(), seed * 1000 + k, loss_of, checkpoints
+        )
         objects[f"proxy-{k}"] = model
+        objects.update(_checkpoint_models(model, checkpoints, k))
     return objects, {}
+
+
+def _checkpoint_models(model, checkpoints, k: int) -> dict:
+    """TracIn's checkpoints as models of their own, each with its learning rate in its config."""
+    import copy
+
+    out = {}
+    for e, (lr, state) in enumerate(checkpoints or []):
+        ckpt = copy.deepcopy(model)
+        ckpt.load_state_dict(state)
+        ckpt.config.tracin_learning_rate = lr
+        out[f"ckpt-{k}-{e}"] = ckpt
+    return out
 
 
 def _train_lms(texts: list[str], settings: ProxySettings, seed: int, target: list[str] | None):
@@ -222,6 +251,7 @@ def _train_lms(texts: list[str], settings: ProxySettings, seed: int, target: lis
             model = models.new_causal_lm(
                 len(tokenizer), settings.layers, settings.dim, settings.heads, settings.context, seed * 1000 + k
             )
+            checkpoints = [] if settings.self_influence and name == "proxy" else None
             model, _ = models.train(
                 model,
                 lambda idx, ids=ids: models.pad([ids[i] for i in idx]),
@@ -229,8 +259,10 @@ def _train_lms(texts: list[str], settings: ProxySettings, seed: int, target: lis
                 settings.train_settings(),
                 seed * 1000 + k,
                 _lm_loss,
+                checkpoints,
             )
             objects[f"{name}-{k}"] = model
+            objects.update(_checkpoint_models(model, checkpoints, k))
     return objects, {}
 
 
@@ -280,6 +312,11 @@ class _Loaded:
             from transformers import PreTrainedTokenizerFast
 
             self.tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(self.folder, "tokenizer"))
+        self.checkpoints = [
+            (m, float(m.config.tracin_learning_rate))
+            for m in (models.load_model(os.path.join(self.folder, n)) for n in names if n.startswith("ckpt-"))
+        ]
+        self.target_grads = None  # per proxy: the target's mean last-layer gradient, once computed
         self.labels = None
         if self.proxies and hasattr(self.proxies[0].config, "label_names"):
             self.labels = {n: i for i, n in enumerate(self.proxies[0].config.label_names)}
@@ -302,8 +339,10 @@ class ScoreWithModels(ShardStageFn):
             self._loaded, self._loaded_key = _Loaded(data), key
         return self._loaded
 
-    def score(self, shard, reasons, bundle):
+    def score(self, shard, reasons, bundle, target=None):
         loaded = self._models(bundle)
+        if self.settings.target_influence and loaded.target_grads is None:
+            loaded.target_grads = self._target_grads(loaded, target or [])
         running = running_mask(reasons)
         n = len(reasons)
         columns = {name: np.full(n, np.nan) for name, _ in self.chain.columns[self.name]}
@@ -347,7 +386,9 @@ class ScoreWithModels(ShardStageFn):
         def run(idx):
             x = models.dense_features([buckets[i] for i in idx], self.settings.num_buckets)
             y = torch.tensor([labels[i] for i in idx])
-            return _mean([models.classifier_scores(m, x, y, self.settings.grand) for m in loaded.proxies])
+            out = _mean([models.classifier_scores(m, x, y, self.settings.grand) for m in loaded.proxies])
+            out.update(self._influence(loaded, (x, y)))
+            return out
 
         # Exact GraNd materialises one gradient per example: smaller batches.
         out = _in_batches(run, len(rows), 32 if self.settings.grand else 256)
@@ -367,12 +408,77 @@ class ScoreWithModels(ShardStageFn):
                 loss = np.mean([models.lm_losses(m, x, mask) for m in loaded.proxies], axis=0)
                 ref = np.mean([models.lm_losses(m, x, mask) for m in loaded.references], axis=0)
                 return {"loss": loss, "perplexity": np.exp(loss), "reference_loss": ref, "excess_loss": loss - ref}
-            return _mean([models.lm_scores(m, x, mask, self.settings.grand) for m in loaded.proxies])
+            out = _mean([models.lm_scores(m, x, mask, self.settings.grand) for m in loaded.proxies])
+            out.update(self._influence(loaded, (x, mask)))
+            return out
 
         sorted_scores = _in_batches(run, len(ids), 16)
         back = np.empty(len(order), dtype=np.int64)
         back[order] = np.arange(len(order))
         return {k: v[back] for k, v in sorted_scores.items()}, truncated
+
+    def _influence(self, loaded, batch) -> dict:
+        """self_influence (TracIn: Σ over checkpoints of η_t ‖∇_W ℓ‖², mean over the seeds) and
+        target_influence (cosine with the target's mean gradient, mean over the seeds)."""
+        out = {}
+        labelled = self.settings.labelled
+        if self.settings.self_influence:
+            total = 0.0
+            for model, lr in loaded.checkpoints:
+                g = models.last_layer_grads(model, batch, labelled)
+                total = total + lr * (g.reshape(len(g), -1) ** 2).sum(1).numpy()
+            out["self_influence"] = total / max(len(loaded.proxies), 1)
+        if self.settings.target_influence:
+            out["target_influence"] = np.mean(
+                [
+                    models.gradient_alignment(models.last_layer_grads(m, batch, labelled), d)
+                    for m, d in zip(loaded.proxies, loaded.target_grads)
+                ],
+                axis=0,
+            )
+        return out
+
+    def _target_grads(self, loaded, target: list) -> list:
+        """Each proxy's mean last-layer gradient over the target sample."""
+        import pyarrow as pa
+        import torch
+        from beamsift.transforms.featurize import hashed_ngram_features
+
+        if self.settings.labelled:
+            target = [(t, _label(y)) for t, y in target if _label(y) in (loaded.labels or {})]
+            if not target:
+                from beamsift.transforms.select import SelectionError
+
+                raise SelectionError(
+                    "proxy.target_influence: no target document has a label the proxy knows "
+                    f"(the target needs the field input.label_field; the proxy's labels: {sorted(loaded.labels)})"
+                )
+            f = hashed_ngram_features(
+                pa.array([t for t, _ in target]), self.settings.num_buckets, self.settings.max_ngram
+            )
+            buckets = [f.buckets[f.offsets[i] : f.offsets[i + 1]] for i in range(len(target))]
+            labels = torch.tensor([loaded.labels[y] for _, y in target])
+
+            def batch_of(idx):
+                return models.dense_features([buckets[i] for i in idx], self.settings.num_buckets), labels[idx]
+        else:
+            ids, _ = models.encode(loaded.tokenizer, [t for t, _ in target], self.settings.context)
+            ids = [i for i in ids if len(i) >= 2]
+
+            def batch_of(idx):
+                return models.pad([ids[i] for i in idx])
+
+            target = ids
+        grads = []
+        for model in loaded.proxies:
+            total = None
+            for start in range(0, len(target), 16):
+                g = models.last_layer_grads(
+                    model, batch_of(np.arange(start, min(start + 16, len(target)))), self.settings.labelled
+                ).sum(0)
+                total = g if total is None else total + g
+            grads.append(total / max(len(target), 1))
+        return grads
 
 
 def _mean(per_model: list[dict]) -> dict:
@@ -445,7 +551,9 @@ class ModelStage(beam.PTransform):
             artifacts = FileSystems.join(self.artifacts, self.name)
             bundle = sample | "Train" >> beam.Map(self._train, artifacts, *extra)
         fn = ScoreWithModels(self.name, self.chain, s, self.excess, self.progress_dir)
-        return shards | "Score" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(bundle))
+        target = (self.target_texts,) if s.target_influence else ()
+        return shards | "Score" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(bundle), *target)
 
     def _train(self, sample, artifacts, target=None):
-        return train_proxies(sample, self.settings, self.seed, artifacts, target)
+        texts = [t for t, _ in target] if target is not None else None
+        return train_proxies(sample, self.settings, self.seed, artifacts, texts)

@@ -274,7 +274,8 @@ class RankForCut(beam.DoFn):
 def check_budget(cut: Cut, running_total: int, explain=None) -> tuple[int, int]:
     """The cut's (skip, keep), or a SelectionError that says why it cannot be made."""
     skip, keep = cut.ranks(running_total)
-    why = explain() if explain is not None else ""
+    if (cut.k is not None and skip + keep > running_total) or (cut.fraction is not None and keep < 1):
+        why = explain() if explain is not None else ""
     if cut.k is not None and skip + keep > running_total:
         offset = f" after skipping the top {skip}" if skip else ""
         raise SelectionError(
@@ -384,7 +385,7 @@ def explain_running(total: int, rejects: dict, prior: dict, min_tokens: int | No
     short = False
     for counts in stages.values():
         for reason, n in counts.items():
-            if reason in ("in", "out"):
+            if reason in ("in", "out", "notes"):
                 continue
             if reason == "too short" and min_tokens is not None:
                 short = True

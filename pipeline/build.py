@@ -69,6 +69,7 @@ def make_chain(cfg: Config, staging_dir: str) -> Chain:
 def proxy_settings(cfg: Config, model: str | None = None) -> proxy.ProxySettings:
     label = cfg["input.label_field"]
     return proxy.ProxySettings(
+        train_only=cfg.train_only,
         model=model if model is not None else cfg["proxy.model"],
         seeds=cfg["proxy.seeds"],
         sample=cfg["proxy.sample"],

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, beam_args)
         if args.command == "init":
             return _init(args)
+        if args.command == "train":
+            return _run(args, beam_args, train=True)
         return _query(args)
     except UserError as e:
         print(f"beamsift: error: {e}", file=sys.stderr)
@@ -165,6 +167,18 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     query.add_arguments(q)
+    train = sub.add_parser(
+        "train",
+        help="train the models of a config's first model stage once, to reuse with proxy.model",
+        description="Run CONFIG's stages up to its first model stage (proxy or excess_loss), train its models "
+        "on the sample as `run` would, and save them under output.dir/artifacts/<stage>/ without scoring the "
+        "pool. A later run applies them with proxy.model (or excess_loss.model) set to that folder.",
+    )
+    train.add_argument("config", help="YAML config with a proxy or excess_loss stage")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier beamsift result in output.dir")
+    train.add_argument("--quiet", action="store_true", help="print only the summary")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     init = sub.add_parser(
         "init",
         help="write a commented template config to edit",
@@ -188,9 +202,11 @@ def _init(args) -> int:
     return 0
 
 
-def _run(args, beam_args) -> int:
+def _run(args, beam_args, train: bool = False) -> int:
     try:
         cfg = load_config(args.config, args.set)
+        if train:
+            cfg = training_config(cfg)
     except ConfigError as e:
         raise UserError(str(e)) from None
     _quiet_logs(args.quiet)
@@ -224,8 +240,32 @@ def _run(args, beam_args) -> int:
         raise UserError(f"the run failed: {last[:300]} (the full traceback is in {log_path})") from None
     with contextlib.suppress(OSError):
         os.remove(log_path)
+    if train:
+        stage = cfg["stages"][-2]
+        folder = os.path.join(cfg["output.dir"], "artifacts", stage)
+        print(f"beamsift: trained the {stage} stage's models in {manifest['timings']['total_s']:.1f} s: {folder}")
+        print(f"  apply them with --set {stage}.model={folder} (or {stage}.model: in the config)")
+        return 0
     print(summary_text(manifest))
     return 0
+
+
+def training_config(cfg):
+    """``cfg`` cut after its first model stage, selecting nothing, with scoring switched off."""
+    import dataclasses
+
+    from beamsift.pipeline.config import stage_kind
+
+    stages = cfg["stages"]
+    model_stages = [i for i, name in enumerate(stages) if stage_kind(name) in ("proxy", "excess_loss")]
+    if not model_stages:
+        raise ConfigError(
+            f"{cfg.source}: `beamsift train` needs a proxy or excess_loss stage in 'stages' (got {stages})"
+        )
+    data = cfg.to_dict()
+    data["stages"] = stages[: model_stages[0] + 1] + ["select"]
+    data["select"].update({"method": "all", "k": None, "fraction": None})
+    return dataclasses.replace(cfg, data=data, train_only=True)
 
 
 def _progress_display(folder: str, total_bytes: int, stages: list[str]):

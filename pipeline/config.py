@@ -153,6 +153,7 @@ class Config:
     data: dict
     source: str
     overridden: tuple = ()  # the dotted keys set with --set
+    train_only: bool = False  # `beamsift train`: the chain up to its first model stage, scoring nothing
 
     def __getitem__(self, dotted: str) -> Any:
         node: Any = self.data

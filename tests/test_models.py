@@ -94,7 +94,7 @@ def test_lm_scores_against_autograd_and_padding(tiny_lm):
         h = out.hidden_states[-1][0, :-1]
         p = torch.softmax(out.logits[0, :-1], -1)
         e = p - torch.nn.functional.one_hot(t[0, 1:], 40)
-        out_part.append(float(torch.linalg.matrix_norm(e.T @ h) / len(seq[1:])))
+        out_part.append(float(torch.linalg.matrix_norm(e.T @ h).detach()) / len(seq[1:]))
     np.testing.assert_allclose(scores["grand_last_layer"][:3], out_part, rtol=1e-4)
     assert np.all(head >= np.array(out_part) - 1e-6)
     # EL2N of a causal LM: ||softmax - onehot(next token)|| averaged over the tokens.
@@ -234,7 +234,7 @@ def test_influence_columns_of_the_proxy_stage(tmp_path):
         .fetchall()
     )
     by_label = {}
-    for label, ti, si, gll in rows:
+    for label, ti, si, _ in rows:
         by_label.setdefault(label, []).append(ti)
         assert si >= 0 and -1 <= ti <= 1
     # The target is Python documentation: its own domain aligns with it best.
@@ -243,3 +243,29 @@ def test_influence_columns_of_the_proxy_stage(tmp_path):
     # TracIn over the checkpoints kept (up to the best epoch): Σ_t η_t ||g_t||², one per epoch.
     ckpts = sorted(p.name for p in (tmp_path / "out" / "artifacts" / "proxy").iterdir() if p.name.startswith("ckpt-"))
     assert ckpts and all(c.startswith("ckpt-0-") for c in ckpts)
+
+
+def test_train_once_then_apply_gives_the_same_scores(tmp_path):
+    from conftest import run_cli
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", _labelled(150))
+    sections = {
+        "input": {"label_field": "label"},
+        "stages": ["proxy", "select"],
+        "proxy": {"seeds": 1, "epochs": 2},
+        "select": {"method": "top", "column": "el2n", "k": 10},
+    }
+    direct = make_config(tmp_path / "direct", pool, pool, **sections)
+    run_cli("run", str(direct))
+    trained = make_config(tmp_path / "train", pool, pool, **sections)
+    proc = run_cli("train", str(trained))
+    folder = tmp_path / "train" / "out" / "artifacts" / "proxy"
+    assert f"--set proxy.model={folder}" in proc.stdout and (folder / "proxy-0" / "config.json").exists()
+    applied = make_config(tmp_path / "apply", pool, pool, **{**sections, "proxy": {"model": str(folder)}})
+    run_cli("run", str(applied))
+    q = "SELECT id, el2n, selected FROM '{}/out/scores/*.parquet' ORDER BY id"
+    a = duckdb.connect().execute(q.format(tmp_path / "direct")).fetchall()
+    b = duckdb.connect().execute(q.format(tmp_path / "apply")).fetchall()
+    assert a == b
+    missing = run_cli("run", str(applied), "--set", f"proxy.model={tmp_path}/none", "--overwrite", check=False)
+    assert missing.returncode == 2 and missing.stderr.startswith(f"beamsift: error: proxy.model {tmp_path}/none: no such")

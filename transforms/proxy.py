@@ -72,6 +72,7 @@ class ProxySettings:
     self_influence: bool = False  # TracIn over the epochs' checkpoints (last layer)
     target_influence: bool = False  # alignment with the target's mean gradient (last layer)
     max_ngram: int = 2
+    train_only: bool = False  # `beamsift train`: fit and save the models, score nothing
     label_column: str | None = None  # the staged column with the labels (input.label_field)
     num_buckets: int = 10000
     threads: int = 0  # torch threads per worker; 0: all cores
@@ -340,6 +341,8 @@ class ScoreWithModels(ShardStageFn):
         return self._loaded
 
     def score(self, shard, reasons, bundle, target=None):
+        if self.settings.train_only:
+            return {name: np.full(len(reasons), np.nan) for name, _ in self.chain.columns[self.name]}, reasons
         loaded = self._models(bundle)
         if self.settings.target_influence and loaded.target_grads is None:
             loaded.target_grads = self._target_grads(loaded, target or [])

@@ -165,7 +165,7 @@ def main() -> None:
             )
             for keep in (0.3, 0.5, 0.7):
                 n = int(keep * len(pool))
-                top = [noisy[i] | {"source": pool[i]["source"]} for i in ranked[:n]]
+                top = [noisy[i] for i in ranked[:n]]
                 offset = int(0.1 * len(pool))
                 band = [noisy[i] for i in ranked[offset : offset + n]]
                 rand = [noisy[i] for i in np.random.default_rng(3).permutation(len(pool))[:n]]

@@ -268,4 +268,6 @@ def test_train_once_then_apply_gives_the_same_scores(tmp_path):
     b = duckdb.connect().execute(q.format(tmp_path / "apply")).fetchall()
     assert a == b
     missing = run_cli("run", str(applied), "--set", f"proxy.model={tmp_path}/none", "--overwrite", check=False)
-    assert missing.returncode == 2 and missing.stderr.startswith(f"beamsift: error: proxy.model {tmp_path}/none: no such")
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        f"beamsift: error: proxy.model {tmp_path}/none: no such"
+    )

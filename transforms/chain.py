@@ -20,7 +20,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.stage import ShardRef, read_staging, write_staging
 
 REASON = "_reason"
@@ -99,7 +99,7 @@ def stage_summary(stage: str, before: np.ndarray, after: np.ndarray) -> dict:
     return {"stages": {stage: {"in": int(in_before.sum()), "out": int(in_before.sum() - taken.sum()), **by_reason}}}
 
 
-class ShardStageFn(beam.DoFn):
+class ShardStageFn(MeteredDoFn):
     """Base of a stage's per-shard DoFn: progress and timing, and the bookkeeping of reasons.
 
     A subclass implements ``score(shard, reasons, *side_inputs) -> (columns: dict, reasons[, counts])``,
@@ -111,12 +111,6 @@ class ShardStageFn(beam.DoFn):
         self.name = name
         self.chain = chain
         self.meter = StageMeter(meter_stage or name, progress_dir)  # the progress display's name
-
-    def setup(self):
-        self.meter.setup()
-
-    def finish_bundle(self):
-        self.meter.flush()
 
     def process(self, item, duplicates, *side_inputs):
         shard = item.ref if isinstance(item, StageShard) else item

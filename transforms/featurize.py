@@ -18,11 +18,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
 
 # nltk's WordPunctTokenizer: runs of word characters, or runs of other non-space characters.
@@ -281,19 +280,13 @@ def features_from_arrow(column: pa.ChunkedArray | pa.Array, n_tokens: np.ndarray
     return NgramFeatures(buckets=buckets, offsets=offsets - offsets[0], n_tokens=np.asarray(n_tokens))
 
 
-class FeaturizeHashedNgrams(beam.DoFn):
+class FeaturizeHashedNgrams(MeteredDoFn):
     """Adds ``n_tokens``, the id hash and the hashed n-gram buckets to each batch of documents."""
 
     def __init__(self, num_buckets: int, max_ngram: int, meter: StageMeter | None = None):
         self.num_buckets = num_buckets
         self.max_ngram = max_ngram
         self.meter = meter or StageMeter("featurize")
-
-    def setup(self):
-        self.meter.setup()
-
-    def finish_bundle(self):
-        self.meter.flush()
 
     def process(self, table: pa.Table):
         started = self.meter.start()

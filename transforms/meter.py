@@ -80,6 +80,16 @@ class StageMeter:
             self._file = None  # the driver has gone (and removed the folder): stop reporting
 
 
+class MeteredDoFn(beam.DoFn):
+    """A DoFn whose units of work ``self.meter`` (a StageMeter, set in ``__init__``) times."""
+
+    def setup(self):
+        self.meter.setup()
+
+    def finish_bundle(self):
+        self.meter.flush()
+
+
 def stage_timings(metrics: dict) -> dict:
     """{stage: {wall_s, busy_s, docs}} from the run's metrics results (see ``query_metrics``)."""
     out: dict[str, dict] = {}

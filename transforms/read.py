@@ -30,7 +30,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.schema import ORDER, SOURCE_FILE, TEXT, arrow_column, output_column
 
 POSITION_BITS = 40  # a record's position in its file (byte offset or row) < 2**40
@@ -313,7 +313,7 @@ def reject(task: ReadTask, position: int, reason: str, detail: str | None, recor
     }
 
 
-class ReadDocumentBatches(beam.DoFn):
+class ReadDocumentBatches(MeteredDoFn):
     """ReadTask -> Arrow tables of valid documents; reject records to the ``rejected`` output.
 
     Output columns: ``_order`` (global input order), ``id``, ``text``, then the record's other
@@ -326,11 +326,8 @@ class ReadDocumentBatches(beam.DoFn):
         self.meter = StageMeter("read" if dataset == "pool" else f"read_{dataset}", progress_dir)
 
     def setup(self):
+        super().setup()
         self.records_read = beam.metrics.Metrics.counter("beamsift", f"{self.dataset}_records_read")
-        self.meter.setup()
-
-    def finish_bundle(self):
-        self.meter.flush()
 
     def process(self, task: ReadTask) -> Iterator:
         started = self.meter.start()

@@ -16,12 +16,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field_types
 
 
@@ -79,7 +78,7 @@ def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
     return table.select(columns) if columns is not None else table
 
 
-class WriteStagingShards(beam.DoFn):
+class WriteStagingShards(MeteredDoFn):
     """pa.Table of featurized documents -> StagedShard (the table is written to ``staging_dir``).
 
     ``count_ngrams(table)`` gives what the shard adds to the raw model, counted here while the
@@ -90,12 +89,6 @@ class WriteStagingShards(beam.DoFn):
         self.staging_dir = staging_dir
         self.count_ngrams = count_ngrams
         self.meter = StageMeter("stage", progress_dir)
-
-    def setup(self):
-        self.meter.setup()
-
-    def finish_bundle(self):
-        self.meter.flush()
 
     def process(self, table: pa.Table):
         started = self.meter.start()

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from beamsift.transforms.chain import DUPLICATE, REASON, Chain
 from beamsift.transforms.dsir import selection_ngrams
-from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.read import POSITION_BITS, REJECTED
 from beamsift.transforms.schema import (
     INTERNAL,
@@ -61,7 +61,7 @@ def with_text_named(table: pa.Table, text_column: str) -> pa.Table:
     return table.rename_columns([text_column if n == TEXT else n for n in table.column_names])
 
 
-class WriteSelectionShards(beam.DoFn):
+class WriteSelectionShards(MeteredDoFn):
     """A shard after the last stage -> its selected/ and scores/ shards, its duplicate-id rejects,
     and a summary (counts by reason; with DSIR, the n-gram counts of the selected and the random
     subsets, for the KL reduction)."""
@@ -83,12 +83,6 @@ class WriteSelectionShards(beam.DoFn):
         self.id_field = id_field
         self.ngram_buckets = ngram_buckets
         self.meter = StageMeter("write", progress_dir)
-
-    def setup(self):
-        self.meter.setup()
-
-    def finish_bundle(self):
-        self.meter.flush()
 
     def process(self, item, duplicates, fields):
         from apache_beam.io.filesystems import FileSystems

@@ -100,7 +100,8 @@ def test_lm_scores_against_autograd_and_padding(tiny_lm):
     # EL2N of a causal LM: ||softmax - onehot(next token)|| averaged over the tokens.
     t = torch.tensor([ids[1]])
     p = torch.softmax(model(input_ids=t).logits[0, 0], -1)
-    assert scores["el2n"][1] == pytest.approx(float((p - torch.nn.functional.one_hot(t[0, 1], 40)).norm().detach()), rel=1e-5)
+    expected = float((p - torch.nn.functional.one_hot(t[0, 1], 40)).norm().detach())
+    assert scores["el2n"][1] == pytest.approx(expected, rel=1e-5)
     # A document of one token has no next token: no scores, not a crash.
     assert all(np.isnan(scores[k][3]) for k in ("loss", "el2n", "grand", "grand_last_layer"))
 

@@ -44,6 +44,21 @@ def _torch():
     return torch
 
 
+def device() -> str:
+    """Where models run: the GPU when there is one."""
+    return "cuda" if _torch().cuda.is_available() else "cpu"
+
+
+def on_device(model, *tensors) -> tuple:
+    """The tensors moved to the model's device (a no-op on the CPU)."""
+    where = next(model.parameters()).device
+    return tuple(t.to(where) for t in tensors)
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
 # ---- the bag-of-n-grams classifier -------------------------------------------------------
 
 
@@ -107,12 +122,13 @@ def new_classifier(num_buckets: int, num_labels: int, label_names: list[str], hi
     torch.manual_seed(seed)
     assert len(label_names) == num_labels
     config = config_cls(num_buckets=num_buckets, hidden_size=hidden, label_names=label_names)
-    return model_cls(config)
+    return model_cls(config).to(device())
 
 
 def classifier_scores(model, x, y, exact_grand: bool) -> dict[str, np.ndarray]:
     """loss, el2n, grand_last_layer (and grand) of each example of a batch under a classifier."""
     torch = _torch()
+    x, y = on_device(model, x, y)
     with torch.no_grad():
         logits, h = model(x)
         p = torch.softmax(logits, dim=-1)
@@ -121,7 +137,7 @@ def classifier_scores(model, x, y, exact_grand: bool) -> dict[str, np.ndarray]:
         err = p - onehot
         el2n = err.norm(dim=-1)
         last = el2n * torch.sqrt((h * h).sum(-1) + 1.0)
-    out = {"loss": loss.numpy(), "el2n": el2n.numpy(), "grand_last_layer": last.numpy()}
+    out = {"loss": _np(loss), "el2n": _np(el2n), "grand_last_layer": _np(last)}
     if exact_grand:
 
         def example_loss(params, xi, yi):
@@ -140,7 +156,7 @@ def per_example_grad_norms(model, example_loss, batch: tuple) -> np.ndarray:
     grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
     n = batch[0].shape[0]
     squares = sum((g.reshape(n, -1) ** 2).sum(1) for g in grads.values())
-    return torch.sqrt(squares).detach().numpy()
+    return _np(torch.sqrt(squares).detach())
 
 
 # ---- the causal LM --------------------------------------------------------------------------
@@ -176,7 +192,7 @@ def new_causal_lm(vocab_size: int, layers: int, dim: int, heads: int, context: i
         eos_token_id=0,
     )
     config._attn_implementation = "eager"  # what torch.func's vmap can trace (exact GraNd)
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config).to(device())
 
 
 def encode(tokenizer, texts: list[str], context: int) -> tuple[list[list[int]], int]:
@@ -203,7 +219,7 @@ def _additive_mask(mask):
     does not build one itself (the builder cannot be traced by vmap)."""
     torch = _torch()
     t = mask.shape[-1]
-    allowed = torch.tril(torch.ones(t, t, dtype=mask.dtype)) * mask[:, None, :]
+    allowed = torch.tril(torch.ones(t, t, dtype=mask.dtype, device=mask.device)) * mask[:, None, :]
     return ((1.0 - allowed) * torch.finfo(torch.float32).min)[:, None]
 
 
@@ -221,10 +237,11 @@ def lm_token_losses(model, x, mask, hidden: bool = True):
 def lm_losses(model, x, mask) -> np.ndarray:
     """Only the mean token loss of each example (NaN for an example of one token)."""
     torch = _torch()
+    x, mask = on_device(model, x, mask)
     with torch.no_grad():
         losses, w, *_ = lm_token_losses(model, x, mask, hidden=False)
-        loss = ((losses * w).sum(1) / w.sum(1).clamp(min=1)).numpy()
-    loss[(w.sum(1) == 0).numpy()] = np.nan
+        loss = _np((losses * w).sum(1) / w.sum(1).clamp(min=1))
+    loss[_np(w.sum(1) == 0)] = np.nan
     return loss
 
 
@@ -233,6 +250,7 @@ def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:
 
     An example of one token has no next token to predict: its scores are NaN."""
     torch = _torch()
+    x, mask = on_device(model, x, mask)
     with torch.no_grad():
         losses, w, logits, h, targets = lm_token_losses(model, x, mask)
         n = w.sum(1)
@@ -245,7 +263,7 @@ def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:
         el2n = (err.norm(dim=-1) * w).sum(1) / denom
         # ∇_W of the mean token loss for the output layer: (1/T) Σ_t e_t h_tᵀ, per example.
         last = torch.linalg.matrix_norm(torch.bmm(err.transpose(1, 2), h * w[..., None])) / denom
-    out = {"loss": loss.numpy(), "el2n": el2n.numpy(), "grand_last_layer": last.numpy()}
+    out = {"loss": _np(loss), "el2n": _np(el2n), "grand_last_layer": _np(last)}
     if exact_grand:
 
         def example_loss(params, xi, mi):
@@ -255,7 +273,7 @@ def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:
             return (token_losses * wi).sum() / wi.sum().clamp(min=1)
 
         out["grand"] = per_example_grad_norms(model, example_loss, (x, mask))
-    empty = (n == 0).numpy()
+    empty = _np(n == 0)
     for v in out.values():
         v[empty] = np.nan
     out["perplexity"] = np.exp(out["loss"])
@@ -269,12 +287,13 @@ def last_layer_grads(model, batch, labelled: bool):
     """Each example's gradient of its loss with respect to the output layer's weights (and bias,
     for the classifier), as a (B, outputs, inputs) tensor, from the forward pass alone."""
     torch = _torch()
+    batch = on_device(model, *batch)
     with torch.no_grad():
         if labelled:
             x, y = batch
             logits, h = model(x)
             e = torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
-            a = torch.cat([h, torch.ones(len(h), 1)], dim=1)
+            a = torch.cat([h, torch.ones(len(h), 1, device=h.device)], dim=1)
             return e[:, :, None] * a[:, None, :]
         x, mask = batch
         _, w, logits, h, targets = lm_token_losses(model, x, mask)
@@ -288,9 +307,9 @@ def gradient_alignment(grads, direction) -> np.ndarray:
     """Cosine of each example's gradient with a direction (the target's mean gradient): > 0
     where a step on the example lowers the target's loss."""
     flat = grads.reshape(len(grads), -1)
-    d = direction.reshape(-1)
+    d = direction.reshape(-1).to(flat.device)
     cos = flat @ d / (flat.norm(dim=1) * d.norm()).clamp(min=1e-30)
-    return cos.numpy()
+    return _np(cos)
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -325,7 +344,7 @@ def train(model, batches_of, n: int, settings: TrainSettings, seed: int, loss_of
         model.train()
         shuffled = rng.permutation(train_idx)
         for start in range(0, len(shuffled), settings.batch_size):
-            batch = batches_of(shuffled[start : start + settings.batch_size])
+            batch = on_device(model, *batches_of(shuffled[start : start + settings.batch_size]))
             opt.zero_grad()
             loss = loss_of(model, batch)
             loss.backward()
@@ -340,7 +359,7 @@ def train(model, batches_of, n: int, settings: TrainSettings, seed: int, loss_of
             total = 0.0
             for start in range(0, held, settings.batch_size * 4):
                 idx = holdout[start : start + settings.batch_size * 4]
-                total += float(loss_of(model, batches_of(idx))) * len(idx)
+                total += float(loss_of(model, on_device(model, *batches_of(idx)))) * len(idx)
         if total / held < best - 1e-6:
             best, stale, best_epoch = total / held, 0, epochs
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -391,8 +410,8 @@ def load_model(path: str):
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         model_type = json.load(f).get("model_type")
     if model_type == CLASSIFIER:
-        return _classifier_classes()[1].from_pretrained(path).eval()
+        return _classifier_classes()[1].from_pretrained(path).to(device()).eval()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="eager")
-    return model.eval()
+    return model.to(device()).eval()

@@ -429,7 +429,7 @@ class ScoreWithModels(ShardStageFn):
             total = 0.0
             for model, lr in loaded.checkpoints:
                 g = models.last_layer_grads(model, batch, labelled)
-                total = total + lr * (g.reshape(len(g), -1) ** 2).sum(1).numpy()
+                total = total + lr * (g.reshape(len(g), -1) ** 2).sum(1).cpu().numpy()
             out["self_influence"] = total / max(len(loaded.proxies), 1)
         if self.settings.target_influence:
             out["target_influence"] = np.mean(

@@ -20,7 +20,7 @@ import json
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import AsSingleton
+from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
 from beamsift.transforms import dsir, proxy, reweight
@@ -250,10 +250,9 @@ def build_pipeline(
                 name, filter_cut(cfg, name), "filter", chain, seed, duplicates, progress_dir
             )
         else:  # select
-            prior = AsSingleton(
-                (stage_summaries or [p | "NoPriorStages" >> beam.Create([{}])])
-                | "PriorSummaries" >> beam.Flatten()
-                | "SumPriorSummaries" >> beam.CombineGlobally(SumSummaries()),
+            # The earlier stages' per-shard summaries, summed only if the budget cannot be met.
+            prior = AsList(
+                (stage_summaries or [p | "NoPriorStages" >> beam.Create([{}])]) | "PriorSummaries" >> beam.Flatten()
             )
             explain = functools.partial(_explain, cfg["dsir.min_tokens"] if "dsir" in kinds else None)
             shards, summary = shards | "Stage_" + name >> CutStage(
@@ -312,8 +311,9 @@ def _texts_and_labels(table, label: str | None) -> list[tuple]:
     return list(zip(texts, labels))
 
 
-def _explain(min_tokens, total, rejects, prior) -> str:
-    return explain_running(total, rejects, prior, min_tokens)
+def _explain(min_tokens, total, rejects, prior: list) -> str:
+    summed = SumSummaries()
+    return explain_running(total, rejects, summed.extract_output(summed.merge_accumulators(prior)), min_tokens)
 
 
 def _fit_dsir(cfg, staging_summary, shards, duplicates, sum_totals, count_pool, target_totals, fitted, rejects):

@@ -158,10 +158,8 @@ class ApplyStage(beam.PTransform):
 
 
 def running_total(shards, label: str, duplicates):
-    """The number of documents still in the running over all shards (a side input)."""
-    return beam.pvalue.AsSingleton(
-        shards | f"{label}Running" >> beam.Map(_running, duplicates) | f"{label}Total" >> beam.CombineGlobally(sum)
-    )
+    """The number of documents still in the running over all shards (one element, 0 if none)."""
+    return shards | f"{label}Running" >> beam.Map(_running, duplicates) | f"{label}Total" >> beam.CombineGlobally(sum)
 
 
 def _running(item, duplicates) -> int:

@@ -347,10 +347,8 @@ class CutStage(beam.PTransform):
     def expand(self, shards):
         from beamsift.transforms.chain import ApplyStage, running_total
 
-        total = running_total(shards, "Count", self.duplicates)
-        budget = beam.pvalue.AsSingleton(
-            shards.pipeline | "One" >> beam.Create([None]) | "Budget" >> beam.Map(self._budget, total, *self.context)
-        )
+        count = running_total(shards, "Count", self.duplicates)
+        total = beam.pvalue.AsSingleton(count)
         random_baseline = self.role == "select"
         merged = (
             shards
@@ -360,13 +358,21 @@ class CutStage(beam.PTransform):
             )
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
         )
+        # From the count, which always has one element: an impossible budget fails even on an
+        # empty input, where there are no candidates to merge.
         thresholds = beam.pvalue.AsSingleton(
-            merged | "CutRanks" >> beam.Map(lambda m, b: cut_thresholds(m, *b), budget), default_value={}
+            count
+            | "CutRanks"
+            >> beam.Map(
+                lambda n, m, *ctx: cut_thresholds(m, *self._budget(n, *ctx)),
+                beam.pvalue.AsSingleton(merged, default_value={}),
+                *self.context,
+            )
         )
         fn = ApplyCutShard(self.name, self.chain, self.cut, self.role, self.seed, self.progress_dir)
         return shards | "Cut" >> ApplyStage(fn, self.duplicates, thresholds)
 
-    def _budget(self, _, total, *context):
+    def _budget(self, total, *context):
         if self.role != "select":
             return self.cut.ranks(total)
         explain = (lambda: self.explain(total, *context)) if self.explain is not None else None

@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
-from beamsift.transforms import dsir, proxy, reweight
+from beamsift.transforms import cluster, dsir, proxy, reweight
 from beamsift.transforms.chain import STAGED, ApplyStage, Chain
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
@@ -63,6 +63,10 @@ def make_chain(cfg: Config, staging_dir: str) -> Chain:
             columns[name] = proxy.EXCESS_COLUMNS
         elif kind == "reweight":
             columns[name] = reweight.COLUMNS
+        elif kind == "embed":
+            columns[name] = cluster.EMBED_COLUMNS
+        elif kind == "cluster":
+            columns[name] = cluster.CLUSTER_COLUMNS
     return Chain(staging_dir, tuple(cfg["stages"]), columns)
 
 
@@ -231,6 +235,30 @@ def build_pipeline(
                 FileSystems.join(out, "artifacts"),
                 excess,
                 target_texts,
+                progress_dir,
+            )
+        elif kind == "embed":
+            shards, summary = shards | "Stage_" + name >> cluster.EmbedDocuments(
+                name,
+                chain,
+                cfg["embed.dim"],
+                seed,
+                buckets,
+                duplicates,
+                cfg["embed.method"],
+                cfg["embed.sample"],
+                progress_dir,
+            )
+        elif kind == "cluster":
+            shards, summary = shards | "Stage_" + name >> cluster.ClusterDocuments(
+                name,
+                chain,
+                cfg["cluster.k"],
+                cfg["cluster.sample"],
+                seed,
+                duplicates,
+                FileSystems.join(out, "artifacts"),
+                cfg["cluster.model"],
                 progress_dir,
             )
         elif kind == "reweight":

@@ -76,6 +76,16 @@ SCHEMA: dict[str, Any] = {
         "temperature": (1.0, (int, float), "r in softmax(f(h) / r): lower = sharper weights"),
         "bounds": ([0.01, 0.99], list, "the loss quantiles that map to -1 and +1"),
     },
+    "embed": {  # the model-free embedding: TF-IDF of the hashed n-grams, randomly projected
+        "method": ("svd", str, "svd (fitted on a sample: topics) or projection (random, no fit)"),
+        "dim": (256, int, "dimensions of the reduced vectors"),
+        "sample": (20000, int, "svd: fit on at most this many documents (seeded)"),
+    },
+    "cluster": {  # k-means over the embeddings
+        "k": (16, int, "the number of clusters"),
+        "sample": (20000, int, "fit the centroids on at most this many documents (seeded)"),
+        "model": (None, (str, type(None)), "a run's artifacts/cluster folder: apply its centroids"),
+    },
     "excess_loss": {
         "model": (None, (str, type(None)), "a run's artifacts/excess_loss folder to apply instead of training"),
     },
@@ -118,11 +128,12 @@ CHOICES = {
     "dsir.length_norm": {"none", "mean"},
     "select.method": {"importance", "top", "bottom", "band", "threshold", "weighted", "all"},
     "reweight.strategy": {"linupper", "upper", "mid", "extremes"},
+    "embed.method": {"svd", "projection"},
 }
 
 # Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that
 # may repeat; its parameters are the section of its name.
-STAGE_KINDS = ("dsir", "filter", "proxy", "excess_loss", "reweight", "select")
+STAGE_KINDS = ("dsir", "filter", "proxy", "excess_loss", "reweight", "embed", "cluster", "select")
 REPEATABLE = ("filter",)
 DEFAULT_STAGES = ["dsir", "select"]
 # The score columns each kind of stage writes (a filter's or the selector's column must be one
@@ -132,6 +143,7 @@ STAGE_COLUMNS = {
     "proxy": ("loss", "perplexity", "el2n", "grand_last_layer"),
     "excess_loss": ("loss", "perplexity", "reference_loss", "excess_loss"),
     "reweight": ("weight",),
+    "cluster": ("cluster", "cluster_distance"),
 }
 
 
@@ -343,6 +355,8 @@ def _check_stages(cfg: Config, fail) -> None:
         kind = stage_kind(name)
         if kind == "filter":
             _check_filter(cfg, name, available, fail)
+        if kind == "cluster" and "embed" not in stages[: stages.index(name)]:
+            fail("stages", "the cluster stage needs an embed stage before it")
         if kind == "reweight" and cfg["reweight.column"] not in available:
             fail(
                 "reweight.column",
@@ -436,7 +450,16 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
         fail("reweight.bounds", f"'reweight.bounds' must be two quantiles [low, high] in [0, 1], got {bounds}")
     if cfg["reweight.temperature"] <= 0:
         fail("reweight.temperature", "config key 'reweight.temperature' must be > 0")
-    for key in ("proxy.seeds", "proxy.sample", "proxy.epochs", "proxy.batch_size", "proxy.context"):
+    for key in (
+        "proxy.seeds",
+        "proxy.sample",
+        "proxy.epochs",
+        "proxy.batch_size",
+        "proxy.context",
+        "embed.dim",
+        "cluster.k",
+        "cluster.sample",
+    ):
         if cfg[key] < 1:
             fail(key, f"config key {key!r} must be at least 1, got {cfg[key]}")
     if cfg["input.id_field"] is not None and cfg["input.id_field"] == cfg["input.text_field"]:

@@ -1,0 +1,98 @@
+"""The model-free embedding and k-means: assignment against scikit-learn's predict on the same
+centroids, the embedding against its formula, clusters that find the corpus's domains."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from beamsift.pipeline.config import load_config
+from beamsift.pipeline.run import run_selection
+from beamsift.transforms.cluster import assign, load_centroids, projection, smooth_idf, tfidf_embeddings
+from beamsift.transforms.featurize import hashed_ngram_features
+from conftest import demo_records, make_config, write_jsonl
+from sklearn.cluster import KMeans
+
+
+def _predict(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """scikit-learn's predict with exactly the given centroids (a fitted estimator, its centres set)."""
+    km = KMeans(n_clusters=len(centroids), init=centroids, n_init=1, max_iter=1).fit(centroids)
+    km.cluster_centers_ = centroids.copy()
+    return km.predict(vectors)
+
+
+def test_assignment_is_scikit_learns_predict():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 8)).astype(np.float32)
+    centroids = KMeans(n_clusters=6, random_state=0, n_init=1).fit(vectors).cluster_centers_.astype(np.float32)
+    nearest, distance = assign(vectors, centroids)
+    np.testing.assert_array_equal(nearest, _predict(centroids, vectors))
+    np.testing.assert_allclose(distance, np.linalg.norm(vectors - centroids[nearest], axis=1), rtol=1e-5)
+
+
+def test_tfidf_embedding_by_hand():
+    # Two documents, 4 buckets: counts (2, 1, 0, 0) and (0, 1, 0, 1); df = (1, 2, 0, 1), N = 2.
+    from beamsift.transforms.featurize import NgramFeatures
+
+    f = NgramFeatures(np.array([0, 0, 1, 1, 3]), np.array([0, 3, 5]), np.array([3, 2]))
+    idf = smooth_idf((np.array([1, 2, 0, 1]), 2))
+    np.testing.assert_allclose(idf, np.log(3 / np.array([2, 3, 1, 2])) + 1, rtol=1e-6)
+    proj = np.eye(4, dtype=np.float32)  # no reduction: the normalised TF-IDF rows themselves
+    rows = np.array([[(1 + np.log(2)) * idf[0], idf[1], 0, 0], [0, idf[1], 0, idf[3]]])
+    np.testing.assert_allclose(tfidf_embeddings(f, idf, proj), rows / np.linalg.norm(rows, axis=1)[:, None], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cluster")
+    return write_jsonl(d / "pool.jsonl", demo_records(700))
+
+
+def test_the_cluster_stage_assigns_as_scikit_learn_would(tmp_path, corpus):
+    cfg = make_config(
+        tmp_path,
+        corpus,
+        corpus,
+        stages=["embed", "cluster", "select"],
+        embed={"method": "projection", "dim": 64},
+        cluster={"k": 5},
+        select={"method": "all", "k": None},
+    )
+    manifest = run_selection(load_config(str(cfg)), overwrite=True)
+    assert manifest["counts"]["selected"] == 700
+    rows = duckdb.connect().execute(f"SELECT id, cluster, cluster_distance FROM '{tmp_path}/out/scores/*.parquet'")
+    got = {i: (c, dist) for i, c, dist in rows.fetchall()}
+    # The same embedding outside the pipeline: idf over the 700 documents, the seeded projection.
+    records = demo_records(700)
+    f = hashed_ngram_features(pa.array([r["text"] for r in records]), 10000)
+    df = np.zeros(10000, np.int64)
+    for i in range(len(records)):
+        df[np.unique(f.buckets[f.offsets[i] : f.offsets[i + 1]])] += 1
+    vectors = tfidf_embeddings(f, smooth_idf((df, len(records))), projection(10000, 64, 1))
+    centroids = load_centroids(str(tmp_path / "out" / "artifacts" / "cluster"))
+    expected = _predict(centroids, vectors)
+    assert [got[r["id"]][0] for r in records] == expected.tolist()
+    np.testing.assert_allclose(
+        [got[r["id"]][1] for r in records], np.linalg.norm(vectors - centroids[expected], axis=1), rtol=1e-4
+    )
+
+
+def test_svd_clusters_find_the_domains(tmp_path, corpus):
+    cfg = make_config(
+        tmp_path,
+        corpus,
+        corpus,
+        stages=["embed", "cluster", "select"],
+        cluster={"k": 7},
+        select={"method": "all", "k": None},
+    )
+    run_selection(load_config(str(cfg)), overwrite=True)
+    rows = duckdb.connect().execute(f"SELECT cluster, source FROM '{tmp_path}/out/scores/*.parquet'").fetchall()
+    # Purity: the share of documents whose cluster's most common source is their own.
+    by_cluster = {}
+    for c, s in rows:
+        by_cluster.setdefault(c, []).append(s)
+    pure = sum(max(v.count(s) for s in set(v)) for v in by_cluster.values())
+    largest = max([s for _, s in rows].count(s) for s in {s for _, s in rows})
+    assert pure / len(rows) > 0.7 and pure > 2.5 * largest  # one cluster for all: the largest domain

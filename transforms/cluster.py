@@ -1,0 +1,279 @@
+"""Embeddings and k-means for diversity: the model-free embedding, centroids fitted on a sample,
+every document assigned to its nearest centroid.
+
+``embed`` (model-free, the CPU default): the hashed n-gram counts that beamsift already computes,
+TF-IDF-weighted (sublinear tf = 1 + log(count), smooth idf = log((1 + N)/(1 + df)) + 1, df over the
+documents in the running), reduced to ``embed.dim`` dimensions and L2-normalised:
+
+- ``svd`` (default): a truncated SVD fitted on a seeded sample (latent semantic analysis): the
+  directions that carry the corpus's topics, what k-means needs to find them;
+- ``projection``: a Gaussian random projection seeded by the config seed (no fit; keeps cosines up
+  to a small distortion, Johnson–Lindenstrauss, but spreads the topics over every direction).
+
+The vectors stay internal (``_embedding`` in the stage's staging files).
+
+``cluster``: k-means (scikit-learn's, k-means++ seeded by the config seed) fitted on a seeded
+sample of the embeddings (``cluster.sample``); every document in the running gets ``cluster`` (the
+nearest centroid, the first on a tie, as scikit-learn's ``predict``) and ``cluster_distance`` (the
+Euclidean distance to it). The centroids are saved to ``artifacts/cluster/centroids.npy`` and
+``cluster.model`` applies saved ones to new data.
+"""
+
+from __future__ import annotations
+
+import io
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.featurize import features_from_arrow
+from beamsift.transforms.proxy import KeepSmallest
+from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS
+from beamsift.transforms.select import uniform01
+from beamsift.transforms.stage import read_staging
+
+EMBEDDING = "_embedding"
+EMBED_COLUMNS = ((EMBEDDING, "embedding"),)
+CLUSTER_COLUMNS = (("cluster", "int64"), ("cluster_distance", "double"))
+SAMPLE_STREAM = 0xC1A57
+
+
+def projection(num_buckets: int, dim: int, seed: int) -> np.ndarray:
+    """The random projection: (num_buckets, dim) Gaussian entries of variance 1/dim, from the seed."""
+    rng = np.random.default_rng([seed, 0xE4BED])
+    return (rng.standard_normal((num_buckets, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def tfidf(features, idf: np.ndarray):
+    """Documents' hashed n-grams -> their TF-IDF rows (a scipy CSR matrix)."""
+    import scipy.sparse as sp
+
+    n = len(features.offsets) - 1
+    rows = np.repeat(np.arange(n), np.diff(features.offsets))
+    counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, features.buckets)), shape=(n, len(idf)))
+    counts.sum_duplicates()
+    counts.data = (1 + np.log(counts.data)) * idf[counts.indices]
+    return counts
+
+
+def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """Documents' hashed n-grams -> L2-normalised, reduced TF-IDF vectors (n, dim); ``proj`` is
+    (num_buckets, dim): a random projection or the SVD's components, transposed."""
+    out = np.asarray(tfidf(features, idf) @ proj, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norms > 0, norms, 1)
+
+
+def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centroid, Euclidean distance to it) of each vector; the first centroid on a tie."""
+    v = vectors.astype(np.float64)
+    c = centroids.astype(np.float64)
+    d2 = (v * v).sum(1)[:, None] - 2 * v @ c.T + (c * c).sum(1)[None, :]
+    nearest = np.argmin(d2, axis=1)
+    return nearest, np.sqrt(np.maximum(d2[np.arange(len(v)), nearest], 0))
+
+
+def _features(shard):
+    table = read_staging(shard.path, [N_TOKENS, BUCKETS])
+    return features_from_arrow(table.column(BUCKETS), np.asarray(table.column(N_TOKENS).combine_chunks()))
+
+
+class _DocumentFrequencies(beam.DoFn):
+    def __init__(self, stage, chain, num_buckets):
+        self.stage, self.chain, self.num_buckets = stage, chain, num_buckets
+
+    def process(self, item, duplicates):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        f = _features(shard)
+        rows = np.repeat(np.arange(len(running)), np.diff(f.offsets))
+        keep = running[rows]
+        pairs = np.unique(rows[keep].astype(np.int64) * self.num_buckets + f.buckets[keep])
+        yield np.bincount(pairs % self.num_buckets, minlength=self.num_buckets).astype(np.int64), int(running.sum())
+
+
+class _SumFrequencies(beam.CombineFn):
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, item):
+        return item if acc is None else (acc[0] + item[0], acc[1] + item[1])
+
+    def merge_accumulators(self, accs):
+        out = None
+        for acc in accs:
+            if acc is not None:
+                out = self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def smooth_idf(frequencies) -> np.ndarray:
+    df, n = frequencies
+    return (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)
+
+
+class EmbedShard(ShardStageFn):
+    """A shard -> the model-free embedding of each document in the running (zeros elsewhere)."""
+
+    def __init__(self, name, chain, dim: int, seed: int, num_buckets: int, progress_dir=None):
+        super().__init__(name, chain, progress_dir)
+        self.dim, self.seed, self.num_buckets = dim, seed, num_buckets
+
+    def score(self, shard, reasons, frequencies, proj):
+        running = running_mask(reasons)
+        vectors = tfidf_embeddings(_features(shard), smooth_idf(frequencies), proj)
+        vectors[~running] = 0
+        flat = pa.array(vectors.reshape(-1), pa.float32())
+        return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, proj.shape[1])}, reasons
+
+
+class _SampleFeatures(beam.DoFn):
+    def __init__(self, stage, chain, n, seed):
+        self.stage, self.chain, self.n, self.seed = stage, chain, n, seed
+
+    def process(self, item, duplicates):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        keys = uniform01(id_hash, self.seed, SAMPLE_STREAM)
+        rows = np.flatnonzero(running)
+        rows = rows[np.argsort(keys[rows], kind="stable")[: self.n]]
+        if len(rows):
+            f = _features(shard)
+            yield [(float(keys[r]), int(id_hash[r]), f.buckets[f.offsets[r] : f.offsets[r + 1]]) for r in rows]
+
+
+def fit_svd(sample: list, frequencies, dim: int, seed: int) -> np.ndarray:
+    """The truncated SVD's components (num_buckets, dim') of the sample's TF-IDF rows."""
+    from beamsift.transforms.featurize import NgramFeatures
+    from sklearn.decomposition import TruncatedSVD
+
+    idf = smooth_idf(frequencies)
+    buckets = [b for _, _, b in sample]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in buckets])]).astype(np.int64)
+    flat = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
+    features = NgramFeatures(flat, offsets, np.zeros(len(buckets), np.int64))
+    matrix = tfidf(features, idf)
+    k = max(1, min(dim, matrix.shape[0] - 1, matrix.shape[1] - 1))
+    svd = TruncatedSVD(n_components=k, random_state=seed, algorithm="randomized", n_iter=5)
+    svd.fit(matrix)
+    return svd.components_.T.astype(np.float32)
+
+
+class EmbedDocuments(beam.PTransform):
+    def __init__(self, name, chain, dim, seed, num_buckets, duplicates, method="svd", sample=20000, progress_dir=None):
+        super().__init__()
+        self.name, self.chain, self.dim, self.seed = name, chain, dim, seed
+        self.num_buckets, self.duplicates, self.progress_dir = num_buckets, duplicates, progress_dir
+        self.method, self.sample = method, sample
+
+    def expand(self, shards):
+        frequencies = beam.pvalue.AsSingleton(
+            shards
+            | "DocumentFrequencies"
+            >> beam.ParDo(_DocumentFrequencies(self.name, self.chain, self.num_buckets), self.duplicates)
+            | "SumFrequencies" >> beam.CombineGlobally(_SumFrequencies()).without_defaults(),
+            default_value=(np.zeros(self.num_buckets, np.int64), 0),
+        )
+        if self.method == "svd":
+            proj = (
+                shards
+                | "SampleFeatures"
+                >> beam.ParDo(_SampleFeatures(self.name, self.chain, self.sample, self.seed), self.duplicates)
+                | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
+                | "FitSvd" >> beam.Map(fit_svd, frequencies, self.dim, self.seed)
+            )
+        else:
+            proj = (
+                shards.pipeline
+                | "Seed" >> beam.Create([self.seed])
+                | "Projection" >> beam.Map(lambda seed, m, d: projection(m, d, seed), self.num_buckets, self.dim)
+            )
+        fn = EmbedShard(self.name, self.chain, self.dim, self.seed, self.num_buckets, self.progress_dir)
+        return shards | "Embed" >> ApplyStage(fn, self.duplicates, frequencies, beam.pvalue.AsSingleton(proj))
+
+
+def embeddings(chain, shard_name: str) -> np.ndarray:
+    """The (n, dim) embeddings an embed stage wrote for a shard."""
+    column = chain.read(chain.producer(EMBEDDING), shard_name, [EMBEDDING]).column(0).combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+
+
+class _SampleEmbeddings(beam.DoFn):
+    def __init__(self, stage, chain, n, seed):
+        self.stage, self.chain, self.n, self.seed = stage, chain, n, seed
+
+    def process(self, item, duplicates):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        keys = uniform01(id_hash, self.seed, SAMPLE_STREAM)
+        rows = np.flatnonzero(running)
+        rows = rows[np.argsort(keys[rows], kind="stable")[: self.n]]
+        if len(rows):
+            vectors = embeddings(self.chain, shard.name)
+            yield [(float(keys[r]), int(id_hash[r]), vectors[r]) for r in rows]
+
+
+def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.ndarray:
+    """k-means (k-means++, scikit-learn) on the sample's vectors; saved to artifacts/ if given."""
+    from beamsift.transforms.select import SelectionError
+    from sklearn.cluster import KMeans
+
+    vectors = np.stack([v for _, _, v in sample]) if sample else np.zeros((0, 1), np.float32)
+    if len(vectors) < k:
+        raise SelectionError(f"cluster.k={k} is more than the {len(vectors)} documents sampled to fit the centroids")
+    centroids = KMeans(n_clusters=k, random_state=seed, n_init=3).fit(vectors).cluster_centers_.astype(np.float32)
+    if artifacts is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, centroids)
+        with FileSystems.create(FileSystems.join(artifacts, "centroids.npy")) as f:
+            f.write(buffer.getvalue())
+    return centroids
+
+
+def load_centroids(path: str) -> np.ndarray:
+    target = path if path.endswith(".npy") else FileSystems.join(path, "centroids.npy")
+    with FileSystems.open(target) as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+class AssignShard(ShardStageFn):
+    def score(self, shard, reasons, centroids):
+        running = running_mask(reasons)
+        cluster = np.full(len(reasons), -1, dtype=np.int64)
+        distance = np.full(len(reasons), np.nan)
+        rows = np.flatnonzero(running)
+        if len(rows):
+            nearest, dist = assign(embeddings(self.chain, shard.name)[rows], centroids)
+            cluster[rows], distance[rows] = nearest, dist
+        return {"cluster": pa.array(cluster, mask=~running), "cluster_distance": distance}, reasons
+
+
+class ClusterDocuments(beam.PTransform):
+    """Fit k centroids on a sample (or load them) and assign every document in the running."""
+
+    def __init__(self, name, chain, k, sample, seed, duplicates, artifacts, model=None, progress_dir=None):
+        super().__init__()
+        self.name, self.chain, self.k, self.sample, self.seed = name, chain, k, sample, seed
+        self.duplicates, self.artifacts, self.model, self.progress_dir = duplicates, artifacts, model, progress_dir
+
+    def expand(self, shards):
+        if self.model is not None:
+            centroids = shards.pipeline | "GivenCentroids" >> beam.Create([self.model]) | beam.Map(load_centroids)
+        else:
+            artifacts = FileSystems.join(self.artifacts, self.name)
+            centroids = (
+                shards
+                | "SampleEmbeddings"
+                >> beam.ParDo(_SampleEmbeddings(self.name, self.chain, self.sample, self.seed), self.duplicates)
+                | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
+                | "FitCentroids" >> beam.Map(fit_centroids, self.k, self.seed, artifacts)
+            )
+        fn = AssignShard(self.name, self.chain, self.progress_dir)
+        return shards | "Assign" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(centroids))

@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
-from beamsift.transforms import cluster, dsir, proxy, reweight
+from beamsift.transforms import cluster, dsir, proxy, reweight, semdedup
 from beamsift.transforms.chain import STAGED, ApplyStage, Chain
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
@@ -67,6 +67,8 @@ def make_chain(cfg: Config, staging_dir: str) -> Chain:
             columns[name] = cluster.EMBED_COLUMNS
         elif kind == "cluster":
             columns[name] = cluster.CLUSTER_COLUMNS
+        elif kind == "dedup":
+            columns[name] = semdedup.COLUMNS
     return Chain(staging_dir, tuple(cfg["stages"]), columns)
 
 
@@ -260,6 +262,10 @@ def build_pipeline(
                 FileSystems.join(out, "artifacts"),
                 cfg["cluster.model"],
                 progress_dir,
+            )
+        elif kind == "dedup":
+            shards, summary = shards | "Stage_" + name >> semdedup.DeduplicateDocuments(
+                name, chain, float(cfg["dedup.epsilon"]), duplicates, progress_dir
             )
         elif kind == "reweight":
             shards, summary = shards | "Stage_" + name >> reweight.ReweightByLoss(

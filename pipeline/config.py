@@ -86,6 +86,13 @@ SCHEMA: dict[str, Any] = {
         "sample": (20000, int, "fit the centroids on at most this many documents (seeded)"),
         "model": (None, (str, type(None)), "a run's artifacts/cluster folder: apply its centroids"),
     },
+    "dedup": {  # exact duplicates, then SemDeDup within clusters
+        "epsilon": (
+            0.15,
+            (int, float),
+            "drop a document whose cosine to a kept one in its cluster exceeds 1 - epsilon",
+        ),
+    },
     "excess_loss": {
         "model": (None, (str, type(None)), "a run's artifacts/excess_loss folder to apply instead of training"),
     },
@@ -133,7 +140,7 @@ CHOICES = {
 
 # Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that
 # may repeat; its parameters are the section of its name.
-STAGE_KINDS = ("dsir", "filter", "proxy", "excess_loss", "reweight", "embed", "cluster", "select")
+STAGE_KINDS = ("dsir", "filter", "proxy", "excess_loss", "reweight", "embed", "cluster", "dedup", "select")
 REPEATABLE = ("filter",)
 DEFAULT_STAGES = ["dsir", "select"]
 # The score columns each kind of stage writes (a filter's or the selector's column must be one
@@ -144,6 +151,7 @@ STAGE_COLUMNS = {
     "excess_loss": ("loss", "perplexity", "reference_loss", "excess_loss"),
     "reweight": ("weight",),
     "cluster": ("cluster", "cluster_distance"),
+    "dedup": ("duplicate_of",),
 }
 
 
@@ -357,6 +365,8 @@ def _check_stages(cfg: Config, fail) -> None:
             _check_filter(cfg, name, available, fail)
         if kind == "cluster" and "embed" not in stages[: stages.index(name)]:
             fail("stages", "the cluster stage needs an embed stage before it")
+        if kind == "dedup" and "cluster" not in stages[: stages.index(name)]:
+            fail("stages", "the dedup stage needs embed and cluster stages before it (SemDeDup works per cluster)")
         if kind == "reweight" and cfg["reweight.column"] not in available:
             fail(
                 "reweight.column",

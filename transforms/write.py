@@ -44,6 +44,7 @@ def selected_fields(chain: Chain) -> list[pa.Field]:
 
 
 _TYPES = {"double": pa.float64(), "int64": pa.int64(), "int32": pa.int32(), "bool": pa.bool_(), "string": pa.string()}
+# duplicate_of holds a document id: the input's id type, like ``id``
 _TAIL = [pa.field(N_TOKENS, pa.int32()), pa.field("selected", pa.bool_()), pa.field("reason", pa.string())]
 
 

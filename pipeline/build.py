@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
-from beamsift.transforms import cluster, dsir, proxy, reweight, semdedup
+from beamsift.transforms import balance, cluster, dsir, proxy, reweight, semdedup
 from beamsift.transforms.chain import STAGED, ApplyStage, Chain
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
@@ -289,6 +289,20 @@ def build_pipeline(
                 (stage_summaries or [p | "NoPriorStages" >> beam.Create([{}])]) | "PriorSummaries" >> beam.Flatten()
             )
             explain = functools.partial(_explain, cfg["dsir.min_tokens"] if "dsir" in kinds else None)
+            if cfg["select.method"] == "balanced":
+                shards, summary = shards | "Stage_" + name >> balance.BalancedSelection(
+                    name,
+                    chain,
+                    cfg["select.column"],
+                    cfg["select.k"],
+                    cfg["select.fraction"],
+                    cfg["select.quota"],
+                    seed,
+                    duplicates,
+                    progress_dir,
+                )
+                stage_summaries.append(summary)
+                continue
             shards, summary = shards | "Stage_" + name >> CutStage(
                 name,
                 select_cut(cfg),

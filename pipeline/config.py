@@ -105,7 +105,8 @@ SCHEMA: dict[str, Any] = {
         "max": (None, (int, float, type(None)), "and/or keep values <= max"),
     },
     "select": {
-        "method": ("importance", str, "importance, top, bottom, band, threshold, weighted or all"),
+        "method": ("importance", str, "importance, top, bottom, band, threshold, weighted, balanced or all"),
+        "quota": ("proportional", str, "balanced: split the budget over clusters proportional, uniform or sqrt"),
         "column": (None, (str, type(None)), "the column it ranks by (importance: dsir_log_weight)"),
         "k": (None, (int, type(None)), "select exactly k documents"),
         "fraction": (None, (int, float, type(None)), "or this fraction of the eligible documents"),
@@ -133,7 +134,8 @@ CHOICES = {
     "input.txt_mode": {"line", "file"},
     "target.txt_mode": {"line", "file"},
     "dsir.length_norm": {"none", "mean"},
-    "select.method": {"importance", "top", "bottom", "band", "threshold", "weighted", "all"},
+    "select.method": {"importance", "top", "bottom", "band", "threshold", "weighted", "balanced", "all"},
+    "select.quota": {"proportional", "uniform", "sqrt"},
     "reweight.strategy": {"linupper", "upper", "mid", "extremes"},
     "embed.method": {"svd", "projection"},
 }
@@ -383,6 +385,8 @@ def _check_stages(cfg: Config, fail) -> None:
         fail("select.column", f"select.method {method!r} needs select.column: one of {available}")
     if column is not None and column not in available:
         fail("select.column", f"select.column {column!r} is not a column of an earlier stage: one of {available}")
+    if method == "balanced" and "cluster" not in [stage_kind(n) for n in stages]:
+        fail("select.method", "select.method 'balanced' needs a cluster stage before the selector")
     if method == "threshold" and cfg["select.min"] is None and cfg["select.max"] is None:
         fail("select.min", "select.method 'threshold' needs select.min and/or select.max")
     if cfg["select.offset"] < 0:

@@ -1,0 +1,63 @@
+"""Cluster-balanced selection: quotas that add up to the budget and never exceed a cluster, and
+the best documents by the column within each cluster."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from beamsift.pipeline.config import load_config
+from beamsift.pipeline.run import run_selection
+from beamsift.transforms.balance import quotas
+from conftest import demo_records, make_config, write_jsonl
+
+
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        # 30 over sizes 10, 2, 100. Uniform: 10 each, the 2-document cluster takes 2, the 8 left
+        # go 4 and 4, the 10-document cluster is then full and the last 4 go to the largest.
+        ("uniform", {0: 10, 1: 2, 2: 18}),
+        # Proportional: 2.68, 0.54, 26.79 -> 2, 0, 26 and the two largest remainders: 3, 0, 27.
+        ("proportional", {0: 3, 1: 0, 2: 27}),
+        # Square root: 6.51, 2.91, 20.58 -> 6, 2, 20; the full cluster 1 is passed over: 7, 2, 21.
+        ("sqrt", {0: 7, 1: 2, 2: 21}),
+    ],
+)
+def test_quotas_by_hand(rule, expected):
+    got = quotas({0: 10, 1: 2, 2: 100}, 30, rule)
+    assert got == expected and sum(got.values()) == 30
+
+
+def test_quotas_never_exceed_a_cluster_and_add_up():
+    sizes = {c: n for c, n in enumerate([1, 3, 7, 50, 200, 4])}
+    for budget in (1, 10, 64, 200, 265, 1000):
+        for rule in ("uniform", "proportional", "sqrt"):
+            q = quotas(sizes, budget, rule)
+            assert sum(q.values()) == min(budget, sum(sizes.values()))
+            assert all(0 <= q[c] <= sizes[c] for c in sizes)
+
+
+def test_balanced_selection_end_to_end(tmp_path):
+    pool = write_jsonl(tmp_path / "pool.jsonl", demo_records(700))
+    cfg = make_config(
+        tmp_path,
+        pool,
+        pool,
+        stages=["embed", "cluster", "select"],
+        cluster={"k": 6},
+        select={"method": "balanced", "column": "n_tokens", "quota": "uniform", "k": 60},
+    )
+    manifest = run_selection(load_config(str(cfg)), overwrite=True)
+    assert manifest["counts"]["selected"] == 60
+    rows = duckdb.connect().execute(f"SELECT cluster, n_tokens, selected FROM '{tmp_path}/out/scores/*.parquet'")
+    by_cluster: dict = {}
+    for c, n, s in rows.fetchall():
+        by_cluster.setdefault(c, []).append((n, s))
+    sizes = {c: len(v) for c, v in by_cluster.items()}
+    expected = quotas(sizes, 60, "uniform")
+    for c, docs in by_cluster.items():
+        picked = [n for n, s in docs if s]
+        assert len(picked) == expected[c]
+        rest = [n for n, s in docs if not s]
+        if picked and rest:
+            assert min(picked) >= max(rest)  # the longest documents of the cluster

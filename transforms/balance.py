@@ -1,0 +1,149 @@
+"""Cluster-balanced selection: the budget split across clusters, the best documents by a score
+column taken within each cluster.
+
+Quotas (``select.quota``) are proportional to each cluster's size n_c, uniform, or to √n_c; a
+quota never exceeds its cluster's size, and what a full cluster cannot take goes to the others
+(water-filling), so the quotas add up to the budget (or to everything there is). Within a cluster
+the documents are ranked by ``select.column`` (highest first; ties by id hash), or at random (the
+seeded Gumbel noise) without one. The ranks never gather the pool: each shard keeps, per cluster,
+its own best quota-many, and a combine merges them into one cut per cluster.
+"""
+
+from __future__ import annotations
+
+import math
+
+import apache_beam as beam
+import numpy as np
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total
+from beamsift.transforms.schema import ID_HASH
+from beamsift.transforms.select import SELECT_STREAM, Candidates, SelectionError, at_or_above, gumbel
+from beamsift.transforms.stage import read_staging
+
+QUOTAS = ("proportional", "uniform", "sqrt")
+
+
+def quotas(sizes: dict[int, int], budget: int, rule: str) -> dict[int, int]:
+    """Per-cluster quotas that add up to min(budget, Σ sizes), none above its cluster's size."""
+    weight = {"proportional": lambda n: n, "uniform": lambda n: 1, "sqrt": math.sqrt}[rule]
+    out = {c: 0 for c in sizes}
+    remaining = min(budget, sum(sizes.values()))
+    while remaining > 0:
+        open_ = sorted(c for c in sizes if out[c] < sizes[c])
+        total = sum(weight(sizes[c]) for c in open_)
+        shares = {c: remaining * weight(sizes[c]) / total for c in open_}
+        given = {c: min(int(math.floor(shares[c])), sizes[c] - out[c]) for c in open_}
+        left = remaining - sum(given.values())
+        # The largest remainders get one more, first cluster first on a tie.
+        for c in sorted(open_, key=lambda c: (-(shares[c] - math.floor(shares[c])), c)):
+            if left == 0:
+                break
+            if out[c] + given[c] < sizes[c]:
+                given[c] += 1
+                left -= 1
+        for c in open_:
+            out[c] += given[c]
+        if sum(given.values()) == 0:
+            break
+        remaining -= sum(given.values())
+    return out
+
+
+def _keys(chain, column, shard, id_hash, seed):
+    if column is None:
+        return gumbel(id_hash, seed, SELECT_STREAM)
+    values = chain.column(column, shard.name)
+    return np.where(np.isnan(values), -np.inf, values)
+
+
+class _ClusterSizes(beam.DoFn):
+    def __init__(self, stage, chain):
+        self.stage, self.chain = stage, chain
+
+    def process(self, item, duplicates):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        clusters = self.chain.column("cluster", shard.name)[running]
+        values, counts = np.unique(clusters[~np.isnan(clusters)].astype(np.int64), return_counts=True)
+        yield dict(zip(values.tolist(), counts.tolist()))
+
+
+def _sum_dicts(parts):
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+class _RankWithinClusters(beam.DoFn):
+    def __init__(self, stage, chain, column, seed):
+        self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
+
+    def process(self, item, duplicates, quota):
+        shard = item.ref if hasattr(item, "ref") else item
+        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
+        keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
+        out = {}
+        for c, q in quota.items():
+            rows = running & (clusters == c)
+            if q and rows.any():
+                out[c] = Candidates.of(keys[rows], id_hash[rows], q)
+        yield out
+
+
+class ApplyBalanced(ShardStageFn):
+    def __init__(self, name, chain, column, seed, progress_dir=None):
+        super().__init__(name, chain, progress_dir)
+        self.column, self.seed = column, seed
+
+    def score(self, shard, reasons, cuts):
+        running = running_mask(reasons)
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
+        keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
+        kept = np.zeros(len(reasons), dtype=bool)
+        for c, threshold in cuts.items():
+            rows = running & (clusters == c)
+            kept |= rows & at_or_above(keys, id_hash, threshold)
+        missing = running & (keys == -np.inf)
+        kept &= ~missing
+        reasons[running & ~kept & ~missing] = "below the cluster's quota"
+        reasons[missing] = f"no {self.column}"
+        return {"selected": kept, "_in_random": np.zeros(len(reasons), dtype=bool)}, reasons
+
+
+class BalancedSelection(beam.PTransform):
+    def __init__(self, name, chain, column, k, fraction, rule, seed, duplicates, progress_dir=None):
+        super().__init__()
+        self.name, self.chain, self.column, self.k, self.fraction = name, chain, column, k, fraction
+        self.rule, self.seed, self.duplicates, self.progress_dir = rule, seed, duplicates, progress_dir
+
+    def expand(self, shards):
+        total = beam.pvalue.AsSingleton(running_total(shards, "Count", self.duplicates))
+        quota = beam.pvalue.AsSingleton(
+            shards
+            | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain), self.duplicates)
+            | "SumSizes" >> beam.CombineGlobally(_sum_dicts)
+            | "Quotas" >> beam.Map(self._quotas, total)
+        )
+        from beamsift.transforms.select import MergeCandidates
+
+        cuts = beam.pvalue.AsSingleton(
+            shards
+            | "Rank"
+            >> beam.ParDo(_RankWithinClusters(self.name, self.chain, self.column, self.seed), self.duplicates, quota)
+            | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
+            | "Cuts" >> beam.Map(lambda merged: {c: cands.threshold() for c, cands in merged.items()}),
+            default_value={},
+        )
+        fn = ApplyBalanced(self.name, self.chain, self.column, self.seed, self.progress_dir)
+        return shards | "Cut" >> ApplyStage(fn, self.duplicates, cuts)
+
+    def _quotas(self, sizes, total):
+        budget = self.k if self.k is not None else int(math.floor(self.fraction * total + 0.5))
+        if self.k is not None and self.k > total:
+            raise SelectionError(f"select.k={self.k} is larger than the {total} eligible documents")
+        return quotas(sizes, budget, self.rule)

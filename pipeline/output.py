@@ -238,7 +238,8 @@ def remove_abandoned_runs(out: str) -> None:
             with open(os.path.join(path, MARKER), encoding="utf-8") as f:
                 marker = json.load(f)
         except (OSError, ValueError):
-            if entry.endswith("-old") and os.path.isdir(path):  # an old result moved aside
+            # An old result moved aside by a swap that was cut short: removed only if it is one.
+            if entry.endswith("-old") and os.path.isdir(path) and _is_beamsift_manifest(path):
                 shutil.rmtree(path, ignore_errors=True)
             continue
         if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):

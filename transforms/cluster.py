@@ -31,7 +31,7 @@ from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.proxy import KeepSmallest
 from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS
-from beamsift.transforms.select import uniform01
+from beamsift.transforms.select import seeded_sample
 from beamsift.transforms.stage import read_staging
 
 EMBEDDING = "_embedding"
@@ -132,22 +132,6 @@ class EmbedShard(ShardStageFn):
         return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, proj.shape[1])}, reasons
 
 
-class _SampleFeatures(beam.DoFn):
-    def __init__(self, stage, chain, n, seed):
-        self.stage, self.chain, self.n, self.seed = stage, chain, n, seed
-
-    def process(self, item, duplicates):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
-        keys = uniform01(id_hash, self.seed, SAMPLE_STREAM)
-        rows = np.flatnonzero(running)
-        rows = rows[np.argsort(keys[rows], kind="stable")[: self.n]]
-        if len(rows):
-            f = _features(shard)
-            yield [(float(keys[r]), int(id_hash[r]), f.buckets[f.offsets[r] : f.offsets[r + 1]]) for r in rows]
-
-
 def fit_svd(sample: list, frequencies, dim: int, seed: int) -> np.ndarray:
     """The truncated SVD's components (num_buckets, dim') of the sample's TF-IDF rows."""
     from beamsift.transforms.featurize import NgramFeatures
@@ -184,7 +168,9 @@ class EmbedDocuments(beam.PTransform):
             proj = (
                 shards
                 | "SampleFeatures"
-                >> beam.ParDo(_SampleFeatures(self.name, self.chain, self.sample, self.seed), self.duplicates)
+                >> beam.ParDo(
+                    _SampleRows(self.name, self.chain, self.sample, self.seed, _bucket_lists), self.duplicates
+                )
                 | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
                 | "FitSvd" >> beam.Map(fit_svd, frequencies, self.dim, self.seed)
             )
@@ -204,20 +190,30 @@ def embeddings(chain, shard_name: str) -> np.ndarray:
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 
-class _SampleEmbeddings(beam.DoFn):
-    def __init__(self, stage, chain, n, seed):
-        self.stage, self.chain, self.n, self.seed = stage, chain, n, seed
+class _SampleRows(beam.DoFn):
+    """A shard -> [(key, id hash, payload)] of its documents in the running with the n smallest
+    seeded keys; ``payload(chain, shard, rows)`` gives what the fit needs of each."""
+
+    def __init__(self, stage, chain, n, seed, payload):
+        self.stage, self.chain, self.n, self.seed, self.payload = stage, chain, n, seed, payload
 
     def process(self, item, duplicates):
         shard = item.ref if hasattr(item, "ref") else item
         running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
         id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
-        keys = uniform01(id_hash, self.seed, SAMPLE_STREAM)
-        rows = np.flatnonzero(running)
-        rows = rows[np.argsort(keys[rows], kind="stable")[: self.n]]
+        rows, keys = seeded_sample(id_hash, running, self.n, self.seed, SAMPLE_STREAM)
         if len(rows):
-            vectors = embeddings(self.chain, shard.name)
-            yield [(float(keys[r]), int(id_hash[r]), vectors[r]) for r in rows]
+            payload = self.payload(self.chain, shard, rows)
+            yield [(float(keys[r]), int(id_hash[r]), p) for r, p in zip(rows, payload)]
+
+
+def _bucket_lists(chain, shard, rows):
+    f = _features(shard)
+    return [f.buckets[f.offsets[r] : f.offsets[r + 1]] for r in rows]
+
+
+def _embedding_rows(chain, shard, rows):
+    return list(embeddings(chain, shard.name)[rows])
 
 
 def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.ndarray:
@@ -271,7 +267,9 @@ class ClusterDocuments(beam.PTransform):
             centroids = (
                 shards
                 | "SampleEmbeddings"
-                >> beam.ParDo(_SampleEmbeddings(self.name, self.chain, self.sample, self.seed), self.duplicates)
+                >> beam.ParDo(
+                    _SampleRows(self.name, self.chain, self.sample, self.seed, _embedding_rows), self.duplicates
+                )
                 | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
                 | "FitCentroids" >> beam.Map(fit_centroids, self.k, self.seed, artifacts)
             )

@@ -34,7 +34,7 @@ from beamsift.transforms import models
 from beamsift.transforms.chain import ShardStageFn, running_mask
 from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
-from beamsift.transforms.select import uniform01
+from beamsift.transforms.select import seeded_sample
 from beamsift.transforms.stage import read_staging
 
 SAMPLE_STREAM = 0x5A4D91
@@ -117,11 +117,8 @@ class SampleRows(beam.DoFn):
     def process(self, item, duplicates):
         shard = item.ref if hasattr(item, "ref") else item
         running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
-        table = read_staging(shard.path, [ID_HASH])
-        id_hash = np.asarray(table.column(0).combine_chunks(), np.uint64)
-        keys = uniform01(id_hash, self.seed, SAMPLE_STREAM)
-        keys[~running] = np.inf
-        rows = np.argsort(keys, kind="stable")[: min(self.n, int(running.sum()))]
+        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        rows, keys = seeded_sample(id_hash, running, self.n, self.seed, SAMPLE_STREAM)
         if not len(rows):
             return
         payload = _payload(shard, rows, self.settings, self.with_labels)

@@ -26,7 +26,7 @@ import numpy as np
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.proxy import KeepSmallest
 from beamsift.transforms.schema import ID_HASH
-from beamsift.transforms.select import uniform01
+from beamsift.transforms.select import seeded_sample
 from beamsift.transforms.stage import read_staging
 
 STRATEGIES = ("linupper", "upper", "mid", "extremes")
@@ -69,9 +69,7 @@ class _SampleLosses(beam.DoFn):
         values = self.chain.column(self.column, shard.name)
         ok = running & ~np.isnan(values)
         id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
-        keys = uniform01(id_hash, self.seed, BOUNDS_STREAM)
-        rows = np.flatnonzero(ok)
-        rows = rows[np.argsort(keys[rows], kind="stable")[:BOUNDS_SAMPLE]]
+        rows, keys = seeded_sample(id_hash, ok, BOUNDS_SAMPLE, self.seed, BOUNDS_STREAM)
         yield [(float(keys[r]), int(id_hash[r]), float(values[r])) for r in rows]
 
 

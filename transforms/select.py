@@ -36,6 +36,14 @@ def uniform01(id_hash: np.ndarray, seed: int, stream: int) -> np.ndarray:
     return (bits.astype(np.float64) + 0.5) / float(1 << 53)
 
 
+def seeded_sample(id_hash: np.ndarray, eligible: np.ndarray, n: int, seed: int, stream: int):
+    """(rows, keys): the rows of the eligible documents with the n smallest seeded keys. Merged
+    over shards by keeping the n smallest (key, id hash), a sample that no runner or split changes."""
+    keys = uniform01(id_hash, seed, stream)
+    rows = np.flatnonzero(eligible)
+    return rows[np.argsort(keys[rows], kind="stable")[:n]], keys
+
+
 def gumbel(id_hash: np.ndarray, seed: int, stream: int = SELECT_STREAM) -> np.ndarray:
     """G = −log(−log U): standard Gumbel noise, fixed by (seed, id)."""
     return -np.log(-np.log(uniform01(id_hash, seed, stream)))

@@ -62,8 +62,8 @@ def pool_records():
         ("selct.k=3", "--set selct.k=3: unknown config key 'selct.k' (did you mean 'select.k'?)"),
         (
             "select=3",
-            "--set select=3: 'select' is a section; set one of its keys: 'select.method', 'select.column', "
-            "'select.k', 'select.fraction', 'select.offset', 'select.min', 'select.max'",
+            "--set select=3: 'select' is a section; set one of its keys: 'select.method', 'select.quota', "
+            "'select.column', 'select.k', 'select.fraction', 'select.offset', 'select.min', 'select.max'",
         ),
         ("seed=abc", "--set seed=abc: config key 'seed' must be an integer, got text: 'abc'"),
         (

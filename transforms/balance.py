@@ -16,9 +16,8 @@ import math
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total
-from beamsift.transforms.schema import ID_HASH
 from beamsift.transforms.select import SELECT_STREAM, Candidates, SelectionError, at_or_above, gumbel
-from beamsift.transforms.stage import read_staging
+from beamsift.transforms.stage import read_id_hashes
 
 QUOTAS = ("proportional", "uniform", "sqrt")
 
@@ -61,8 +60,7 @@ class _ClusterSizes(beam.DoFn):
         self.stage, self.chain = stage, chain
 
     def process(self, item, duplicates):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        shard, running = self.chain.running(self.stage, item, duplicates)
         clusters = self.chain.column("cluster", shard.name)[running]
         values, counts = np.unique(clusters[~np.isnan(clusters)].astype(np.int64), return_counts=True)
         yield dict(zip(values.tolist(), counts.tolist()))
@@ -81,9 +79,8 @@ class _RankWithinClusters(beam.DoFn):
         self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
 
     def process(self, item, duplicates, quota):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        shard, running = self.chain.running(self.stage, item, duplicates)
+        id_hash = read_id_hashes(shard.path)
         clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
         keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
         out = {}
@@ -101,7 +98,7 @@ class ApplyBalanced(ShardStageFn):
 
     def score(self, shard, reasons, cuts):
         running = running_mask(reasons)
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        id_hash = read_id_hashes(shard.path)
         clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
         keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
         kept = np.zeros(len(reasons), dtype=bool)

@@ -71,6 +71,11 @@ class Chain:
         out[duplicates.mask(orders)] = DUPLICATE
         return out
 
+    def running(self, stage: str, item, duplicates) -> tuple[ShardRef, np.ndarray]:
+        """The shard behind ``item`` and which of its documents are in the running before ``stage``."""
+        shard = shard_of(item)
+        return shard, running_mask(self.reasons(stage, shard, duplicates))
+
     def column(self, name: str, shard: str) -> np.ndarray:
         """A column written by an earlier stage, as float64 (NaN where it is null)."""
         values = self.read(self.producer(name), shard, [name]).column(name).combine_chunks()
@@ -83,6 +88,11 @@ class StageShard:
 
     ref: ShardRef
     running: int
+
+
+def shard_of(item) -> ShardRef:
+    """A stage's input is a StageShard, or a ShardRef before the first stage."""
+    return item.ref if isinstance(item, StageShard) else item
 
 
 def running_mask(reasons: np.ndarray) -> np.ndarray:
@@ -113,7 +123,7 @@ class ShardStageFn(MeteredDoFn):
         self.meter = StageMeter(meter_stage or name, progress_dir)  # the progress display's name
 
     def process(self, item, duplicates, *side_inputs):
-        shard = item.ref if isinstance(item, StageShard) else item
+        shard = shard_of(item)
         started = self.meter.start()
         before = self.chain.reasons(self.name, shard, duplicates)
         columns, after, *extra = self.score(shard, before.copy(), *side_inputs)
@@ -132,12 +142,20 @@ class ShardStageFn(MeteredDoFn):
         raise NotImplementedError
 
 
+# The Arrow types of stage columns, by the names the stages declare them with.
+ARROW_TYPES = {
+    "double": pa.float64(),
+    "int64": pa.int64(),
+    "int32": pa.int32(),
+    "bool": pa.bool_(),
+    "string": pa.string(),
+}
+
+
 def _arrow(values, type_str: str) -> pa.Array:
     if isinstance(values, pa.Array):
         return values
-    t = {"double": pa.float64(), "int64": pa.int64(), "int32": pa.int32(), "bool": pa.bool_(), "string": pa.string()}[
-        type_str
-    ]
+    t = ARROW_TYPES[type_str]
     if isinstance(values, np.ndarray) and values.dtype.kind == "f" and t == pa.float64():
         return pa.array(values, t, mask=np.isnan(values))  # NaN: not computed for this document
     return pa.array(values, t)

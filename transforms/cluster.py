@@ -30,9 +30,9 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.proxy import KeepSmallest
-from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS
+from beamsift.transforms.schema import BUCKETS, N_TOKENS
 from beamsift.transforms.select import seeded_sample
-from beamsift.transforms.stage import read_staging
+from beamsift.transforms.stage import read_id_hashes, read_staging
 
 EMBEDDING = "_embedding"
 EMBED_COLUMNS = ((EMBEDDING, "embedding"),)
@@ -85,8 +85,7 @@ class _DocumentFrequencies(beam.DoFn):
         self.stage, self.chain, self.num_buckets = stage, chain, num_buckets
 
     def process(self, item, duplicates):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        shard, running = self.chain.running(self.stage, item, duplicates)
         f = _features(shard)
         rows = np.repeat(np.arange(len(running)), np.diff(f.offsets))
         keep = running[rows]
@@ -198,9 +197,8 @@ class _SampleRows(beam.DoFn):
         self.stage, self.chain, self.n, self.seed, self.payload = stage, chain, n, seed, payload
 
     def process(self, item, duplicates):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        shard, running = self.chain.running(self.stage, item, duplicates)
+        id_hash = read_id_hashes(shard.path)
         rows, keys = seeded_sample(id_hash, running, self.n, self.seed, SAMPLE_STREAM)
         if len(rows):
             payload = self.payload(self.chain, shard, rows)

@@ -131,11 +131,8 @@ def classifier_scores(model, x, y, exact_grand: bool) -> dict[str, np.ndarray]:
     x, y = on_device(model, x, y)
     with torch.no_grad():
         logits, h = model(x)
-        p = torch.softmax(logits, dim=-1)
-        onehot = torch.nn.functional.one_hot(y, logits.shape[-1]).to(p.dtype)
         loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        err = p - onehot
-        el2n = err.norm(dim=-1)
+        el2n = _label_errors(logits, y).norm(dim=-1)
         last = el2n * torch.sqrt((h * h).sum(-1) + 1.0)
     out = {"loss": _np(loss), "el2n": _np(el2n), "grand_last_layer": _np(last)}
     if exact_grand:
@@ -256,13 +253,9 @@ def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:
         n = w.sum(1)
         denom = n.clamp(min=1)
         loss = (losses * w).sum(1) / denom
-        p = torch.softmax(logits, dim=-1)
-        err = p
-        err.scatter_add_(-1, targets[..., None], -torch.ones_like(targets[..., None], dtype=p.dtype))
-        err = err * w[..., None]
+        err = _token_errors(logits, targets, w)
         el2n = (err.norm(dim=-1) * w).sum(1) / denom
-        # ∇_W of the mean token loss for the output layer: (1/T) Σ_t e_t h_tᵀ, per example.
-        last = torch.linalg.matrix_norm(torch.bmm(err.transpose(1, 2), h * w[..., None])) / denom
+        last = torch.linalg.matrix_norm(_head_grads(err, h, w))
     out = {"loss": _np(loss), "el2n": _np(el2n), "grand_last_layer": _np(last)}
     if exact_grand:
 
@@ -292,15 +285,31 @@ def last_layer_grads(model, batch, labelled: bool):
         if labelled:
             x, y = batch
             logits, h = model(x)
-            e = torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
             a = torch.cat([h, torch.ones(len(h), 1, device=h.device)], dim=1)
-            return e[:, :, None] * a[:, None, :]
+            return _label_errors(logits, y)[:, :, None] * a[:, None, :]
         x, mask = batch
         _, w, logits, h, targets = lm_token_losses(model, x, mask)
-        err = torch.softmax(logits, dim=-1)
-        err.scatter_add_(-1, targets[..., None], -torch.ones_like(targets[..., None], dtype=err.dtype))
-        err = err * w[..., None]
-        return torch.bmm(err.transpose(1, 2), h * w[..., None]) / w.sum(1).clamp(min=1)[:, None, None]
+        return _head_grads(_token_errors(logits, targets, w), h, w)
+
+
+def _label_errors(logits, y):
+    """p − onehot(y) for each example: the error at a classifier's output."""
+    torch = _torch()
+    return torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
+
+
+def _token_errors(logits, targets, w):
+    """p_t − onehot(y_t) for each next token (B, T, V), zero at padding."""
+    torch = _torch()
+    err = torch.softmax(logits, dim=-1)
+    err.scatter_add_(-1, targets[..., None], -torch.ones_like(targets[..., None], dtype=err.dtype))
+    return err * w[..., None]
+
+
+def _head_grads(err, h, w):
+    """∇_W of each example's mean token loss for the output layer: (1/T) Σ_t e_t h_tᵀ (B, V, d)."""
+    torch = _torch()
+    return torch.bmm(err.transpose(1, 2), h * w[..., None]) / w.sum(1).clamp(min=1)[:, None, None]
 
 
 def gradient_alignment(grads, direction) -> np.ndarray:

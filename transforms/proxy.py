@@ -33,9 +33,9 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms import models
 from beamsift.transforms.chain import ShardStageFn, running_mask
 from beamsift.transforms.featurize import features_from_arrow
-from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
+from beamsift.transforms.schema import BUCKETS, N_TOKENS, TEXT
 from beamsift.transforms.select import seeded_sample
-from beamsift.transforms.stage import read_staging
+from beamsift.transforms.stage import read_id_hashes, read_staging
 
 SAMPLE_STREAM = 0x5A4D91
 NO_LABEL = "no label"
@@ -115,9 +115,8 @@ class SampleRows(beam.DoFn):
         self.with_labels = with_labels
 
     def process(self, item, duplicates):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        shard, running = self.chain.running(self.stage, item, duplicates)
+        id_hash = read_id_hashes(shard.path)
         rows, keys = seeded_sample(id_hash, running, self.n, self.seed, SAMPLE_STREAM)
         if not len(rows):
             return

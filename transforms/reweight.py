@@ -25,9 +25,8 @@ import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.proxy import KeepSmallest
-from beamsift.transforms.schema import ID_HASH
 from beamsift.transforms.select import seeded_sample
-from beamsift.transforms.stage import read_staging
+from beamsift.transforms.stage import read_id_hashes
 
 STRATEGIES = ("linupper", "upper", "mid", "extremes")
 COLUMNS = (("weight", "double"),)
@@ -64,11 +63,10 @@ class _SampleLosses(beam.DoFn):
         self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
 
     def process(self, item, duplicates):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        shard, running = self.chain.running(self.stage, item, duplicates)
         values = self.chain.column(self.column, shard.name)
         ok = running & ~np.isnan(values)
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        id_hash = read_id_hashes(shard.path)
         rows, keys = seeded_sample(id_hash, ok, BOUNDS_SAMPLE, self.seed, BOUNDS_STREAM)
         yield [(float(keys[r]), int(id_hash[r]), float(values[r])) for r in rows]
 
@@ -80,8 +78,7 @@ class _Preferences(beam.DoFn):
         self.stage, self.chain, self.column, self.params = stage, chain, column, params
 
     def process(self, item, duplicates, bounds):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        shard, running = self.chain.running(self.stage, item, duplicates)
         values = self.chain.column(self.column, shard.name)
         ok = running & ~np.isnan(values)
         f = preference(values[ok], *bounds, self.params["strategy"])

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain import ShardStageFn
+from beamsift.transforms.chain import ShardStageFn, running_mask, shard_of
 from beamsift.transforms.featurize import splitmix64
+from beamsift.transforms.stage import read_id_hashes
 
 SELECT_STREAM = 0x5E1EC7
 RANDOM_STREAM = 0x2A2D0A
@@ -254,14 +255,10 @@ class RankForCut(beam.DoFn):
         self.random_baseline = random_baseline
 
     def process(self, item, duplicates, running_total: int):
-        from beamsift.transforms.chain import running_mask
-        from beamsift.transforms.schema import ID_HASH
-        from beamsift.transforms.stage import read_staging
-
-        shard = item.ref if hasattr(item, "ref") else item
+        shard = shard_of(item)
         reasons = self.chain.reasons(self.stage, shard, duplicates)
         running = running_mask(reasons)
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        id_hash = read_id_hashes(shard.path)
         out = {}
         if self.cut.ranked():
             skip, keep = self.cut.ranks(running_total)
@@ -305,12 +302,8 @@ class ApplyCutShard(ShardStageFn):
         self.seed = seed
 
     def score(self, shard, reasons, thresholds):
-        from beamsift.transforms.chain import running_mask
-        from beamsift.transforms.schema import ID_HASH
-        from beamsift.transforms.stage import read_staging
-
         running = running_mask(reasons)
-        id_hash = np.asarray(read_staging(shard.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+        id_hash = read_id_hashes(shard.path)
         below_reason, above_reason, missing_reason = cut_reasons(self.cut, self.role)
         columns = {}
         if self.cut.method == "all":

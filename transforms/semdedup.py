@@ -86,8 +86,7 @@ class _ExactKeys(beam.DoFn):
         self.stage, self.chain = stage, chain
 
     def process(self, item, duplicates):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        shard, running = self.chain.running(self.stage, item, duplicates)
         table = read_staging(shard.path, [ORDER, "id", TEXT])
         hashes = normalised_text_hash(table.column(TEXT)).view(np.int64)  # keys a runner can encode
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
@@ -108,8 +107,7 @@ class _ClusterMembers(beam.DoFn):
         self.stage, self.chain = stage, chain
 
     def process(self, item, duplicates, exact):
-        shard = item.ref if hasattr(item, "ref") else item
-        running = running_mask(self.chain.reasons(self.stage, shard, duplicates))
+        shard, running = self.chain.running(self.stage, item, duplicates)
         table = read_staging(shard.path, [ORDER, "id"])
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
         hit, _ = exact.lookup(orders)

@@ -72,6 +72,11 @@ def write_staging(table: pa.Table, path: str) -> None:
         f.write(sink.getvalue().to_pybytes())
 
 
+def read_id_hashes(path: str) -> np.ndarray:
+    """A staged shard's id hashes (the key of every seeded draw)."""
+    return np.asarray(read_staging(path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+
+
 def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
     with FileSystems.open(path) as f:
         table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()

@@ -14,7 +14,7 @@ import json
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from beamsift.transforms.chain import DUPLICATE, REASON, Chain
+from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain
 from beamsift.transforms.dsir import selection_ngrams
 from beamsift.transforms.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.read import POSITION_BITS, REJECTED
@@ -43,8 +43,6 @@ def selected_fields(chain: Chain) -> list[pa.Field]:
     return [pa.field("id", pa.string()), pa.field(TEXT, pa.string()), *_stage_fields(chain), _TAIL[0]]
 
 
-_TYPES = {"double": pa.float64(), "int64": pa.int64(), "int32": pa.int32(), "bool": pa.bool_(), "string": pa.string()}
-# duplicate_of holds a document id: the input's id type, like ``id``
 _TAIL = [pa.field(N_TOKENS, pa.int32()), pa.field("selected", pa.bool_()), pa.field("reason", pa.string())]
 
 
@@ -53,7 +51,7 @@ def _stage_fields(chain: Chain) -> list[pa.Field]:
     for stage in chain.stages:
         for name, type_str in chain.columns.get(stage, ()):
             if not name.startswith("_") and name != "selected":
-                fields.append(pa.field(name, _TYPES[type_str]))
+                fields.append(pa.field(name, ARROW_TYPES[type_str]))
     return fields
 
 
@@ -96,9 +94,14 @@ class WriteSelectionShards(MeteredDoFn):
         selected = np.asarray(last.column("selected").to_numpy(zero_copy_only=False), dtype=bool)
         duplicate = np.array([r == DUPLICATE for r in reasons], dtype=bool)
         scored = table
+        # Each stage's file read once, for all the columns it gives.
+        by_stage: dict[str, list[str]] = {}
         for f in _stage_fields(self.chain):
-            column = self.chain.read(self.chain.producer(f.name), shard.name, [f.name]).column(0)
-            scored = scored.append_column(f.name, column)
+            by_stage.setdefault(self.chain.producer(f.name), []).append(f.name)
+        for stage, names in by_stage.items():
+            part = self.chain.read(stage, shard.name, names)
+            for name in names:
+                scored = scored.append_column(name, part.column(name))
         scored = scored.append_column("selected", pa.array(selected))
         scored = scored.append_column("reason", pa.array(np.where(duplicate, None, reasons), pa.string()))
 

@@ -164,3 +164,17 @@ def test_chain_config_errors(tmp_path, small_corpus, sections, message):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], **sections)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(str(cfg))
+
+
+def test_a_column_two_stages_write_is_written_once():
+    from beamsift.transforms.chain import Chain
+    from beamsift.transforms.write import score_fields
+
+    chain = Chain(
+        "/tmp/x",
+        ("proxy", "excess_loss", "select"),
+        {"proxy": (("loss", "double"), ("el2n", "double")), "excess_loss": (("loss", "double"),), "select": ()},
+    )
+    names = [f.name for f in score_fields(chain)]
+    assert names.count("loss") == 1 and names.index("loss") < names.index("el2n")
+    assert chain.producer("loss") == "excess_loss"

@@ -47,12 +47,14 @@ _TAIL = [pa.field(N_TOKENS, pa.int32()), pa.field("selected", pa.bool_()), pa.fi
 
 
 def _stage_fields(chain: Chain) -> list[pa.Field]:
-    fields = []
+    """The stages' output columns in stage order, each once: a column that two stages write
+    (``loss`` from proxy and excess_loss) holds the later stage's values (``Chain.producer``)."""
+    fields: dict[str, pa.Field] = {}
     for stage in chain.stages:
         for name, type_str in chain.columns.get(stage, ()):
-            if not name.startswith("_") and name != "selected":
-                fields.append(pa.field(name, ARROW_TYPES[type_str]))
-    return fields
+            if not name.startswith("_") and name != "selected" and name not in fields:
+                fields[name] = pa.field(name, ARROW_TYPES[type_str])
+    return list(fields.values())
 
 
 def with_text_named(table: pa.Table, text_column: str) -> pa.Table:

@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
-from beamsift.transforms import balance, cluster, dsir, proxy, reweight, semdedup
+from beamsift.transforms import balance, cluster, clusterstats, dsir, proxy, reweight, semdedup, sensitivity
 from beamsift.transforms.chain import STAGED, ApplyStage, Chain
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
@@ -56,7 +56,7 @@ def make_chain(cfg: Config, staging_dir: str) -> Chain:
         if kind == "dsir":
             columns[name] = dsir.COLUMNS
         elif kind == "select":
-            columns[name] = SELECT_COLUMNS
+            columns[name] = SELECT_COLUMNS + (sensitivity.COLUMNS if cfg["select.method"] == "sensitivity" else ())
         elif kind == "proxy":
             columns[name] = proxy.proxy_columns(proxy_settings(cfg))
         elif kind == "excess_loss":
@@ -250,6 +250,7 @@ def build_pipeline(
                 cfg["embed.method"],
                 cfg["embed.sample"],
                 progress_dir,
+                _encoder(cfg),
             )
         elif kind == "cluster":
             shards, summary = shards | "Stage_" + name >> cluster.ClusterDocuments(
@@ -297,9 +298,16 @@ def build_pipeline(
                     cfg["select.k"],
                     cfg["select.fraction"],
                     cfg["select.quota"],
+                    cfg["select.quota_column"],
                     seed,
                     duplicates,
                     progress_dir,
+                )
+                stage_summaries.append(summary)
+                continue
+            if cfg["select.method"] == "sensitivity":
+                shards, summary = shards | "Stage_" + name >> sensitivity.SensitivitySampling(
+                    name, chain, cfg["select.k"], cfg["select.fraction"], seed, duplicates, progress_dir
                 )
                 stage_summaries.append(summary)
                 continue
@@ -315,6 +323,9 @@ def build_pipeline(
                 (reject_reasons, prior),
             )
         stage_summaries.append(summary)
+
+    if "cluster" in kinds:
+        summaries.append(shards | "ClusterStatistics" >> clusterstats.ClusterStatistics(chain, cfg["stages"][-1], out))
 
     # 4. Write selected/ and scores/ for every shard, and rejected/.
     write = WriteSelectionShards(
@@ -351,6 +362,14 @@ def build_pipeline(
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
         | "WriteSummary" >> beam.Map(_write_summary, model, staging_dir, out)
     )
+
+
+def _encoder(cfg: Config) -> tuple | None:
+    if cfg["embed.method"] != "model":
+        return None
+    from beamsift.transforms.encode import resolve_encoder
+
+    return (resolve_encoder(cfg["embed.model"]), cfg["embed.max_tokens"], cfg["embed.batch_size"], cfg["embed.threads"])
 
 
 def _texts_and_labels(table, label: str | None) -> list[tuple]:
@@ -390,6 +409,8 @@ def _fit_dsir(cfg, staging_summary, shards, duplicates, sum_totals, count_pool, 
 
 def _write_summary(summary: dict, model, staging_dir: str, out: str) -> None:
     report = {"counts": summary["counts"], "stages": summary.get("stages", {})}
+    if "clusters" in summary:
+        report["clusters"] = summary["clusters"]
     if model is not None:
         report["dsir"] = {"eligible": model.eligible, "mean_ngrams": model.mean_ngrams}
         if "selected_ngrams" in summary:

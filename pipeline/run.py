@@ -78,6 +78,8 @@ def run_selection(
     for key in ("proxy.model", "excess_loss.model"):
         if key.split(".")[0] in stages and cfg[key] is not None:
             inputs[key] = [_check_saved_model(key, cfg[key])]
+    if "embed" in stages and cfg["embed.method"] == "model":
+        inputs["embed.model"] = [_check_encoder(cfg["embed.model"])]
     needs_target = (
         ("dsir" in stages and not cfg["dsir.model"])
         or ("excess_loss" in stages and not cfg["excess_loss.model"])
@@ -213,6 +215,24 @@ def _check_saved_model(key: str, path: str) -> str:
     return os.path.abspath(path)
 
 
+def _check_encoder(model: str | None) -> str:
+    """The encoder for ``embed.method: model`` must load its config before any worker starts."""
+    from beamsift.transforms.encode import EncoderNotFound, encoder_width, resolve_encoder
+
+    try:
+        path = resolve_encoder(model)
+    except EncoderNotFound as e:
+        raise InputError(str(e)) from None
+    if is_local(path) and (os.sep in path or path.startswith(".")) and not os.path.isdir(path):
+        raise InputError(f"embed.model {path}: no such folder; give a transformers model folder or a hub id")
+    try:
+        encoder_width(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"embed.model {path}: cannot load an encoder there: {first}") from None
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
 def _check_model_matches(meta: dict, cfg: Config) -> None:
     for key, cfg_key in (
         ("num_buckets", "featurize.buckets"),
@@ -334,6 +354,7 @@ def _manifest(cfg, summary, metrics, options, pool_files, started) -> dict:
             if "dsir" in summary
             else {}
         ),
+        **({"clusters": summary["clusters"]} if "clusters" in summary else {}),
         "timings": {"total_s": round(finished - started, 3), "stages": stage_timings(metrics)},
         "versions": {
             "python": platform.python_version(),

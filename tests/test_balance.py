@@ -8,6 +8,7 @@ import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.balance import quotas
+from beamsift.transforms.select import SelectionError
 from conftest import demo_records, make_config, write_jsonl
 
 
@@ -26,6 +27,16 @@ from conftest import demo_records, make_config, write_jsonl
 def test_quotas_by_hand(rule, expected):
     got = quotas({0: 10, 1: 2, 2: 100}, 30, rule)
     assert got == expected and sum(got.values()) == 30
+
+
+def test_quotas_by_a_cluster_score():
+    # 12 over scores 2, 1, 1: shares 6, 3, 3; the 2-document cluster takes 2, and the one left
+    # goes to the first cluster (all remainders are 0).
+    assert quotas({0: 10, 1: 2, 2: 100}, 12, "score", {0: 2.0, 1: 1.0, 2: 1.0}) == {0: 7, 1: 2, 2: 3}
+    # A zero score gets nothing while others can take the budget.
+    assert quotas({0: 10, 1: 10}, 5, "score", {0: 0.0, 1: 3.0}) == {0: 0, 1: 5}
+    with pytest.raises(SelectionError, match="cluster 1 has -0.5"):
+        quotas({0: 10, 1: 10}, 5, "score", {0: 1.0, 1: -0.5})
 
 
 def test_quotas_never_exceed_a_cluster_and_add_up():

@@ -96,3 +96,35 @@ def test_svd_clusters_find_the_domains(tmp_path, corpus):
     pure = sum(max(v.count(s) for s in set(v)) for v in by_cluster.values())
     largest = max([s for _, s in rows].count(s) for s in {s for _, s in rows})
     assert pure / len(rows) > 0.7 and pure > 2.5 * largest  # one cluster for all: the largest domain
+
+
+def test_per_cluster_statistics_agree_with_the_scores(tmp_path, corpus):
+    cfg = make_config(
+        tmp_path,
+        corpus,
+        corpus,
+        stages=["embed", "cluster", "dedup", "select"],
+        cluster={"k": 6},
+        select={"method": "balanced", "column": "n_tokens", "quota": "sqrt", "k": 60},
+    )
+    manifest = run_selection(load_config(str(cfg)), overwrite=True)
+    out = tmp_path / "out"
+    db = duckdb.connect()
+    expected = db.execute(
+        f"SELECT cluster, count(*), count(*) FILTER (selected), count(duplicate_of), avg(n_tokens), "
+        f"avg(cluster_distance), arg_min(id, cluster_distance) FROM '{out}/scores/*.parquet' GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    got = db.execute(
+        f"SELECT cluster, size, selected, duplicates, mean_n_tokens, mean_cluster_distance, examples[1] "
+        f"FROM '{out}/clusters/*.parquet' ORDER BY 1"
+    ).fetchall()
+    assert len(got) == len(expected) == 6
+    for g, e in zip(got, expected):
+        assert g[:4] == e[:4] and g[4:6] == pytest.approx(e[4:6]) and g[6] == e[6]
+    assert [c["size"] for c in manifest["clusters"]] == [e[1] for e in expected]
+    assert sum(c["selected"] for c in manifest["clusters"]) == 60
+    # beamsift query has the view.
+    from conftest import run_cli
+
+    shown = run_cli("query", str(out), "SELECT sum(size) AS n FROM clusters", "--format", "csv").stdout
+    assert shown.split() == ["n", "700"]

@@ -1,7 +1,9 @@
 """Cluster-balanced selection: the budget split across clusters, the best documents by a score
 column taken within each cluster.
 
-Quotas (``select.quota``) are proportional to each cluster's size n_c, uniform, or to √n_c; a
+Quotas (``select.quota``) are proportional to each cluster's size n_c, uniform, to √n_c, or to a
+per-cluster score: the mean of ``select.quota_column`` over the cluster's documents in the running
+(e.g. a quality score, so that better clusters get more of the budget; it must be >= 0). A
 quota never exceeds its cluster's size, and what a full cluster cannot take goes to the others
 (water-filling), so the quotas add up to the budget (or to everything there is). Within a cluster
 the documents are ranked by ``select.column`` (highest first; ties by id hash), or at random (the
@@ -19,18 +21,32 @@ from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, ru
 from beamsift.transforms.select import SELECT_STREAM, Candidates, SelectionError, at_or_above, gumbel
 from beamsift.transforms.stage import read_id_hashes
 
-QUOTAS = ("proportional", "uniform", "sqrt")
+QUOTAS = ("proportional", "uniform", "sqrt", "score")
 
 
-def quotas(sizes: dict[int, int], budget: int, rule: str) -> dict[int, int]:
-    """Per-cluster quotas that add up to min(budget, Σ sizes), none above its cluster's size."""
-    weight = {"proportional": lambda n: n, "uniform": lambda n: 1, "sqrt": math.sqrt}[rule]
+def quotas(sizes: dict[int, int], budget: int, rule: str, scores: dict[int, float] | None = None) -> dict[int, int]:
+    """Per-cluster quotas that add up to min(budget, Σ sizes), none above its cluster's size.
+    ``scores`` (rule "score"): each cluster's score, the weight of its share."""
+    if rule == "score":
+        bad = {c: v for c, v in (scores or {}).items() if not v >= 0}
+        if bad:
+            c, v = min(bad.items())
+            raise SelectionError(
+                f"select.quota 'score' needs a per-cluster score >= 0; cluster {c} has {v} "
+                f"(use a non-negative column such as weight, or quota sqrt)"
+            )
+        if sum(scores[c] for c in sizes if sizes[c]) <= 0:
+            rule = "proportional"  # every score is 0: no preference, split by size
+    by_rule = {"proportional": lambda c: sizes[c], "uniform": lambda c: 1, "sqrt": lambda c: math.sqrt(sizes[c])}
+    weight = by_rule.get(rule, lambda c: scores[c])
     out = {c: 0 for c in sizes}
     remaining = min(budget, sum(sizes.values()))
     while remaining > 0:
         open_ = sorted(c for c in sizes if out[c] < sizes[c])
-        total = sum(weight(sizes[c]) for c in open_)
-        shares = {c: remaining * weight(sizes[c]) / total for c in open_}
+        total = sum(weight(c) for c in open_)
+        if total <= 0:  # only zero-score clusters are left: they share the rest by size
+            weight, total = by_rule["proportional"], sum(sizes[c] for c in open_)
+        shares = {c: remaining * weight(c) / total for c in open_}
         given = {c: min(int(math.floor(shares[c])), sizes[c] - out[c]) for c in open_}
         left = remaining - sum(given.values())
         # The largest remainders get one more, first cluster first on a tie.
@@ -56,21 +72,28 @@ def _keys(chain, column, shard, id_hash, seed):
 
 
 class _ClusterSizes(beam.DoFn):
-    def __init__(self, stage, chain):
-        self.stage, self.chain = stage, chain
+    """A shard -> {cluster: (documents in the running, Σ score, documents with a score)}."""
+
+    def __init__(self, stage, chain, score_column):
+        self.stage, self.chain, self.score_column = stage, chain, score_column
 
     def process(self, item, duplicates):
         shard, running = self.chain.running(self.stage, item, duplicates)
-        clusters = self.chain.column("cluster", shard.name)[running]
-        values, counts = np.unique(clusters[~np.isnan(clusters)].astype(np.int64), return_counts=True)
-        yield dict(zip(values.tolist(), counts.tolist()))
+        clusters = self.chain.column("cluster", shard.name)
+        ok = running & ~np.isnan(clusters)
+        scores = self.chain.column(self.score_column, shard.name) if self.score_column else np.zeros(len(ok))
+        out = {}
+        for c in np.unique(clusters[ok]).astype(np.int64).tolist():
+            s = scores[ok & (clusters == c)]
+            out[c] = np.array([len(s), np.nansum(s), np.count_nonzero(~np.isnan(s))], np.float64)
+        yield out
 
 
 def _sum_dicts(parts):
     out: dict = {}
     for part in parts:
         for k, v in part.items():
-            out[k] = out.get(k, 0) + v
+            out[k] = out[k] + v if k in out else v
     return out
 
 
@@ -113,16 +136,17 @@ class ApplyBalanced(ShardStageFn):
 
 
 class BalancedSelection(beam.PTransform):
-    def __init__(self, name, chain, column, k, fraction, rule, seed, duplicates, progress_dir=None):
+    def __init__(self, name, chain, column, k, fraction, rule, quota_column, seed, duplicates, progress_dir=None):
         super().__init__()
         self.name, self.chain, self.column, self.k, self.fraction = name, chain, column, k, fraction
         self.rule, self.seed, self.duplicates, self.progress_dir = rule, seed, duplicates, progress_dir
+        self.quota_column = quota_column if rule == "score" else None
 
     def expand(self, shards):
         total = beam.pvalue.AsSingleton(running_total(shards, "Count", self.duplicates))
         quota = beam.pvalue.AsSingleton(
             shards
-            | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain), self.duplicates)
+            | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain, self.quota_column), self.duplicates)
             | "SumSizes" >> beam.CombineGlobally(_sum_dicts)
             | "Quotas" >> beam.Map(self._quotas, total)
         )
@@ -139,8 +163,11 @@ class BalancedSelection(beam.PTransform):
         fn = ApplyBalanced(self.name, self.chain, self.column, self.seed, self.progress_dir)
         return shards | "Cut" >> ApplyStage(fn, self.duplicates, cuts)
 
-    def _quotas(self, sizes, total):
+    def _quotas(self, stats, total):
         budget = self.k if self.k is not None else int(math.floor(self.fraction * total + 0.5))
         if self.k is not None and self.k > total:
             raise SelectionError(f"select.k={self.k} is larger than the {total} eligible documents")
-        return quotas(sizes, budget, self.rule)
+        sizes = {c: int(v[0]) for c, v in stats.items()}
+        # A cluster's score: the mean of the quota column over its documents that have one.
+        scores = {c: v[1] / v[2] if v[2] else 0.0 for c, v in stats.items()}
+        return quotas(sizes, budget, self.rule, scores)

@@ -149,13 +149,21 @@ def fit_svd(sample: list, frequencies, dim: int, seed: int) -> np.ndarray:
 
 
 class EmbedDocuments(beam.PTransform):
-    def __init__(self, name, chain, dim, seed, num_buckets, duplicates, method="svd", sample=20000, progress_dir=None):
+    def __init__(
+        self, name, chain, dim, seed, num_buckets, duplicates, method="svd", sample=20000, progress_dir=None, encoder=None
+    ):
         super().__init__()
         self.name, self.chain, self.dim, self.seed = name, chain, dim, seed
         self.num_buckets, self.duplicates, self.progress_dir = num_buckets, duplicates, progress_dir
         self.method, self.sample = method, sample
+        self.encoder = encoder  # method "model": (model, max_tokens, batch_size, threads)
 
     def expand(self, shards):
+        if self.method == "model":
+            from beamsift.transforms.encode import EncodeShard
+
+            fn = EncodeShard(self.name, self.chain, *self.encoder, progress_dir=self.progress_dir)
+            return shards | "Encode" >> ApplyStage(fn, self.duplicates)
         frequencies = beam.pvalue.AsSingleton(
             shards
             | "DocumentFrequencies"

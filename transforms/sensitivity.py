@@ -1,0 +1,198 @@
+"""Sensitivity sampling (Axiotis et al., "Data-Efficient Learning via Clustering-Based Sensitivity
+Sampling", ICML 2024): a pick whose weighted averages estimate the pool's.
+
+After k-means, document e in cluster C (centroid c, |C| documents in the running, cost(C) =
+Σ_{e'∈C} ‖e' − c‖²) has the sensitivity
+
+    s(e) = ‖e − c‖² / cost(C) + 1/|C|
+
+(a cluster whose documents all sit on the centroid has cost 0; its first term is then 1/|C| too).
+Each term sums to 1 over a cluster, so Σ s = 2K over K clusters, and p(e) = s(e) / 2K is a
+probability: ``sensitivity`` in ``scores/``. Far-out documents and small clusters get more of it.
+
+The paper draws k documents i.i.d. from p and weights each by 1/(k·p). A data pipeline wants k
+distinct documents, so this draws k without replacement with inclusion probabilities
+π(e) = min(1, λ·p(e)), where λ makes Σ π = k (λ = k unless some documents would be drawn more
+than once on average: those are taken for sure, with π = 1). The draw is Pareto sampling (Rosén
+1997): keep the k largest logit(π) + L, L standard logistic noise fixed by (seed, id), which
+includes each document with probability π up to a small error. ``weight`` = 1/π(e) = 1/(k·p(e))
+(Horvitz–Thompson), so Σ_pick weight·f / N estimates the pool's mean of f, and Σ_pick weight ≈ N.
+"""
+
+from __future__ import annotations
+
+import math
+
+import apache_beam as beam
+import numpy as np
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total
+from beamsift.transforms.select import Candidates, MergeCandidates, SelectionError, at_or_above, uniform01
+from beamsift.transforms.stage import read_id_hashes
+
+COLUMNS = (("sensitivity", "double"), ("weight", "double"))
+STREAM = 0x5E25171
+
+
+def sensitivities(clusters: np.ndarray, d2: np.ndarray, stats: dict) -> np.ndarray:
+    """p(e) = (d²/cost(C) + 1/|C|) / 2K for each document; ``stats``: cluster -> (|C|, cost(C))."""
+    p = np.full(len(clusters), np.nan)
+    n_clusters = sum(1 for n, _ in stats.values() if n > 0)
+    for c, (n, cost) in stats.items():
+        rows = clusters == c
+        if n == 0 or not rows.any():
+            continue
+        first = d2[rows] / cost if cost > 0 else np.full(int(rows.sum()), 1.0 / n)
+        p[rows] = (first + 1.0 / n) / (2 * n_clusters)
+    return p
+
+
+def inclusion_scale(largest: np.ndarray, k: int, n: int, total: float = 1.0) -> float:
+    """λ with Σ min(1, λ·p) = k over n documents, from the k largest p (any order) and Σ p;
+    inf when k covers all n."""
+    if k >= n:
+        return math.inf
+    top = np.sort(np.asarray(largest, np.float64))[::-1]
+    taken = 0.0
+    for m, pm in enumerate(top[:k]):
+        rest = total - taken
+        if rest <= 0:
+            break
+        lam = (k - m) / rest
+        if lam * pm < 1:
+            return lam
+        taken += pm
+    return math.inf
+
+
+def inclusion(p: np.ndarray, lam: float) -> np.ndarray:
+    return np.ones_like(p) if math.isinf(lam) else np.minimum(1.0, lam * p)
+
+
+def pareto_keys(pi: np.ndarray, id_hash: np.ndarray, seed: int) -> np.ndarray:
+    """logit(π) + logistic noise; the k largest are a Pareto πps sample. π = 1 ranks first."""
+    u = uniform01(id_hash, seed, STREAM)
+    with np.errstate(divide="ignore"):
+        target = np.log(pi) - np.log1p(-pi)
+    return np.where(np.isnan(pi), -np.inf, target - (np.log(u) - np.log1p(-u)))
+
+
+class _Read:
+    """What every pass reads of a shard: the running documents' clusters and squared distances."""
+
+    def __init__(self, stage, chain):
+        self.stage, self.chain = stage, chain
+
+    def read(self, item, duplicates):
+        shard, running = self.chain.running(self.stage, item, duplicates)
+        clusters = self.chain.column("cluster", shard.name)
+        d2 = self.chain.column("cluster_distance", shard.name) ** 2
+        clusters = np.where(running & ~np.isnan(clusters), clusters, -1).astype(np.int64)
+        return shard, running, clusters, d2
+
+
+class _ClusterCosts(_Read, beam.DoFn):
+    def process(self, item, duplicates):
+        _, _, clusters, d2 = self.read(item, duplicates)
+        out = {}
+        for c in np.unique(clusters[clusters >= 0]).tolist():
+            rows = clusters == c
+            out[c] = (int(rows.sum()), float(d2[rows].sum()))
+        yield out
+
+
+def _sum_stats(parts) -> dict:
+    out: dict = {}
+    for part in parts:
+        for c, (n, cost) in part.items():
+            n0, cost0 = out.get(c, (0, 0.0))
+            out[c] = (n0 + n, cost0 + cost)
+    return out
+
+
+class _LargestProbabilities(_Read, beam.DoFn):
+    def __init__(self, stage, chain, budget_fn):
+        super().__init__(stage, chain)
+        self.budget_fn = budget_fn
+
+    def process(self, item, duplicates, stats, total):
+        shard, _, clusters, d2 = self.read(item, duplicates)
+        p = sensitivities(clusters, d2, stats)
+        ok = ~np.isnan(p)
+        yield {"p": Candidates.of(p[ok], read_id_hashes(shard.path)[ok], max(self.budget_fn(total), 1))}
+
+
+class _RankByKey(_Read, beam.DoFn):
+    def __init__(self, stage, chain, budget_fn, seed):
+        super().__init__(stage, chain)
+        self.budget_fn, self.seed = budget_fn, seed
+
+    def process(self, item, duplicates, stats, lam, total):
+        shard, _, clusters, d2 = self.read(item, duplicates)
+        id_hash = read_id_hashes(shard.path)
+        keys = pareto_keys(inclusion(sensitivities(clusters, d2, stats), lam), id_hash, self.seed)
+        ok = keys > -np.inf
+        yield {"pick": Candidates.of(keys[ok], id_hash[ok], max(self.budget_fn(total), 1))}
+
+
+class ApplySensitivity(ShardStageFn):
+    def __init__(self, name, chain, seed, progress_dir=None):
+        super().__init__(name, chain, progress_dir)
+        self.seed = seed
+
+    def score(self, shard, reasons, stats, lam, threshold):
+        running = running_mask(reasons)
+        clusters = self.chain.column("cluster", shard.name)
+        d2 = self.chain.column("cluster_distance", shard.name) ** 2
+        clusters = np.where(running & ~np.isnan(clusters), clusters, -1).astype(np.int64)
+        id_hash = read_id_hashes(shard.path)
+        p = sensitivities(clusters, d2, stats)
+        pi = inclusion(p, lam)
+        keys = pareto_keys(pi, id_hash, self.seed)
+        missing = running & np.isnan(p)
+        kept = running & ~missing & at_or_above(keys, id_hash, threshold)
+        reasons[running & ~kept & ~missing] = "not sampled"
+        reasons[missing] = "no cluster"
+        weight = np.where(kept, 1.0 / pi, np.nan)
+        certain = int((kept & (pi >= 1)).sum())
+        columns = {"selected": kept, "_in_random": np.zeros(len(reasons), bool), "sensitivity": p, "weight": weight}
+        return columns, reasons, {"taken with certainty (weight 1)": certain} if certain else {}
+
+
+class SensitivitySampling(beam.PTransform):
+    """The selector ``select.method: sensitivity``: k documents (or a fraction of the running)."""
+
+    def __init__(self, name, chain, k, fraction, seed, duplicates, progress_dir=None):
+        super().__init__()
+        self.name, self.chain, self.k, self.fraction, self.seed = name, chain, k, fraction, seed
+        self.duplicates, self.progress_dir = duplicates, progress_dir
+
+    def budget(self, total: int) -> int:
+        if self.k is not None:
+            if self.k > total:
+                raise SelectionError(f"select.k={self.k} is larger than the {total} eligible documents")
+            return self.k
+        return int(math.floor(self.fraction * total + 0.5))
+
+    def expand(self, shards):
+        total = beam.pvalue.AsSingleton(running_total(shards, "Count", self.duplicates))
+        stats = beam.pvalue.AsSingleton(
+            shards
+            | "ClusterCosts" >> beam.ParDo(_ClusterCosts(self.name, self.chain), self.duplicates)
+            | "SumCosts" >> beam.CombineGlobally(_sum_stats)
+        )
+        lam = beam.pvalue.AsSingleton(
+            shards
+            | "Largest" >> beam.ParDo(_LargestProbabilities(self.name, self.chain, self.budget), self.duplicates, stats, total)
+            | "MergeLargest" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
+            | "Scale" >> beam.Map(lambda m, n: inclusion_scale(m["p"].keys, self.budget(n), n), total),
+            default_value=math.inf,
+        )
+        threshold = beam.pvalue.AsSingleton(
+            shards
+            | "Rank" >> beam.ParDo(_RankByKey(self.name, self.chain, self.budget, self.seed), self.duplicates, stats, lam, total)
+            | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
+            | "Cut" >> beam.Map(lambda m, n: m["pick"].threshold(self.budget(n)) if self.budget(n) else None, total),
+            default_value=None,
+        )
+        fn = ApplySensitivity(self.name, self.chain, self.seed, self.progress_dir)
+        return shards | "Pick" >> ApplyStage(fn, self.duplicates, stats, lam, threshold)

@@ -266,7 +266,7 @@ def build_pipeline(
             )
         elif kind == "dedup":
             shards, summary = shards | "Stage_" + name >> semdedup.DeduplicateDocuments(
-                name, chain, float(cfg["dedup.epsilon"]), duplicates, progress_dir
+                name, chain, float(cfg["dedup.epsilon"]), duplicates, progress_dir, cfg["dedup.probes"]
             )
         elif kind == "reweight":
             shards, summary = shards | "Stage_" + name >> reweight.ReweightByLoss(

@@ -101,6 +101,7 @@ SCHEMA: dict[str, Any] = {
             (int, float),
             "drop a document whose cosine to a kept one in its cluster exceeds 1 - epsilon",
         ),
+        "probes": (2, int, "compare each document in its nearest 1 or 2 clusters (2: pairs split by k-means are found)"),
     },
     "excess_loss": {
         "model": (None, (str, type(None)), "a run's artifacts/excess_loss folder to apply instead of training"),
@@ -160,6 +161,7 @@ CHOICES = {
     "select.quota": {"proportional", "uniform", "sqrt", "score"},
     "reweight.strategy": {"linupper", "upper", "mid", "extremes"},
     "embed.method": {"svd", "projection", "model"},
+    "dedup.probes": {1, 2},
 }
 
 # Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that

@@ -9,7 +9,8 @@ import duckdb
 import numpy as np
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.semdedup import semdedup_cluster
+import pyarrow as pa
+from beamsift.transforms.semdedup import _gather, normalise_text, normalised_text_hash, semdedup_cluster
 from conftest import demo_records, make_config, write_jsonl
 
 
@@ -21,8 +22,42 @@ def test_greedy_keeps_one_of_each_group_by_hand():
         (0.1, 5, "a", np.array([1.0, 0.0])),
         (0.2, 1, "c", np.array([0.0, 1.0])),
     ]
-    assert semdedup_cluster(items, epsilon=0.05) == [(2, "a", "near duplicate")]
+    assert semdedup_cluster(items, epsilon=0.05) == [(2, "a", "near duplicate", (0.1, 5))]
     assert semdedup_cluster(items, epsilon=0.0001) == []
+
+
+def test_blocked_greedy_is_the_greedy():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(60, 8))
+    vectors = np.concatenate([base, base[:40] + 0.15 * rng.normal(size=(40, 8))])
+    items = [(float(rng.random()), i, f"d{i}", v) for i, v in enumerate(vectors)]
+    one = semdedup_cluster(items, 0.05, block=1)
+    assert len(one) > 10
+    assert semdedup_cluster(items, 0.05, block=7) == one == semdedup_cluster(items, 0.05, block=1000)
+
+
+def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():
+    # c was kept in its own cluster and dropped b there; in the next cluster c was dropped for a.
+    # b must point at a (kept), never at c (dropped). d was dropped in two clusters: the pointer
+    # to the earlier document (a, distance 0.1) wins over the one to e (0.5).
+    dropped = _gather(
+        [
+            [(2, "c", "near duplicate", (0.3, 3))],  # b (order 2) for c (order 3)
+            [(3, "a", "near duplicate", (0.1, 1)), (4, "a", "near duplicate", (0.1, 1))],
+            [(4, "e", "near duplicate", (0.5, 5)), (9, "x", "exact duplicate")],
+        ]
+    )
+    assert dropped.orders.tolist() == [2, 3, 4, 9]
+    assert dropped.kept_ids == ["a", "a", "a", "x"]
+    assert dropped.reasons == ["near duplicate"] * 3 + ["exact duplicate"]
+
+
+def test_exact_normalisation_keeps_every_script():
+    texts = pa.array(["Привет, мир!", "こんにちは世界", "Hello,\u00a0World", "hello world", "HELLO   world?!", "Пока мир"])
+    h = normalised_text_hash(texts)
+    assert normalise_text(texts).to_pylist()[:3] == ["привет мир", "こんにちは世界", "hello world"]
+    assert h[2] == h[3] == h[4]  # case, a no-break space, punctuation
+    assert len({h[0], h[1], h[3], h[5]}) == 4  # other scripts are not erased into one
 
 
 def _near_copy(text: str, rng: random.Random) -> str:

@@ -36,7 +36,8 @@ from beamsift.transforms.stage import read_id_hashes, read_staging
 
 EMBEDDING = "_embedding"
 EMBED_COLUMNS = ((EMBEDDING, "embedding"),)
-CLUSTER_COLUMNS = (("cluster", "int64"), ("cluster_distance", "double"))
+NEXT_CLUSTER = "_cluster_next"  # the second nearest centroid: where SemDeDup also compares
+CLUSTER_COLUMNS = (("cluster", "int64"), ("cluster_distance", "double"), (NEXT_CLUSTER, "int64"))
 SAMPLE_STREAM = 0xC1A57
 
 
@@ -66,13 +67,19 @@ def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray) -> np.ndarray:
     return out / np.where(norms > 0, norms, 1)
 
 
-def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nearest centroid, Euclidean distance to it) of each vector; the first centroid on a tie."""
+def assign(vectors: np.ndarray, centroids: np.ndarray, with_next: bool = False):
+    """(nearest centroid, Euclidean distance to it) of each vector; the first centroid on a tie.
+    ``with_next``: also the second nearest (the nearest itself when there is one centroid)."""
     v = vectors.astype(np.float64)
     c = centroids.astype(np.float64)
     d2 = (v * v).sum(1)[:, None] - 2 * v @ c.T + (c * c).sum(1)[None, :]
     nearest = np.argmin(d2, axis=1)
-    return nearest, np.sqrt(np.maximum(d2[np.arange(len(v)), nearest], 0))
+    distance = np.sqrt(np.maximum(d2[np.arange(len(v)), nearest], 0))
+    if not with_next:
+        return nearest, distance
+    d2[np.arange(len(v)), nearest] = np.inf
+    following = np.argmin(d2, axis=1) if c.shape[0] > 1 else nearest
+    return nearest, distance, following
 
 
 def _features(shard):
@@ -249,12 +256,18 @@ class AssignShard(ShardStageFn):
     def score(self, shard, reasons, centroids):
         running = running_mask(reasons)
         cluster = np.full(len(reasons), -1, dtype=np.int64)
+        following = np.full(len(reasons), -1, dtype=np.int64)
         distance = np.full(len(reasons), np.nan)
         rows = np.flatnonzero(running)
         if len(rows):
-            nearest, dist = assign(embeddings(self.chain, shard.name)[rows], centroids)
-            cluster[rows], distance[rows] = nearest, dist
-        return {"cluster": pa.array(cluster, mask=~running), "cluster_distance": distance}, reasons
+            nearest, dist, second = assign(embeddings(self.chain, shard.name)[rows], centroids, with_next=True)
+            cluster[rows], distance[rows], following[rows] = nearest, dist, second
+        columns = {
+            "cluster": pa.array(cluster, mask=~running),
+            "cluster_distance": distance,
+            NEXT_CLUSTER: pa.array(following, mask=~running),
+        }
+        return columns, reasons
 
 
 class ClusterDocuments(beam.PTransform):

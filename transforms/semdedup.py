@@ -1,18 +1,28 @@
 """De-duplication: exact duplicates by a hash of the normalised text, then SemDeDup (Abbas et al.,
 "SemDeDup: Data-efficient learning at web-scale through semantic deduplication", arXiv:2303.09540).
 
-- **exact**: the text lower-cased, with punctuation removed and white space collapsed, hashed;
-  of the documents with the same hash, the first in input order is kept and the others point at it;
+- **exact**: the text lower-cased, with punctuation and symbols removed and white space collapsed
+  (Unicode classes: letters and digits of every script count), hashed; of the documents with the
+  same hash, the first in input order is kept and the others point at it;
 - **SemDeDup**: within each cluster (one GroupByKey on the cluster id, never every document
-  through one key), the documents are taken in a fixed order (nearest the centroid first, then
+  through one key), the documents are taken in a fixed order (nearest their centroid first, then
   input order) and a document whose cosine similarity to a document already kept exceeds 1 − ε
-  (``dedup.epsilon``) is dropped, pointing at the most similar kept one. Exactly one document of a
-  group of duplicates is kept, never none (the public SemDeDup code's issue #8).
+  (``dedup.epsilon``) is dropped, pointing at the most similar kept one.
+
+k-means on document vectors seldom finds well-separated clusters: most documents lie about as
+near their second centroid as their first, so a near-duplicate pair is often split over two
+clusters and never compared. Each document is therefore also compared in its next nearest
+clusters (``dedup.probes``: 2 = its own and the next one). The order is the same in every
+cluster, so a document is only ever dropped for one that comes before it; a document kept in
+one cluster but dropped in another is dropped, and who pointed at it points on, to the kept one
+that comes first. The first of every group of duplicates (in that order) is always kept, never
+none of them (the public SemDeDup code's issue #8).
 
 A dropped document stays in ``scores/`` with ``duplicate_of`` (the id of the kept document it
 repeats) and the reason ``exact duplicate`` or ``near duplicate``; ``duplicate_of`` is null for
-every kept document. Clusters are compared pairwise, so their size bounds a worker's work:
-``cluster.k`` sets it (a cluster of n documents costs n²/2 dot products).
+every kept document. A cluster's documents are compared in blocks against the ones kept so far
+(memory: a block times the kept ones), and the work is (probes × n)² / 2 dot products for a
+cluster of n documents on one worker: ``cluster.k`` bounds n.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
-from beamsift.transforms.cluster import embeddings
+from beamsift.transforms.cluster import NEXT_CLUSTER, embeddings
 from beamsift.transforms.featurize import hash_strings
 from beamsift.transforms.schema import ORDER, TEXT
 from beamsift.transforms.stage import read_staging
@@ -32,15 +42,22 @@ from beamsift.transforms.stage import read_staging
 COLUMNS = (("duplicate_of", "string"),)
 EXACT = "exact duplicate"
 NEAR = "near duplicate"
-_PUNCT = r"[^\w\s]+"
+# RE2's \w and \s are ASCII-only: Unicode classes keep the letters and digits of every script,
+# and count every Unicode space (no-break, ideographic) as white space.
+_PUNCT = r"[^\p{L}\p{M}\p{N}\s\p{Z}]+"
+_SPACE = r"[\s\p{Z}]+"
+
+
+def normalise_text(texts):
+    """Case, punctuation, symbols and runs of white space taken out (an Arrow string array)."""
+    lowered = pc.utf8_lower(texts)
+    no_punct = pc.replace_substring_regex(lowered, _PUNCT, "")
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(no_punct, _SPACE, " "))
 
 
 def normalised_text_hash(texts) -> np.ndarray:
-    """A hash of each text with case, punctuation and runs of white space taken out."""
-    lowered = pc.utf8_lower(texts)
-    no_punct = pc.replace_substring_regex(lowered, _PUNCT, "")
-    collapsed = pc.utf8_trim_whitespace(pc.replace_substring_regex(no_punct, r"\s+", " "))
-    return hash_strings(collapsed)
+    """A hash of each text after ``normalise_text``."""
+    return hash_strings(normalise_text(texts))
 
 
 @dataclass(frozen=True)
@@ -60,24 +77,43 @@ class Dropped:
 NONE_DROPPED = Dropped(np.zeros(0, np.int64), [], [])
 
 
-def semdedup_cluster(items: list, epsilon: float) -> list:
-    """One cluster's [(distance to centroid, order, id, vector)] -> [(order, kept id, reason)] of
-    the documents it drops. Greedy in the fixed order: keep unless too similar to a kept one."""
+def semdedup_cluster(items: list, epsilon: float, block: int = 256) -> list:
+    """One cluster's [(distance to centroid, order, id, vector)] -> [(order, kept id, reason,
+    (kept distance, kept order))] of the documents it drops. Greedy in the order (distance, order):
+    keep a document unless its cosine to a kept one exceeds 1 − ε; then it points at the most
+    similar kept one. Compared in blocks against the kept ones, never an n × n matrix."""
+    if not items:
+        return []
     items = sorted(items, key=lambda t: (t[0], t[1]))
-    vectors = np.stack([t[3] for t in items]).astype(np.float64)
+    vectors = np.stack([t[3] for t in items]).astype(np.float32)
     norms = np.linalg.norm(vectors, axis=1)
     unit = vectors / np.where(norms > 0, norms, 1)[:, None]
-    sims = unit @ unit.T
-    kept: list[int] = []
+    threshold = 1 - epsilon
+    kept = np.zeros(len(items), dtype=np.int64)  # indices of the kept items, in order
+    n_kept = 0
     dropped = []
-    for i in range(len(items)):
-        if kept:
-            s = sims[i, kept]
-            j = int(np.argmax(s))
-            if s[j] > 1 - epsilon:
-                dropped.append((items[i][1], items[kept[j]][2], NEAR))
-                continue
-        kept.append(i)
+    for start in range(0, len(items), block):
+        rows = unit[start : start + block]
+        if n_kept:
+            earlier = rows @ unit[kept[:n_kept]].T
+            best_prev = earlier.argmax(1)
+            best_prev_sim = earlier[np.arange(len(rows)), best_prev]
+        within = rows @ rows.T
+        local: list[int] = []
+        for i in range(len(rows)):
+            sim, target = (float(best_prev_sim[i]), int(kept[best_prev[i]])) if n_kept else (-np.inf, -1)
+            if local:
+                s_local = within[i, local]
+                j = int(np.argmax(s_local))
+                if s_local[j] > sim:
+                    sim, target = float(s_local[j]), start + local[j]
+            if sim > threshold:
+                t = items[target]
+                dropped.append((items[start + i][1], t[2], NEAR, (float(t[0]), int(t[1]))))
+            else:
+                local.append(i)
+        kept[n_kept : n_kept + len(local)] = np.asarray(local, np.int64) + start
+        n_kept += len(local)
     return dropped
 
 
@@ -103,8 +139,11 @@ def _exact_groups(item):
 
 
 class _ClusterMembers(beam.DoFn):
-    def __init__(self, stage, chain):
-        self.stage, self.chain = stage, chain
+    """A shard -> (cluster, document) for each document in the running and each of the clusters it
+    is compared in: its own and, with ``probes`` 2, the next nearest."""
+
+    def __init__(self, stage, chain, probes: int = 2):
+        self.stage, self.chain, self.probes = stage, chain, probes
 
     def process(self, item, duplicates, exact):
         shard, running = self.chain.running(self.stage, item, duplicates)
@@ -118,12 +157,36 @@ class _ClusterMembers(beam.DoFn):
         distance = self.chain.column("cluster_distance", shard.name)
         vectors = embeddings(self.chain, shard.name)
         ids = table.column("id").to_pylist()
+        probe = self.chain.column(NEXT_CLUSTER, shard.name) if self.probes > 1 else None
         for r in rows:
-            yield int(clusters[r]), (float(distance[r]), int(orders[r]), str(ids[r]), vectors[r])
+            doc = (float(distance[r]), int(orders[r]), str(ids[r]), vectors[r])
+            yield int(clusters[r]), doc
+            if probe is not None and not np.isnan(probe[r]) and probe[r] != clusters[r]:
+                yield int(probe[r]), doc
 
 
 def _gather(dropped_lists) -> Dropped:
-    flat = sorted(d for part in dropped_lists for d in part)
+    """All dropped documents, each pointing at a kept one.
+
+    A document dropped in two clusters keeps the pointer to the one that comes first; a pointer
+    at a document that was itself dropped elsewhere is followed on (it always leads to an earlier
+    document, so it ends at a kept one)."""
+    exact, near = {}, {}
+    for part in dropped_lists:
+        for d in part:
+            if d[2] == EXACT:
+                exact[d[0]] = d[1]
+            else:
+                order, kept_id, _, target = d
+                if order not in near or target < near[order][0]:
+                    near[order] = (target, kept_id)
+    for order in near:
+        (target_key, kept_id), seen = near[order], 0
+        while target_key[1] in near and seen <= len(near):
+            target_key, kept_id = near[target_key[1]]
+            seen += 1
+        near[order] = (target_key, kept_id)
+    flat = sorted([(o, i, EXACT) for o, i in exact.items()] + [(o, v[1], NEAR) for o, v in near.items()])
     if not flat:
         return NONE_DROPPED
     return Dropped(np.array([d[0] for d in flat], np.int64), [d[1] for d in flat], [d[2] for d in flat])
@@ -145,9 +208,9 @@ class MarkDuplicates(ShardStageFn):
 class DeduplicateDocuments(beam.PTransform):
     """Exact duplicates, then SemDeDup within clusters; the dropped ones marked on every shard."""
 
-    def __init__(self, name, chain, epsilon: float, duplicates, progress_dir=None):
+    def __init__(self, name, chain, epsilon: float, duplicates, progress_dir=None, probes: int = 2):
         super().__init__()
-        self.name, self.chain, self.epsilon = name, chain, epsilon
+        self.name, self.chain, self.epsilon, self.probes = name, chain, epsilon, probes
         self.duplicates, self.progress_dir = duplicates, progress_dir
 
     def expand(self, shards):
@@ -162,7 +225,7 @@ class DeduplicateDocuments(beam.PTransform):
         )
         near = (
             shards
-            | "ClusterMembers" >> beam.ParDo(_ClusterMembers(self.name, self.chain), self.duplicates, exact_side)
+            | "ClusterMembers" >> beam.ParDo(_ClusterMembers(self.name, self.chain, self.probes), self.duplicates, exact_side)
             | "GroupByCluster" >> beam.GroupByKey()
             | "SemDeDup" >> beam.FlatMap(lambda kv, eps: semdedup_cluster(list(kv[1]), eps), self.epsilon)
         )

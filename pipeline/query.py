@@ -28,6 +28,8 @@ views (one per folder of Parquet shards in OUTPUT_DIR, named after the folder):
              n_ngrams, selected, reason, and the input fields except the text
   rejected   records that could not be used: input, source_file, position, reason,
              detail, record (the raw record), id
+  clusters   with a cluster stage: one row per cluster: cluster, size, selected,
+             duplicates, mean_<score column>..., examples (ids nearest the centroid)
 
 formats:
   table      aligned columns; cells longer than --max-width are cut, and a last line says so

@@ -357,8 +357,17 @@ def summary_text(manifest: dict) -> str:
             f"  WARNING: {c['rejected'] / c['input_records']:.0%} of the input records were rejected, most as "
             f'{top!r}: see `beamsift query {out} "SELECT reason, detail, count(*) FROM rejected GROUP BY ALL"`'
         )
+    if manifest.get("clusters"):
+        sizes = [cl["size"] for cl in manifest["clusters"]]
+        covered = sum(1 for cl in manifest["clusters"] if cl["selected"])
+        lines.append(
+            f"  clusters        {len(sizes):>10,}  {min(sizes):,} to {max(sizes):,} documents each; "
+            f"the selection draws on {covered} of them (clusters/)"
+        )
+    clusters = "clusters/ (one row per cluster), " if "clusters" in manifest else ""
     lines += [
-        f"  outputs         {out}/  selected/ (documents), scores/ (every document's scores), rejected/, manifest.json",
+        f"  outputs         {out}/  selected/ (documents), scores/ (every document's scores), {clusters}rejected/, "
+        "manifest.json",
         f'  next            beamsift query {out} "SELECT reason, count(*) AS n FROM scores GROUP BY 1 ORDER BY n DESC"',
     ]
     return "\n".join(lines)

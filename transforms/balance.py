@@ -17,11 +17,21 @@ import math
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total
-from beamsift.transforms.select import SELECT_STREAM, Candidates, SelectionError, at_or_above, gumbel
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total, shard_of
+from beamsift.transforms.select import (
+    SELECT_STREAM,
+    Candidates,
+    MergeCandidates,
+    SelectionError,
+    at_or_above,
+    gumbel,
+    in_random,
+    random_candidates,
+)
 from beamsift.transforms.stage import read_id_hashes
 
 QUOTAS = ("proportional", "uniform", "sqrt", "score")
+RANDOM = "random"  # the KL baseline's candidates, next to the clusters' (int keys)
 
 
 def quotas(sizes: dict[int, int], budget: int, rule: str, scores: dict[int, float] | None = None) -> dict[int, int]:
@@ -102,7 +112,9 @@ class _RankWithinClusters(beam.DoFn):
         self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
 
     def process(self, item, duplicates, quota):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+        shard = shard_of(item)
+        reasons = self.chain.reasons(self.stage, shard, duplicates)
+        running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
         clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
         keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
@@ -111,6 +123,7 @@ class _RankWithinClusters(beam.DoFn):
             rows = running & (clusters == c)
             if q and rows.any():
                 out[c] = Candidates.of(keys[rows], id_hash[rows], q)
+        out[RANDOM] = random_candidates(reasons, id_hash, self.seed, sum(quota.values()))
         yield out
 
 
@@ -125,6 +138,8 @@ class ApplyBalanced(ShardStageFn):
         clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
         keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
         kept = np.zeros(len(reasons), dtype=bool)
+        cuts = dict(cuts)
+        random_cut = cuts.pop(RANDOM, None)
         for c, threshold in cuts.items():
             rows = running & (clusters == c)
             kept |= rows & at_or_above(keys, id_hash, threshold)
@@ -132,7 +147,7 @@ class ApplyBalanced(ShardStageFn):
         kept &= ~missing
         reasons[running & ~kept & ~missing] = "below the cluster's quota"
         reasons[missing] = f"no {self.column}"
-        return {"selected": kept, "_in_random": np.zeros(len(reasons), dtype=bool)}, reasons
+        return {"selected": kept, "_in_random": in_random(reasons, id_hash, self.seed, random_cut)}, reasons
 
 
 class BalancedSelection(beam.PTransform):
@@ -150,8 +165,6 @@ class BalancedSelection(beam.PTransform):
             | "SumSizes" >> beam.CombineGlobally(_sum_dicts)
             | "Quotas" >> beam.Map(self._quotas, total)
         )
-        from beamsift.transforms.select import MergeCandidates
-
         cuts = beam.pvalue.AsSingleton(
             shards
             | "Rank"

@@ -244,6 +244,19 @@ def _pct(share: float | None) -> str:
     return f"{p}{suffix}"
 
 
+def random_candidates(reasons: np.ndarray, id_hash: np.ndarray, seed: int, keep: int) -> Candidates:
+    """A shard's part of the KL baseline: a seeded random pick of ``keep`` from every valid
+    document (the paper's "random from the raw pool"), whatever the selector."""
+    valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
+    return Candidates.of(gumbel(id_hash[valid], seed, RANDOM_STREAM), id_hash[valid], max(keep, 1))
+
+
+def in_random(reasons: np.ndarray, id_hash: np.ndarray, seed: int, threshold) -> np.ndarray:
+    """Which documents of a shard are in the KL baseline's random pick (``threshold``: its cut)."""
+    valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
+    return valid & at_or_above(gumbel(id_hash, seed, RANDOM_STREAM), id_hash, threshold)
+
+
 class RankForCut(beam.DoFn):
     """A shard -> its best (offset + k) candidates by the cut's key (and the random baseline's)."""
 
@@ -270,9 +283,7 @@ class RankForCut(beam.DoFn):
             rankable = running & self.cut.in_range(values) if self.cut.method == "threshold" else running
             out["ranked"] = Candidates.of(keys[rankable], id_hash[rankable], max(skip + keep, 1))
             if self.random_baseline:
-                valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
-                random_keys = gumbel(id_hash[valid], self.seed, RANDOM_STREAM)
-                out["random"] = Candidates.of(random_keys, id_hash[valid], max(keep, 1))
+                out["random"] = random_candidates(reasons, id_hash, self.seed, keep)
         yield out
 
 
@@ -319,9 +330,7 @@ class ApplyCutShard(ShardStageFn):
             reasons[missing] = missing_reason
         if self.role == "select":
             columns["selected"] = kept
-            valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
-            random_keys = gumbel(id_hash, self.seed, RANDOM_STREAM)
-            columns["_in_random"] = valid & at_or_above(random_keys, id_hash, thresholds.get("random"))
+            columns["_in_random"] = in_random(reasons, id_hash, self.seed, thresholds.get("random"))
         return columns, reasons
 
 

@@ -26,7 +26,15 @@ import math
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total
-from beamsift.transforms.select import Candidates, MergeCandidates, SelectionError, at_or_above, uniform01
+from beamsift.transforms.select import (
+    Candidates,
+    MergeCandidates,
+    SelectionError,
+    at_or_above,
+    in_random,
+    random_candidates,
+    uniform01,
+)
 from beamsift.transforms.stage import read_id_hashes
 
 COLUMNS = (("sensitivity", "double"), ("weight", "double"))
@@ -131,7 +139,12 @@ class _RankByKey(_Read, beam.DoFn):
         id_hash = read_id_hashes(shard.path)
         keys = pareto_keys(inclusion(sensitivities(clusters, d2, stats), lam), id_hash, self.seed)
         ok = keys > -np.inf
-        yield {"pick": Candidates.of(keys[ok], id_hash[ok], max(self.budget_fn(total), 1))}
+        budget = max(self.budget_fn(total), 1)
+        reasons = self.chain.reasons(self.stage, shard, duplicates)
+        yield {
+            "pick": Candidates.of(keys[ok], id_hash[ok], budget),
+            "random": random_candidates(reasons, id_hash, self.seed, budget),
+        }
 
 
 class ApplySensitivity(ShardStageFn):
@@ -149,12 +162,17 @@ class ApplySensitivity(ShardStageFn):
         pi = inclusion(p, lam)
         keys = pareto_keys(pi, id_hash, self.seed)
         missing = running & np.isnan(p)
-        kept = running & ~missing & at_or_above(keys, id_hash, threshold)
+        kept = running & ~missing & at_or_above(keys, id_hash, threshold[0])
         reasons[running & ~kept & ~missing] = "not sampled"
         reasons[missing] = "no cluster"
         weight = np.where(kept, 1.0 / pi, np.nan)
         certain = int((kept & (pi >= 1)).sum())
-        columns = {"selected": kept, "_in_random": np.zeros(len(reasons), bool), "sensitivity": p, "weight": weight}
+        columns = {
+            "selected": kept,
+            "_in_random": in_random(reasons, id_hash, self.seed, threshold[1]),
+            "sensitivity": p,
+            "weight": weight,
+        }
         return columns, reasons, {"taken with certainty (weight 1)": certain} if certain else {}
 
 
@@ -191,8 +209,12 @@ class SensitivitySampling(beam.PTransform):
             shards
             | "Rank" >> beam.ParDo(_RankByKey(self.name, self.chain, self.budget, self.seed), self.duplicates, stats, lam, total)
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
-            | "Cut" >> beam.Map(lambda m, n: m["pick"].threshold(self.budget(n)) if self.budget(n) else None, total),
-            default_value=None,
+            | "Cut"
+            >> beam.Map(
+                lambda m, n: (m["pick"].threshold(self.budget(n)) if self.budget(n) else None, m["random"].threshold()),
+                total,
+            ),
+            default_value=(None, None),
         )
         fn = ApplySensitivity(self.name, self.chain, self.seed, self.progress_dir)
         return shards | "Pick" >> ApplyStage(fn, self.duplicates, stats, lam, threshold)

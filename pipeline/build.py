@@ -266,7 +266,13 @@ def build_pipeline(
             )
         elif kind == "dedup":
             shards, summary = shards | "Stage_" + name >> semdedup.DeduplicateDocuments(
-                name, chain, float(cfg["dedup.epsilon"]), duplicates, progress_dir, cfg["dedup.probes"]
+                name,
+                chain,
+                float(cfg["dedup.epsilon"]),
+                duplicates,
+                progress_dir,
+                cfg["dedup.probes"],
+                _dedup_tfidf(cfg, buckets),
             )
         elif kind == "reweight":
             shards, summary = shards | "Stage_" + name >> reweight.ReweightByLoss(
@@ -362,6 +368,14 @@ def build_pipeline(
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
         | "WriteSummary" >> beam.Map(_write_summary, model, staging_dir, out)
     )
+
+
+def _dedup_tfidf(cfg: Config, num_buckets: int) -> tuple | None:
+    """(num_buckets, dim, seed) when SemDeDup compares projected TF-IDF rather than the embedding."""
+    compare = cfg["dedup.compare"]
+    if compare == "auto":
+        compare = "tfidf" if cfg["embed.method"] == "svd" else "embedding"
+    return (num_buckets, semdedup.TFIDF_DIM, cfg["seed"]) if compare == "tfidf" else None
 
 
 def _encoder(cfg: Config) -> tuple | None:

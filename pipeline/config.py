@@ -102,6 +102,12 @@ SCHEMA: dict[str, Any] = {
             "drop a document whose cosine to a kept one in its cluster exceeds 1 - epsilon",
         ),
         "probes": (2, int, "compare each document in its nearest 1 or 2 clusters (2: pairs split by k-means are found)"),
+        "compare": (
+            "auto",
+            str,
+            "the vectors compared: embedding (the embed stage's), tfidf (projected TF-IDF, dim 512: keeps "
+            "cosines), or auto (tfidf after an svd embedding, which pulls same-topic documents together)",
+        ),
     },
     "excess_loss": {
         "model": (None, (str, type(None)), "a run's artifacts/excess_loss folder to apply instead of training"),
@@ -162,6 +168,7 @@ CHOICES = {
     "reweight.strategy": {"linupper", "upper", "mid", "extremes"},
     "embed.method": {"svd", "projection", "model"},
     "dedup.probes": {1, 2},
+    "dedup.compare": {"auto", "embedding", "tfidf"},
 }
 
 # Stage kinds: a stage is named by its kind, or kind_<label> for a second one of a kind that

@@ -7,6 +7,7 @@ import random
 
 import duckdb
 import numpy as np
+import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 import pyarrow as pa
@@ -69,7 +70,14 @@ def _near_copy(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def test_planted_duplicates(tmp_path):
+@pytest.mark.parametrize(
+    "embed",
+    [
+        {"method": "projection", "dim": 512},  # compared on the embedding itself
+        {"method": "svd", "dim": 64},  # topics for the clusters; compared on projected TF-IDF
+    ],
+)
+def test_planted_duplicates(tmp_path, embed):
     rng = random.Random(0)
     originals = [r for r in demo_records(2000) if r["source"] in ("kjv", "jargon", "devil")][:300]
     records = [{"id": r["id"], "text": r["text"]} for r in originals]
@@ -86,7 +94,7 @@ def test_planted_duplicates(tmp_path):
         pool,
         pool,
         stages=["embed", "cluster", "dedup", "select"],
-        embed={"method": "projection", "dim": 512},
+        embed=embed,
         cluster={"k": 4},
         select={"method": "all", "k": None},
     )

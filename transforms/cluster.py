@@ -118,6 +118,16 @@ class _SumFrequencies(beam.CombineFn):
         return acc
 
 
+def document_frequencies(shards, stage, chain, num_buckets, duplicates):
+    """A side input: (document frequency of each bucket, documents) over those in the running."""
+    return beam.pvalue.AsSingleton(
+        shards
+        | "DocumentFrequencies" >> beam.ParDo(_DocumentFrequencies(stage, chain, num_buckets), duplicates)
+        | "SumFrequencies" >> beam.CombineGlobally(_SumFrequencies()).without_defaults(),
+        default_value=(np.zeros(num_buckets, np.int64), 0),
+    )
+
+
 def smooth_idf(frequencies) -> np.ndarray:
     df, n = frequencies
     return (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)
@@ -171,13 +181,7 @@ class EmbedDocuments(beam.PTransform):
 
             fn = EncodeShard(self.name, self.chain, *self.encoder, progress_dir=self.progress_dir)
             return shards | "Encode" >> ApplyStage(fn, self.duplicates)
-        frequencies = beam.pvalue.AsSingleton(
-            shards
-            | "DocumentFrequencies"
-            >> beam.ParDo(_DocumentFrequencies(self.name, self.chain, self.num_buckets), self.duplicates)
-            | "SumFrequencies" >> beam.CombineGlobally(_SumFrequencies()).without_defaults(),
-            default_value=(np.zeros(self.num_buckets, np.int64), 0),
-        )
+        frequencies = document_frequencies(shards, self.name, self.chain, self.num_buckets, self.duplicates)
         if self.method == "svd":
             proj = (
                 shards

@@ -40,6 +40,7 @@ from beamsift.transforms.schema import ORDER, TEXT
 from beamsift.transforms.stage import read_staging
 
 COLUMNS = (("duplicate_of", "string"),)
+TFIDF_DIM = 512  # projected TF-IDF for dedup.compare: tfidf; cosines kept within ~0.006 (JL)
 EXACT = "exact duplicate"
 NEAR = "near duplicate"
 # RE2's \w and \s are ASCII-only: Unicode classes keep the letters and digits of every script,
@@ -142,10 +143,21 @@ class _ClusterMembers(beam.DoFn):
     """A shard -> (cluster, document) for each document in the running and each of the clusters it
     is compared in: its own and, with ``probes`` 2, the next nearest."""
 
-    def __init__(self, stage, chain, probes: int = 2):
+    def __init__(self, stage, chain, probes: int = 2, tfidf: tuple | None = None):
         self.stage, self.chain, self.probes = stage, chain, probes
+        self.tfidf = tfidf  # (num_buckets, dim, seed): compare on projected TF-IDF, not the embedding
+        self._proj = None
 
-    def process(self, item, duplicates, exact):
+    def _vectors(self, shard, frequencies):
+        if self.tfidf is None:
+            return embeddings(self.chain, shard.name)
+        from beamsift.transforms.cluster import _features, projection, smooth_idf, tfidf_embeddings
+
+        if self._proj is None:
+            self._proj = projection(*self.tfidf)
+        return tfidf_embeddings(_features(shard), smooth_idf(frequencies), self._proj)
+
+    def process(self, item, duplicates, exact, frequencies=None):
         shard, running = self.chain.running(self.stage, item, duplicates)
         table = read_staging(shard.path, [ORDER, "id"])
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
@@ -155,7 +167,7 @@ class _ClusterMembers(beam.DoFn):
             return
         clusters = self.chain.column("cluster", shard.name)
         distance = self.chain.column("cluster_distance", shard.name)
-        vectors = embeddings(self.chain, shard.name)
+        vectors = self._vectors(shard, frequencies)
         ids = table.column("id").to_pylist()
         probe = self.chain.column(NEXT_CLUSTER, shard.name) if self.probes > 1 else None
         for r in rows:
@@ -208,9 +220,10 @@ class MarkDuplicates(ShardStageFn):
 class DeduplicateDocuments(beam.PTransform):
     """Exact duplicates, then SemDeDup within clusters; the dropped ones marked on every shard."""
 
-    def __init__(self, name, chain, epsilon: float, duplicates, progress_dir=None, probes: int = 2):
+    def __init__(self, name, chain, epsilon: float, duplicates, progress_dir=None, probes: int = 2, tfidf=None):
         super().__init__()
         self.name, self.chain, self.epsilon, self.probes = name, chain, epsilon, probes
+        self.tfidf = tfidf  # (num_buckets, dim, seed) to compare on projected TF-IDF
         self.duplicates, self.progress_dir = duplicates, progress_dir
 
     def expand(self, shards):
@@ -223,9 +236,15 @@ class DeduplicateDocuments(beam.PTransform):
         exact_side = beam.pvalue.AsSingleton(
             exact | "ExactList" >> beam.combiners.ToList() | "ExactDropped" >> beam.Map(lambda d: _gather([d]))
         )
+        side = []
+        if self.tfidf is not None:
+            from beamsift.transforms.cluster import document_frequencies
+
+            side = [document_frequencies(shards, self.name, self.chain, self.tfidf[0], self.duplicates)]
+        members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf)
         near = (
             shards
-            | "ClusterMembers" >> beam.ParDo(_ClusterMembers(self.name, self.chain, self.probes), self.duplicates, exact_side)
+            | "ClusterMembers" >> beam.ParDo(members, self.duplicates, exact_side, *side)
             | "GroupByCluster" >> beam.GroupByKey()
             | "SemDeDup" >> beam.FlatMap(lambda kv, eps: semdedup_cluster(list(kv[1]), eps), self.epsilon)
         )

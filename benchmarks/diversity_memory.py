@@ -58,6 +58,21 @@ def build_corpus(path: Path, n_docs: int, seed: int = 0, duplicate_share: float 
     return planted
 
 
+def _without_proxy(tmp: Path) -> Path:
+    """configs/quality_diversity.yaml less its proxy and the filter on the proxy's EL2N."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "quality_diversity.yaml").read_text())
+    cfg["stages"] = [s for s in cfg["stages"] if s not in ("proxy", "filter_hardest")]
+    for section in ("proxy", "filter_hardest"):
+        cfg.pop(section, None)
+    cfg["input"]["path"] = str(ROOT / cfg["input"]["path"])
+    cfg["target"]["path"] = str(ROOT / cfg["target"]["path"])
+    path = tmp / "diversity.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=100_000)
@@ -78,9 +93,8 @@ def main() -> None:
         "dsir": [*common, str(ROOT / "configs" / "dsir.yaml"), "--set", f"output.dir={tmp / 'dsir'}", "--set", "select.k=10000"],
         "diversity": [
             *common,
-            str(ROOT / "configs" / "quality_diversity.yaml"),
+            str(_without_proxy(tmp)),
             "--set", f"output.dir={tmp / 'diversity'}",
-            "--set", "stages=[dsir, filter, embed, cluster, dedup, select]",
             "--set", "select.column=dsir_key",
             "--set", "select.fraction=null", "--set", "select.k=10000",
         ],

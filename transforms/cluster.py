@@ -52,8 +52,11 @@ def tfidf(features, idf: np.ndarray):
     import scipy.sparse as sp
 
     n = len(features.offsets) - 1
-    rows = np.repeat(np.arange(n), np.diff(features.offsets))
-    counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, features.buckets)), shape=(n, len(idf)))
+    # CSR straight from the offsets (no row-index array, no COO copy); duplicates summed in place.
+    counts = sp.csr_matrix(
+        (np.ones(len(features.buckets), np.float32), features.buckets.astype(np.int32), features.offsets),
+        shape=(n, len(idf)),
+    )
     counts.sum_duplicates()
     counts.data = (1 + np.log(counts.data)) * idf[counts.indices]
     return counts
@@ -224,13 +227,14 @@ class _SampleRows(beam.DoFn):
             yield [(float(keys[r]), int(id_hash[r]), p) for r, p in zip(rows, payload)]
 
 
+# Copies, not views: a sample held across shards must not keep every shard's arrays alive.
 def _bucket_lists(chain, shard, rows):
     f = _features(shard)
-    return [f.buckets[f.offsets[r] : f.offsets[r + 1]] for r in rows]
+    return [f.buckets[f.offsets[r] : f.offsets[r + 1]].copy() for r in rows]
 
 
 def _embedding_rows(chain, shard, rows):
-    return list(embeddings(chain, shard.name)[rows])
+    return [v.copy() for v in embeddings(chain, shard.name)[rows]]
 
 
 def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.ndarray:

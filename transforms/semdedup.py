@@ -170,8 +170,12 @@ class _ClusterMembers(beam.DoFn):
         vectors = self._vectors(shard, frequencies)
         ids = table.column("id").to_pylist()
         probe = self.chain.column(NEXT_CLUSTER, shard.name) if self.probes > 1 else None
+        # Half precision through the shuffle (the runner may hold it all): unit vectors' cosines
+        # move by ~1e-3, far inside ε; the greedy computes in float32.
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
         for r in rows:
-            doc = (float(distance[r]), int(orders[r]), str(ids[r]), vectors[r])
+            doc = (float(distance[r]), int(orders[r]), str(ids[r]), vectors16[r].copy())
             yield int(clusters[r]), doc
             if probe is not None and not np.isnan(probe[r]) and probe[r] != clusters[r]:
                 yield int(probe[r]), doc

@@ -132,6 +132,24 @@ class _ExactKeys(beam.DoFn):
             yield int(hashes[r]), (int(orders[r]), str(ids[r]))
 
 
+LARGE_GROUP = 50_000
+
+
+def _semdedup_group(kv, epsilon: float) -> list:
+    cluster, members = kv[0], list(kv[1])
+    if len(members) > LARGE_GROUP:
+        import logging
+
+        logging.getLogger("beamsift").warning(
+            "dedup: cluster %d has %d documents to compare (%.1e dot products on one worker); "
+            "a larger cluster.k bounds the work (about one cluster per 10,000 documents)",
+            cluster,
+            len(members),
+            len(members) ** 2 / 2,
+        )
+    return semdedup_cluster(members, epsilon)
+
+
 def _exact_groups(item):
     _, members = item
     members = sorted(members)
@@ -250,7 +268,7 @@ class DeduplicateDocuments(beam.PTransform):
             shards
             | "ClusterMembers" >> beam.ParDo(members, self.duplicates, exact_side, *side)
             | "GroupByCluster" >> beam.GroupByKey()
-            | "SemDeDup" >> beam.FlatMap(lambda kv, eps: semdedup_cluster(list(kv[1]), eps), self.epsilon)
+            | "SemDeDup" >> beam.FlatMap(_semdedup_group, self.epsilon)
         )
         dropped = beam.pvalue.AsSingleton(
             (exact, near)

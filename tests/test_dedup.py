@@ -7,10 +7,10 @@ import random
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-import pyarrow as pa
 from beamsift.transforms.semdedup import _gather, normalise_text, normalised_text_hash, semdedup_cluster
 from conftest import demo_records, make_config, write_jsonl
 
@@ -54,7 +54,9 @@ def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():
 
 
 def test_exact_normalisation_keeps_every_script():
-    texts = pa.array(["Привет, мир!", "こんにちは世界", "Hello,\u00a0World", "hello world", "HELLO   world?!", "Пока мир"])
+    texts = pa.array(
+        ["Привет, мир!", "こんにちは世界", "Hello,\u00a0World", "hello world", "HELLO   world?!", "Пока мир"]
+    )
     h = normalised_text_hash(texts)
     assert normalise_text(texts).to_pylist()[:3] == ["привет мир", "こんにちは世界", "hello world"]
     assert h[2] == h[3] == h[4]  # case, a no-break space, punctuation

@@ -20,7 +20,9 @@ def pool(tmp_path_factory):
     records = demo_records(400)
     # Planted duplicates: exact copies and copies with the last sentence cut.
     copies = [{**r, "id": f"copy-{i}"} for i, r in enumerate(records[:10])]
-    cut = [{**r, "id": f"cut-{i}", "text": r["text"][: int(len(r["text"]) * 0.95)]} for i, r in enumerate(records[10:20])]
+    cut = [
+        {**r, "id": f"cut-{i}", "text": r["text"][: int(len(r["text"]) * 0.95)]} for i, r in enumerate(records[10:20])
+    ]
     return write_jsonl(tmp_path_factory.mktemp("pool") / "pool.jsonl", records + copies + cut)
 
 
@@ -35,10 +37,14 @@ def _run(tmp_path, pool, select, beam_args=(), overrides=()):
         select=select,
     )
     run_selection(load_config(str(cfg), list(overrides)), overwrite=True, beam_args=list(beam_args))
-    return duckdb.connect().execute(
-        f"SELECT id, cluster, duplicate_of, selected, round(sensitivity, 12), round(weight, 9) "
-        f"FROM '{tmp_path}/out/scores/*.parquet' ORDER BY id"
-    ).fetchall()
+    return (
+        duckdb.connect()
+        .execute(
+            f"SELECT id, cluster, duplicate_of, selected, round(sensitivity, 12), round(weight, 9) "
+            f"FROM '{tmp_path}/out/scores/*.parquet' ORDER BY id"
+        )
+        .fetchall()
+    )
 
 
 @pytest.mark.parametrize("runner", ["multiprocess", "portable", "split"])

@@ -63,7 +63,8 @@ def pool_records():
         (
             "select=3",
             "--set select=3: 'select' is a section; set one of its keys: 'select.method', 'select.quota', "
-            "'select.quota_column', 'select.column', 'select.k', 'select.fraction', 'select.offset', 'select.min', 'select.max'",
+            "'select.quota_column', 'select.column', 'select.k', 'select.fraction', 'select.offset', "
+            "'select.min', 'select.max'",
         ),
         ("seed=abc", "--set seed=abc: config key 'seed' must be an integer, got text: 'abc'"),
         (

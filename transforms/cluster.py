@@ -170,7 +170,17 @@ def fit_svd(sample: list, frequencies, dim: int, seed: int) -> np.ndarray:
 
 class EmbedDocuments(beam.PTransform):
     def __init__(
-        self, name, chain, dim, seed, num_buckets, duplicates, method="svd", sample=20000, progress_dir=None, encoder=None
+        self,
+        name,
+        chain,
+        dim,
+        seed,
+        num_buckets,
+        duplicates,
+        method="svd",
+        sample=20000,
+        progress_dir=None,
+        encoder=None,
     ):
         super().__init__()
         self.name, self.chain, self.dim, self.seed = name, chain, dim, seed

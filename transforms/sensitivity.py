@@ -200,14 +200,16 @@ class SensitivitySampling(beam.PTransform):
         )
         lam = beam.pvalue.AsSingleton(
             shards
-            | "Largest" >> beam.ParDo(_LargestProbabilities(self.name, self.chain, self.budget), self.duplicates, stats, total)
+            | "Largest"
+            >> beam.ParDo(_LargestProbabilities(self.name, self.chain, self.budget), self.duplicates, stats, total)
             | "MergeLargest" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
             | "Scale" >> beam.Map(lambda m, n: inclusion_scale(m["p"].keys, self.budget(n), n), total),
             default_value=math.inf,
         )
         threshold = beam.pvalue.AsSingleton(
             shards
-            | "Rank" >> beam.ParDo(_RankByKey(self.name, self.chain, self.budget, self.seed), self.duplicates, stats, lam, total)
+            | "Rank"
+            >> beam.ParDo(_RankByKey(self.name, self.chain, self.budget, self.seed), self.duplicates, stats, lam, total)
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
             | "Cut"
             >> beam.Map(

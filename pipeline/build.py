@@ -263,6 +263,7 @@ def build_pipeline(
                 FileSystems.join(out, "artifacts"),
                 cfg["cluster.model"],
                 progress_dir,
+                cfg["cluster.passes"],
             )
         elif kind == "dedup":
             shards, summary = shards | "Stage_" + name >> semdedup.DeduplicateDocuments(

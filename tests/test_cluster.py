@@ -49,6 +49,15 @@ def corpus(tmp_path_factory):
     return write_jsonl(d / "pool.jsonl", demo_records(700))
 
 
+def _projected(records, dim=64, seed=1):
+    """The projection embedding outside the pipeline: idf over the documents, the seeded projection."""
+    f = hashed_ngram_features(pa.array([r["text"] for r in records]), 10000)
+    df = np.zeros(10000, np.int64)
+    for i in range(len(records)):
+        df[np.unique(f.buckets[f.offsets[i] : f.offsets[i + 1]])] += 1
+    return tfidf_embeddings(f, smooth_idf((df, len(records))), projection(10000, dim, seed))
+
+
 def test_the_cluster_stage_assigns_as_scikit_learn_would(tmp_path, corpus):
     cfg = make_config(
         tmp_path,
@@ -63,13 +72,8 @@ def test_the_cluster_stage_assigns_as_scikit_learn_would(tmp_path, corpus):
     assert manifest["counts"]["selected"] == 700
     rows = duckdb.connect().execute(f"SELECT id, cluster, cluster_distance FROM '{tmp_path}/out/scores/*.parquet'")
     got = {i: (c, dist) for i, c, dist in rows.fetchall()}
-    # The same embedding outside the pipeline: idf over the 700 documents, the seeded projection.
     records = demo_records(700)
-    f = hashed_ngram_features(pa.array([r["text"] for r in records]), 10000)
-    df = np.zeros(10000, np.int64)
-    for i in range(len(records)):
-        df[np.unique(f.buckets[f.offsets[i] : f.offsets[i + 1]])] += 1
-    vectors = tfidf_embeddings(f, smooth_idf((df, len(records))), projection(10000, 64, 1))
+    vectors = _projected(records)
     centroids = load_centroids(str(tmp_path / "out" / "artifacts" / "cluster"))
     expected = _predict(centroids, vectors)
     assert [got[r["id"]][0] for r in records] == expected.tolist()
@@ -131,3 +135,27 @@ def test_per_cluster_statistics_agree_with_the_scores(tmp_path, corpus):
     # clusters/ is beamsift's own: a second run replaces the result that holds it.
     run_cli("run", str(cfg), "--overwrite", "--quiet", "--no-progress")
     assert (out / "clusters" / "part-00000.parquet").exists()
+
+
+def test_lloyd_passes_over_every_document(tmp_path, corpus):
+    """cluster.passes: the sample's centroids moved to the mean of their documents, as many times."""
+    fitted = {}
+    for passes in (0, 2):
+        cfg = make_config(
+            tmp_path / str(passes),
+            corpus,
+            corpus,
+            stages=["embed", "cluster", "select"],
+            embed={"method": "projection", "dim": 64},
+            cluster={"k": 5, "sample": 100, "passes": passes},
+            select={"method": "all", "k": None},
+        )
+        run_selection(load_config(str(cfg)), overwrite=True)
+        fitted[passes] = load_centroids(str(tmp_path / str(passes) / "out" / "artifacts" / "cluster"))
+    vectors = _projected(demo_records(700)).astype(np.float64)
+    expected = fitted[0].astype(np.float64)
+    for _ in range(2):
+        nearest, _ = assign(vectors, expected)
+        expected = np.stack([vectors[nearest == c].mean(0) for c in range(5)])
+    np.testing.assert_allclose(fitted[2], expected, atol=1e-5)
+    assert np.abs(fitted[2] - fitted[0]).max() > 1e-3  # the passes did move them

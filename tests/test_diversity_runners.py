@@ -33,7 +33,7 @@ def _run(tmp_path, pool, select, beam_args=(), overrides=()):
         pool,
         stages=["embed", "cluster", "dedup", "select"],
         embed={"method": "projection", "dim": 256},
-        cluster={"k": 4, "sample": 300},
+        cluster={"k": 4, "sample": 300, "passes": 1},
         select=select,
     )
     run_selection(load_config(str(cfg), list(overrides)), overwrite=True, beam_args=list(beam_args))

@@ -256,12 +256,14 @@ def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.
     if len(vectors) < k:
         raise SelectionError(f"cluster.k={k} is more than the {len(vectors)} documents sampled to fit the centroids")
     centroids = KMeans(n_clusters=k, random_state=seed, n_init=3).fit(vectors).cluster_centers_.astype(np.float32)
-    if artifacts is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, centroids)
-        with FileSystems.create(FileSystems.join(artifacts, "centroids.npy")) as f:
-            f.write(buffer.getvalue())
-    return centroids
+    return save_centroids(centroids, artifacts) if artifacts is not None else centroids
+
+
+def _sum_pairs(parts):
+    out = None
+    for sums, counts in parts:
+        out = (sums.copy(), counts.copy()) if out is None else (out[0] + sums, out[1] + counts)
+    return out
 
 
 def load_centroids(path: str) -> np.ndarray:
@@ -288,13 +290,54 @@ class AssignShard(ShardStageFn):
         return columns, reasons
 
 
-class ClusterDocuments(beam.PTransform):
-    """Fit k centroids on a sample (or load them) and assign every document in the running."""
+FIXED_POINT = float(1 << 32)  # the Lloyd passes sum vectors as integers: exact in any order
 
-    def __init__(self, name, chain, k, sample, seed, duplicates, artifacts, model=None, progress_dir=None):
+
+class _CentroidSums(beam.DoFn):
+    """A shard -> (per-centroid sums of its running documents' vectors, counts), as integers."""
+
+    def __init__(self, stage, chain):
+        self.stage, self.chain = stage, chain
+
+    def process(self, item, duplicates, centroids):
+        shard, running = self.chain.running(self.stage, item, duplicates)
+        vectors = embeddings(self.chain, shard.name)[running].astype(np.float64)
+        sums = np.zeros(centroids.shape, np.int64)
+        counts = np.zeros(len(centroids), np.int64)
+        if len(vectors):
+            nearest, _ = assign(vectors, centroids)
+            np.add.at(sums, nearest, np.round(vectors * FIXED_POINT).astype(np.int64))
+            counts = np.bincount(nearest, minlength=len(centroids)).astype(np.int64)
+        yield sums, counts
+
+
+def _move_centroids(total, centroids: np.ndarray) -> np.ndarray:
+    """One Lloyd step: each centroid to the mean of its documents (an empty one stays)."""
+    sums, counts = total
+    moved = centroids.astype(np.float64).copy()
+    full = counts > 0
+    moved[full] = sums[full] / FIXED_POINT / counts[full][:, None]
+    return moved.astype(np.float32)
+
+
+def save_centroids(centroids: np.ndarray, artifacts: str) -> np.ndarray:
+    buffer = io.BytesIO()
+    np.save(buffer, centroids)
+    with FileSystems.create(FileSystems.join(artifacts, "centroids.npy")) as f:
+        f.write(buffer.getvalue())
+    return centroids
+
+
+class ClusterDocuments(beam.PTransform):
+    """Fit k centroids on a sample (or load them), refine them with ``passes`` Lloyd iterations
+    over every document in the running (Beam combines: when a sample is not enough), and assign
+    every document."""
+
+    def __init__(self, name, chain, k, sample, seed, duplicates, artifacts, model=None, progress_dir=None, passes=0):
         super().__init__()
         self.name, self.chain, self.k, self.sample, self.seed = name, chain, k, sample, seed
         self.duplicates, self.artifacts, self.model, self.progress_dir = duplicates, artifacts, model, progress_dir
+        self.passes = passes
 
     def expand(self, shards):
         if self.model is not None:
@@ -308,7 +351,16 @@ class ClusterDocuments(beam.PTransform):
                     _SampleRows(self.name, self.chain, self.sample, self.seed, _embedding_rows), self.duplicates
                 )
                 | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
-                | "FitCentroids" >> beam.Map(fit_centroids, self.k, self.seed, artifacts)
+                | "FitCentroids" >> beam.Map(fit_centroids, self.k, self.seed, None)
             )
+            for i in range(self.passes):
+                total = (
+                    shards
+                    | f"CentroidSums{i}"
+                    >> beam.ParDo(_CentroidSums(self.name, self.chain), self.duplicates, beam.pvalue.AsSingleton(centroids))
+                    | f"SumCentroids{i}" >> beam.CombineGlobally(_sum_pairs)
+                )
+                centroids = total | f"MoveCentroids{i}" >> beam.Map(_move_centroids, beam.pvalue.AsSingleton(centroids))
+            centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts)
         fn = AssignShard(self.name, self.chain, self.progress_dir)
         return shards | "Assign" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(centroids))

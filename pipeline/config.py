@@ -97,7 +97,7 @@ SCHEMA: dict[str, Any] = {
     "cluster": {  # k-means over the embeddings
         "k": (16, int, "the number of clusters"),
         "sample": (20000, int, "fit the centroids on at most this many documents (seeded)"),
-        "passes": (0, int, "then refine them with this many Lloyd passes over every document (when a sample is not enough)"),
+        "passes": (0, int, "then this many Lloyd passes over every document (when a sample is not enough)"),
         "model": (None, (str, type(None)), "a run's artifacts/cluster folder: apply its centroids"),
     },
     "dedup": {  # exact duplicates, then SemDeDup within clusters

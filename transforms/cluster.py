@@ -354,13 +354,13 @@ class ClusterDocuments(beam.PTransform):
                 | "FitCentroids" >> beam.Map(fit_centroids, self.k, self.seed, None)
             )
             for i in range(self.passes):
+                current = beam.pvalue.AsSingleton(centroids)
                 total = (
                     shards
-                    | f"CentroidSums{i}"
-                    >> beam.ParDo(_CentroidSums(self.name, self.chain), self.duplicates, beam.pvalue.AsSingleton(centroids))
+                    | f"CentroidSums{i}" >> beam.ParDo(_CentroidSums(self.name, self.chain), self.duplicates, current)
                     | f"SumCentroids{i}" >> beam.CombineGlobally(_sum_pairs)
                 )
-                centroids = total | f"MoveCentroids{i}" >> beam.Map(_move_centroids, beam.pvalue.AsSingleton(centroids))
+                centroids = total | f"MoveCentroids{i}" >> beam.Map(_move_centroids, current)
             centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts)
         fn = AssignShard(self.name, self.chain, self.progress_dir)
         return shards | "Assign" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(centroids))

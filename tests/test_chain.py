@@ -178,3 +178,23 @@ def test_a_column_two_stages_write_is_written_once():
     names = [f.name for f in score_fields(chain)]
     assert names.count("loss") == 1 and names.index("loss") < names.index("el2n")
     assert chain.producer("loss") == "excess_loss"
+
+
+def test_a_fit_in_a_map_step_counts_in_its_stage_timings():
+    """The SVD, k-means and proxy fits run in Map steps: Metered puts their time in the stage's."""
+    import time
+
+    import apache_beam as beam
+    from beamsift.pipeline.run import _query_metrics
+    from beamsift.transforms.meter import Metered, stage_timings
+
+    def fit(x, pause):
+        time.sleep(pause)
+        return x
+
+    p = beam.Pipeline()
+    _ = p | beam.Create([1]) | beam.Map(Metered("fitting", fit), 0.2)
+    result = p.run()
+    result.wait_until_finish()
+    timing = stage_timings(_query_metrics(result))["fitting"]
+    assert timing["busy_s"] >= 0.2 and timing["wall_s"] >= 0.2

@@ -29,6 +29,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.featurize import features_from_arrow
+from beamsift.transforms.meter import Metered
 from beamsift.transforms.proxy import KeepSmallest
 from beamsift.transforms.schema import BUCKETS, N_TOKENS
 from beamsift.transforms.select import seeded_sample
@@ -203,7 +204,7 @@ class EmbedDocuments(beam.PTransform):
                     _SampleRows(self.name, self.chain, self.sample, self.seed, _bucket_lists), self.duplicates
                 )
                 | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
-                | "FitSvd" >> beam.Map(fit_svd, frequencies, self.dim, self.seed)
+                | "FitSvd" >> beam.Map(Metered(self.name, fit_svd), frequencies, self.dim, self.seed)
             )
         else:
             proj = (
@@ -351,7 +352,7 @@ class ClusterDocuments(beam.PTransform):
                     _SampleRows(self.name, self.chain, self.sample, self.seed, _embedding_rows), self.duplicates
                 )
                 | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
-                | "FitCentroids" >> beam.Map(fit_centroids, self.k, self.seed, None)
+                | "FitCentroids" >> beam.Map(Metered(self.name, fit_centroids), self.k, self.seed, None)
             )
             for i in range(self.passes):
                 current = beam.pvalue.AsSingleton(centroids)
@@ -360,7 +361,7 @@ class ClusterDocuments(beam.PTransform):
                     | f"CentroidSums{i}" >> beam.ParDo(_CentroidSums(self.name, self.chain), self.duplicates, current)
                     | f"SumCentroids{i}" >> beam.CombineGlobally(_sum_pairs)
                 )
-                centroids = total | f"MoveCentroids{i}" >> beam.Map(_move_centroids, current)
+                centroids = total | f"MoveCentroids{i}" >> beam.Map(Metered(self.name, _move_centroids), current)
             centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts)
         fn = AssignShard(self.name, self.chain, self.progress_dir)
         return shards | "Assign" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(centroids))

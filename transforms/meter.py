@@ -80,6 +80,24 @@ class StageMeter:
             self._file = None  # the driver has gone (and removed the folder): stop reporting
 
 
+class Metered:
+    """``fn`` timed as part of ``stage``'s work in the run's metrics: for the fits that run in a
+    Map step (the SVD, k-means, a proxy's training), outside the stage's per-shard DoFn, so that
+    the manifest's ``wall_s`` and ``busy_s`` include them."""
+
+    def __init__(self, stage: str, fn):
+        self.stage, self.fn = stage, fn
+
+    def __call__(self, element, *args):
+        meter = StageMeter(self.stage)
+        meter.setup()
+        started = meter.start()
+        try:
+            return self.fn(element, *args)
+        finally:
+            meter.done(started)
+
+
 class MeteredDoFn(beam.DoFn):
     """A DoFn whose units of work ``self.meter`` (a StageMeter, set in ``__init__``) times."""
 

@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms import models
 from beamsift.transforms.chain import ShardStageFn, running_mask
 from beamsift.transforms.featurize import features_from_arrow
+from beamsift.transforms.meter import Metered
 from beamsift.transforms.schema import BUCKETS, N_TOKENS, TEXT
 from beamsift.transforms.select import seeded_sample
 from beamsift.transforms.stage import read_id_hashes, read_staging
@@ -548,7 +549,7 @@ class ModelStage(beam.PTransform):
             )
             extra = (self.target_texts,) if self.excess else ()
             artifacts = FileSystems.join(self.artifacts, self.name)
-            bundle = sample | "Train" >> beam.Map(self._train, artifacts, *extra)
+            bundle = sample | "Train" >> beam.Map(Metered(self.name, self._train), artifacts, *extra)
         fn = ScoreWithModels(self.name, self.chain, s, self.excess, self.progress_dir)
         target = (self.target_texts,) if s.target_influence else ()
         return shards | "Score" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(bundle), *target)

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.cluster import NEXT_CLUSTER, embeddings
 from beamsift.transforms.featurize import hash_strings
+from beamsift.transforms.meter import Metered
 from beamsift.transforms.schema import ORDER, TEXT
 from beamsift.transforms.stage import read_staging
 
@@ -135,7 +136,11 @@ class _ExactKeys(beam.DoFn):
 LARGE_GROUP = 50_000
 
 
-def _semdedup_group(kv, epsilon: float) -> list:
+def _semdedup_group(kv, epsilon: float, stage: str) -> list:
+    return Metered(stage, _compare_group)(kv, epsilon)
+
+
+def _compare_group(kv, epsilon: float) -> list:
     cluster, members = kv[0], list(kv[1])
     if len(members) > LARGE_GROUP:
         import logging
@@ -268,7 +273,7 @@ class DeduplicateDocuments(beam.PTransform):
             shards
             | "ClusterMembers" >> beam.ParDo(members, self.duplicates, exact_side, *side)
             | "GroupByCluster" >> beam.GroupByKey()
-            | "SemDeDup" >> beam.FlatMap(_semdedup_group, self.epsilon)
+            | "SemDeDup" >> beam.FlatMap(_semdedup_group, self.epsilon, self.name)
         )
         dropped = beam.pvalue.AsSingleton(
             (exact, near)

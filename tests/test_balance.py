@@ -91,3 +91,23 @@ def test_the_kl_baseline_is_the_same_random_pick_for_every_selector(tmp_path, sm
     # (Before, these selectors drew no baseline: the KL to an empty pick, ~10, made any reduction
     # look large.)
     assert runs[method]["target_vs_random"] == pytest.approx(runs["dsir"]["target_vs_random"])
+
+
+def test_quota_by_a_cluster_score_end_to_end(tmp_path):
+    pool = write_jsonl(tmp_path / "pool.jsonl", demo_records(500))
+    cfg = make_config(
+        tmp_path,
+        pool,
+        pool,
+        stages=["embed", "cluster", "select"],
+        cluster={"k": 5},
+        select={"method": "balanced", "quota": "score", "quota_column": "n_tokens", "k": 80},
+    )
+    run_selection(load_config(str(cfg)), overwrite=True)
+    rows = duckdb.connect().execute(
+        f"SELECT cluster, count(*), avg(n_tokens), count(*) FILTER (selected) FROM '{tmp_path}/out/scores/*.parquet' "
+        f"GROUP BY 1"
+    )
+    stats = {c: (n, mean, picked) for c, n, mean, picked in rows.fetchall()}
+    expected = quotas({c: v[0] for c, v in stats.items()}, 80, "score", {c: v[1] for c, v in stats.items()})
+    assert {c: v[2] for c, v in stats.items()} == expected and sum(expected.values()) == 80

@@ -31,6 +31,7 @@ from beamsift.transforms.select import (
 from beamsift.transforms.stage import read_id_hashes
 
 QUOTAS = ("proportional", "uniform", "sqrt", "score")
+SCORE_FIXED_POINT = float(1 << 20)
 RANDOM = "random"  # the KL baseline's candidates, next to the clusters' (int keys)
 
 
@@ -95,7 +96,10 @@ class _ClusterSizes(beam.DoFn):
         out = {}
         for c in np.unique(clusters[ok]).astype(np.int64).tolist():
             s = scores[ok & (clusters == c)]
-            out[c] = np.array([len(s), np.nansum(s), np.count_nonzero(~np.isnan(s))], np.float64)
+            s = s[~np.isnan(s)]
+            # Integers (the score to 2^-20): the same sums for any split of the input or order.
+            fixed = int(np.round(s * SCORE_FIXED_POINT).astype(np.int64).sum())
+            out[c] = np.array([int(ok[clusters == c].sum()), fixed, len(s)], dtype=object)
         yield out
 
 
@@ -182,5 +186,5 @@ class BalancedSelection(beam.PTransform):
             raise SelectionError(f"select.k={self.k} is larger than the {total} eligible documents")
         sizes = {c: int(v[0]) for c, v in stats.items()}
         # A cluster's score: the mean of the quota column over its documents that have one.
-        scores = {c: v[1] / v[2] if v[2] else 0.0 for c, v in stats.items()}
+        scores = {c: v[1] / SCORE_FIXED_POINT / v[2] if v[2] else 0.0 for c, v in stats.items()}
         return quotas(sizes, budget, self.rule, scores)

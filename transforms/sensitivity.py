@@ -98,21 +98,28 @@ class _Read:
         return shard, running, clusters, d2
 
 
+FIXED_POINT = float(1 << 32)  # costs are summed as integers: the same total for any split or order
+
+
 class _ClusterCosts(_Read, beam.DoFn):
     def process(self, item, duplicates):
         _, _, clusters, d2 = self.read(item, duplicates)
         out = {}
         for c in np.unique(clusters[clusters >= 0]).tolist():
             rows = clusters == c
-            out[c] = (int(rows.sum()), float(d2[rows].sum()))
+            out[c] = (int(rows.sum()), int(np.round(d2[rows] * FIXED_POINT).astype(np.int64).sum()))
         yield out
+
+
+def _costs(stats: dict) -> dict:
+    return {c: (n, q / FIXED_POINT) for c, (n, q) in stats.items()}
 
 
 def _sum_stats(parts) -> dict:
     out: dict = {}
     for part in parts:
         for c, (n, cost) in part.items():
-            n0, cost0 = out.get(c, (0, 0.0))
+            n0, cost0 = out.get(c, (0, 0))
             out[c] = (n0 + n, cost0 + cost)
     return out
 
@@ -197,6 +204,7 @@ class SensitivitySampling(beam.PTransform):
             shards
             | "ClusterCosts" >> beam.ParDo(_ClusterCosts(self.name, self.chain), self.duplicates)
             | "SumCosts" >> beam.CombineGlobally(_sum_stats)
+            | "Costs" >> beam.Map(_costs)
         )
         lam = beam.pvalue.AsSingleton(
             shards

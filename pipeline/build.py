@@ -382,9 +382,8 @@ def _dedup_tfidf(cfg: Config, num_buckets: int) -> tuple | None:
 def _encoder(cfg: Config) -> tuple | None:
     if cfg["embed.method"] != "model":
         return None
-    from beamsift.transforms.encode import resolve_encoder
-
-    return (resolve_encoder(cfg["embed.model"]), cfg["embed.max_tokens"], cfg["embed.batch_size"], cfg["embed.threads"])
+    # The model is resolved on the worker (setup): the package's folder is the worker's own.
+    return (cfg["embed.model"], cfg["embed.max_tokens"], cfg["embed.batch_size"], cfg["embed.threads"])
 
 
 def _texts_and_labels(table, label: str | None) -> list[tuple]:

@@ -427,7 +427,17 @@ def _check_stages(cfg: Config, fail) -> None:
         fail("select.column", f"select.column {column!r} is not a column of an earlier stage: one of {available}")
     if method in ("balanced", "sensitivity") and "cluster" not in [stage_kind(n) for n in stages]:
         fail("select.method", f"select.method {method!r} needs a cluster stage before the selector")
+    kinds = [stage_kind(n) for n in stages]
+    if method == "sensitivity" and "reweight" in kinds:
+        fail(
+            "select.method",
+            "select.method 'sensitivity' writes a weight column, and so does the reweight stage: drop one",
+        )
+    if cfg["cluster.passes"] and cfg["cluster.model"] is not None:
+        fail("cluster.passes", "cluster.passes refines fitted centroids; with cluster.model the centroids are given")
     quota_column = cfg["select.quota_column"]
+    if quota_column is not None and not (method == "balanced" and cfg["select.quota"] == "score"):
+        fail("select.quota_column", "select.quota_column goes with select.method 'balanced' and select.quota 'score'")
     if method == "balanced" and cfg["select.quota"] == "score" and quota_column is None:
         fail("select.quota_column", f"select.quota 'score' needs select.quota_column: one of {available}")
     if quota_column is not None and quota_column not in available:
@@ -519,6 +529,8 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
         "proxy.batch_size",
         "proxy.context",
         "embed.dim",
+        "embed.max_tokens",
+        "embed.batch_size",
         "cluster.k",
         "cluster.sample",
     ):
@@ -527,5 +539,8 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
     if cfg["input.id_field"] is not None and cfg["input.id_field"] == cfg["input.text_field"]:
         key = "input.text_field" if "input.text_field" in origins else "input.id_field"
         fail(key, "'input.id_field' and 'input.text_field' name the same field")
+    if cfg["cluster.passes"] < 0 or cfg["embed.threads"] < 0:
+        key = "cluster.passes" if cfg["cluster.passes"] < 0 else "embed.threads"
+        fail(key, f"config key {key!r} must be >= 0, got {cfg[key]}")
     if not all(isinstance(o, str) for o in cfg["beam.options"]):
         fail("beam.options", "config key 'beam.options' must be a list of strings")

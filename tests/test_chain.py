@@ -158,6 +158,30 @@ def test_a_budget_larger_than_what_is_left(tmp_path, counted, small_corpus):
         ({"stages": ["select"], "select": {"method": "top"}}, "select.method 'top' needs select.column"),
         ({"stages": ["select"], "select": {"method": "threshold", "column": "n_tokens"}}, "needs select.min"),
         ({"stages": ["select"], "filter_x": {"column": "n_tokens"}}, "unknown config key 'filter_x'"),
+        (
+            {"stages": ["proxy", "reweight", "embed", "cluster", "select"], "select": {"method": "sensitivity"}},
+            "writes a weight column, and so does the reweight stage",
+        ),
+        (
+            {
+                "stages": ["embed", "cluster", "select"],
+                "cluster": {"passes": 2, "model": "x"},
+                "select": {"method": "all"},
+            },
+            "with cluster.model the centroids are given",
+        ),
+        (
+            {"stages": ["embed", "cluster", "select"], "select": {"method": "all", "quota_column": "n_tokens"}},
+            "goes with",
+        ),
+        (
+            {"stages": ["dsir", "embed", "cluster", "select"], "embed": {"batch_size": 0}},
+            "'embed.batch_size' must be at",
+        ),
+        (
+            {"stages": ["dsir", "embed", "cluster", "select"], "cluster": {"passes": -1}},
+            "'cluster.passes' must be >= 0",
+        ),
     ],
 )
 def test_chain_config_errors(tmp_path, small_corpus, sections, message):

@@ -45,12 +45,14 @@ def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():
         [
             [(2, "c", "near duplicate", (0.3, 3))],  # b (order 2) for c (order 3)
             [(3, "a", "near duplicate", (0.1, 1)), (4, "a", "near duplicate", (0.1, 1))],
-            [(4, "e", "near duplicate", (0.5, 5)), (9, "x", "exact duplicate")],
+            [(4, "e", "near duplicate", (0.5, 5)), (9, "x", "exact duplicate", 8)],
+            # f (order 10) repeats c (order 3) exactly; c was dropped as a near duplicate of a.
+            [(10, "c", "exact duplicate", 3)],
         ]
     )
-    assert dropped.orders.tolist() == [2, 3, 4, 9]
-    assert dropped.kept_ids == ["a", "a", "a", "x"]
-    assert dropped.reasons == ["near duplicate"] * 3 + ["exact duplicate"]
+    assert dropped.orders.tolist() == [2, 3, 4, 9, 10]
+    assert dropped.kept_ids == ["a", "a", "a", "x", "a"]
+    assert dropped.reasons == ["near duplicate"] * 3 + ["exact duplicate"] * 2
 
 
 def test_exact_normalisation_keeps_every_script():
@@ -61,6 +63,9 @@ def test_exact_normalisation_keeps_every_script():
     assert normalise_text(texts).to_pylist()[:3] == ["привет мир", "こんにちは世界", "hello world"]
     assert h[2] == h[3] == h[4]  # case, a no-break space, punctuation
     assert len({h[0], h[1], h[3], h[5]}) == 4  # other scripts are not erased into one
+    # é composed or decomposed, full-width letters: the same text.
+    nfkc = normalised_text_hash(pa.array(["e\u0301t\u00e9 ＡＢＣ", "\u00e9t\u00e9 abc"]))
+    assert nfkc[0] == nfkc[1]
 
 
 def _near_copy(text: str, rng: random.Random) -> str:

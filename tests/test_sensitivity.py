@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
+from beamsift.transforms.select import SelectionError
 from beamsift.transforms.sensitivity import inclusion, inclusion_scale, pareto_keys, sensitivities
 from conftest import demo_records, make_config, write_jsonl
 
@@ -89,3 +90,23 @@ def test_sensitivity_selector_end_to_end(tmp_path):
     # The selected view carries the weight for a weighted trainer.
     weights = db.execute(f"SELECT weight FROM '{tmp_path}/out/selected/*.parquet'").fetchall()
     assert len(weights) == 40 and all(w[0] > 1 for w in weights)  # no document here is certain
+
+
+def test_the_whole_running_and_an_empty_budget(tmp_path):
+    records = demo_records(150)
+    pool = write_jsonl(
+        tmp_path / "pool.jsonl", records + [{**r, "id": f"copy-{i}"} for i, r in enumerate(records[:30])]
+    )
+
+    def run(select):
+        cfg = make_config(tmp_path, pool, pool, stages=["embed", "cluster", "dedup", "select"],
+                          embed={"method": "projection", "dim": 64}, cluster={"k": 3}, select=select)  # fmt: skip
+        return run_selection(load_config(str(cfg)), overwrite=True)
+
+    # Every document still in the running (the 30 copies are out as exact duplicates), weight 1.
+    manifest = run({"method": "sensitivity", "k": None, "fraction": 1.0})
+    assert manifest["counts"]["selected"] == 150
+    weights = duckdb.connect().execute(f"SELECT DISTINCT weight FROM '{tmp_path}/out/selected/*.parquet'").fetchall()
+    assert weights == [(1.0,)]
+    with pytest.raises(SelectionError, match="selects none"):
+        run({"method": "sensitivity", "k": None, "fraction": 0.002})

@@ -20,6 +20,7 @@ from beamsift.transforms.chain import shard_of
 from beamsift.transforms.stage import read_id_hashes, read_staging, write_parquet
 
 EXAMPLES = 3
+FIXED_POINT = float(1 << 20)
 DUPLICATE_REASONS = ("exact duplicate", "near duplicate")
 FILE = "clusters/part-00000.parquet"
 SKIP = ("cluster", "dsir_key")  # the id itself; a key with noise in it
@@ -58,7 +59,9 @@ class _ClusterPartials(beam.DoFn):
             sums = {}
             for name, v in values.items():
                 x = v[rows]
-                sums[name] = (float(np.nansum(x)), int(np.count_nonzero(~np.isnan(x))))
+                x = x[~np.isnan(x)]
+                # Integers (the value to 2^-20): the same means for any split of the input or order.
+                sums[name] = (int(np.round(x * FIXED_POINT).astype(np.int64).sum()), len(x))
             nearest = sorted(zip(distance[rows].tolist(), id_hash[rows].tolist(), (str(ids[r]) for r in rows)))
             out[c] = {
                 "size": len(rows),
@@ -83,7 +86,7 @@ class _SumClusters(beam.CombineFn):
             for key in ("size", "selected", "duplicates"):
                 a[key] += p[key]
             for name, (s, n) in p["sums"].items():
-                s0, n0 = a["sums"].get(name, (0.0, 0))
+                s0, n0 = a["sums"].get(name, (0, 0))
                 a["sums"][name] = (s0 + s, n0 + n)
             a["examples"] = sorted(a["examples"] + p["examples"])[:EXAMPLES]
         return acc
@@ -100,7 +103,7 @@ class _SumClusters(beam.CombineFn):
             a = acc[c]
             row = {"cluster": c, "size": a["size"], "selected": a["selected"], "duplicates": a["duplicates"]}
             for name, (s, n) in a["sums"].items():
-                row[f"mean_{name}"] = s / n if n else None
+                row[f"mean_{name}"] = s / FIXED_POINT / n if n else None
             row["examples"] = [e[2] for e in a["examples"]]
             rows.append(row)
         return rows

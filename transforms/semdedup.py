@@ -52,7 +52,7 @@ _SPACE = r"[\s\p{Z}]+"
 
 def normalise_text(texts):
     """Case, punctuation, symbols and runs of white space taken out (an Arrow string array)."""
-    lowered = pc.utf8_lower(texts)
+    lowered = pc.utf8_lower(pc.utf8_normalize(texts, "NFKC"))  # é composed or not, full-width forms
     no_punct = pc.replace_substring_regex(lowered, _PUNCT, "")
     return pc.utf8_trim_whitespace(pc.replace_substring_regex(no_punct, _SPACE, " "))
 
@@ -129,7 +129,11 @@ class _ExactKeys(beam.DoFn):
         hashes = normalised_text_hash(table.column(TEXT)).view(np.int64)  # keys a runner can encode
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
         ids = table.column("id").to_pylist()
-        for r in np.flatnonzero(running):
+        # A text with nothing left after normalising (only symbols or punctuation) repeats nothing.
+        empty = np.asarray(
+            pc.equal(pc.utf8_length(normalise_text(table.column(TEXT))), 0).to_numpy(zero_copy_only=False)
+        )
+        for r in np.flatnonzero(running & ~empty):
             yield int(hashes[r]), (int(orders[r]), str(ids[r]))
 
 
@@ -159,7 +163,7 @@ def _exact_groups(item):
     _, members = item
     members = sorted(members)
     first = members[0]
-    return [(order, first[1], EXACT) for order, _ in members[1:]]
+    return [(order, first[1], EXACT, first[0]) for order, _ in members[1:]]
 
 
 class _ClusterMembers(beam.DoFn):
@@ -209,12 +213,13 @@ def _gather(dropped_lists) -> Dropped:
 
     A document dropped in two clusters keeps the pointer to the one that comes first; a pointer
     at a document that was itself dropped elsewhere is followed on (it always leads to an earlier
-    document, so it ends at a kept one)."""
+    document, so it ends at a kept one); an exact duplicate of a document SemDeDup dropped points
+    at the one that document points at."""
     exact, near = {}, {}
     for part in dropped_lists:
         for d in part:
             if d[2] == EXACT:
-                exact[d[0]] = d[1]
+                exact[d[0]] = (d[1], d[3])  # (kept id, kept order)
             else:
                 order, kept_id, _, target = d
                 if order not in near or target < near[order][0]:
@@ -225,6 +230,8 @@ def _gather(dropped_lists) -> Dropped:
             target_key, kept_id = near[target_key[1]]
             seen += 1
         near[order] = (target_key, kept_id)
+    # The first of an exact group can itself be a near duplicate of another: point on at that one.
+    exact = {o: near[k][1] if k in near else i for o, (i, k) in exact.items()}
     flat = sorted([(o, i, EXACT) for o, i in exact.items()] + [(o, v[1], NEAR) for o, v in near.items()])
     if not flat:
         return NONE_DROPPED

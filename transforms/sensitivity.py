@@ -73,7 +73,8 @@ def inclusion_scale(largest: np.ndarray, k: int, n: int, total: float = 1.0) -> 
 
 
 def inclusion(p: np.ndarray, lam: float) -> np.ndarray:
-    return np.ones_like(p) if math.isinf(lam) else np.minimum(1.0, lam * p)
+    """π = min(1, λ·p); NaN (not in the running) stays NaN."""
+    return np.where(np.isnan(p), np.nan, 1.0) if math.isinf(lam) else np.minimum(1.0, lam * p)
 
 
 def pareto_keys(pi: np.ndarray, id_hash: np.ndarray, seed: int) -> np.ndarray:
@@ -196,7 +197,10 @@ class SensitivitySampling(beam.PTransform):
             if self.k > total:
                 raise SelectionError(f"select.k={self.k} is larger than the {total} eligible documents")
             return self.k
-        return int(math.floor(self.fraction * total + 0.5))
+        keep = int(math.floor(self.fraction * total + 0.5))
+        if keep < 1:
+            raise SelectionError(f"select.fraction={self.fraction} of {total} documents selects none")
+        return keep
 
     def expand(self, shards):
         total = beam.pvalue.AsSingleton(running_total(shards, "Count", self.duplicates))

@@ -342,6 +342,11 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str, origins: dict | N
         key = prefix + str(unknown[0])
         close = _closest(str(unknown[0]), schema)
         hint = f" (did you mean {prefix + close!r}?)" if close else ""
+        if not prefix and stage_kind(str(unknown[0])) in REPEATABLE:
+            hint = (
+                f": it would be the section of a stage {unknown[0]!r}, which 'stages' does not list "
+                "(add it there, or remove the section)"
+            )
         raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
     out = {}
     for name, spec in schema.items():

@@ -157,7 +157,11 @@ def test_a_budget_larger_than_what_is_left(tmp_path, counted, small_corpus):
         ({"stages": ["filter", "select"], "filter": {"column": "n_tokens"}}, "filter: set one of keep_top"),
         ({"stages": ["select"], "select": {"method": "top"}}, "select.method 'top' needs select.column"),
         ({"stages": ["select"], "select": {"method": "threshold", "column": "n_tokens"}}, "needs select.min"),
-        ({"stages": ["select"], "filter_x": {"column": "n_tokens"}}, "unknown config key 'filter_x'"),
+        (
+            {"stages": ["select"], "filter_x": {"column": "n_tokens"}},
+            "unknown config key 'filter_x': it would be the section of a stage 'filter_x', which 'stages' does not "
+            "list (add it there, or remove the section)",
+        ),
         (
             {"stages": ["proxy", "reweight", "embed", "cluster", "select"], "select": {"method": "sensitivity"}},
             "writes a weight column, and so does the reweight stage",

@@ -17,7 +17,14 @@ import math
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total, shard_of
+from beamsift.transforms.chain import (
+    ApplyStage,
+    ShardStageFn,
+    fixed_point_sum,
+    running_mask,
+    running_total,
+    shard_of,
+)
 from beamsift.transforms.select import (
     SELECT_STREAM,
     Candidates,
@@ -97,8 +104,7 @@ class _ClusterSizes(beam.DoFn):
         for c in np.unique(clusters[ok]).astype(np.int64).tolist():
             s = scores[ok & (clusters == c)]
             s = s[~np.isnan(s)]
-            # Integers (the score to 2^-20): the same sums for any split of the input or order.
-            fixed = int(np.round(s * SCORE_FIXED_POINT).astype(np.int64).sum())
+            fixed = fixed_point_sum(s, SCORE_FIXED_POINT)
             out[c] = np.array([int(ok[clusters == c].sum()), fixed, len(s)], dtype=object)
         yield out
 

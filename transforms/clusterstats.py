@@ -16,7 +16,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.chain import shard_of
+from beamsift.transforms.chain import fixed_point_sum, shard_of
 from beamsift.transforms.stage import read_id_hashes, read_staging, write_parquet
 
 EXAMPLES = 3
@@ -60,8 +60,7 @@ class _ClusterPartials(beam.DoFn):
             for name, v in values.items():
                 x = v[rows]
                 x = x[~np.isnan(x)]
-                # Integers (the value to 2^-20): the same means for any split of the input or order.
-                sums[name] = (int(np.round(x * FIXED_POINT).astype(np.int64).sum()), len(x))
+                sums[name] = (fixed_point_sum(x, FIXED_POINT), len(x))  # the same for any split
             nearest = sorted(zip(distance[rows].tolist(), id_hash[rows].tolist(), (str(ids[r]) for r in rows)))
             out[c] = {
                 "size": len(rows),

@@ -18,6 +18,7 @@ import os
 import numpy as np
 import pyarrow as pa
 from beamsift.transforms.chain import ShardStageFn, running_mask
+from beamsift.transforms.cluster import EMBEDDING
 from beamsift.transforms.schema import TEXT
 from beamsift.transforms.stage import read_staging
 
@@ -132,6 +133,4 @@ class EncodeShard(ShardStageFn):
         if len(rows):
             vectors[rows] = encode([texts[r] for r in rows], tokenizer, model, self._limit, self.batch_size)
         flat = pa.array(vectors.reshape(-1), pa.float32())
-        from beamsift.transforms.cluster import EMBEDDING
-
         return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])}, reasons

@@ -25,12 +25,20 @@ import math
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, running_total
+from beamsift.transforms.chain import (
+    ApplyStage,
+    ShardStageFn,
+    fixed_point_sum,
+    running_mask,
+    running_total,
+    shard_of,
+)
 from beamsift.transforms.select import (
     Candidates,
+    Cut,
     MergeCandidates,
-    SelectionError,
     at_or_above,
+    check_budget,
     in_random,
     random_candidates,
     uniform01,
@@ -85,18 +93,25 @@ def pareto_keys(pi: np.ndarray, id_hash: np.ndarray, seed: int) -> np.ndarray:
     return np.where(np.isnan(pi), -np.inf, target - (np.log(u) - np.log1p(-u)))
 
 
+def clusters_and_d2(chain, shard_name: str, running: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's cluster (-1 where it is out of the running) and squared distance to it."""
+    clusters = chain.column("cluster", shard_name)
+    d2 = chain.column("cluster_distance", shard_name) ** 2
+    return np.where(running & ~np.isnan(clusters), clusters, -1).astype(np.int64), d2
+
+
 class _Read:
-    """What every pass reads of a shard: the running documents' clusters and squared distances."""
+    """What every pass reads of a shard: its reasons, the running documents' clusters and
+    squared distances."""
 
     def __init__(self, stage, chain):
         self.stage, self.chain = stage, chain
 
     def read(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
-        clusters = self.chain.column("cluster", shard.name)
-        d2 = self.chain.column("cluster_distance", shard.name) ** 2
-        clusters = np.where(running & ~np.isnan(clusters), clusters, -1).astype(np.int64)
-        return shard, running, clusters, d2
+        shard = shard_of(item)
+        reasons = self.chain.reasons(self.stage, shard, duplicates)
+        clusters, d2 = clusters_and_d2(self.chain, shard.name, running_mask(reasons))
+        return shard, reasons, clusters, d2
 
 
 FIXED_POINT = float(1 << 32)  # costs are summed as integers: the same total for any split or order
@@ -108,7 +123,7 @@ class _ClusterCosts(_Read, beam.DoFn):
         out = {}
         for c in np.unique(clusters[clusters >= 0]).tolist():
             rows = clusters == c
-            out[c] = (int(rows.sum()), int(np.round(d2[rows] * FIXED_POINT).astype(np.int64).sum()))
+            out[c] = (int(rows.sum()), fixed_point_sum(d2[rows], FIXED_POINT))
         yield out
 
 
@@ -143,12 +158,11 @@ class _RankByKey(_Read, beam.DoFn):
         self.budget_fn, self.seed = budget_fn, seed
 
     def process(self, item, duplicates, stats, lam, total):
-        shard, _, clusters, d2 = self.read(item, duplicates)
+        shard, reasons, clusters, d2 = self.read(item, duplicates)
         id_hash = read_id_hashes(shard.path)
         keys = pareto_keys(inclusion(sensitivities(clusters, d2, stats), lam), id_hash, self.seed)
         ok = keys > -np.inf
         budget = max(self.budget_fn(total), 1)
-        reasons = self.chain.reasons(self.stage, shard, duplicates)
         yield {
             "pick": Candidates.of(keys[ok], id_hash[ok], budget),
             "random": random_candidates(reasons, id_hash, self.seed, budget),
@@ -162,9 +176,7 @@ class ApplySensitivity(ShardStageFn):
 
     def score(self, shard, reasons, stats, lam, threshold):
         running = running_mask(reasons)
-        clusters = self.chain.column("cluster", shard.name)
-        d2 = self.chain.column("cluster_distance", shard.name) ** 2
-        clusters = np.where(running & ~np.isnan(clusters), clusters, -1).astype(np.int64)
+        clusters, d2 = clusters_and_d2(self.chain, shard.name, running)
         id_hash = read_id_hashes(shard.path)
         p = sensitivities(clusters, d2, stats)
         pi = inclusion(p, lam)
@@ -193,14 +205,9 @@ class SensitivitySampling(beam.PTransform):
         self.duplicates, self.progress_dir = duplicates, progress_dir
 
     def budget(self, total: int) -> int:
-        if self.k is not None:
-            if self.k > total:
-                raise SelectionError(f"select.k={self.k} is larger than the {total} eligible documents")
-            return self.k
-        keep = int(math.floor(self.fraction * total + 0.5))
-        if keep < 1:
-            raise SelectionError(f"select.fraction={self.fraction} of {total} documents selects none")
-        return keep
+        """k, or the fraction of the running; a SelectionError (the selector's) where it is
+        larger than the running or rounds to none."""
+        return check_budget(Cut("sensitivity", k=self.k, fraction=self.fraction), total)[1]
 
     def expand(self, shards):
         total = beam.pvalue.AsSingleton(running_total(shards, "Count", self.duplicates))

@@ -15,6 +15,7 @@ each step is a transform from ``beamsift.transforms``; it only wires them as the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -23,8 +24,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config, stage_kind
+from beamsift.pipeline.saved import cluster_meta, resolve_model
 from beamsift.transforms import balance, cluster, clusterstats, dsir, proxy, reweight, semdedup, sensitivity
-from beamsift.transforms.chain import STAGED, ApplyStage, Chain
+from beamsift.transforms.chain import STAGED, ApplyStage, Chain, spread_of
 from beamsift.transforms.dedup import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
 from beamsift.transforms.meter import StageMeter
@@ -227,7 +229,8 @@ def build_pipeline(
             shards, summary = shards | "Stage_" + name >> ApplyStage(fn, duplicates, model)
         elif kind in ("proxy", "excess_loss"):
             excess = kind == "excess_loss"
-            settings = proxy_settings(cfg, cfg["excess_loss.model"] if excess else None)
+            # Each stage applies its own saved model, if any (the excess_loss stage never the proxy's).
+            settings = dataclasses.replace(proxy_settings(cfg), model=_given(cfg, f"{kind}.model"))
             shards, summary = shards | "Stage_" + name >> proxy.ModelStage(
                 name,
                 chain,
@@ -251,6 +254,7 @@ def build_pipeline(
                 cfg["embed.sample"],
                 progress_dir,
                 _encoder(cfg),
+                *_embedding_folders(cfg, kinds, out),
             )
         elif kind == "cluster":
             shards, summary = shards | "Stage_" + name >> cluster.ClusterDocuments(
@@ -261,9 +265,10 @@ def build_pipeline(
                 seed,
                 duplicates,
                 FileSystems.join(out, "artifacts"),
-                cfg["cluster.model"],
+                _given(cfg, "cluster.model"),
                 progress_dir,
                 cfg["cluster.passes"],
+                cluster_meta(cfg),
             )
         elif kind == "dedup":
             shards, summary = shards | "Stage_" + name >> semdedup.DeduplicateDocuments(
@@ -332,7 +337,13 @@ def build_pipeline(
         stage_summaries.append(summary)
 
     if "cluster" in kinds:
-        summaries.append(shards | "ClusterStatistics" >> clusterstats.ClusterStatistics(chain, cfg["stages"][-1], out))
+        statistics = clusterstats.ClusterStatistics(chain, cfg["stages"][-1], out, fields)
+        summaries.append(shards | "ClusterStatistics" >> statistics)
+
+    if cfg.train_only:  # `beamsift train`: the models (artifacts/) and the summary, no selection
+        summaries.append(stage_summaries | "AllStageSummaries" >> beam.Flatten())
+        _summarize(summaries, model, staging_dir, out)
+        return
 
     # 4. Write selected/ and scores/ for every shard, and rejected/.
     write = WriteSelectionShards(
@@ -362,7 +373,11 @@ def build_pipeline(
         stage_summaries | "AllStageSummaries" >> beam.Flatten(),
     ]
 
-    # 5. One summary for the manifest; the fitted models to artifacts/.
+    _summarize(summaries, model, staging_dir, out)
+
+
+def _summarize(summaries: list, model, staging_dir: str, out: str) -> None:
+    """5. One summary for the manifest; the fitted models to artifacts/."""
     (
         summaries
         | "AllSummaries" >> beam.Flatten()
@@ -377,6 +392,20 @@ def _dedup_tfidf(cfg: Config, num_buckets: int) -> tuple | None:
     if compare == "auto":
         compare = "tfidf" if cfg["embed.method"] == "svd" else "embedding"
     return (num_buckets, semdedup.TFIDF_DIM, cfg["seed"]) if compare == "tfidf" else None
+
+
+def _given(cfg: Config, key: str) -> str | None:
+    """The stage folder of a saved model the config names (a run's folder, its artifacts/, ...)."""
+    return resolve_model(key, cfg[key]) if cfg[key] is not None else None
+
+
+def _embedding_folders(cfg: Config, kinds: list, out: str) -> tuple:
+    """(where the fitted embedding is saved, the saved one to apply): the cluster stage's folders,
+    since its centroids are only meaningful in the space of that embedding."""
+    if "cluster" not in kinds or cfg["embed.method"] == "model":
+        return None, None
+    given = _given(cfg, "cluster.model")
+    return (FileSystems.join(out, "artifacts", "cluster") if given is None else None), given
 
 
 def _encoder(cfg: Config) -> tuple | None:
@@ -425,6 +454,13 @@ def _write_summary(summary: dict, model, staging_dir: str, out: str) -> None:
     report = {"counts": summary["counts"], "stages": summary.get("stages", {})}
     if "clusters" in summary:
         report["clusters"] = summary["clusters"]
+    if "training" in summary:  # {stage: [how each of its models trained]}
+        report["training"] = summary["training"]
+    if "spread" in summary:  # {stage: {ranking column: its spread over the running}}
+        report["spread"] = {
+            stage: {column: spread_of(part) for column, part in columns.items()}
+            for stage, columns in summary["spread"].items()
+        }
     if model is not None:
         report["dsir"] = {"eligible": model.eligible, "mean_ngrams": model.mean_ngrams}
         if "selected_ngrams" in summary:

@@ -2,6 +2,7 @@
 
     beamsift run CONFIG [--set dotted.key=value ...] [--overwrite] [--quiet] [-- BEAM_OPTIONS...]
     beamsift query OUTPUT_DIR "SQL" [--format table|csv|json|markdown] [--max-width N]
+    beamsift train CONFIG [--set dotted.key=value ...] [--overwrite] [--quiet] [-- BEAM_OPTIONS...]
     beamsift init [PATH]
 
 Everything after ``--`` goes to Beam's PipelineOptions unchanged. Errors that are the user's to
@@ -51,6 +52,10 @@ class _DropReportedErrors(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addFilter(_DropBeamImportNotice())
+    # torch makes its (here unused) compiler cache folder in the temp dir on first use; a run
+    # leaves nothing there, so it goes to the user's cache folder (worker processes inherit this).
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "beamsift", "torchinductor"))
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
     if "--" in argv:
@@ -140,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="beamsift", description="Data selection for ML training on Apache Beam.")
     parser.add_argument("--version", action="version", version=f"beamsift {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,query,init}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,query,init}")
     run = sub.add_parser(
         "run",
         help="run a selection pipeline from a YAML config",
@@ -218,14 +223,13 @@ def _run(args, beam_args, train: bool = False) -> int:
     show_progress = args.progress if args.progress is not None else (not args.quiet and sys.stderr.isatty())
     progress = _progress_display if show_progress else None
     log_path = os.path.join(tempfile.gettempdir(), f"beamsift-{os.getpid()}.log")
+    keep_log = False  # only where the error line points at it
     try:
         with _workers_stderr_to(log_path if (args.quiet or show_progress) else None):
             manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, progress=progress)
     except (InputError, OutputDirError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
-        with contextlib.suppress(OSError):
-            os.remove(log_path)
         raise
     except Exception as e:  # noqa: BLE001
         if _signals_received:  # a signal that Beam re-raised as its own error
@@ -236,15 +240,22 @@ def _run(args, beam_args, train: bool = False) -> int:
             raise UserError(message) from None
         with open(log_path, "a", encoding="utf-8") as f:
             traceback.print_exc(file=f)
+        keep_log = True
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise UserError(f"the run failed: {last[:300]} (the full traceback is in {log_path})") from None
-    with contextlib.suppress(OSError):
-        os.remove(log_path)
+    finally:
+        if not keep_log:
+            with contextlib.suppress(OSError):
+                os.remove(log_path)
     if train:
         stage = cfg["stages"][-2]
         folder = os.path.join(cfg["output.dir"], "artifacts", stage)
         print(f"beamsift: trained the {stage} stage's models in {manifest['timings']['total_s']:.1f} s: {folder}")
         print(f"  apply them with --set {stage}.model={folder} (or {stage}.model: in the config)")
+        from beamsift.pipeline.diagnostics import training_lines
+
+        for line in training_lines(manifest) + [f"  WARNING: {w}" for w in manifest.get("warnings", [])]:
+            print(line)
         return 0
     print(summary_text(manifest))
     return 0
@@ -284,6 +295,9 @@ class _SavedStderr:
 
     def flush(self):
         self.stream.flush()
+
+    def fileno(self):
+        return self.stream.fileno()  # the progress line asks the terminal its width
 
 
 _terminal = _SavedStderr()
@@ -327,6 +341,8 @@ def _find_error(e: BaseException, cls) -> str | None:
 
 
 def summary_text(manifest: dict) -> str:
+    from beamsift.pipeline.diagnostics import training_lines
+
     c = manifest["counts"]
     out = manifest["config"]["output"]["dir"]
     width = max([14, *(len(k) for k in c["not_selected_by_reason"]), *(len(k) for k in c["rejected_by_reason"])])
@@ -349,14 +365,8 @@ def summary_text(manifest: dict) -> str:
             f"                              (KL {gap:.4f} -> {kl['target_vs_selected']:.4f}, {share} to the target; "
             "0 = no better than random, higher is better)"
         )
-    if c["accounted_for"] is False:
-        lines.append("  WARNING: the counts do not add up to the input records")
-    if c["input_records"] and c["rejected"] > c["input_records"] / 2:
-        top = max(c["rejected_by_reason"].items(), key=lambda kv: kv[1])[0]
-        lines.append(
-            f"  WARNING: {c['rejected'] / c['input_records']:.0%} of the input records were rejected, most as "
-            f'{top!r}: see `beamsift query {out} "SELECT reason, detail, count(*) FROM rejected GROUP BY ALL"`'
-        )
+    lines += training_lines(manifest)
+    lines += [f"  WARNING: {w}" for w in manifest.get("warnings", [])]
     if manifest.get("clusters"):
         sizes = [cl["size"] for cl in manifest["clusters"]]
         covered = sum(1 for cl in manifest["clusters"] if cl["selected"])

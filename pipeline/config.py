@@ -31,6 +31,11 @@ SCHEMA: dict[str, Any] = {
         "label_field": (None, (str, type(None)), "a field with each document's label: the proxy is a classifier"),
         "batch_size": (4096, int, "documents per batch (and per staging shard)"),
         "split_bytes": (16 * 2**20, int, "uncompressed text files are read in ranges of this size"),
+        "max_reject_share": (
+            None,
+            (int, float, type(None)),
+            "fail the run (nothing published) when a larger share of the records is rejected; null: no limit",
+        ),
     },
     "target": {
         "path": (None, (str, type(None)), "glob of the target sample (same formats as input)"),
@@ -51,7 +56,7 @@ SCHEMA: dict[str, Any] = {
     },
     "stages": (None, (list, type(None)), "the stages, in order; null = [dsir, select]"),
     "proxy": {  # the proxy model: trained in the run on a sample of the pool, or given
-        "model": (None, (str, type(None)), "a saved model folder to apply instead of training"),
+        "model": (None, (str, type(None)), "a run's folder (or its artifacts/, artifacts/proxy): apply, don't train"),
         "seeds": (3, int, "K proxies from K seeds; scores are their mean (EL2N: K = 10)"),
         "sample": (20000, int, "train on at most this many documents of the pool (seeded)"),
         "epochs": (10, int, "at most this many epochs; training stops early (held-out loss)"),
@@ -98,7 +103,7 @@ SCHEMA: dict[str, Any] = {
         "k": (16, int, "the number of clusters"),
         "sample": (20000, int, "fit the centroids on at most this many documents (seeded)"),
         "passes": (0, int, "then this many Lloyd passes over every document (when a sample is not enough)"),
-        "model": (None, (str, type(None)), "a run's artifacts/cluster folder: apply its centroids"),
+        "model": (None, (str, type(None)), "a run's folder (or its artifacts/): apply its embedding and centroids"),
     },
     "dedup": {  # exact duplicates, then SemDeDup within clusters
         "epsilon": (
@@ -119,7 +124,7 @@ SCHEMA: dict[str, Any] = {
         ),
     },
     "excess_loss": {
-        "model": (None, (str, type(None)), "a run's artifacts/excess_loss folder to apply instead of training"),
+        "model": (None, (str, type(None)), "a run's folder (or its artifacts/excess_loss): apply, don't train"),
     },
     "filter": {  # the parameters of a filter stage named filter, or filter_<anything>
         "column": (None, (str, type(None)), "the score column the filter reads"),
@@ -188,7 +193,7 @@ DEFAULT_STAGES = ["dsir", "select"]
 # The score columns each kind of stage writes (a filter's or the selector's column must be one
 # that an earlier stage writes, or n_tokens, which every run has).
 STAGE_COLUMNS = {
-    "dsir": ("dsir_log_weight", "dsir_key", "n_ngrams"),
+    "dsir": ("dsir_log_weight", "dsir_log_weight_per_ngram", "dsir_key", "n_ngrams"),
     "proxy": ("loss", "perplexity", "el2n", "grand_last_layer"),
     "excess_loss": ("loss", "perplexity", "reference_loss", "excess_loss"),
     "reweight": ("weight",),
@@ -255,12 +260,60 @@ def config_from_dict(raw: Any, source: str = "<dict>", overrides=()) -> Config:
         if key in origins and other not in origins and isinstance(raw.get("select"), dict):
             if _get(raw, key) is not None:
                 raw["select"].pop(other.split(".")[1], None)
+    _check_sections_of_unlisted_stages(raw, source, "stages" in origins)
     schema = _schema_with_stage_sections(raw, source)
     data = _resolve(schema, raw, source, prefix="", origins=origins)
+    _expand_home(data)
     if data["stages"] is None:
         data["stages"] = list(DEFAULT_STAGES)
     _check_choices(data, source, origins)
     return Config(data=data, source=source, overridden=tuple(origins))
+
+
+# The sections that configure a stage, and the stage kinds that read each: a section that no
+# listed stage reads would be ignored while the manifest shows it as configured.
+STAGE_SECTIONS = {
+    "dsir": ("dsir",),
+    "proxy": ("proxy", "excess_loss"),  # excess_loss trains its two models with the proxy's shape
+    "excess_loss": ("excess_loss",),
+    "reweight": ("reweight",),
+    "embed": ("embed",),
+    "cluster": ("cluster",),
+    "dedup": ("dedup",),
+    "filter": ("filter",),
+}
+
+
+def _check_sections_of_unlisted_stages(raw: dict, source: str, stages_overridden: bool) -> None:
+    """Refuse a stage's section that 'stages' does not list (it would be silently ignored).
+
+    With ``--set stages=...`` the file's sections for stages left out are dropped instead: the
+    user chose the stages on the command line and cannot remove a section there.
+    """
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not all(isinstance(n, str) for n in stages):
+        stages = list(DEFAULT_STAGES) if stages is None else None
+    if stages is None:
+        return  # a malformed 'stages' is reported where it is resolved
+    listed_kinds = {stage_kind(n) for n in stages}
+    for name in list(raw):
+        if name in STAGE_SECTIONS:
+            kinds, label = STAGE_SECTIONS[name], name
+        elif stage_kind(str(name)) in REPEATABLE and name != stage_kind(str(name)):
+            kinds, label = None, name  # filter_<label>: read only by the stage of that very name
+        else:
+            continue
+        used = name in stages if kinds is None else bool(listed_kinds & set(kinds))
+        if used or raw[name] in (None, {}):
+            continue
+        if stages_overridden:
+            del raw[name]
+            continue
+        readers = " or ".join(repr(k) for k in (kinds or (name,)))
+        raise ConfigError(
+            f"{source}: the section {label!r} configures the {readers} stage, which 'stages' does not list "
+            f"(stages: {stages}); add the stage to 'stages', or remove the section"
+        )
 
 
 def _schema_with_stage_sections(raw: dict, source: str) -> dict:
@@ -285,6 +338,31 @@ def _schema_with_stage_sections(raw: dict, source: str) -> dict:
         if kind != name:
             schema[name] = SCHEMA[kind]
     return schema
+
+
+# Keys that name a file or folder. A shell expands `~` only at the start of a word, never inside
+# a YAML file or after `--set key=`: beamsift does, or `~/out` would be a folder named `~` here.
+PATH_KEYS = (
+    "input.path",
+    "target.path",
+    "output.dir",
+    "dsir.model",
+    "proxy.model",
+    "excess_loss.model",
+    "cluster.model",
+    "embed.model",
+)
+
+
+def _expand_home(data: dict) -> None:
+    """``~`` and ``~user`` at the start of a path key, expanded; URLs (gs://) and hub ids never start so."""
+    import os
+
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = data[section][key]
+        if isinstance(value, str) and value.startswith("~"):
+            data[section][key] = os.path.expanduser(value)
 
 
 def _get(raw: dict, dotted: str):
@@ -342,11 +420,6 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str, origins: dict | N
         key = prefix + str(unknown[0])
         close = _closest(str(unknown[0]), schema)
         hint = f" (did you mean {prefix + close!r}?)" if close else ""
-        if not prefix and stage_kind(str(unknown[0])) in REPEATABLE:
-            hint = (
-                f": it would be the section of a stage {unknown[0]!r}, which 'stages' does not list "
-                "(add it there, or remove the section)"
-            )
         raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
     out = {}
     for name, spec in schema.items():
@@ -373,6 +446,11 @@ def _resolve(schema: dict, raw: Any, source: str, prefix: str, origins: dict | N
             kinds = [t for t in allowed if not (t is int and float in allowed)]  # "a number" says both
             names = " or ".join(_KINDS.get(t, t.__name__) for t in kinds)
             where = origins.get(key, source)
+            if value is None and default is REQUIRED:
+                raise ConfigError(
+                    f"{where}: config key {key!r} must be {names}, got null "
+                    "(YAML reads a bare ~ as null; write '~/...' or quote it)"
+                )
             raise ConfigError(f"{where}: config key {key!r} must be {names}, got {_kind(value)}: {value!r}")
         out[name] = value
     return out
@@ -507,6 +585,9 @@ def _check_choices(data: dict, source: str, origins: dict | None = None) -> None
             fail(key, f"config key {key!r} must be at least 1, got {cfg[key]}")
     if cfg["featurize.buckets"] > 2**32:
         fail("featurize.buckets", "config key 'featurize.buckets' must be at most 2**32")
+    share = cfg["input.max_reject_share"]
+    if share is not None and not 0 <= share <= 1:
+        fail("input.max_reject_share", f"config key 'input.max_reject_share' is a share: in [0, 1], got {share}")
     if cfg["dsir.min_tokens"] < 0:
         fail("dsir.min_tokens", "config key 'dsir.min_tokens' must be >= 0")
     if cfg["dsir.smoothing"] <= 0:

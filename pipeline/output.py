@@ -12,8 +12,9 @@ it take the place of ``output.dir``:
   The new result is complete in the sibling folder until the copy is done.
 
 A folder is beamsift's own when it holds the marker or the manifest of an earlier run, and
-nothing else than what beamsift writes. Any other folder is refused, even with ``--overwrite``:
-the user's files are never deleted, whatever ``output.dir`` says.
+nothing else than what beamsift wrote: the manifest lists every file of the run (``files``), and
+a file at any depth that it does not list is the user's. Any other folder is refused, even with
+``--overwrite``: the user's files are never deleted, whatever ``output.dir`` says.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -45,11 +47,47 @@ def is_local(path: str) -> bool:
     return FileSystems.get_filesystem(path).scheme() in (None, "file")
 
 
-def _entries(path: str) -> list[str]:
-    if is_local(path):
-        return sorted(os.listdir(path))
-    metadata = FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list
-    return sorted({m.path[len(path.rstrip("/")) + 1 :].split("/", 1)[0] for m in metadata})
+def files_under(path: str) -> list[str]:
+    """Everything under ``path`` at any depth, relative to it: files, symbolic links, and empty
+    folders (as ``name/``), so that nothing a user put there goes unseen."""
+    if not is_local(path):
+        base = path.rstrip("/") + "/"
+        return sorted(m.path[len(base) :] for m in FileSystems.match([base + "**"])[0].metadata_list)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        rel = os.path.relpath(dirpath, path)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if d not in links]
+        found += [prefix + name for name in filenames + links]
+        if prefix and not filenames and not dirnames and not links:
+            found.append(prefix)
+    return sorted(found)
+
+
+def _foreign(out: str, files: list[str]) -> list[str]:
+    """The files under ``out`` that beamsift did not write, by the manifest's list of its files;
+    for a result of a version that kept no list, what does not look like its fixed layout."""
+    listed = _listed_files(out)
+    own = {MANIFEST, MARKER}
+    if listed is not None:
+        return [f for f in files if f not in own and f not in listed]
+    return [f for f in files if f not in own and not _LEGACY.fullmatch(f)]
+
+
+# What versions before the manifest's list of files wrote: part files, DSIR's model, centroids.
+_LEGACY = re.compile(
+    r"(selected|scores|rejected|clusters)/part-[\w.-]+\.parquet|artifacts/dsir_model\.npz|artifacts/cluster/centroids\.npy"
+)
+
+
+def _listed_files(out: str) -> set[str] | None:
+    try:
+        with FileSystems.open(FileSystems.join(out, MANIFEST)) as f:
+            listed = json.loads(f.read()).get("files")
+    except Exception:  # noqa: BLE001 - no manifest, or not ours: nothing is listed
+        return None
+    return set(listed) if isinstance(listed, list) else None
 
 
 def _exists(path: str) -> bool:
@@ -90,21 +128,31 @@ def check_output_dir(out: str, overwrite: bool, inputs: dict[str, list[str]]) ->
         return
     if is_local(out) and not os.path.isdir(out):
         raise OutputDirError(f"output.dir {out} is a file, not a folder")
-    entries = _entries(out)
-    if not entries:
+    files = files_under(out)
+    if not files:
         return
-    foreign = [e for e in entries if e not in OWN_ENTRIES]
-    if foreign or not (MARKER in entries or _is_beamsift_manifest(out)):
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        what = f"holds {shown}, which beamsift did not write" if foreign else "was not written by beamsift"
+    if not (MARKER in files or _is_beamsift_manifest(out)):
+        foreign = [f for f in files if f.split("/", 1)[0] not in OWN_ENTRIES] or files
         raise OutputDirError(
-            f"output.dir {out} {what}; beamsift replaces only its own outputs: choose a new or empty folder"
+            f"output.dir {out} {_holds(foreign)}, which beamsift did not write; beamsift replaces only its own "
+            "outputs: choose a new or empty folder"
         )
-    if MANIFEST in entries and not overwrite:
+    foreign = _foreign(out, files)
+    if foreign:
+        raise OutputDirError(
+            f"output.dir {out} {_holds(foreign)}, which beamsift did not write (its manifest lists every file "
+            "of the run); move it out, or choose a new folder: beamsift never deletes files it did not write"
+        )
+    if MANIFEST in files and not overwrite:
         raise OutputDirError(
             f"output.dir {out} holds the result of an earlier run; pass --overwrite to replace it "
             "(it is replaced only once the new run is complete)"
         )
+
+
+def _holds(paths: list[str]) -> str:
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return f"holds {shown}"
 
 
 def _is_beamsift_manifest(out: str) -> bool:
@@ -147,6 +195,13 @@ class PendingOutput:
 
     def publish(self) -> None:
         """Put the complete new result in the place of ``output.dir``."""
+        # Checked again: the user may have put a file into the old result while this run lasted.
+        foreign = _foreign(self.out, files_under(self.out)) if _exists(self.out) else []
+        if foreign:
+            raise OutputDirError(
+                f"output.dir {self.out} {_holds(foreign)}, put there while the run lasted, which beamsift did not "
+                f"write; the previous result is as it was and the new one is complete in {self.path}"
+            )
         if is_local(self.out):
             _swap_local(self.path, self.out)
         else:
@@ -154,7 +209,7 @@ class PendingOutput:
 
     def discard(self) -> None:
         """Remove the unfinished result (and its staging shards); ``output.dir`` is untouched."""
-        _remove_own(self.path)
+        remove_tree(self.path)
 
 
 def _swap_local(new: str, out: str) -> None:
@@ -187,37 +242,30 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}: {os.strerror(ctypes.get_errno())}")
 
 
-def _files_under(path: str) -> list[str]:
-    """Every file under ``path``, relative to it (our layout is at most two levels deep)."""
-    base = path.rstrip("/") + "/"
-    found = set()
-    for pattern in ("*", "*/*"):
-        for m in FileSystems.match([base + pattern])[0].metadata_list:
-            found.add(m.path[len(base) :])
-    return sorted(found)
-
-
 def _copy_over(new: str, out: str) -> None:
     """Object stores: copy the new files in, the manifest last, then drop the old run's others."""
-    old = set(_files_under(out)) if FileSystems.exists(out) else set()
-    new_files = [f for f in _files_under(new) if f != MANIFEST]
+    old = set(files_under(out)) if FileSystems.exists(out) else set()
+    listed = _listed_files(out)  # only what the old run wrote is removed
+    ours = (lambda f: f in listed or f == MARKER) if listed is not None else _LEGACY.fullmatch
+    new_files = [f for f in files_under(new) if f != MANIFEST]
     if MANIFEST in old:  # first: while files are being replaced the folder is not a complete run
         FileSystems.delete([FileSystems.join(out, MANIFEST)])
     FileSystems.copy([FileSystems.join(new, f) for f in new_files], [FileSystems.join(out, f) for f in new_files])
-    stale = [FileSystems.join(out, f) for f in old - set(new_files) - {MANIFEST} if f.split("/", 1)[0] in OWN_ENTRIES]
+    stale = [FileSystems.join(out, f) for f in sorted(old - set(new_files) - {MANIFEST}) if ours(f)]
     if stale:
         FileSystems.delete(stale)
     FileSystems.copy([FileSystems.join(new, MANIFEST)], [FileSystems.join(out, MANIFEST)])
-    _remove_own(new)
+    remove_tree(new)
 
 
-def _remove_own(path: str) -> None:
+def remove_tree(path: str) -> None:
+    """Remove a folder that beamsift made (its run folder, its staging)."""
     if not _exists(path):
         return
     if is_local(path):
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        FileSystems.delete([path])
+    else:  # an object store has no folders: every object under the prefix, one by one
+        FileSystems.delete([FileSystems.join(path, f) for f in files_under(path)] or [path])
 
 
 def remove_abandoned_runs(out: str) -> None:

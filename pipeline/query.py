@@ -146,11 +146,22 @@ def run_query(out_dir: str, sql: str) -> tuple[list[str], list[tuple]]:
     """Column names and rows of ``sql`` over ``out_dir``'s views; a bad statement raises duckdb.Error."""
     con = connect(out_dir)
     try:
+        check_one_statement(sql)
         cursor = con.execute(sql)
         columns = [d[0] for d in cursor.description] if cursor.description else []
         return columns, cursor.fetchall()
     finally:
         con.close()
+
+
+def check_one_statement(sql: str) -> None:
+    """QueryError unless ``sql`` is exactly one statement: DuckDB runs every statement of a
+    string but returns only the last one's rows, and an empty string has no result to print."""
+    n = len(duckdb.extract_statements(sql))  # DuckDB's own parser: a ';' inside a string is no split
+    if n == 0:
+        raise QueryError('the SQL is empty (or only comments): give one statement, e.g. "SELECT count(*) FROM scores"')
+    if n > 1:
+        raise QueryError(f"the SQL holds {n} statements; beamsift query runs one: run each on its own")
 
 
 # ---- formats ----

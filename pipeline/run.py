@@ -27,14 +27,18 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline, make_chain
 from beamsift.pipeline.config import Config
+from beamsift.pipeline.diagnostics import diagnose, diagnostic_warnings
 from beamsift.pipeline.output import (
     MANIFEST,
     STAGING,
     OutputDirError,
     PendingOutput,
     check_output_dir,
+    files_under,
     is_local,
+    remove_tree,
 )
+from beamsift.pipeline.saved import check_saved_models, check_target_labels
 from beamsift.transforms.dsir import SelectionError, load_fitted_counts
 from beamsift.transforms.meter import NAMESPACE, stage_timings
 from beamsift.transforms.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
@@ -64,7 +68,8 @@ def run_selection(
     """
     started = time.time()
     out = cfg["output.dir"].rstrip("/") or cfg["output.dir"]
-    pool_files = _expand(cfg, "input")
+    warnings: list[str] = []
+    pool_files = _expand(cfg, "input", warnings)
     check_fields(pool_files, _spec(cfg, "input"), "input", cfg["input.label_field"])
     _check_k_possible(cfg, pool_files)
     inputs = {"input.path": _read_paths(cfg["input.path"], pool_files)}
@@ -75,19 +80,20 @@ def run_selection(
         fitted, model_path = _load_model(cfg["dsir.model"])
         _check_model_matches(fitted[2], cfg)
         inputs["dsir.model"] = [model_path]
-    for key in ("proxy.model", "excess_loss.model"):
-        if key.split(".")[0] in stages and cfg[key] is not None:
-            inputs[key] = [_check_saved_model(key, cfg[key])]
     if "embed" in stages and cfg["embed.method"] == "model":
         inputs["embed.model"] = [_check_encoder(cfg["embed.model"])]
+    saved = check_saved_models(cfg, pool_files)
+    inputs.update({key: [os.path.abspath(f) if is_local(f) else f] for key, f in saved.items()})
     needs_target = (
         ("dsir" in stages and not cfg["dsir.model"])
         or ("excess_loss" in stages and not cfg["excess_loss.model"])
         or ("proxy" in stages and cfg["proxy.target_influence"])
     )
     if needs_target and cfg["target.path"] is not None:
-        target_files = _expand(cfg, "target")
+        target_files = _expand(cfg, "target", warnings)
         check_fields(target_files, _spec(cfg, "target"), "target")
+        if "proxy" in stages and cfg["proxy.target_influence"] and cfg["input.label_field"]:
+            check_target_labels(cfg, target_files, saved)
         target_tasks = plan_read_tasks(target_files, cfg["input.split_bytes"])
         inputs["target.path"] = _read_paths(cfg["target.path"], target_files)
     check_output_dir(out, overwrite, inputs)
@@ -118,9 +124,21 @@ def run_selection(
         metrics = _query_metrics(result)
         with FileSystems.open(FileSystems.join(staging, SUMMARY_FILE)) as f:
             summary = json.load(f)
-        FileSystems.delete([staging])
-        _ensure_every_output_has_a_shard(pending.path, make_chain(cfg, staging), output_column(cfg["input.text_field"]))
-        manifest = _manifest(cfg, summary, metrics, options, pool_files, started)
+        remove_tree(staging)
+        if cfg.train_only:
+            manifest = _train_manifest(cfg, summary, metrics, options, pool_files, started, pending.path)
+        else:
+            chain = make_chain(cfg, staging)
+            _ensure_every_output_has_a_shard(pending.path, chain, output_column(cfg["input.text_field"]))
+            manifest = _manifest(cfg, summary, metrics, options, pool_files, started)
+            _check_reject_share(cfg, manifest)
+        manifest["inputs"] = {key: _describe(paths) for key, paths in inputs.items()}
+        diagnose(manifest, summary)  # how the models trained; whether the ranked columns spread
+        manifest["warnings"] = (
+            warnings + diagnostic_warnings(manifest) + ([] if cfg.train_only else _result_warnings(manifest))
+        )
+        # Every file of the result, so that a later --overwrite removes these and nothing else.
+        manifest["files"] = [f for f in files_under(pending.path) if f != MANIFEST]
         with FileSystems.create(FileSystems.join(pending.path, MANIFEST)) as f:
             f.write(json.dumps(manifest, indent=2).encode())
     except BaseException:
@@ -146,10 +164,10 @@ def _spec(cfg: Config, section: str):
     return input_spec(cfg, section)
 
 
-def _expand(cfg: Config, section: str) -> list[tuple[str, str, int]]:
+def _expand(cfg: Config, section: str, warnings: list[str]) -> list[tuple[str, str, int]]:
     pattern, key = cfg[f"{section}.path"], f"{section}.path"
     try:
-        return expand_input(pattern, cfg[f"{section}.format"], key)
+        files = expand_input(pattern, cfg[f"{section}.format"], key)
     except InputError as e:
         if "no files match" not in str(e) or not is_local(pattern) or os.path.isabs(pattern):
             raise
@@ -164,6 +182,93 @@ def _expand(cfg: Config, section: str) -> list[tuple[str, str, int]]:
                 shown = os.path.normpath(beside) if shown.startswith("..") else shown
                 hint += f"; the config's folder has it: write {shown}"
         raise InputError(str(e) + hint + ")") from None
+    shadowed = _shadowed_beside_config(cfg, pattern, files)
+    if shadowed:
+        warnings.append(
+            f"{key} {pattern} was read from the current folder ({os.path.abspath(files[0][0])}), but the config's "
+            f"folder holds a different file by that path ({shadowed}); relative paths are read from the current "
+            "folder: write the path you mean"
+        )
+    return files
+
+
+def _config_dir(cfg: Config) -> str | None:
+    return os.path.dirname(os.path.abspath(cfg.source)) if cfg.source.endswith((".yaml", ".yml")) else None
+
+
+def _shadowed_beside_config(cfg: Config, pattern: str, files) -> str | None:
+    """A file that the same relative path names beside the config, where it is not what was read."""
+    config_dir = _config_dir(cfg)
+    if not is_local(pattern) or os.path.isabs(pattern) or config_dir in (None, os.getcwd()):
+        return None
+    beside = os.path.join(config_dir, pattern)
+    try:
+        matched = [m.path for m in FileSystems.match([beside])[0].metadata_list]
+    except Exception:  # noqa: BLE001 - an unreadable folder beside the config: nothing to say
+        return None
+    if os.path.isdir(beside.rstrip("/")):
+        matched = [beside.rstrip("/")]
+    read = {os.path.realpath(f[0]) for f in files} | {os.path.realpath(pattern.rstrip("/"))}
+    other = [m for m in matched if os.path.realpath(m) not in read]
+    return os.path.abspath(other[0]) if other else None
+
+
+def _describe(paths: list[str]) -> list[dict]:
+    """What a run read, as absolute paths with sizes and modification times: enough to tell later
+    which files those were."""
+    out = []
+    for path in paths:
+        if not is_local(path):
+            out.append({"path": path})
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append({"path": os.path.abspath(path)})
+            continue
+        modified = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).isoformat()
+        entry = {"path": os.path.abspath(path), "modified": modified}
+        if not os.path.isdir(path):
+            entry["bytes"] = st.st_size
+        out.append(entry)
+    return out
+
+
+def _check_reject_share(cfg: Config, manifest: dict) -> None:
+    """``input.max_reject_share``: a run that rejects more of its records fails, unpublished."""
+    limit, c = cfg["input.max_reject_share"], manifest["counts"]
+    if limit is None or not c["input_records"] or c["rejected"] / c["input_records"] <= limit:
+        return
+    top = max(c["rejected_by_reason"].items(), key=lambda kv: kv[1])
+    raise InputError(
+        f"input.max_reject_share={limit}: {c['rejected']:,} of the {c['input_records']:,} input records "
+        f"({c['rejected'] / c['input_records']:.0%}) were rejected, most as {top[0]!r} ({top[1]:,}); nothing was "
+        "published (check input.text_field, input.id_field and input.format, or raise the limit)"
+    )
+
+
+def _result_warnings(manifest: dict) -> list[str]:
+    """What a person should not miss in a result that is otherwise complete."""
+    out = []
+    c = manifest["counts"]
+    if c["accounted_for"] is False:
+        out.append("the counts do not add up to the input records")
+    if c["input_records"] and c["rejected"] > c["input_records"] / 2:
+        top = max(c["rejected_by_reason"].items(), key=lambda kv: kv[1])[0]
+        folder = manifest["config"]["output"]["dir"]
+        out.append(
+            f"{c['rejected'] / c['input_records']:.0%} of the input records were rejected, most as {top!r}: see "
+            f'`beamsift query {folder} "SELECT reason, detail, count(*) FROM rejected GROUP BY ALL"` '
+            "(input.max_reject_share makes such a run fail)"
+        )
+    kl = manifest.get("dsir", {}).get("kl")
+    if kl and kl["reduction"] < 0:
+        out.append(
+            f"the KL reduction is negative ({kl['reduction']:.4f}): the selection's n-grams are further from the "
+            "target's than a random pick's; the target may be unlike every document of the pool, or a later "
+            "stage (a filter, the selector's column) works against it"
+        )
+    return out
 
 
 def _read_paths(pattern: str, files: list[tuple[str, str, int]]) -> list[str]:
@@ -203,16 +308,6 @@ def _load_model(path: str):
     raise InputError(
         f"dsir.model {path}: no {MODEL_FILE} there; give an earlier run's folder, its artifacts/ folder or the file"
     )
-
-
-def _check_saved_model(key: str, path: str) -> str:
-    """A model folder given in the config must be there before any worker starts."""
-    if not is_local(path) or not os.path.isdir(path):
-        raise InputError(
-            f"{key} {path}: no such folder; give a folder saved with save_pretrained (a run's artifacts/"
-            f"{key.split('.')[0]}); hub ids are not fetched by the workers: download the model first"
-        )
-    return os.path.abspath(path)
 
 
 def _check_encoder(model: str | None) -> str:
@@ -359,6 +454,37 @@ def _manifest(cfg, summary, metrics, options, pool_files, started) -> dict:
         "versions": {
             "python": platform.python_version(),
             **{p: _version(p) for p in ("apache-beam", "pyarrow", "numpy", "duckdb")},
+        },
+    }
+
+
+def _train_manifest(cfg, summary, metrics, options, pool_files, started, folder: str) -> dict:
+    """`beamsift train`: what was trained and where, not a selection (there is none)."""
+    stage = cfg["stages"][-2]
+    finished = time.time()
+    artifacts = f"artifacts/{stage}"
+    return {
+        "beamsift_version": _version("beamsift"),
+        "command": "train",
+        "created": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
+        "complete": True,
+        "seed": cfg["seed"],
+        "config": cfg.to_dict(),
+        "config_file": cfg.source,
+        "beam_options": options.get_all_options(drop_default=True),
+        "input_files": len(pool_files),
+        "trained": {
+            "stage": stage,
+            "models": artifacts,
+            "files": [f for f in files_under(FileSystems.join(folder, artifacts))],
+            "apply_with": f"{stage}.model",
+        },
+        "input_records": metrics.get("pool_records_read"),
+        "stages": _stage_report(cfg, summary.get("stages", {}), stage_timings(metrics))[:-1],
+        "timings": {"total_s": round(finished - started, 3), "stages": stage_timings(metrics)},
+        "versions": {
+            "python": platform.python_version(),
+            **{p: _version(p) for p in ("apache-beam", "pyarrow", "numpy", "duckdb", "torch", "transformers")},
         },
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,8 @@ def make_config(tmp_path: Path, pool, target, out=None, **sections) -> Path:
         "seed": 1,
         "output": {"dir": str(out or tmp_path / "out")},
     }
+    if "dsir" not in sections.get("stages", ["dsir"]):
+        del cfg["dsir"]  # a section for a stage that 'stages' does not list is an error
     for name, values in sections.items():
         if isinstance(values, dict):
             cfg.setdefault(name, {}).update(values)
@@ -71,13 +74,14 @@ def make_config(tmp_path: Path, pool, target, out=None, **sections) -> Path:
     return path
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the installed `beamsift` command line as a user would."""
+def run_cli(*args: str, check: bool = True, cwd=ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `beamsift` command line as a user would (``env``: variables to add)."""
     proc = subprocess.run(
         [sys.executable, "-m", "beamsift.pipeline.cli", *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
+        env={**os.environ, **env} if env else None,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"beamsift {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -79,14 +79,19 @@ def test_the_kl_baseline_is_the_same_random_pick_for_every_selector(tmp_path, sm
     """The KL reduction compares with a seeded random pick of the same size from the raw pool:
     the cluster-aware selectors draw the same one as DSIR's importance resampling."""
     runs = {}
-    for name, stages, select in [
-        ("dsir", ["dsir", "select"], {"k": 50}),
-        (method, ["dsir", "embed", "cluster", "select"], {"method": method, "column": "dsir_key", "k": 50}),
+    for name, stages, select, extra in [
+        ("dsir", ["dsir", "select"], {"k": 50}, {}),
+        (
+            method,
+            ["dsir", "embed", "cluster", "select"],
+            {"method": method, "column": "dsir_key", "k": 50},
+            {"cluster": {"k": 4}},
+        ),
     ]:
         if method == "sensitivity":
             select.pop("column", None)
         cfg = make_config(tmp_path / name, small_corpus["pool"], small_corpus["target"], stages=stages,
-                          cluster={"k": 4}, select=select)  # fmt: skip
+                          select=select, **extra)  # fmt: skip
         runs[name] = run_selection(load_config(str(cfg)), overwrite=True)["dsir"]["kl"]
     # (Before, these selectors drew no baseline: the KL to an empty pick, ~10, made any reduction
     # look large.)

@@ -159,8 +159,7 @@ def test_a_budget_larger_than_what_is_left(tmp_path, counted, small_corpus):
         ({"stages": ["select"], "select": {"method": "threshold", "column": "n_tokens"}}, "needs select.min"),
         (
             {"stages": ["select"], "filter_x": {"column": "n_tokens"}},
-            "unknown config key 'filter_x': it would be the section of a stage 'filter_x', which 'stages' does not "
-            "list (add it there, or remove the section)",
+            "the section 'filter_x' configures the 'filter_x' stage, which 'stages' does not list",
         ),
         (
             {"stages": ["proxy", "reweight", "embed", "cluster", "select"], "select": {"method": "sensitivity"}},

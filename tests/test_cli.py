@@ -70,8 +70,8 @@ def test_impossible_k_is_one_clear_line_and_leaves_nothing(tmp_path, small_corpu
     assert "\n" not in line  # one line, no worker traceback
     assert re.fullmatch(
         r"beamsift: error: select.k=500 is larger than the \d+ eligible documents: none of the 600 pool records "
-        r"was rejected; \d+ valid documents have fewer than dsir.min_tokens=200 tokens "
-        r"\(lower select.k or dsir.min_tokens\)",
+        r"was rejected; \d+ valid documents have fewer than dsir.min_tokens=200 tokens \(lower it to keep them\) "
+        r"\(lower select.k\)",
         line,
     ), line
     # A failed run leaves nothing behind: no output.dir, no folder beside it.

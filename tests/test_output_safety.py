@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -84,6 +85,7 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
     out = tmp_path / "out"
     run_cli("run", str(cfg))
     before = _tree(out)
+    tmp = tempfile.mkdtemp()  # the run's temp dir: left as it was found
     for sig, status, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
         proc = subprocess.Popen(
             [sys.executable, "-m", "beamsift.pipeline.cli", "run", str(cfg), "--overwrite", "--quiet"],
@@ -91,6 +93,7 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "TMPDIR": tmp},
         )
         # Wait until the new run is writing its selected/ shards, then interrupt it.
         deadline = time.time() + 60
@@ -103,6 +106,7 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
         assert err.strip() == f"beamsift: {word}; nothing was published, and output.dir is as it was"
         assert _tree(out) == before  # the previous result, byte for byte
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out"]  # no leftovers
+        assert os.listdir(tmp) == []
         q = run_cli("query", str(out), "SELECT count(*) AS n FROM selected")
         assert q.stdout.splitlines()[2].strip() == "50"
 
@@ -164,10 +168,12 @@ def test_the_object_store_publish_copies_the_manifest_last_and_drops_old_shards(
         (folder / "scores").mkdir(parents=True)
         for shard in shards:
             (folder / "scores" / f"{shard}.parquet").write_text(f"{folder.name} {shard}")
-        (folder / output.MANIFEST).write_text(folder.name)
+        files = [f"scores/{shard}.parquet" for shard in shards] + [output.MARKER]
+        (folder / output.MANIFEST).write_text(json.dumps({"beamsift_version": folder.name, "files": files}))
         (folder / output.MARKER).write_text("{}")
+    (old / "scores" / "notes.md").write_text("not listed: not beamsift's, never removed")
     output._copy_over(str(new), str(old))
-    assert sorted(p.name for p in (old / "scores").iterdir()) == ["part-2.parquet", "part-3.parquet"]
+    assert sorted(p.name for p in (old / "scores").iterdir()) == ["notes.md", "part-2.parquet", "part-3.parquet"]
     assert (old / "scores" / "part-2.parquet").read_text() == f"{new.name} part-2"
-    assert (old / output.MANIFEST).read_text() == new.name
+    assert json.loads((old / output.MANIFEST).read_text())["beamsift_version"] == new.name
     assert not new.exists()

@@ -108,5 +108,5 @@ def test_the_whole_running_and_an_empty_budget(tmp_path):
     assert manifest["counts"]["selected"] == 150
     weights = duckdb.connect().execute(f"SELECT DISTINCT weight FROM '{tmp_path}/out/selected/*.parquet'").fetchall()
     assert weights == [(1.0,)]
-    with pytest.raises(SelectionError, match="selects none"):
+    with pytest.raises(SelectionError, match="rounds to none"):
         run({"method": "sensitivity", "k": None, "fraction": 0.002})

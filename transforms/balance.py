@@ -28,9 +28,11 @@ from beamsift.transforms.chain import (
 from beamsift.transforms.select import (
     SELECT_STREAM,
     Candidates,
+    Cut,
     MergeCandidates,
     SelectionError,
     at_or_above,
+    check_budget,
     gumbel,
     in_random,
     random_candidates,
@@ -141,6 +143,7 @@ class ApplyBalanced(ShardStageFn):
     def __init__(self, name, chain, column, seed, progress_dir=None):
         super().__init__(name, chain, progress_dir)
         self.column, self.seed = column, seed
+        self.rank_column = column  # None: a random pick within each cluster
 
     def score(self, shard, reasons, cuts):
         running = running_mask(reasons)
@@ -187,9 +190,8 @@ class BalancedSelection(beam.PTransform):
         return shards | "Cut" >> ApplyStage(fn, self.duplicates, cuts)
 
     def _quotas(self, stats, total):
-        budget = self.k if self.k is not None else int(math.floor(self.fraction * total + 0.5))
-        if self.k is not None and self.k > total:
-            raise SelectionError(f"select.k={self.k} is larger than the {total} eligible documents")
+        # The same budget rule, and the same errors, as every selector: never silently none.
+        budget = check_budget(Cut("balanced", k=self.k, fraction=self.fraction), total)[1]
         sizes = {c: int(v[0]) for c, v in stats.items()}
         # A cluster's score: the mean of the quota column over its documents that have one.
         scores = {c: v[1] / SCORE_FIXED_POINT / v[2] if v[2] else 0.0 for c, v in stats.items()}

@@ -115,6 +115,42 @@ def stage_summary(stage: str, before: np.ndarray, after: np.ndarray) -> dict:
     return {"stages": {stage: {"in": int(in_before.sum()), "out": int(in_before.sum() - taken.sum()), **by_reason}}}
 
 
+# A ranking column's distinct values are counted by hashing them into this many buckets: exact for
+# a few dozen values (what "too few to rank" is about), a lower bound past that; fixed-size, so
+# that the per-shard parts add up (SumSummaries) to a whole that does not grow with the corpus.
+SPREAD_BUCKETS = 1024
+
+
+def column_spread(values: np.ndarray) -> dict:
+    """A shard's part of a column's spread over the documents in the running: n, Σx, Σx², and
+    which hash buckets its values fall in (summed over the shards, then ``spread_of``)."""
+    x = values[np.isfinite(values)] + 0.0  # + 0.0: -0.0 and 0.0 are one value
+    bucket = (x.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(54)
+    return {
+        "n": int(len(x)),
+        "sum": float(x.sum()),
+        "sum_sq": float((x * x).sum()),
+        "buckets": np.bincount(bucket.astype(np.int64), minlength=SPREAD_BUCKETS).astype(np.int64),
+    }
+
+
+def spread_of(part: dict) -> dict:
+    """The summed parts as documents, mean, standard deviation, coefficient of variation
+    (std / |mean|; None where the mean is 0) and distinct values (see SPREAD_BUCKETS)."""
+    n = part["n"]
+    if not n:
+        return {"documents": 0, "mean": None, "std": None, "cv": None, "distinct_values": 0}
+    mean = part["sum"] / n
+    std = max(part["sum_sq"] / n - mean * mean, 0.0) ** 0.5
+    return {
+        "documents": n,
+        "mean": float(f"{mean:.6g}"),
+        "std": float(f"{std:.4g}"),
+        "cv": float(f"{std / abs(mean):.4g}") if mean else None,
+        "distinct_values": int(np.count_nonzero(part["buckets"])),
+    }
+
+
 class ShardStageFn(MeteredDoFn):
     """Base of a stage's per-shard DoFn: progress and timing, and the bookkeeping of reasons.
 
@@ -122,6 +158,8 @@ class ShardStageFn(MeteredDoFn):
     where ``columns`` maps each of its column names to an array aligned with the shard's rows, and
     ``counts`` are other per-shard counts for the manifest (e.g. documents truncated).
     """
+
+    rank_column: str | None = None  # a filter's or the selector's ranking column: its spread is summed
 
     def __init__(self, name: str, chain: Chain, progress_dir: str | None = None, meter_stage: str | None = None):
         self.name = name
@@ -141,6 +179,9 @@ class ShardStageFn(MeteredDoFn):
         summary = stage_summary(self.name, before, after)
         if extra and extra[0]:  # other counts a stage reports (documents truncated, ...)
             summary["stages"][self.name]["notes"] = dict(extra[0])
+        if self.rank_column is not None:
+            values = self.chain.column(self.rank_column, shard.name)[running_mask(before)]
+            summary["spread"] = {self.name: {self.rank_column: column_spread(values)}}
         yield beam.pvalue.TaggedOutput("summary", summary)
         yield StageShard(shard, int(running_mask(after).sum()))
 

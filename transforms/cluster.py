@@ -15,13 +15,17 @@ The vectors stay internal (``_embedding`` in the stage's staging files).
 ``cluster``: k-means (scikit-learn's, k-means++ seeded by the config seed) fitted on a seeded
 sample of the embeddings (``cluster.sample``); every document in the running gets ``cluster`` (the
 nearest centroid, the first on a tie, as scikit-learn's ``predict``) and ``cluster_distance`` (the
-Euclidean distance to it). The centroids are saved to ``artifacts/cluster/centroids.npy`` and
-``cluster.model`` applies saved ones to new data.
+Euclidean distance to it). The centroids are saved to ``artifacts/cluster/centroids.npy``, beside
+the settings they were fitted with (``cluster.json``) and, for svd and projection, the embedding's
+IDF and basis (``idf.npy``, ``basis.npy``: fitted on the running's documents). ``cluster.model``
+applies all of them to new data: the embed stage then uses the saved IDF and basis instead of
+fitting its own, so that the same documents land in the same clusters.
 """
 
 from __future__ import annotations
 
 import io
+import json
 
 import apache_beam as beam
 import numpy as np
@@ -40,6 +44,9 @@ EMBED_COLUMNS = ((EMBEDDING, "embedding"),)
 NEXT_CLUSTER = "_cluster_next"  # the second nearest centroid: where SemDeDup also compares
 CLUSTER_COLUMNS = (("cluster", "int64"), ("cluster_distance", "double"), (NEXT_CLUSTER, "int64"))
 SAMPLE_STREAM = 0xC1A57
+# A cluster model (artifacts/cluster): the centroids, the settings they were fitted with, and for
+# svd and projection the embedding that maps documents to the centroids' space.
+CENTROIDS_FILE, META_FILE, IDF_FILE, BASIS_FILE = "centroids.npy", "cluster.json", "idf.npy", "basis.npy"
 
 
 def projection(num_buckets: int, dim: int, seed: int) -> np.ndarray:
@@ -144,20 +151,19 @@ class EmbedShard(ShardStageFn):
         super().__init__(name, chain, progress_dir)
         self.dim, self.seed, self.num_buckets = dim, seed, num_buckets
 
-    def score(self, shard, reasons, frequencies, proj):
+    def score(self, shard, reasons, idf, proj):
         running = running_mask(reasons)
-        vectors = tfidf_embeddings(_features(shard), smooth_idf(frequencies), proj)
+        vectors = tfidf_embeddings(_features(shard), idf, proj)
         vectors[~running] = 0
         flat = pa.array(vectors.reshape(-1), pa.float32())
         return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, proj.shape[1])}, reasons
 
 
-def fit_svd(sample: list, frequencies, dim: int, seed: int) -> np.ndarray:
+def fit_svd(sample: list, idf: np.ndarray, dim: int, seed: int) -> np.ndarray:
     """The truncated SVD's components (num_buckets, dim') of the sample's TF-IDF rows."""
     from beamsift.transforms.featurize import NgramFeatures
     from sklearn.decomposition import TruncatedSVD
 
-    idf = smooth_idf(frequencies)
     buckets = [b for _, _, b in sample]
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in buckets])]).astype(np.int64)
     flat = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
@@ -182,12 +188,17 @@ class EmbedDocuments(beam.PTransform):
         sample=20000,
         progress_dir=None,
         encoder=None,
+        save_to=None,
+        saved=None,
     ):
         super().__init__()
         self.name, self.chain, self.dim, self.seed = name, chain, dim, seed
         self.num_buckets, self.duplicates, self.progress_dir = num_buckets, duplicates, progress_dir
         self.method, self.sample = method, sample
         self.encoder = encoder  # method "model": (model, max_tokens, batch_size, threads)
+        # svd, projection: the folder the fitted IDF and basis go to (the cluster stage's
+        # artifacts), or a saved cluster model's folder whose IDF and basis are applied instead.
+        self.save_to, self.saved = save_to, saved
 
     def expand(self, shards):
         if self.method == "model":
@@ -195,7 +206,24 @@ class EmbedDocuments(beam.PTransform):
 
             fn = EncodeShard(self.name, self.chain, *self.encoder, progress_dir=self.progress_dir)
             return shards | "Encode" >> ApplyStage(fn, self.duplicates)
+        if self.saved is not None:
+            given = shards.pipeline | "SavedEmbedding" >> beam.Create([self.saved])
+            idf = beam.pvalue.AsSingleton(given | "LoadIdf" >> beam.Map(load_array, IDF_FILE))
+            proj = given | "LoadBasis" >> beam.Map(load_array, BASIS_FILE)
+        else:
+            idf, proj = self._fit(shards)
+            if self.save_to is not None:
+                _ = proj | "SaveEmbedding" >> beam.Map(save_embedding, idf, self.save_to)
+        fn = EmbedShard(self.name, self.chain, self.dim, self.seed, self.num_buckets, self.progress_dir)
+        return shards | "Embed" >> ApplyStage(fn, self.duplicates, idf, beam.pvalue.AsSingleton(proj))
+
+    def _fit(self, shards):
+        """(the IDF as a side input, the basis as a PCollection of one) over the documents in the running."""
         frequencies = document_frequencies(shards, self.name, self.chain, self.num_buckets, self.duplicates)
+        # Computed once, from the frequencies' side input (its default covers an empty running).
+        idf = beam.pvalue.AsSingleton(
+            shards.pipeline | "Once" >> beam.Create([None]) | "Idf" >> beam.Map(lambda _, f: smooth_idf(f), frequencies)
+        )
         if self.method == "svd":
             proj = (
                 shards
@@ -204,7 +232,7 @@ class EmbedDocuments(beam.PTransform):
                     _SampleRows(self.name, self.chain, self.sample, self.seed, _bucket_lists), self.duplicates
                 )
                 | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
-                | "FitSvd" >> beam.Map(Metered(self.name, fit_svd), frequencies, self.dim, self.seed)
+                | "FitSvd" >> beam.Map(Metered(self.name, fit_svd), idf, self.dim, self.seed)
             )
         else:
             proj = (
@@ -212,8 +240,7 @@ class EmbedDocuments(beam.PTransform):
                 | "Seed" >> beam.Create([self.seed])
                 | "Projection" >> beam.Map(lambda seed, m, d: projection(m, d, seed), self.num_buckets, self.dim)
             )
-        fn = EmbedShard(self.name, self.chain, self.dim, self.seed, self.num_buckets, self.progress_dir)
-        return shards | "Embed" >> ApplyStage(fn, self.duplicates, frequencies, beam.pvalue.AsSingleton(proj))
+        return idf, proj
 
 
 def embeddings(chain, shard_name: str) -> np.ndarray:
@@ -268,9 +295,36 @@ def _sum_pairs(parts):
 
 
 def load_centroids(path: str) -> np.ndarray:
-    target = path if path.endswith(".npy") else FileSystems.join(path, "centroids.npy")
+    target = path if path.endswith(".npy") else FileSystems.join(path, CENTROIDS_FILE)
     with FileSystems.open(target) as f:
         return np.load(io.BytesIO(f.read()))
+
+
+def load_array(folder: str, name: str) -> np.ndarray:
+    with FileSystems.open(FileSystems.join(folder, name)) as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+def _save_array(array: np.ndarray, folder: str, name: str) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    with FileSystems.create(FileSystems.join(folder, name)) as f:
+        f.write(buffer.getvalue())
+
+
+def save_embedding(basis: np.ndarray, idf: np.ndarray, folder: str) -> None:
+    """What applies the embedding again: the IDF (num_buckets,) and the basis (num_buckets, dim)."""
+    _save_array(idf, folder, IDF_FILE)
+    _save_array(basis, folder, BASIS_FILE)
+
+
+def read_cluster_meta(folder: str) -> dict | None:
+    """The settings a cluster model was fitted with (``cluster.json``); None if it has none."""
+    path = FileSystems.join(folder, META_FILE)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
 
 
 class AssignShard(ShardStageFn):
@@ -321,11 +375,13 @@ def _move_centroids(total, centroids: np.ndarray) -> np.ndarray:
     return moved.astype(np.float32)
 
 
-def save_centroids(centroids: np.ndarray, artifacts: str) -> np.ndarray:
-    buffer = io.BytesIO()
-    np.save(buffer, centroids)
-    with FileSystems.create(FileSystems.join(artifacts, "centroids.npy")) as f:
-        f.write(buffer.getvalue())
+def save_centroids(centroids: np.ndarray, artifacts: str, meta: dict | None = None) -> np.ndarray:
+    """The centroids, and with ``meta`` the settings that made them (checked when they are applied)."""
+    _save_array(centroids, artifacts, CENTROIDS_FILE)
+    if meta is not None:
+        meta = {**meta, "cluster.k": int(centroids.shape[0]), "width": int(centroids.shape[1])}
+        with FileSystems.create(FileSystems.join(artifacts, META_FILE)) as f:
+            f.write(json.dumps(meta, indent=2).encode())
     return centroids
 
 
@@ -334,11 +390,14 @@ class ClusterDocuments(beam.PTransform):
     over every document in the running (Beam combines: when a sample is not enough), and assign
     every document."""
 
-    def __init__(self, name, chain, k, sample, seed, duplicates, artifacts, model=None, progress_dir=None, passes=0):
+    def __init__(
+        self, name, chain, k, sample, seed, duplicates, artifacts, model=None, progress_dir=None, passes=0, meta=None
+    ):
         super().__init__()
         self.name, self.chain, self.k, self.sample, self.seed = name, chain, k, sample, seed
         self.duplicates, self.artifacts, self.model, self.progress_dir = duplicates, artifacts, model, progress_dir
         self.passes = passes
+        self.meta = meta  # the embedding's settings, saved beside the centroids
 
     def expand(self, shards):
         if self.model is not None:
@@ -362,6 +421,6 @@ class ClusterDocuments(beam.PTransform):
                     | f"SumCentroids{i}" >> beam.CombineGlobally(_sum_pairs)
                 )
                 centroids = total | f"MoveCentroids{i}" >> beam.Map(Metered(self.name, _move_centroids), current)
-            centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts)
+            centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts, self.meta)
         fn = AssignShard(self.name, self.chain, self.progress_dir)
         return shards | "Assign" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(centroids))

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import fixed_point_sum, shard_of
+from beamsift.transforms.schema import id_type
 from beamsift.transforms.stage import read_id_hashes, read_staging, write_parquet
 
 EXAMPLES = 3
@@ -61,7 +62,8 @@ class _ClusterPartials(beam.DoFn):
                 x = v[rows]
                 x = x[~np.isnan(x)]
                 sums[name] = (fixed_point_sum(x, FIXED_POINT), len(x))  # the same for any split
-            nearest = sorted(zip(distance[rows].tolist(), id_hash[rows].tolist(), (str(ids[r]) for r in rows)))
+            # Ids as read (an integer id stays one); ordered by (distance, id hash) alone.
+            nearest = sorted(zip(distance[rows].tolist(), id_hash[rows].tolist(), (ids[r] for r in rows)), key=_near)
             out[c] = {
                 "size": len(rows),
                 "selected": int(selected[rows].sum()),
@@ -70,6 +72,11 @@ class _ClusterPartials(beam.DoFn):
                 "examples": nearest[:EXAMPLES],
             }
         yield out
+
+
+def _near(example: tuple) -> tuple:
+    # Ids of two batches may differ in type (int, str): they are never compared.
+    return example[0], example[1]
 
 
 class _SumClusters(beam.CombineFn):
@@ -87,7 +94,7 @@ class _SumClusters(beam.CombineFn):
             for name, (s, n) in p["sums"].items():
                 s0, n0 = a["sums"].get(name, (0, 0))
                 a["sums"][name] = (s0 + s, n0 + n)
-            a["examples"] = sorted(a["examples"] + p["examples"])[:EXAMPLES]
+            a["examples"] = sorted(a["examples"] + p["examples"], key=_near)[:EXAMPLES]
         return acc
 
     def merge_accumulators(self, accs):
@@ -108,31 +115,35 @@ class _SumClusters(beam.CombineFn):
         return rows
 
 
-def cluster_table(rows: list[dict], columns: list[str]) -> pa.Table:
+def cluster_table(rows: list[dict], columns: list[str], ids: pa.DataType | None = None) -> pa.Table:
+    """The rows as a table; ``examples`` is a list of ``ids``, the type of the run's ``id`` (text if not given)."""
     fields = [
         pa.field("cluster", pa.int64()),
         pa.field("size", pa.int64()),
         pa.field("selected", pa.int64()),
         pa.field("duplicates", pa.int64()),
         *(pa.field(f"mean_{c}", pa.float64()) for c in columns),
-        pa.field("examples", pa.list_(pa.string())),
+        pa.field("examples", pa.list_(ids or pa.string())),
     ]
     schema = pa.schema(fields)
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in fields} for r in rows], schema=schema)
 
 
-def _write(rows: list[dict], out: str, columns: list[str]) -> dict:
-    write_parquet(cluster_table(rows, columns), FileSystems.join(out, FILE))
+def _write(rows: list[dict], out: str, columns: list[str], fields=()) -> dict:
+    ids = id_type(fields)
+    if not pa.types.is_integer(ids):  # text ids, or ids of mixed types that the run writes as text
+        rows = [{**r, "examples": [str(e) for e in r["examples"]]} for r in rows]
+    write_parquet(cluster_table(rows, columns, ids), FileSystems.join(out, FILE))
     return {"clusters": rows}
 
 
 class ClusterStatistics(beam.PTransform):
     """The final shards -> the per-cluster rows, written under ``out``; yields {"clusters": rows}
-    for the manifest."""
+    for the manifest. ``fields``: the unified field types (a side input), for the id's type."""
 
-    def __init__(self, chain, select_stage: str, out: str):
+    def __init__(self, chain, select_stage: str, out: str, fields=()):
         super().__init__()
-        self.chain, self.select_stage, self.out = chain, select_stage, out
+        self.chain, self.select_stage, self.out, self.fields = chain, select_stage, out, fields
         self.columns = mean_columns(chain, select_stage)
 
     def expand(self, shards):
@@ -140,5 +151,5 @@ class ClusterStatistics(beam.PTransform):
             shards
             | "ClusterPartials" >> beam.ParDo(_ClusterPartials(self.chain, self.select_stage, self.columns))
             | "SumClusters" >> beam.CombineGlobally(_SumClusters())
-            | "WriteClusters" >> beam.Map(_write, self.out, self.columns)
+            | "WriteClusters" >> beam.Map(_write, self.out, self.columns, self.fields)
         )

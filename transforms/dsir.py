@@ -234,7 +234,14 @@ def build_model(pool: NgramTotals, target: NgramTotals | None, fitted, params: d
 
 TOO_SHORT = "too short"
 # The columns the DSIR stage adds to scores/ (name, Arrow type).
-COLUMNS = (("dsir_log_weight", "double"), ("dsir_key", "double"), ("n_ngrams", "int64"))
+# dsir_log_weight_per_ngram is what a filter or a top-k should rank on: the paper's sum grows
+# with length, so that ranking by it favours short documents whenever log w < 0 for most.
+COLUMNS = (
+    ("dsir_log_weight", "double"),
+    ("dsir_log_weight_per_ngram", "double"),
+    ("dsir_key", "double"),
+    ("n_ngrams", "int64"),
+)
 
 
 class ScoreDsirShard(ShardStageFn):
@@ -257,7 +264,9 @@ class ScoreDsirShard(ShardStageFn):
         reasons[running & ~model.eligible_mask(n_tokens)] = TOO_SHORT
         key = resampled + gumbel(id_hash, self.seed, SELECT_STREAM)
         key[~running_mask(reasons)] = np.nan
-        return {"dsir_log_weight": log_w, "dsir_key": key, "n_ngrams": features.n_ngrams}, reasons
+        per_ngram = log_w / np.maximum(features.n_ngrams, 1)
+        columns = {"dsir_log_weight": log_w, "dsir_log_weight_per_ngram": per_ngram, "dsir_key": key}
+        return {**columns, "n_ngrams": features.n_ngrams}, reasons
 
 
 def selection_ngrams(staged, selected: np.ndarray, in_random: np.ndarray, num_buckets: int) -> dict:

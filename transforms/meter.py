@@ -67,6 +67,19 @@ class StageMeter:
         if time.time() - self._flushed >= FLUSH_EVERY_S:
             self.flush()
 
+    def status(self, **state) -> None:
+        """What a long unit of work is doing now (a model's training: model, seed, epoch, loss),
+        for the live display, which shows it while the stage has no documents to count yet;
+        no keywords: done (written at once, so that the display stops showing it)."""
+        if self._file is None:
+            return
+        if state:
+            self._totals["state"] = state
+        else:
+            self._totals.pop("state", None)
+        if not state or time.time() - self._flushed >= FLUSH_EVERY_S:
+            self.flush()
+
     def flush(self) -> None:
         if self._file is None:
             return

@@ -31,7 +31,7 @@ import math
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -333,55 +333,154 @@ class TrainSettings:
     patience: int = 1  # epochs without a better held-out loss before stopping
 
 
-def train(model, batches_of, n: int, settings: TrainSettings, seed: int, loss_of, checkpoints: list | None = None):
-    """Adam on ``n`` examples with early stopping on a held-out share; returns the best model
-    (lowest held-out loss) and the number of epochs run.
+# A model "beats its baseline" when its held-out loss is at least this share below the
+# baseline's: a model that is only a little better than counting tokens (or labels) ranks
+# documents by little more than their length or label.
+BASELINE_MARGIN = 0.10
 
-    ``batches_of(indices)`` builds a batch; ``loss_of(model, batch)`` is the mean batch loss.
+
+@dataclass
+class TrainRecord:
+    """How one model's training went, epoch by epoch (the manifest's ``training``)."""
+
+    train_loss: list = field(default_factory=list)  # mean loss over each epoch's training batches
+    held_out_loss: list = field(default_factory=list)  # after each epoch, on the held-out share
+    epochs_run: int = 0
+    best_epoch: int = 0  # the epoch whose model is kept; 0 where nothing was held out
+    stopped_early: bool = False
+    train_idx: np.ndarray | None = None  # which examples it trained on, and which were held out
+    held_idx: np.ndarray | None = None
+
+    def as_dict(self, max_epochs: int) -> dict:
+        # No best epoch with held-out losses: every one was NaN (training diverged).
+        best = self.held_out_loss[self.best_epoch - 1 if self.best_epoch else -1] if self.held_out_loss else None
+        return {
+            "trained_on": int(len(self.train_idx)),
+            "held_out": int(len(self.held_idx)),
+            "epochs_run": self.epochs_run,
+            "max_epochs": max_epochs,
+            "stopping_epoch": self.best_epoch or self.epochs_run,
+            "stopped": "early" if self.stopped_early else "max_epochs",
+            "train_loss": [_round(x) for x in self.train_loss],
+            "held_out_loss": [_round(x) for x in self.held_out_loss],
+            "final_held_out_loss": _round(best) if best is not None else None,
+        }
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.5g}")
+
+
+def judge(record: dict, baseline_loss: float | None) -> dict:
+    """``record`` with its baseline's held-out loss and whether the model beats it."""
+    loss = record["final_held_out_loss"]
+    record["baseline"]["held_out_loss"] = _round(baseline_loss) if baseline_loss is not None else None
+    if loss is None or baseline_loss is None or not math.isfinite(baseline_loss) or baseline_loss <= 0:
+        record["beats_baseline"] = None  # nothing held out: nothing to judge by
+        return record
+    record["improvement"] = _round(1 - loss / baseline_loss)
+    record["beats_baseline"] = bool(loss <= (1 - BASELINE_MARGIN) * baseline_loss)
+    return record
+
+
+def unigram_loss(ids: list[list[int]], train_idx, held_idx, vocab_size: int) -> float | None:
+    """A causal LM's baseline: the cross-entropy (nats per token) of the held-out documents' next
+    tokens under the training documents' token frequencies, add-one smoothed over the vocabulary."""
+    targets = [t for i in held_idx for t in ids[i][1:]]
+    if not targets:
+        return None
+    seen = [t for i in train_idx for t in ids[i]]
+    counts = np.bincount(np.asarray(seen, dtype=np.int64), minlength=vocab_size)[:vocab_size] + 1.0
+    log_p = np.log(counts) - np.log(counts.sum())
+    return float(-log_p[np.asarray(targets, dtype=np.int64)].mean())
+
+
+def prior_baseline(y: np.ndarray, train_idx, held_idx, num_labels: int) -> tuple[float | None, float | None]:
+    """A classifier's baseline on the held-out examples: the cross-entropy of the training labels'
+    prior (add-one smoothed), and the accuracy of always answering the most frequent label."""
+    if not len(held_idx):
+        return None, None
+    counts = np.bincount(y[train_idx], minlength=num_labels) + 1.0
+    p = counts / counts.sum()
+    held = y[held_idx]
+    return float(-np.log(p[held]).mean()), float((held == np.argmax(counts)).mean())
+
+
+def train(
+    model,
+    batches_of,
+    n: int,
+    settings: TrainSettings,
+    seed: int,
+    loss_of,
+    checkpoints: list | None = None,
+    weight_of=None,
+    report=None,
+):
+    """Adam on ``n`` examples with early stopping on a held-out share; returns the best model
+    (lowest held-out loss) and a TrainRecord of how training went.
+
+    ``batches_of(indices)`` builds a batch; ``loss_of(model, batch)`` is the mean batch loss;
+    ``weight_of(batch)`` its weight in an epoch's mean loss (default: its examples; a causal LM's:
+    its tokens, so that the epoch's loss is per token). ``report(epoch, step, steps, loss)``, if
+    given, is told of each step (the live progress display).
     Stopping on held-out loss keeps a proxy in its early phase of training, before it memorises
     noisy labels (what EL2N needs to flag them; Paul et al. 2021). ``checkpoints``: if a list,
     each epoch's (learning rate, state) is appended (TracIn).
     """
     torch = _torch()
+    weight_of = weight_of or (lambda batch: len(batch[0]))
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     held = max(int(n * settings.holdout), 1) if n >= 10 else 0
     holdout, train_idx = order[:held], order[held:]
+    record = TrainRecord(train_idx=train_idx, held_idx=holdout)
     opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    best, best_state, stale, epochs, best_epoch = math.inf, None, 0, 0, 0
-    for _ in range(settings.epochs):
+    best, best_state, stale = math.inf, None, 0
+    steps = -(-len(train_idx) // settings.batch_size)
+    for epoch in range(1, settings.epochs + 1):
         model.train()
         shuffled = rng.permutation(train_idx)
-        for start in range(0, len(shuffled), settings.batch_size):
+        total = weight = 0.0
+        for step, start in enumerate(range(0, len(shuffled), settings.batch_size), 1):
             batch = on_device(model, *batches_of(shuffled[start : start + settings.batch_size]))
             opt.zero_grad()
             loss = loss_of(model, batch)
             loss.backward()
             opt.step()
-        epochs += 1
+            w = float(weight_of(batch))
+            total, weight = total + loss.detach().item() * w, weight + w
+            if report is not None:
+                report(epoch, step, steps, total / max(weight, 1e-12))
+        record.epochs_run = epoch
+        record.train_loss.append(total / max(weight, 1e-12))
         if checkpoints is not None:
             checkpoints.append((settings.learning_rate, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         if not held:
             continue
         model.eval()
         with torch.no_grad():
-            total = 0.0
+            total = weight = 0.0
             for start in range(0, held, settings.batch_size * 4):
-                idx = holdout[start : start + settings.batch_size * 4]
-                total += float(loss_of(model, on_device(model, *batches_of(idx)))) * len(idx)
-        if total / held < best - 1e-6:
-            best, stale, best_epoch = total / held, 0, epochs
+                batch = on_device(model, *batches_of(holdout[start : start + settings.batch_size * 4]))
+                w = float(weight_of(batch))
+                total, weight = total + float(loss_of(model, batch)) * w, weight + w
+        held_loss = total / max(weight, 1e-12)
+        record.held_out_loss.append(held_loss)
+        if held_loss < best - 1e-6:
+            best, stale, record.best_epoch = held_loss, 0, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
             if stale >= settings.patience:
+                record.stopped_early = epoch < settings.epochs
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
         if checkpoints is not None:
-            del checkpoints[best_epoch:]  # TracIn sums over the path to the model that is kept
+            del checkpoints[record.best_epoch :]  # TracIn sums over the path to the model that is kept
     model.eval()
-    return model, epochs
+    return model, record
 
 
 # ---- moving models between workers ---------------------------------------------------------

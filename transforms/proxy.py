@@ -17,7 +17,9 @@ target's model explains a document better than the pool's).
 The sample is the documents with the smallest seeded hash key, taken by a combine that keeps
 the n smallest: the same documents on every runner. The trained models are saved to
 ``artifacts/`` and travel to the scoring workers as one side input (a tar of their
-``save_pretrained`` folders), loaded once per worker.
+``save_pretrained`` folders), loaded once per worker. The training step also returns how each model
+trained (per-epoch losses, the stopping epoch, a baseline that needs no training): it joins the
+stage's summaries and reaches the manifest's ``training`` (``pipeline/diagnostics.py``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms import models
 from beamsift.transforms.chain import ShardStageFn, running_mask
 from beamsift.transforms.featurize import features_from_arrow
-from beamsift.transforms.meter import Metered
+from beamsift.transforms.meter import Metered, StageMeter
 from beamsift.transforms.schema import BUCKETS, N_TOKENS, TEXT
 from beamsift.transforms.select import seeded_sample
 from beamsift.transforms.stage import read_id_hashes, read_staging
 
 SAMPLE_STREAM = 0x5A4D91
+MODELS_TAR = "models.tar"  # the trained models on an object store: one tar of their folders
+SETTINGS_FILE = "settings.json"  # beside the models: the settings applying them needs
 NO_LABEL = "no label"
 UNKNOWN_LABEL = "unknown label"
 
@@ -172,23 +176,42 @@ def _set_threads(settings: ProxySettings) -> None:
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
 
 
-def train_proxies(sample: list, settings: ProxySettings, seed: int, artifacts: str | None, target=None) -> bytes:
-    """The K proxies (and, with ``target``, the tokenizer's and a reference model), packed.
+def train_proxies(
+    sample: list, settings: ProxySettings, seed: int, artifacts: str | None, target=None, report=None
+) -> tuple[bytes, list[dict]]:
+    """The K proxies (and, with ``target``, the tokenizer's and a reference model), packed; and
+    how each model's training went, against its baseline (the manifest's ``training``).
 
-    ``sample``: [(key, id hash, (payload, label))]; ``target``: the target's texts."""
+    ``sample``: [(key, id hash, (payload, label))]; ``target``: the target's texts; ``report``:
+    a callable told what is being trained (keywords model, seed, epoch, loss...), for the live display."""
     _set_threads(settings)
+    report = report or (lambda **state: None)
     payload = [p for _, _, p in sample]
     if settings.labelled:
-        objects, info = _train_classifiers(payload, settings, seed)
+        objects, records = _train_classifiers(payload, settings, seed, report)
     else:
-        objects, info = _train_lms([t for t, _ in payload], settings, seed, target)
+        objects, records = _train_lms([t for t, _ in payload], settings, seed, target, report)
     data = models.pack(objects)
     if artifacts is not None:
         _save_artifacts(data, artifacts)
-    return data
+    return data, records
 
 
-def _train_classifiers(payload, settings: ProxySettings, seed: int):
+def _reporter(report, model: str, seed: int, epochs: int):
+    """``models.train``'s report callback for one model."""
+
+    def on_step(epoch, step, steps, loss):
+        report(model=model, seed=seed, epoch=epoch, epochs=epochs, step=step, steps=steps, loss=loss)
+
+    return on_step
+
+
+def _record(name: str, kind: str, seed: int, record: models.TrainRecord, settings: ProxySettings, **extra) -> dict:
+    unit = "nats per document" if kind == "classifier" else "nats per token"
+    return {"model": name, "kind": kind, "seed": seed, "loss_unit": unit, **record.as_dict(settings.epochs), **extra}
+
+
+def _train_classifiers(payload, settings: ProxySettings, seed: int, report):
     import torch
 
     labelled = [(b, y) for b, y in payload if y is not None]
@@ -199,6 +222,16 @@ def _train_classifiers(payload, settings: ProxySettings, seed: int):
         raise SelectionError(
             f"input.label_field: the proxy's training sample has {len(names)} label(s) ({names}); "
             "a classifier needs at least 2"
+        )
+    if len(names) == len(labelled):
+        # No class has a second document: a held-out document's class is never trained on.
+        from beamsift.transforms.schema import input_field
+        from beamsift.transforms.select import SelectionError
+
+        raise SelectionError(
+            f"input.label_field {input_field(settings.label_column)!r}: each of the proxy's {len(labelled)} "
+            f"training documents has a label of its own (e.g. {names[0][:40]!r}); a label must name a class "
+            "that documents share"
         )
     index = {n: i for i, n in enumerate(names)}
     buckets = [b for b, _ in labelled]
@@ -211,16 +244,49 @@ def _train_classifiers(payload, settings: ProxySettings, seed: int):
         logits, _ = model(batch[0])
         return torch.nn.functional.cross_entropy(logits, batch[1])
 
-    objects = {}
+    objects, records = {}, []
     for k in range(settings.seeds):
-        model = models.new_classifier(settings.num_buckets, len(names), names, settings.hidden, seed * 1000 + k)
+        model_seed = seed * 1000 + k
+        model = models.new_classifier(settings.num_buckets, len(names), names, settings.hidden, model_seed)
         checkpoints = [] if settings.self_influence else None
-        model, _ = models.train(
-            model, batch_of, len(labelled), settings.train_settings(), seed * 1000 + k, loss_of, checkpoints
+        model, record = models.train(
+            model,
+            batch_of,
+            len(labelled),
+            settings.train_settings(),
+            model_seed,
+            loss_of,
+            checkpoints,
+            report=_reporter(report, f"proxy-{k}", model_seed, settings.epochs),
         )
         objects[f"proxy-{k}"] = model
         objects.update(_checkpoint_models(model, checkpoints, k))
-    return objects, {}
+        prior_loss, majority = models.prior_baseline(y.numpy(), record.train_idx, record.held_idx, len(names))
+        entry = _record(
+            f"proxy-{k}",
+            "classifier",
+            model_seed,
+            record,
+            settings,
+            held_out_accuracy=_accuracy(model, batch_of, record.held_idx),
+            baseline={"name": "label prior", "accuracy": None if majority is None else round(majority, 4)},
+        )
+        records.append(models.judge(entry, prior_loss))
+    return objects, records
+
+
+def _accuracy(model, batch_of, idx) -> float | None:
+    """The share of ``idx`` whose most probable label is theirs."""
+    import torch
+
+    if not len(idx):
+        return None
+    right = 0
+    with torch.no_grad():
+        for start in range(0, len(idx), 256):
+            x, y = models.on_device(model, *batch_of(idx[start : start + 256]))
+            right += int((model(x)[0].argmax(-1) == y).sum())
+    return round(right / len(idx), 4)
 
 
 def _checkpoint_models(model, checkpoints, k: int) -> dict:
@@ -236,9 +302,10 @@ def _checkpoint_models(model, checkpoints, k: int) -> dict:
     return out
 
 
-def _train_lms(texts: list[str], settings: ProxySettings, seed: int, target: list[str] | None):
+def _train_lms(texts: list[str], settings: ProxySettings, seed: int, target: list[str] | None, report):
+    report(model="tokenizer", seed=seed)
     tokenizer = models.train_tokenizer(texts + list(target or []), settings.vocab_size)
-    objects = {"tokenizer": tokenizer}
+    objects, records = {"tokenizer": tokenizer}, []
     seeds = 1 if target is not None else settings.seeds
     for name, corpus, count in (("proxy", texts, seeds), ("reference", target, 1)):
         if corpus is None:
@@ -246,22 +313,36 @@ def _train_lms(texts: list[str], settings: ProxySettings, seed: int, target: lis
         ids, _ = models.encode(tokenizer, corpus, settings.context)
         ids = [i for i in ids if len(i) >= 2]
         for k in range(count):
+            model_seed = seed * 1000 + k
             model = models.new_causal_lm(
-                len(tokenizer), settings.layers, settings.dim, settings.heads, settings.context, seed * 1000 + k
+                len(tokenizer), settings.layers, settings.dim, settings.heads, settings.context, model_seed
             )
             checkpoints = [] if settings.self_influence and name == "proxy" else None
-            model, _ = models.train(
+            model, record = models.train(
                 model,
                 lambda idx, ids=ids: models.pad([ids[i] for i in idx]),
                 len(ids),
                 settings.train_settings(),
-                seed * 1000 + k,
+                model_seed,
                 _lm_loss,
                 checkpoints,
+                weight_of=_lm_tokens,
+                report=_reporter(report, f"{name}-{k}", model_seed, settings.epochs),
             )
             objects[f"{name}-{k}"] = model
             objects.update(_checkpoint_models(model, checkpoints, k))
-    return objects, {}
+            unigram = models.unigram_loss(ids, record.train_idx, record.held_idx, len(tokenizer))
+            entry = _record(
+                f"{name}-{k}",
+                "causal_lm",
+                model_seed,
+                record,
+                settings,
+                trained_on_texts="target" if name == "reference" else "pool sample",
+                baseline={"name": "unigram"},
+            )
+            records.append(models.judge(entry, unigram))
+    return objects, records
 
 
 def _lm_loss(model, batch):
@@ -269,27 +350,66 @@ def _lm_loss(model, batch):
     return (losses * w).sum() / w.sum().clamp(min=1)
 
 
+def _lm_tokens(batch) -> float:
+    """The next tokens a batch predicts: its weight in a causal LM's mean loss per token."""
+    return float(batch[1][:, 1:].sum())
+
+
 def _save_artifacts(data: bytes, artifacts: str) -> None:
     """The packed models, unpacked under artifacts/ (local) or as one tar (object stores)."""
     if FileSystems.get_filesystem(artifacts).scheme() in (None, "file"):
         models.unpack(data, artifacts)
     else:
-        with FileSystems.create(FileSystems.join(artifacts, "models.tar")) as f:
+        with FileSystems.create(FileSystems.join(artifacts, MODELS_TAR)) as f:
             f.write(data)
 
 
+def save_settings(_, artifacts: str, settings: ProxySettings) -> None:
+    """What the models need to be applied again that their configs do not say (the n-grams)."""
+    import json
+
+    saved = {
+        "featurize.buckets": settings.num_buckets,
+        "featurize.max_ngram": settings.max_ngram,
+        "proxy.context": settings.context,
+    }
+    with FileSystems.create(FileSystems.join(artifacts, SETTINGS_FILE)) as f:
+        f.write(json.dumps(saved, indent=2).encode())
+
+
+# A single save_pretrained model given whole: these files of its folder are its tokenizer's.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
 def load_given(path: str) -> bytes:
-    """A saved model folder (``save_pretrained``; a run's artifacts/proxy) packed like a trained one."""
+    """A saved model stage folder packed like trained models: a run's artifacts/proxy (its models'
+    save_pretrained folders, or their models.tar), or one save_pretrained model with its tokenizer."""
     import io
     import tarfile
 
+    packed = FileSystems.join(path, MODELS_TAR)
+    if FileSystems.exists(packed):
+        with FileSystems.open(packed) as f:
+            return f.read()
+    prefix = path.rstrip("/") + "/"
+    files = sorted(m.path for m in FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list)
+    relative = [f[len(prefix) :] if f.startswith(prefix) else os.path.relpath(f, path) for f in files]
+    single = "config.json" in relative
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name in sorted(os.listdir(path)):
-            if os.path.isdir(os.path.join(path, name)):
-                tar.add(os.path.join(path, name), arcname=name)
-        if os.path.exists(os.path.join(path, "config.json")):
-            tar.add(path, arcname="proxy-0")
+        for full, name in zip(files, relative):
+            if "/" in name:
+                names = [name]
+            elif single:
+                names = ["proxy-0/" + name] + (["tokenizer/" + name] if name in _TOKENIZER_FILES else [])
+            else:
+                continue  # settings.json and the like
+            with FileSystems.open(full) as f:
+                data = f.read()
+            for arcname in names:
+                info = tarfile.TarInfo(arcname)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 
@@ -300,19 +420,24 @@ class _Loaded:
     """Models unpacked from a bundle, kept per worker (a DoFn instance) across bundles."""
 
     def __init__(self, data: bytes):
-        self.folder = tempfile.mkdtemp(prefix="beamsift-models-")
-        models.unpack(data, self.folder)
-        names = sorted(os.listdir(self.folder))
-        self.proxies = [models.load_model(os.path.join(self.folder, n)) for n in names if n.startswith("proxy-")]
-        self.references = [models.load_model(os.path.join(self.folder, n)) for n in names if n.startswith("reference-")]
+        # Unpacked only to be loaded: everything is in memory afterwards, and nothing is left in
+        # the temp dir (a worker may be killed without running any clean-up).
+        with tempfile.TemporaryDirectory(prefix="beamsift-models-") as folder:
+            models.unpack(data, folder)
+            self._load(folder)
+
+    def _load(self, folder: str) -> None:
+        names = sorted(os.listdir(folder))
+        self.proxies = [models.load_model(os.path.join(folder, n)) for n in names if n.startswith("proxy-")]
+        self.references = [models.load_model(os.path.join(folder, n)) for n in names if n.startswith("reference-")]
         self.tokenizer = None
         if "tokenizer" in names:
             from transformers import PreTrainedTokenizerFast
 
-            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(self.folder, "tokenizer"))
+            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(folder, "tokenizer"))
         self.checkpoints = [
             (m, float(m.config.tracin_learning_rate))
-            for m in (models.load_model(os.path.join(self.folder, n)) for n in names if n.startswith("ckpt-"))
+            for m in (models.load_model(os.path.join(folder, n)) for n in names if n.startswith("ckpt-"))
         ]
         self.target_grads = None  # per proxy: the target's mean last-layer gradient, once computed
         self.labels = None
@@ -538,6 +663,7 @@ class ModelStage(beam.PTransform):
         from beamsift.transforms.chain import ApplyStage
 
         s = self.settings
+        training = None
         if s.model is not None:
             bundle = shards.pipeline | "GivenModel" >> beam.Create([s.model]) | "Pack" >> beam.Map(load_given)
         else:
@@ -549,11 +675,23 @@ class ModelStage(beam.PTransform):
             )
             extra = (self.target_texts,) if self.excess else ()
             artifacts = FileSystems.join(self.artifacts, self.name)
-            bundle = sample | "Train" >> beam.Map(Metered(self.name, self._train), artifacts, *extra)
+            trained = sample | "Train" >> beam.Map(Metered(self.name, self._train), artifacts, *extra)
+            bundle = trained | "Models" >> beam.Map(lambda t: t[0])
+            # How training went reaches the manifest as part of the run's summary.
+            training = trained | "TrainingReport" >> beam.Map(lambda t, name=self.name: {"training": {name: t[1]}})
+            _ = bundle | "SaveSettings" >> beam.Map(save_settings, artifacts, s)
         fn = ScoreWithModels(self.name, self.chain, s, self.excess, self.progress_dir)
         target = (self.target_texts,) if s.target_influence else ()
-        return shards | "Score" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(bundle), *target)
+        scored, summary = shards | "Score" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(bundle), *target)
+        if training is not None:
+            summary = (summary, training) | "WithTrainingReport" >> beam.Flatten()
+        return scored, summary
 
     def _train(self, sample, artifacts, target=None):
         texts = [t for t, _ in target] if target is not None else None
-        return train_proxies(sample, self.settings, self.seed, artifacts, texts)
+        meter = StageMeter(self.name, self.progress_dir)  # what is being trained, for the live display
+        meter.setup()
+        try:
+            return train_proxies(sample, self.settings, self.seed, artifacts, texts, meter.status)
+        finally:
+            meter.status()

@@ -160,6 +160,9 @@ def check_fields(
                 f"{section}.text_field {spec.text_field!r} is a column of {_arrow_kind(t)}, not text, in {path}; "
                 f"its columns: {_listing(names)}"
             )
+        if label_field is not None and pa.types.is_nested(schema.field(label_field).type):
+            kind = _arrow_kind(schema.field(label_field).type)
+            raise InputError(f"{section}.label_field {label_field!r} is a column of {kind} in {path}: {_LABEL_KINDS}")
         return
     lines, records = _first_records(files)
     if not lines:
@@ -183,6 +186,23 @@ def check_fields(
         raise InputError(
             f"{section}.text_field {spec.text_field!r} holds {' or '.join(sorted(kinds))}, never text, in {where}; "
             f"their fields: {_listing(names)}"
+        )
+    if label_field is not None:
+        _check_label_values(label_field, [r.get(label_field) for r in records], section, where)
+
+
+# A label is one class: an object or a list as a label would make every distinct value a class of its own.
+_LABEL_KINDS = "a label must be a string, a number or a boolean (name a field that holds one)"
+
+
+def _check_label_values(field: str, values: list, section: str, where: str) -> None:
+    nested = [v for v in values if isinstance(v, (dict, list))]
+    if nested:
+        example = json.dumps(nested[0], ensure_ascii=False, default=str)
+        example = example if len(example) <= 40 else example[:39] + "…"
+        raise InputError(
+            f"{section}.label_field {field!r} holds {_json_type(nested[0])} ({example}) in {len(nested)} of "
+            f"{where}: {_LABEL_KINDS}"
         )
 
 
@@ -237,6 +257,32 @@ def _first_records(files, max_files: int = 5) -> tuple[list[bytes], list[dict]]:
         if isinstance(record, dict):
             records.append(record)
     return lines, records
+
+
+def first_values(files: list[tuple[str, str, int]], field: str) -> tuple[list, str]:
+    """The values of ``field`` in the first records of ``files`` (None where a record has none),
+    and which records they are, for checks before any worker starts; no values for txt."""
+    path, fmt, _ = files[0]
+    where = f"the first records of {path}"
+    if fmt == "txt":
+        return [], where
+    if fmt in ("parquet", "hf"):
+        if field not in _arrow_schema(path, fmt).names:
+            return [None], where
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            if fmt == "parquet":
+                batch = next(pq.ParquetFile(f).iter_batches(batch_size=SAMPLE_RECORDS, columns=[field]), None)
+            else:
+                data = f.read()
+                try:
+                    batch = next(iter(pa.ipc.open_stream(data)), None)
+                except pa.ArrowInvalid:
+                    reader = pa.ipc.open_file(data)
+                    batch = reader.get_batch(0) if reader.num_record_batches else None
+        values = batch.column(field).to_pylist()[:SAMPLE_RECORDS] if batch is not None else []
+        return values, f"the first {len(values)} records of {path}"
+    _, records = _first_records(files)
+    return [r.get(field) for r in records], f"the first {len(records)} records of {path}"
 
 
 def max_records(files: list[tuple[str, str, int]], txt_mode: str, max_bytes: int = 256 << 20) -> int | None:

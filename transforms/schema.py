@@ -32,11 +32,17 @@ BEAMSIFT_COLUMNS = frozenset(
         N_TOKENS,
         "n_ngrams",
         "dsir_log_weight",
+        "dsir_log_weight_per_ngram",
         "dsir_key",
         SOURCE_FILE,
+        # The other stages' columns: an input field of one of these names would collide with it.
+        *("loss", "perplexity", "el2n", "grand_last_layer", "grand", "self_influence", "target_influence"),
+        *("reference_loss", "excess_loss", "weight", "cluster", "cluster_distance", "duplicate_of", "sensitivity"),
     }
 )
 RESERVED = BEAMSIFT_COLUMNS | frozenset(INTERNAL)
+# Score columns that hold the id of another document: written with the id's type.
+ID_VALUED = frozenset({"duplicate_of"})
 
 
 def output_column(field: str) -> str:
@@ -169,6 +175,12 @@ _SIMPLE_TYPES = {
 }
 
 
+def id_type(fields: list[tuple[str, str]]) -> pa.DataType:
+    """The id's type unified over the input (int64 where every id is an integer), from the
+    unified ``fields``; text where they do not say."""
+    return _type_from_str(dict(fields).get("id", "string"))
+
+
 def _type_from_str(s: str) -> pa.DataType:
     # Types travel between workers as strings: simple to encode and compare. Anything that is
     # not a plain scalar type (timestamps, lists, structs from Parquet input) is written as text.
@@ -190,12 +202,14 @@ def conform(table: pa.Table, fields: list[tuple[str, str]], front: list[pa.Field
     """``table`` with the columns ``front`` then the unified input ``fields``, cast to their types.
 
     A front column that is also a unified field (the id, whose type is unified over the input
-    like a field's) takes the unified type.
+    like a field's) takes the unified type; a column of other documents' ids (``duplicate_of``)
+    takes the id's, so that it joins with ``id`` as it is.
     """
     unified = dict(fields)
     arrays, schema = [], []
     for f in front:
-        t = _type_from_str(unified[f.name]) if f.name in unified else f.type
+        name = "id" if f.name in ID_VALUED and "id" in unified else f.name
+        t = _type_from_str(unified[name]) if name in unified else f.type
         arrays.append(_cast(table.column(f.name), t))
         schema.append(pa.field(f.name, t))
     names = {f.name for f in front}

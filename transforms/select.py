@@ -295,10 +295,14 @@ def check_budget(cut: Cut, running_total: int, explain=None) -> tuple[int, int]:
     if cut.k is not None and skip + keep > running_total:
         offset = f" after skipping the top {skip}" if skip else ""
         raise SelectionError(
-            f"select.k={cut.k} is larger than the {max(running_total - skip, 0)} eligible documents{offset}{why}"
+            f"select.k={cut.k} is larger than the {max(running_total - skip, 0)} eligible documents{offset}{why} "
+            "(lower select.k)"
         )
     if cut.fraction is not None and keep < 1:
-        raise SelectionError(f"select.fraction={cut.fraction} of {running_total} documents selects none{why}")
+        raise SelectionError(
+            f"select.fraction={cut.fraction} of {running_total} eligible documents rounds to none{why} "
+            f"(raise select.fraction to at least {1 / max(running_total, 1):.2g}, or set select.k)"
+        )
     return skip, keep
 
 
@@ -311,6 +315,8 @@ class ApplyCutShard(ShardStageFn):
         self.cut = cut
         self.role = role
         self.seed = seed
+        if cut.ranked() and cut.method != "all":
+            self.rank_column = cut.column
 
     def score(self, shard, reasons, thresholds):
         running = running_mask(reasons)
@@ -398,15 +404,14 @@ def explain_running(total: int, rejects: dict, prior: dict, min_tokens: int | No
     first = next(iter(stages.values()), None)
     valid = first["in"] if first else total
     parts = [describe_rejects(rejects, "pool", valid)]
-    short = False
     for counts in stages.values():
         for reason, n in counts.items():
             if reason in ("in", "out", "notes"):
                 continue
             if reason == "too short" and min_tokens is not None:
-                short = True
-                parts.append(f"{n:,} valid documents have fewer than dsir.min_tokens={min_tokens} tokens")
+                parts.append(
+                    f"{n:,} valid documents have fewer than dsir.min_tokens={min_tokens} tokens (lower it to keep them)"
+                )
             else:
                 parts.append(f"{n:,} were taken out as {reason!r}")
-    hint = "lower select.k or dsir.min_tokens" if short else "lower select.k"
-    return ": " + "; ".join(parts) + f" ({hint})"
+    return ": " + "; ".join(parts)

@@ -287,7 +287,7 @@ def throughput_svd(args, pool: str, tmp: str, n_docs: int, texts: list[str]) -> 
 def plain_encoder(texts: list[str], k: int, sort: bool) -> tuple[float, float, float]:
     """(load s, encode s, kmeans s) of the plain transformers loop + MiniBatchKMeans."""
     import torch
-    from beamsift.transforms.encode import resolve_encoder
+    from beamsift.transforms.models.encoder import resolve_encoder
     from sklearn.cluster import MiniBatchKMeans
     from transformers import AutoModel, AutoTokenizer
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
-from beamsift.transforms.dsir import kl_divergence
 from beamsift.transforms.featurize import bucket_counts, hashed_ngram_features
+from beamsift.transforms.stages.dsir import kl_divergence
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = 10000

@@ -21,7 +21,18 @@ import sys
 import tempfile
 import traceback
 
-from beamsift.pipeline.config import ConfigError, load_config
+
+class _DropBeamImportNotice(logging.Filter):
+    """Importing Beam without its GCP extras logs a warning that concerns only BigQuery users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+# Before the config, which imports the stages and with them Beam.
+logging.getLogger().addFilter(_DropBeamImportNotice())
+
+from beamsift.pipeline.config import ConfigError, load_config  # noqa: E402
 
 TEMPLATE = "dsir.yaml"
 
@@ -34,13 +45,6 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that the same clean-up as for Ctrl-C runs."""
 
 
-class _DropBeamImportNotice(logging.Filter):
-    """Importing Beam without its GCP extras logs a warning that concerns only BigQuery users."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
-
-
 class _DropReportedErrors(logging.Filter):
     """A SelectionError is the user's to fix and is reported in one line: Beam's worker log of
     it, with its traceback, would bury that line."""
@@ -51,7 +55,6 @@ class _DropReportedErrors(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger().addFilter(_DropBeamImportNotice())
     # torch makes its (here unused) compiler cache folder in the temp dir on first use; a run
     # leaves nothing there, so it goes to the user's cache folder (worker processes inherit this).
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -217,8 +220,8 @@ def _run(args, beam_args, train: bool = False) -> int:
     _quiet_logs(args.quiet)
     from beamsift.pipeline.output import OutputDirError
     from beamsift.pipeline.run import run_selection
-    from beamsift.transforms.dsir import SelectionError
-    from beamsift.transforms.read import InputError
+    from beamsift.transforms.io.read import InputError
+    from beamsift.transforms.stages.dsir import SelectionError
 
     show_progress = args.progress if args.progress is not None else (not args.quiet and sys.stderr.isatty())
     progress = _progress_display if show_progress else None
@@ -265,14 +268,13 @@ def training_config(cfg):
     """``cfg`` cut after its first model stage, selecting nothing, with scoring switched off."""
     import dataclasses
 
-    from beamsift.pipeline.config import stage_kind
+    from beamsift.transforms.stages import STAGES, stage_of
 
     stages = cfg["stages"]
-    model_stages = [i for i, name in enumerate(stages) if stage_kind(name) in ("proxy", "excess_loss")]
+    model_stages = [i for i, name in enumerate(stages) if stage_of(name).trains]
     if not model_stages:
-        raise ConfigError(
-            f"{cfg.source}: `beamsift train` needs a proxy or excess_loss stage in 'stages' (got {stages})"
-        )
+        kinds = " or ".join(kind for kind, s in STAGES.items() if s.trains)
+        raise ConfigError(f"{cfg.source}: `beamsift train` needs a {kinds} stage in 'stages' (got {stages})")
     data = cfg.to_dict()
     data["stages"] = stages[: model_stages[0] + 1] + ["select"]
     data["select"].update({"method": "all", "k": None, "fraction": None})

@@ -1,10 +1,10 @@
 """Whether a run's scores can be trusted: how its models trained, and whether the columns that its
 filters and selector rank on spread enough to rank.
 
-The proxy and excess-loss stages report each model's training (``transforms/models.py``
+The proxy and excess-loss stages report each model's training (``transforms/models/``
 TrainRecord, judged against a baseline that needs no training: the unigram token frequencies of
 the same tokenizer for a causal LM, the label prior for a classifier); the filters and the
-selector sum their ranking column's spread over the documents they rank (``transforms/chain.py``
+selector sum their ranking column's spread over the documents they rank (``transforms/chain/``
 ``column_spread``). This module turns both into the manifest's ``training`` and each stage's
 ``ranked_by``, and into the summary's lines and warnings.
 """

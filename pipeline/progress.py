@@ -1,6 +1,6 @@
 """Live progress on a terminal: documents per stage, rate, elapsed time, and a bar for reading.
 
-The workers write running totals into a local folder (``transforms/meter.py``); a thread here
+The workers write running totals into a local folder (``transforms/chain/meter.py``); a thread here
 sums them a few times a second and redraws one line on the terminal. A stage that is training
 a model (before it has documents to count) shows what it trains: the model, its seed, the epoch
 and step, and the running training loss.

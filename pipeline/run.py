@@ -39,12 +39,13 @@ from beamsift.pipeline.output import (
     remove_tree,
 )
 from beamsift.pipeline.saved import check_saved_models, check_target_labels
-from beamsift.transforms.dsir import SelectionError, load_fitted_counts
-from beamsift.transforms.meter import NAMESPACE, stage_timings
-from beamsift.transforms.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
-from beamsift.transforms.schema import REJECTED_SCHEMA, output_column
-from beamsift.transforms.stage import write_parquet
-from beamsift.transforms.write import score_fields, selected_fields, with_text_named
+from beamsift.transforms.chain.meter import NAMESPACE, stage_timings
+from beamsift.transforms.chain.staging import write_parquet
+from beamsift.transforms.io.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
+from beamsift.transforms.io.schema import REJECTED_SCHEMA, output_column
+from beamsift.transforms.io.write import score_fields, selected_fields, with_text_named
+from beamsift.transforms.stages import stage_of
+from beamsift.transforms.stages.dsir import SelectionError, load_fitted_counts
 
 OutputExistsError = OutputDirError  # the name earlier versions used
 
@@ -64,7 +65,7 @@ def run_selection(
 
     ``progress``: a callable ``(progress_dir, total_bytes) -> context manager`` that shows live
     progress from the files that the workers write into ``progress_dir`` (see
-    ``transforms/meter.py``); None for no progress.
+    ``transforms/chain/meter.py``); None for no progress.
     """
     started = time.time()
     out = cfg["output.dir"].rstrip("/") or cfg["output.dir"]
@@ -84,11 +85,7 @@ def run_selection(
         inputs["embed.model"] = [_check_encoder(cfg["embed.model"])]
     saved = check_saved_models(cfg, pool_files)
     inputs.update({key: [os.path.abspath(f) if is_local(f) else f] for key, f in saved.items()})
-    needs_target = (
-        ("dsir" in stages and not cfg["dsir.model"])
-        or ("excess_loss" in stages and not cfg["excess_loss.model"])
-        or ("proxy" in stages and cfg["proxy.target_influence"])
-    )
+    needs_target = any(stage_of(n).needs_target is not None and stage_of(n).needs_target(cfg) for n in stages)
     if needs_target and cfg["target.path"] is not None:
         target_files = _expand(cfg, "target", warnings)
         check_fields(target_files, _spec(cfg, "target"), "target")
@@ -116,6 +113,7 @@ def run_selection(
                 pending.path,
                 staging,
                 progress_dir,
+                saved,
             )
             result = pipeline.run()
             state = result.wait_until_finish()
@@ -312,7 +310,7 @@ def _load_model(path: str):
 
 def _check_encoder(model: str | None) -> str:
     """The encoder for ``embed.method: model`` must load its config before any worker starts."""
-    from beamsift.transforms.encode import EncoderNotFound, encoder_width, resolve_encoder
+    from beamsift.transforms.models.encoder import EncoderNotFound, encoder_width, resolve_encoder
 
     try:
         path = resolve_encoder(model)

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 
 from apache_beam.io.filesystems import FileSystems
-from beamsift.pipeline.config import Config, stage_kind
-from beamsift.transforms import cluster
+from beamsift.pipeline.config import Config
+from beamsift.transforms.io.read import InputError, first_values
 from beamsift.transforms.models import CLASSIFIER
-from beamsift.transforms.proxy import MODELS_TAR, SETTINGS_FILE
-from beamsift.transforms.read import InputError, first_values
+from beamsift.transforms.stages import STAGES, cluster, stage_kind
+from beamsift.transforms.stages.cluster import encoder_name
+from beamsift.transforms.stages.proxy import MODELS_TAR, SETTINGS_FILE
 
-MODEL_KEYS = ("cluster.model", "proxy.model", "excess_loss.model")
+# The saved models a run can apply, checked up front (DSIR's counts are checked by run.py).
+MODEL_KEYS = tuple(s.model_key for s in STAGES.values() if s.model_key is not None)
 
 
 def check_saved_models(cfg: Config, pool_files) -> dict[str, str]:
@@ -73,26 +74,6 @@ def _holds_model(stage: str, folder: str) -> bool:
 # ---- cluster.model ----------------------------------------------------------------------------
 
 
-def cluster_meta(cfg: Config) -> dict:
-    """The settings a cluster model is fitted with, saved beside its centroids (``cluster.json``)."""
-    method = cfg["embed.method"]
-    meta = {"embed.method": method, "featurize.buckets": cfg["featurize.buckets"], "seed": cfg["seed"]}
-    if method == "model":
-        meta["embed.model"] = _encoder_name(cfg["embed.model"])
-    else:
-        meta.update({"embed.dim": cfg["embed.dim"], "featurize.max_ngram": cfg["featurize.max_ngram"]})
-    return meta
-
-
-def _encoder_name(model: str | None) -> str:
-    """An encoder's name: the default's package, a folder's last part (the folder may move), or the hub id."""
-    from beamsift.transforms.encode import PACKAGE
-
-    if model is None:
-        return PACKAGE
-    return os.path.basename(model.rstrip("/")) if os.path.isdir(model) else model
-
-
 def _check_cluster(cfg: Config, folder: str) -> None:
     meta = cluster.read_cluster_meta(folder)
     if meta is None:
@@ -118,9 +99,9 @@ def _check_cluster(cfg: Config, folder: str) -> None:
 
 
 def _check_cluster_encoder(cfg: Config, meta: dict) -> None:
-    from beamsift.transforms.encode import encoder_width, resolve_encoder
+    from beamsift.transforms.models.encoder import encoder_width, resolve_encoder
 
-    name = _encoder_name(cfg["embed.model"])
+    name = encoder_name(cfg["embed.model"])
     if meta.get("embed.model") != name:
         raise InputError(
             f"cluster.model was fitted with the encoder {meta.get('embed.model')}, but the config's is {name}"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from beamsift.pipeline.config import ConfigError, load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.select import Cut, SelectionError, top_k_order
+from beamsift.transforms.selectors.cut import Cut, SelectionError, top_k_order
 from conftest import make_config, write_jsonl
 
 N = 40
@@ -195,7 +195,7 @@ def test_chain_config_errors(tmp_path, small_corpus, sections, message):
 
 def test_a_column_two_stages_write_is_written_once():
     from beamsift.transforms.chain import Chain
-    from beamsift.transforms.write import score_fields
+    from beamsift.transforms.io.write import score_fields
 
     chain = Chain(
         "/tmp/x",
@@ -213,7 +213,7 @@ def test_a_fit_in_a_map_step_counts_in_its_stage_timings():
 
     import apache_beam as beam
     from beamsift.pipeline.run import _query_metrics
-    from beamsift.transforms.meter import Metered, stage_timings
+    from beamsift.transforms.chain.meter import Metered, stage_timings
 
     def fit(x, pause):
         time.sleep(pause)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.semdedup import _gather, normalise_text, normalised_text_hash, semdedup_cluster
+from beamsift.transforms.stages.dedup import _gather, normalise_text, normalised_text_hash, semdedup_cluster
 from conftest import demo_records, make_config, write_jsonl
 
 

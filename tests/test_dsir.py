@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
-from beamsift.transforms.dsir import DsirModel, dsir_log_weights, kl_divergence, log_probs
 from beamsift.transforms.featurize import NgramFeatures
-from beamsift.transforms.select import Candidates, gumbel, top_k_order
+from beamsift.transforms.selectors.cut import Candidates, gumbel, top_k_order
+from beamsift.transforms.stages.dsir import DsirModel, dsir_log_weights, kl_divergence, log_probs
 
 
 def test_log_weight_by_hand():

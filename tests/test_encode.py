@@ -9,8 +9,8 @@ import pytest
 import torch
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.cluster import assign, load_centroids
-from beamsift.transforms.encode import load_encoder, mean_pool, resolve_encoder
+from beamsift.transforms.models.encoder import load_encoder, mean_pool, resolve_encoder
+from beamsift.transforms.stages.cluster import assign, load_centroids
 from conftest import demo_records, make_config, run_cli, write_jsonl
 
 

@@ -65,7 +65,7 @@ def _overrides(name: str, data: Path, out: Path) -> list[str]:
 
 
 def _scores(out: Path) -> pa.Table:
-    table = duckdb.connect().execute(f"SELECT * FROM '{out}/scores/*.parquet' ORDER BY id").to_arrow_table()
+    table = duckdb.connect().sql(f"SELECT * FROM '{out}/scores/*.parquet' ORDER BY id").to_arrow_table()
     return table.select([c for c in table.column_names if c not in TEXT_COLUMNS])
 
 

@@ -25,7 +25,16 @@ def test_regular_install_imports_beamsift(tmp_path):
         capture_output=True,
     )
     assert not (target / "pipeline").exists() and not (target / "transforms").exists()
-    code = "import beamsift.pipeline.cli, beamsift.transforms.dsir, sys;print(beamsift.transforms.dsir.__file__)"
+    # Every module of the source tree: a subpackage left out of pyproject's list would be missing.
+    modules = [
+        "beamsift." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for folder in ("pipeline", "transforms")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+    ]
+    code = (
+        f"import importlib; [importlib.import_module(m) for m in {modules!r}]; "
+        "import beamsift.transforms.stages.dsir as m; print(m.__file__)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         check=True,

@@ -12,7 +12,7 @@ import pytest
 import zstandard
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.read import ReadTask, _read_line_blocks, expand_input
+from beamsift.transforms.io.read import ReadTask, _read_line_blocks, expand_input
 from conftest import demo_records, make_config, write_jsonl
 
 
@@ -95,14 +95,14 @@ def test_byte_ranges_cover_every_line_once(tmp_path, records):
 
 
 def test_no_matching_files(tmp_path):
-    from beamsift.transforms.read import InputError
+    from beamsift.transforms.io.read import InputError
 
     with pytest.raises(InputError, match="input.path .*: no files match"):
         expand_input(str(tmp_path / "*.jsonl"), "auto")
 
 
 def test_fast_and_record_paths_give_the_same_table(tmp_path, records):
-    from beamsift.transforms.read import InputSpec, ReadDocumentBatches
+    from beamsift.transforms.io.read import InputSpec, ReadDocumentBatches
 
     spec = InputSpec("text", "id", "line", 4096, 1 << 20)
     fn = ReadDocumentBatches(spec, "pool")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.reweight import preference, softmax_weights
+from beamsift.transforms.stages.reweight import preference, softmax_weights
 from conftest import demo_records, make_config, write_jsonl
 
 

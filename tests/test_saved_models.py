@@ -10,7 +10,7 @@ import shutil
 import duckdb
 import pytest
 from beamsift.pipeline.config import load_config
-from beamsift.pipeline.saved import cluster_meta
+from beamsift.transforms.stages.cluster import cluster_meta
 from conftest import demo_records, make_config, run_cli, target_records, write_jsonl
 
 CLUSTERING = {"stages": ["embed", "cluster", "select"], "cluster": {"k": 4}, "select": {"method": "all", "k": None}}

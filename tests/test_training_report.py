@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from beamsift.pipeline.progress import fit, read_totals, render, terminal_width
 from beamsift.transforms import models
-from beamsift.transforms.meter import StageMeter
+from beamsift.transforms.chain.meter import StageMeter
 from conftest import demo_records, make_config, run_cli, write_jsonl
 
 RECORD_KEYS = {

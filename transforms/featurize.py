@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from beamsift.transforms.meter import MeteredDoFn, StageMeter
-from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
+from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
+from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
 
 # nltk's WordPunctTokenizer: runs of word characters, or runs of other non-space characters.
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")

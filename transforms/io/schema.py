@@ -8,6 +8,7 @@ and the writers cast every shard to that one schema, so that
 
 from __future__ import annotations
 
+import functools
 import json
 
 import apache_beam as beam
@@ -22,25 +23,21 @@ BUCKETS = "_ngram_buckets"
 SOURCE_FILE = "source_file"  # the file a document-per-file text record came from
 INTERNAL = (ORDER, ID_HASH, BUCKETS, TEXT)
 
-# Columns that beamsift writes into scores/ and selected/. Scripts rely on these names, so an
-# input field that has one of them is the one renamed: it is written as ``input_<name>``.
-BEAMSIFT_COLUMNS = frozenset(
-    {
-        "id",
-        "selected",
-        "reason",
-        N_TOKENS,
-        "n_ngrams",
-        "dsir_log_weight",
-        "dsir_log_weight_per_ngram",
-        "dsir_key",
-        SOURCE_FILE,
-        # The other stages' columns: an input field of one of these names would collide with it.
-        *("loss", "perplexity", "el2n", "grand_last_layer", "grand", "self_influence", "target_influence"),
-        *("reference_loss", "excess_loss", "weight", "cluster", "cluster_distance", "duplicate_of", "sensitivity"),
-    }
-)
-RESERVED = BEAMSIFT_COLUMNS | frozenset(INTERNAL)
+# Columns that beamsift writes into scores/ and selected/ besides the stages' (which each stage
+# declares: transforms/stages/). Scripts rely on these names, so an input field that has one of
+# them is the one renamed: it is written as ``input_<name>``.
+CORE_COLUMNS = frozenset({"id", "selected", "reason", N_TOKENS, SOURCE_FILE})
+
+
+@functools.cache
+def reserved() -> frozenset[str]:
+    """Every name an input field may not keep: the core columns, every column any stage can write
+    (from the registry, read on first use: the stages import this module) and the internal ones."""
+    from beamsift.transforms.stages import stage_columns
+
+    return CORE_COLUMNS | stage_columns() | frozenset(INTERNAL)
+
+
 # Score columns that hold the id of another document: written with the id's type.
 ID_VALUED = frozenset({"duplicate_of"})
 
@@ -48,12 +45,12 @@ ID_VALUED = frozenset({"duplicate_of"})
 def output_column(field: str) -> str:
     """The column an input field becomes: its own name, unless beamsift writes a column by that
     name (``id`` when it is not the id field, ``selected``, ``reason``, a score): ``input_<name>``."""
-    return f"input_{field}" if field in RESERVED else field
+    return f"input_{field}" if field in reserved() else field
 
 
 def input_field(column: str) -> str:
     """The input field a column came from (the inverse of ``output_column``)."""
-    if column.startswith("input_") and column[len("input_") :] in RESERVED:
+    if column.startswith("input_") and column[len("input_") :] in reserved():
         return column[len("input_") :]
     return column
 

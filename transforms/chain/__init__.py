@@ -1,6 +1,6 @@
 """The stage chain's plumbing: what a stage reads and writes for each staged shard.
 
-A run stages the pool once (``stage.py``); every stage after that works shard by shard. A stage
+A run stages the pool once (``staging.py``); every stage after that works shard by shard. A stage
 writes its columns for a shard to ``_staging/<stage>/<shard>.arrow``, row-aligned with the staged
 shard, together with ``_reason``: why each document is out of the running after this stage
 (null while it is still in). A scorer adds columns and copies the reasons; a filter or the
@@ -20,8 +20,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.meter import MeteredDoFn, StageMeter
-from beamsift.transforms.stage import ShardRef, read_staging, write_staging
+from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
+from beamsift.transforms.chain.staging import ShardRef, read_staging, write_staging
 
 REASON = "_reason"
 DUPLICATE = "duplicate id"

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain import ShardStageFn, running_mask, shard_of
+from beamsift.transforms.chain.staging import read_id_hashes
 from beamsift.transforms.featurize import splitmix64
-from beamsift.transforms.stage import read_id_hashes
 
 SELECT_STREAM = 0x5E1EC7
 RANDOM_STREAM = 0x2A2D0A
@@ -398,7 +398,7 @@ class CutStage(beam.PTransform):
 def explain_running(total: int, rejects: dict, prior: dict, min_tokens: int | None = None) -> str:
     """Why only ``total`` documents are left for the selector: what was rejected while reading,
     and what each earlier stage took out."""
-    from beamsift.transforms.read import describe_rejects
+    from beamsift.transforms.io.read import describe_rejects
 
     stages = prior.get("stages", {})
     first = next(iter(stages.values()), None)

@@ -17,22 +17,22 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import fixed_point_sum, shard_of
-from beamsift.transforms.schema import id_type
-from beamsift.transforms.stage import read_id_hashes, read_staging, write_parquet
+from beamsift.transforms.chain.staging import read_id_hashes, read_staging, write_parquet
+from beamsift.transforms.io.schema import id_type
 
 EXAMPLES = 3
 FIXED_POINT = float(1 << 20)
 DUPLICATE_REASONS = ("exact duplicate", "near duplicate")
 FILE = "clusters/part-00000.parquet"
-SKIP = ("cluster", "dsir_key")  # the id itself; a key with noise in it
 
 
-def mean_columns(chain, select_stage: str) -> list[str]:
-    """The numeric score columns a cluster's mean is reported for."""
+def mean_columns(chain, select_stage: str, skip=()) -> list[str]:
+    """The numeric score columns a cluster's mean is reported for (``skip``: those whose mean
+    means nothing, as the stages declare them)."""
     out = ["n_tokens"]
     for stage in chain.stages[: chain.stages.index(select_stage)]:
         for name, type_str in chain.columns.get(stage, ()):
-            if type_str in ("double", "int64") and not name.startswith("_") and name not in SKIP and name not in out:
+            if type_str in ("double", "int64") and not name.startswith("_") and name not in skip and name not in out:
                 out.append(name)
     return out
 
@@ -141,10 +141,10 @@ class ClusterStatistics(beam.PTransform):
     """The final shards -> the per-cluster rows, written under ``out``; yields {"clusters": rows}
     for the manifest. ``fields``: the unified field types (a side input), for the id's type."""
 
-    def __init__(self, chain, select_stage: str, out: str, fields=()):
+    def __init__(self, chain, select_stage: str, out: str, fields=(), skip=()):
         super().__init__()
         self.chain, self.select_stage, self.out, self.fields = chain, select_stage, out, fields
-        self.columns = mean_columns(chain, select_stage)
+        self.columns = mean_columns(chain, select_stage, skip)
 
     def expand(self, shards):
         return (

@@ -20,13 +20,15 @@ default the 1st and 99th percentiles), estimated on a seeded sample of the losse
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
-from beamsift.transforms.proxy import KeepSmallest
-from beamsift.transforms.select import seeded_sample
-from beamsift.transforms.stage import read_id_hashes
+from beamsift.transforms.chain.staging import read_id_hashes
+from beamsift.transforms.selectors.cut import seeded_sample
+from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
+from beamsift.transforms.stages.proxy import KeepSmallest
 
 STRATEGIES = ("linupper", "upper", "mid", "extremes")
 COLUMNS = (("weight", "double"),)
@@ -151,3 +153,53 @@ class _SumPairs(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc if acc[0] > 0 else (math.inf, 0)
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReweightSettings:
+    column: str = setting("loss", "the loss column an earlier stage writes (proxy or excess_loss)")
+    strategy: str = setting("linupper", "linupper (the paper's best), upper, mid or extremes", choices=STRATEGIES)
+    temperature: float = setting(1.0, "r in softmax(f(h) / r): lower = sharper weights", above=0)
+    bounds: list = setting([0.01, 0.99], "the loss quantiles that map to -1 and +1")
+
+
+def _check(cfg, name, available, fail) -> None:
+    if cfg["reweight.column"] not in available:
+        fail(
+            "reweight.column",
+            f"reweight.column {cfg['reweight.column']!r} is not a column of an earlier stage: "
+            f"one of {available} (put a proxy or excess_loss stage before it)",
+        )
+    bounds = cfg["reweight.bounds"]
+    if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not 0 <= bounds[0] < bounds[1] <= 1:
+        fail("reweight.bounds", f"'reweight.bounds' must be two quantiles [low, high] in [0, 1], got {bounds}")
+
+
+def _build(ctx: Context, name: str, shards):
+    cfg = ctx.cfg
+    stage = ReweightByLoss(
+        name,
+        ctx.chain,
+        cfg["reweight.column"],
+        cfg["reweight.strategy"],
+        float(cfg["reweight.temperature"]),
+        tuple(cfg["reweight.bounds"]),
+        ctx.seed,
+        ctx.duplicates,
+        ctx.progress_dir,
+    )
+    return shards | "Stage_" + name >> stage
+
+
+STAGE = Stage(
+    kind="reweight",
+    summary="loss-based sample weights for weighted training (Sow et al. 2025)",
+    settings=ReweightSettings,
+    columns=fixed_columns(*COLUMNS),
+    all_columns=tuple(c for c, _ in COLUMNS),
+    check=_check,
+    build=_build,
+)

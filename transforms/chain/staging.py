@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.meter import MeteredDoFn, StageMeter
-from beamsift.transforms.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field_types
+from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
+from beamsift.transforms.io.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field_types
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.meter import MeteredDoFn, StageMeter
-from beamsift.transforms.schema import ORDER, SOURCE_FILE, TEXT, arrow_column, output_column
+from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
+from beamsift.transforms.io.schema import ORDER, SOURCE_FILE, TEXT, arrow_column, output_column
 
 POSITION_BITS = 40  # a record's position in its file (byte offset or row) < 2**40
 REJECTED = "rejected"

@@ -6,7 +6,7 @@ Given a raw pool and a target sample, both as hashed n-gram counts (``featurize.
     log w_i = Σ_j c_ij (log(p̂_j + ε) − log(q̂_j + ε))       (ε = 1e-8 as in the reference)
 
 then k documents are drawn without replacement with probability ∝ w_i by the Gumbel top-k
-trick (``select.py``). Both fits are integer sums, so they are exact and independent of how
+trick (``selectors/cut.py``). Both fits are integer sums, so they are exact and independent of how
 the work is split; the weights are a map over the pool with the two models as a side input.
 
 Beyond the paper (METHODS.md): an optional length normalisation (the raw sum grows with
@@ -22,12 +22,16 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain import ShardStageFn, running_mask
-from beamsift.transforms.featurize import NgramFeatures, bucket_counts, features_from_arrow
-from beamsift.transforms.read import describe_rejects
-from beamsift.transforms.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
-from beamsift.transforms.select import SELECT_STREAM, SelectionError, gumbel
-from beamsift.transforms.stage import read_staging
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import AsSingleton
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.chain.meter import StageMeter
+from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.featurize import FeaturizeHashedNgrams, NgramFeatures, bucket_counts, features_from_arrow
+from beamsift.transforms.io.read import describe_rejects
+from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
+from beamsift.transforms.selectors.cut import SELECT_STREAM, SelectionError, gumbel
+from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
 
 
 @dataclass
@@ -277,3 +281,102 @@ def selection_ngrams(staged, selected: np.ndarray, in_random: np.ndarray, num_bu
         "selected_ngrams": bucket_counts(features, num_buckets, rows=selected),
         "random_ngrams": bucket_counts(features, num_buckets, rows=in_random),
     }
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DsirSettings:
+    min_tokens: int = setting(100, "documents with fewer word tokens are not selected (reason kept)", at_least=0)
+    length_norm: str = setting(
+        "none", "none = the paper's raw sum; mean = per n-gram x corpus mean", choices=("none", "mean")
+    )
+    smoothing: float = setting(1e-8, "eps in log(p + eps), as in the reference", above=0)
+    model: str | None = setting(None, "artifacts/ folder of an earlier run: apply, don't fit")
+
+
+MODEL_FILE = "dsir_model.npz"
+
+
+def _check(cfg, name, available, fail) -> None:
+    if cfg["target.path"] is None and cfg["dsir.model"] is None:
+        fail("target.path", "set 'target.path' (or 'dsir.model' to apply a fitted model): the dsir stage needs one")
+
+
+def _build(ctx: Context, name: str, shards):
+    """Fit p̂ on the target and q̂ on the pool (less its duplicate ids), or apply a saved model's
+    counts, then score every shard."""
+    cfg = ctx.cfg
+    buckets = cfg["featurize.buckets"]
+    sum_totals = SumNgramTotals(buckets)
+    target_totals = None
+    if ctx.target_docs is not None:
+        target_totals = (
+            ctx.target_docs
+            | "FeaturizeTarget"
+            >> beam.ParDo(
+                FeaturizeHashedNgrams(
+                    buckets, cfg["featurize.max_ngram"], StageMeter("featurize_target", ctx.progress_dir)
+                )
+            )
+            | "CountTargetNgrams" >> beam.Map(CountNgrams(buckets))
+            | "FitTargetModel" >> beam.CombineGlobally(sum_totals)
+        )
+        ctx.rejected.append(ctx.target_rejected)
+        ctx.summaries.append(target_totals | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}}))
+    duplicate_totals = (
+        shards
+        | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(ctx.count_pool), ctx.duplicates)
+        | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals).without_defaults()
+    )
+    pool_totals = ctx.staging_summary | "FitRawModel" >> beam.Map(
+        lambda summary, dups: subtract_totals(summary[1], dups),
+        AsSingleton(duplicate_totals, default_value=sum_totals.create_accumulator()),
+    )
+    params = {
+        "smoothing": float(cfg["dsir.smoothing"]),
+        "num_buckets": buckets,
+        "max_ngram": cfg["featurize.max_ngram"],
+        "length_norm": cfg["dsir.length_norm"],
+        "min_tokens": cfg["dsir.min_tokens"],
+    }
+    target_side = AsSingleton(target_totals) if target_totals is not None else None
+    fitted = ctx.fitted_dsir
+    model = AsSingleton(
+        pool_totals | "BuildDsirModel" >> beam.Map(build_model, target_side, fitted, params, ctx.reject_reasons())
+    )
+    ctx.finishers.append((_report, model))
+    ctx.selection_buckets = buckets  # the writer sums the selection's n-grams, for the KL reduction
+    fn = ScoreDsirShard(name, ctx.chain, ctx.seed, ctx.progress_dir)
+    return shards | "Stage_" + name >> ApplyStage(fn, ctx.duplicates, model)
+
+
+def _report(report: dict, summary: dict, model: DsirModel, out: str) -> None:
+    """The manifest's ``dsir``: eligible documents, and the KL reduction toward the target of the
+    selection against a random pick of the same size; the fitted model to artifacts/."""
+    report["dsir"] = {"eligible": model.eligible, "mean_ngrams": model.mean_ngrams}
+    if "selected_ngrams" in summary:
+        eps = model.smoothing
+        kl_random = kl_divergence(model.target_counts, summary["random_ngrams"], eps)
+        kl_selected = kl_divergence(model.target_counts, summary["selected_ngrams"], eps)
+        report["dsir"]["kl"] = {
+            "target_vs_random": kl_random,
+            "target_vs_selected": kl_selected,
+            "reduction": kl_random - kl_selected,
+        }
+    with FileSystems.create(FileSystems.join(out, "artifacts", MODEL_FILE)) as f:
+        f.write(model.to_bytes())
+
+
+STAGE = Stage(
+    kind="dsir",
+    summary="DSIR log importance weights toward target.path (Xie et al. 2023)",
+    settings=DsirSettings,
+    columns=fixed_columns(*COLUMNS),
+    all_columns=tuple(c for c, _ in COLUMNS),
+    needs_target=lambda cfg: cfg["dsir.model"] is None,
+    check=_check,
+    build=_build,
+    cluster_stats_skip=("dsir_key",),  # a key with noise in it
+)

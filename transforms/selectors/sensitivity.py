@@ -33,7 +33,8 @@ from beamsift.transforms.chain import (
     running_total,
     shard_of,
 )
-from beamsift.transforms.select import (
+from beamsift.transforms.chain.staging import read_id_hashes
+from beamsift.transforms.selectors.cut import (
     Candidates,
     Cut,
     MergeCandidates,
@@ -43,7 +44,6 @@ from beamsift.transforms.select import (
     random_candidates,
     uniform01,
 )
-from beamsift.transforms.stage import read_id_hashes
 
 COLUMNS = (("sensitivity", "double"), ("weight", "double"))
 STREAM = 0x5E25171

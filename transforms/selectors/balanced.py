@@ -25,7 +25,8 @@ from beamsift.transforms.chain import (
     running_total,
     shard_of,
 )
-from beamsift.transforms.select import (
+from beamsift.transforms.chain.staging import read_id_hashes
+from beamsift.transforms.selectors.cut import (
     SELECT_STREAM,
     Candidates,
     Cut,
@@ -37,7 +38,6 @@ from beamsift.transforms.select import (
     in_random,
     random_candidates,
 )
-from beamsift.transforms.stage import read_id_hashes
 
 QUOTAS = ("proportional", "uniform", "sqrt", "score")
 SCORE_FIXED_POINT = float(1 << 20)

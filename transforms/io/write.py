@@ -15,10 +15,10 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain
-from beamsift.transforms.dsir import selection_ngrams
-from beamsift.transforms.meter import MeteredDoFn, StageMeter
-from beamsift.transforms.read import POSITION_BITS, REJECTED
-from beamsift.transforms.schema import (
+from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
+from beamsift.transforms.chain.staging import read_staging, write_parquet
+from beamsift.transforms.io.read import POSITION_BITS, REJECTED
+from beamsift.transforms.io.schema import (
     INTERNAL,
     N_TOKENS,
     ORDER,
@@ -28,7 +28,7 @@ from beamsift.transforms.schema import (
     input_field,
     output_column,
 )
-from beamsift.transforms.stage import read_staging, write_parquet
+from beamsift.transforms.stages.dsir import selection_ngrams
 
 
 def score_fields(chain: Chain) -> list[pa.Field]:

@@ -27,18 +27,19 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms import models
 from beamsift.transforms.chain import ShardStageFn, running_mask
+from beamsift.transforms.chain.meter import Metered, StageMeter
+from beamsift.transforms.chain.staging import read_id_hashes, read_staging
 from beamsift.transforms.featurize import features_from_arrow
-from beamsift.transforms.meter import Metered, StageMeter
-from beamsift.transforms.schema import BUCKETS, N_TOKENS, TEXT
-from beamsift.transforms.select import seeded_sample
-from beamsift.transforms.stage import read_id_hashes, read_staging
+from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT, output_column
+from beamsift.transforms.selectors.cut import seeded_sample
+from beamsift.transforms.stages.base import Context, Stage, setting
 
 SAMPLE_STREAM = 0x5A4D91
 MODELS_TAR = "models.tar"  # the trained models on an object store: one tar of their folders
@@ -52,35 +53,36 @@ PROXY_COLUMNS = (
     ("el2n", "double"),
     ("grand_last_layer", "double"),
 )
-EXCESS_COLUMNS = (("loss", "double"), ("perplexity", "double"), ("reference_loss", "double"), ("excess_loss", "double"))
 
 
 @dataclass(frozen=True)
 class ProxySettings:
-    """The ``proxy`` section: what model, how it is trained, what is computed."""
+    """The ``proxy`` section (the fields declared with ``setting``): what model, how it is
+    trained, what is computed; and what the run adds to it (the other fields)."""
 
-    model: str | None = None  # a saved model (folder) to apply instead of training
-    seeds: int = 3
-    sample: int = 20000
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float | None = None
-    holdout: float = 0.1
-    patience: int = 1
-    hidden: int = 64  # classifier
-    vocab_size: int = 8000  # causal LM
-    layers: int = 2
-    dim: int = 128
-    heads: int = 4
-    context: int = 256
-    grand: bool = False
-    self_influence: bool = False  # TracIn over the epochs' checkpoints (last layer)
-    target_influence: bool = False  # alignment with the target's mean gradient (last layer)
+    model: str | None = setting(None, "a run's folder (or its artifacts/, artifacts/proxy): apply, don't train")
+    seeds: int = setting(3, "K proxies from K seeds; scores are their mean (EL2N: K = 10)", at_least=1)
+    sample: int = setting(20000, "train on at most this many documents of the pool (seeded)", at_least=1)
+    epochs: int = setting(10, "at most this many epochs; training stops early (held-out loss)", at_least=1)
+    batch_size: int = setting(32, "training batch size", at_least=1)
+    learning_rate: float | None = setting(None, "Adam's; null: 1e-3 classifier, 3e-3 causal LM")
+    holdout: float = setting(0.1, "share of the sample held out to decide when to stop")
+    patience: int = setting(1, "epochs without a better held-out loss before stopping")
+    hidden: int = setting(64, "classifier: hidden units")
+    vocab_size: int = setting(8000, "causal LM: BPE vocabulary trained on the sample")
+    layers: int = setting(2, "causal LM: GPT-2 layers")
+    dim: int = setting(128, "causal LM: width")
+    heads: int = setting(4, "causal LM: attention heads")
+    context: int = setting(256, "causal LM: tokens per document; longer ones are truncated (counted)", at_least=1)
+    grand: bool = setting(False, "also the exact GraNd over all parameters (per-example gradients; slower)")
+    self_influence: bool = setting(False, "also TracIn self-influence over the epochs' checkpoints (last layer)")
+    target_influence: bool = setting(False, "also the alignment with the target's mean gradient (last layer)")
+    threads: int = setting(0, "torch threads per worker; 0: all cores")
+    # From the rest of the config:
     max_ngram: int = 2
     train_only: bool = False  # `beamsift train`: fit and save the models, score nothing
     label_column: str | None = None  # the staged column with the labels (input.label_field)
     num_buckets: int = 10000
-    threads: int = 0  # torch threads per worker; 0: all cores
     extra: dict = field(default_factory=dict)
 
     @property
@@ -90,6 +92,19 @@ class ProxySettings:
     def train_settings(self) -> models.TrainSettings:
         lr = self.learning_rate or (1e-3 if self.labelled else 3e-3)
         return models.TrainSettings(self.epochs, self.batch_size, lr, self.holdout, self.patience)
+
+
+def settings_of(cfg, model: str | None = None) -> ProxySettings:
+    """The settings of the proxy (or excess_loss) stage of the run ``cfg``."""
+    label = cfg["input.label_field"]
+    keys = {f.name: cfg[f"proxy.{f.name}"] for f in fields(ProxySettings) if "doc" in f.metadata}
+    return ProxySettings(
+        **{**keys, "model": model if model is not None else cfg["proxy.model"]},
+        train_only=cfg.train_only,
+        max_ngram=cfg["featurize.max_ngram"],
+        label_column=output_column(label) if label is not None else None,
+        num_buckets=cfg["featurize.buckets"],
+    )
 
 
 def proxy_columns(settings: ProxySettings) -> tuple:
@@ -217,7 +232,7 @@ def _train_classifiers(payload, settings: ProxySettings, seed: int, report):
     labelled = [(b, y) for b, y in payload if y is not None]
     names = sorted({y for _, y in labelled})
     if len(names) < 2:
-        from beamsift.transforms.select import SelectionError
+        from beamsift.transforms.selectors.cut import SelectionError
 
         raise SelectionError(
             f"input.label_field: the proxy's training sample has {len(names)} label(s) ({names}); "
@@ -225,8 +240,8 @@ def _train_classifiers(payload, settings: ProxySettings, seed: int, report):
         )
     if len(names) == len(labelled):
         # No class has a second document: a held-out document's class is never trained on.
-        from beamsift.transforms.schema import input_field
-        from beamsift.transforms.select import SelectionError
+        from beamsift.transforms.io.schema import input_field
+        from beamsift.transforms.selectors.cut import SelectionError
 
         raise SelectionError(
             f"input.label_field {input_field(settings.label_column)!r}: each of the proxy's {len(labelled)} "
@@ -572,7 +587,7 @@ class ScoreWithModels(ShardStageFn):
         if self.settings.labelled:
             target = [(t, _label(y)) for t, y in target if _label(y) in (loaded.labels or {})]
             if not target:
-                from beamsift.transforms.select import SelectionError
+                from beamsift.transforms.selectors.cut import SelectionError
 
                 raise SelectionError(
                     "proxy.target_influence: no target document has a label the proxy knows "
@@ -695,3 +710,47 @@ class ModelStage(beam.PTransform):
             return train_proxies(sample, self.settings, self.seed, artifacts, texts, meter.status)
         finally:
             meter.status()
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+INFLUENCE_COLUMNS = ("grand", "self_influence", "target_influence")
+
+
+def build_model_stage(ctx: Context, name: str, shards, excess: bool):
+    """The proxy or the excess_loss stage: each applies its own saved model, if any (the
+    excess_loss stage never the proxy's), or trains its models on a sample of the running."""
+    kind = "excess_loss" if excess else "proxy"
+    settings = replace(settings_of(ctx.cfg), model=ctx.given(f"{kind}.model"))
+    stage = ModelStage(
+        name,
+        ctx.chain,
+        settings,
+        ctx.seed,
+        ctx.duplicates,
+        ctx.artifacts,
+        excess,
+        ctx.target_texts,
+        ctx.progress_dir,
+    )
+    return shards | "Stage_" + name >> stage
+
+
+def _check(cfg, name, available, fail) -> None:
+    if cfg["proxy.target_influence"] and cfg["target.path"] is None:
+        fail("target.path", "set 'target.path': proxy.target_influence aligns with the target's gradient")
+
+
+STAGE = Stage(
+    kind="proxy",
+    summary="a proxy model trained on a sample (classifier with input.label_field, else a causal LM): "
+    "loss, EL2N, GraNd, influence",
+    settings=ProxySettings,
+    columns=lambda cfg, name: proxy_columns(settings_of(cfg)),
+    all_columns=tuple(c for c, _ in PROXY_COLUMNS) + INFLUENCE_COLUMNS,
+    needs_target=lambda cfg: cfg["proxy.target_influence"],
+    model_key="proxy.model",
+    trains=True,
+    check=_check,
+    build=lambda ctx, name, shards: build_model_stage(ctx, name, shards, excess=False),
+)

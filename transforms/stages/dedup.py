@@ -34,11 +34,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
-from beamsift.transforms.cluster import NEXT_CLUSTER, embeddings
+from beamsift.transforms.chain.meter import Metered
+from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.featurize import hash_strings
-from beamsift.transforms.meter import Metered
-from beamsift.transforms.schema import ORDER, TEXT
-from beamsift.transforms.stage import read_staging
+from beamsift.transforms.io.schema import ORDER, TEXT
+from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
+from beamsift.transforms.stages.cluster import NEXT_CLUSTER, embeddings
 
 COLUMNS = (("duplicate_of", "string"),)
 TFIDF_DIM = 512  # projected TF-IDF for dedup.compare: tfidf; cosines kept within ~0.006 (JL)
@@ -178,7 +179,7 @@ class _ClusterMembers(beam.DoFn):
     def _vectors(self, shard, frequencies):
         if self.tfidf is None:
             return embeddings(self.chain, shard.name)
-        from beamsift.transforms.cluster import _features, projection, smooth_idf, tfidf_embeddings
+        from beamsift.transforms.stages.cluster import _features, projection, smooth_idf, tfidf_embeddings
 
         if self._proj is None:
             self._proj = projection(*self.tfidf)
@@ -272,7 +273,7 @@ class DeduplicateDocuments(beam.PTransform):
         )
         side = []
         if self.tfidf is not None:
-            from beamsift.transforms.cluster import document_frequencies
+            from beamsift.transforms.stages.cluster import document_frequencies
 
             side = [document_frequencies(shards, self.name, self.chain, self.tfidf[0], self.duplicates)]
         members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf)
@@ -290,3 +291,55 @@ class DeduplicateDocuments(beam.PTransform):
         )
         fn = MarkDuplicates(self.name, self.chain, self.progress_dir)
         return shards | "Mark" >> ApplyStage(fn, self.duplicates, dropped)
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DedupSettings:
+    epsilon: float = setting(0.15, "drop a document whose cosine to a kept one in its cluster exceeds 1 - epsilon")
+    probes: int = setting(
+        2,
+        "compare each document in its nearest 1 or 2 clusters (2: pairs split by k-means are found)",
+        choices=(1, 2),
+    )
+    compare: str = setting(
+        "auto",
+        "the vectors compared: embedding (the embed stage's), tfidf (projected TF-IDF, dim 512: keeps "
+        "cosines), or auto (tfidf after an svd embedding, which pulls same-topic documents together)",
+        choices=("auto", "embedding", "tfidf"),
+    )
+
+
+def _tfidf(cfg) -> tuple | None:
+    """(num_buckets, dim, seed) when SemDeDup compares projected TF-IDF rather than the embedding."""
+    compare = cfg["dedup.compare"]
+    if compare == "auto":
+        compare = "tfidf" if cfg["embed.method"] == "svd" else "embedding"
+    return (cfg["featurize.buckets"], TFIDF_DIM, cfg["seed"]) if compare == "tfidf" else None
+
+
+def _build(ctx: Context, name: str, shards):
+    cfg = ctx.cfg
+    stage = DeduplicateDocuments(
+        name,
+        ctx.chain,
+        float(cfg["dedup.epsilon"]),
+        ctx.duplicates,
+        ctx.progress_dir,
+        cfg["dedup.probes"],
+        _tfidf(cfg),
+    )
+    return shards | "Stage_" + name >> stage
+
+
+STAGE = Stage(
+    kind="dedup",
+    summary="exact duplicates, then SemDeDup within each document's nearest clusters (Abbas et al. 2023)",
+    settings=DedupSettings,
+    after=("embed", "cluster"),
+    columns=fixed_columns(*COLUMNS),
+    all_columns=tuple(c for c, _ in COLUMNS),
+    build=_build,
+)

@@ -124,10 +124,12 @@ def test_a_stage_added_as_one_module_runs_in_a_chain(tmp_path):
 def test_excess_loss_refuses_proxy_seeds_it_would_ignore(tmp_path, small_corpus):
     """Before, excess_loss read the proxy section but trained one model per side whatever
     proxy.seeds said."""
-    cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], stages=["excess_loss", "select"],
-                      proxy={"seeds": 3})  # fmt: skip
-    with pytest.raises(ConfigError, match=r"proxy.seeds=3: the excess_loss stage trains one model on the pool"):
-        load_config(str(cfg))
-    cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], stages=["excess_loss", "select"],
-                      proxy={"seeds": 1})  # fmt: skip
-    assert load_config(str(cfg))["proxy.seeds"] == 1
+    select = {"method": "top", "column": "excess_loss", "k": 5}
+    for seeds, ok in ((3, False), (1, True)):
+        cfg = make_config(tmp_path / str(seeds), small_corpus["pool"], small_corpus["target"],
+                          stages=["excess_loss", "select"], select=select, proxy={"seeds": seeds})  # fmt: skip
+        if ok:
+            assert load_config(str(cfg))["proxy.seeds"] == 1
+        else:
+            with pytest.raises(ConfigError, match=r"proxy.seeds=3: the excess_loss stage trains one model on the"):
+                load_config(str(cfg))

@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+from beamsift.transforms.chain.seeded import gumbel
 from beamsift.transforms.featurize import NgramFeatures
-from beamsift.transforms.selectors.cut import Candidates, gumbel, top_k_order
+from beamsift.transforms.selectors.cut import Candidates, top_k_order
 from beamsift.transforms.stages.dsir import DsirModel, dsir_log_weights, kl_divergence, log_probs
 
 

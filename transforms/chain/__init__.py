@@ -95,12 +95,6 @@ def shard_of(item) -> ShardRef:
     return item.ref if isinstance(item, StageShard) else item
 
 
-def fixed_point_sum(values: np.ndarray, scale: float) -> int:
-    """Σ values as an integer in units of 1/scale: a sum that no split of the input or order of
-    the partial sums changes (floats added in another order differ in the last bits)."""
-    return int(np.round(np.asarray(values, np.float64) * scale).astype(np.int64).sum())
-
-
 def running_mask(reasons: np.ndarray) -> np.ndarray:
     return np.array([r is None for r in reasons], dtype=bool)
 

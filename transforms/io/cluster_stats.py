@@ -16,8 +16,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.chain import fixed_point_sum, shard_of
+from beamsift.transforms.chain import shard_of
 from beamsift.transforms.chain.staging import read_id_hashes, read_staging, write_parquet
+from beamsift.transforms.chain.sums import fixed_point_sum
 from beamsift.transforms.io.schema import id_type
 
 EXAMPLES = 3

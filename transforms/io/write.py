@@ -17,6 +17,7 @@ import pyarrow as pa
 from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.chain.staging import read_staging, write_parquet
+from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.io.read import POSITION_BITS, REJECTED
 from beamsift.transforms.io.schema import (
     INTERNAL,
@@ -188,31 +189,9 @@ class WriteRejectedShard(beam.DoFn):
         yield {"counts": counts}
 
 
-class SumSummaries(beam.CombineFn):
-    """Add up summary dicts: numbers and count vectors are summed, nested dicts key by key."""
+class SumSummaries(Sum):
+    """Add up summary dicts: numbers and count vectors are summed, nested dicts key by key; the
+    result always has ``counts``."""
 
-    def create_accumulator(self):
-        return {"counts": {}}
-
-    def add_input(self, acc, part):
-        return _add(acc, part)
-
-    def merge_accumulators(self, accs):
-        out = self.create_accumulator()
-        for acc in accs:
-            _add(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-def _add(acc: dict, part: dict) -> dict:
-    for key, value in part.items():
-        if isinstance(value, dict):
-            _add(acc.setdefault(key, {}), value)
-        elif key in acc:
-            acc[key] = acc[key] + value
-        else:
-            acc[key] = value
-    return acc
+    def __init__(self):
+        super().__init__(start={"counts": {}})

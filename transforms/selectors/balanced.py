@@ -20,21 +20,20 @@ import numpy as np
 from beamsift.transforms.chain import (
     ApplyStage,
     ShardStageFn,
-    fixed_point_sum,
     running_mask,
     running_total,
     shard_of,
 )
+from beamsift.transforms.chain.seeded import SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_id_hashes
+from beamsift.transforms.chain.sums import Sum, fixed_point_sum
 from beamsift.transforms.selectors.cut import (
-    SELECT_STREAM,
     Candidates,
     Cut,
     MergeCandidates,
     SelectionError,
     at_or_above,
     check_budget,
-    gumbel,
     in_random,
     random_candidates,
 )
@@ -111,14 +110,6 @@ class _ClusterSizes(beam.DoFn):
         yield out
 
 
-def _sum_dicts(parts):
-    out: dict = {}
-    for part in parts:
-        for k, v in part.items():
-            out[k] = out[k] + v if k in out else v
-    return out
-
-
 class _RankWithinClusters(beam.DoFn):
     def __init__(self, stage, chain, column, seed):
         self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
@@ -175,7 +166,7 @@ class BalancedSelection(beam.PTransform):
         quota = beam.pvalue.AsSingleton(
             shards
             | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain, self.quota_column), self.duplicates)
-            | "SumSizes" >> beam.CombineGlobally(_sum_dicts)
+            | "SumSizes" >> beam.CombineGlobally(Sum(start={}))
             | "Quotas" >> beam.Map(self._quotas, total)
         )
         cuts = beam.pvalue.AsSingleton(

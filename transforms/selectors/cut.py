@@ -23,31 +23,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain import ShardStageFn, running_mask, shard_of
+from beamsift.transforms.chain.seeded import RANDOM_STREAM, SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_id_hashes
-from beamsift.transforms.featurize import splitmix64
-
-SELECT_STREAM = 0x5E1EC7
-RANDOM_STREAM = 0x2A2D0A
-
-
-def uniform01(id_hash: np.ndarray, seed: int, stream: int) -> np.ndarray:
-    """A uniform number in (0, 1) for each id, fixed by (seed, stream, id)."""
-    key = splitmix64(np.array([(seed * 0x9E3779B1 + stream) & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
-    bits = splitmix64(np.asarray(id_hash, np.uint64) ^ key) >> np.uint64(11)
-    return (bits.astype(np.float64) + 0.5) / float(1 << 53)
-
-
-def seeded_sample(id_hash: np.ndarray, eligible: np.ndarray, n: int, seed: int, stream: int):
-    """(rows, keys): the rows of the eligible documents with the n smallest seeded keys. Merged
-    over shards by keeping the n smallest (key, id hash), a sample that no runner or split changes."""
-    keys = uniform01(id_hash, seed, stream)
-    rows = np.flatnonzero(eligible)
-    return rows[np.argsort(keys[rows], kind="stable")[:n]], keys
-
-
-def gumbel(id_hash: np.ndarray, seed: int, stream: int = SELECT_STREAM) -> np.ndarray:
-    """G = −log(−log U): standard Gumbel noise, fixed by (seed, id)."""
-    return -np.log(-np.log(uniform01(id_hash, seed, stream)))
 
 
 def top_k_order(keys: np.ndarray, hashes: np.ndarray, k: int) -> np.ndarray:

@@ -28,12 +28,13 @@ import numpy as np
 from beamsift.transforms.chain import (
     ApplyStage,
     ShardStageFn,
-    fixed_point_sum,
     running_mask,
     running_total,
     shard_of,
 )
+from beamsift.transforms.chain.seeded import SENSITIVITY_STREAM, uniform01
 from beamsift.transforms.chain.staging import read_id_hashes
+from beamsift.transforms.chain.sums import Sum, fixed_point_sum
 from beamsift.transforms.selectors.cut import (
     Candidates,
     Cut,
@@ -42,11 +43,9 @@ from beamsift.transforms.selectors.cut import (
     check_budget,
     in_random,
     random_candidates,
-    uniform01,
 )
 
 COLUMNS = (("sensitivity", "double"), ("weight", "double"))
-STREAM = 0x5E25171
 
 
 def sensitivities(clusters: np.ndarray, d2: np.ndarray, stats: dict) -> np.ndarray:
@@ -87,7 +86,7 @@ def inclusion(p: np.ndarray, lam: float) -> np.ndarray:
 
 def pareto_keys(pi: np.ndarray, id_hash: np.ndarray, seed: int) -> np.ndarray:
     """logit(π) + logistic noise; the k largest are a Pareto πps sample. π = 1 ranks first."""
-    u = uniform01(id_hash, seed, STREAM)
+    u = uniform01(id_hash, seed, SENSITIVITY_STREAM)
     with np.errstate(divide="ignore"):
         target = np.log(pi) - np.log1p(-pi)
     return np.where(np.isnan(pi), -np.inf, target - (np.log(u) - np.log1p(-u)))
@@ -129,15 +128,6 @@ class _ClusterCosts(_Read, beam.DoFn):
 
 def _costs(stats: dict) -> dict:
     return {c: (n, q / FIXED_POINT) for c, (n, q) in stats.items()}
-
-
-def _sum_stats(parts) -> dict:
-    out: dict = {}
-    for part in parts:
-        for c, (n, cost) in part.items():
-            n0, cost0 = out.get(c, (0, 0))
-            out[c] = (n0 + n, cost0 + cost)
-    return out
 
 
 class _LargestProbabilities(_Read, beam.DoFn):
@@ -214,7 +204,7 @@ class SensitivitySampling(beam.PTransform):
         stats = beam.pvalue.AsSingleton(
             shards
             | "ClusterCosts" >> beam.ParDo(_ClusterCosts(self.name, self.chain), self.duplicates)
-            | "SumCosts" >> beam.CombineGlobally(_sum_stats)
+            | "SumCosts" >> beam.CombineGlobally(Sum(start={}))
             | "Costs" >> beam.Map(_costs)
         )
         lam = beam.pvalue.AsSingleton(

@@ -35,19 +35,19 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered
-from beamsift.transforms.chain.staging import read_id_hashes, read_staging
+from beamsift.transforms.chain.sampling import SampleRunning
+from beamsift.transforms.chain.seeded import EMBED_SAMPLE_STREAM
+from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.io.cluster_stats import ClusterStatistics
 from beamsift.transforms.io.schema import BUCKETS, N_TOKENS
-from beamsift.transforms.selectors.cut import seeded_sample
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
-from beamsift.transforms.stages.proxy import KeepSmallest
 
 EMBEDDING = "_embedding"
 EMBED_COLUMNS = ((EMBEDDING, "embedding"),)
 NEXT_CLUSTER = "_cluster_next"  # the second nearest centroid: where SemDeDup also compares
 CLUSTER_COLUMNS = (("cluster", "int64"), ("cluster_distance", "double"), (NEXT_CLUSTER, "int64"))
-SAMPLE_STREAM = 0xC1A57
 # A cluster model (artifacts/cluster): the centroids, the settings they were fitted with, and for
 # svd and projection the embedding that maps documents to the centroids' space.
 CENTROIDS_FILE, META_FILE, IDF_FILE, BASIS_FILE = "centroids.npy", "cluster.json", "idf.npy", "basis.npy"
@@ -115,30 +115,12 @@ class _DocumentFrequencies(beam.DoFn):
         yield np.bincount(pairs % self.num_buckets, minlength=self.num_buckets).astype(np.int64), int(running.sum())
 
 
-class _SumFrequencies(beam.CombineFn):
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, item):
-        return item if acc is None else (acc[0] + item[0], acc[1] + item[1])
-
-    def merge_accumulators(self, accs):
-        out = None
-        for acc in accs:
-            if acc is not None:
-                out = self.add_input(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
 def document_frequencies(shards, stage, chain, num_buckets, duplicates):
     """A side input: (document frequency of each bucket, documents) over those in the running."""
     return beam.pvalue.AsSingleton(
         shards
         | "DocumentFrequencies" >> beam.ParDo(_DocumentFrequencies(stage, chain, num_buckets), duplicates)
-        | "SumFrequencies" >> beam.CombineGlobally(_SumFrequencies()).without_defaults(),
+        | "SumFrequencies" >> beam.CombineGlobally(Sum()).without_defaults(),
         default_value=(np.zeros(num_buckets, np.int64), 0),
     )
 
@@ -232,10 +214,9 @@ class EmbedDocuments(beam.PTransform):
             proj = (
                 shards
                 | "SampleFeatures"
-                >> beam.ParDo(
-                    _SampleRows(self.name, self.chain, self.sample, self.seed, _bucket_lists), self.duplicates
+                >> SampleRunning(
+                    self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _bucket_lists, self.duplicates
                 )
-                | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
                 | "FitSvd" >> beam.Map(Metered(self.name, fit_svd), idf, self.dim, self.seed)
             )
         else:
@@ -251,22 +232,6 @@ def embeddings(chain, shard_name: str) -> np.ndarray:
     """The (n, dim) embeddings an embed stage wrote for a shard."""
     column = chain.read(chain.producer(EMBEDDING), shard_name, [EMBEDDING]).column(0).combine_chunks()
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-
-
-class _SampleRows(beam.DoFn):
-    """A shard -> [(key, id hash, payload)] of its documents in the running with the n smallest
-    seeded keys; ``payload(chain, shard, rows)`` gives what the fit needs of each."""
-
-    def __init__(self, stage, chain, n, seed, payload):
-        self.stage, self.chain, self.n, self.seed, self.payload = stage, chain, n, seed, payload
-
-    def process(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
-        id_hash = read_id_hashes(shard.path)
-        rows, keys = seeded_sample(id_hash, running, self.n, self.seed, SAMPLE_STREAM)
-        if len(rows):
-            payload = self.payload(self.chain, shard, rows)
-            yield [(float(keys[r]), int(id_hash[r]), p) for r, p in zip(rows, payload)]
 
 
 # Copies, not views: a sample held across shards must not keep every shard's arrays alive.
@@ -289,13 +254,6 @@ def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.
         raise SelectionError(f"cluster.k={k} is more than the {len(vectors)} documents sampled to fit the centroids")
     centroids = KMeans(n_clusters=k, random_state=seed, n_init=3).fit(vectors).cluster_centers_.astype(np.float32)
     return save_centroids(centroids, artifacts) if artifacts is not None else centroids
-
-
-def _sum_pairs(parts):
-    out = None
-    for sums, counts in parts:
-        out = (sums.copy(), counts.copy()) if out is None else (out[0] + sums, out[1] + counts)
-    return out
 
 
 def load_centroids(path: str) -> np.ndarray:
@@ -411,10 +369,9 @@ class ClusterDocuments(beam.PTransform):
             centroids = (
                 shards
                 | "SampleEmbeddings"
-                >> beam.ParDo(
-                    _SampleRows(self.name, self.chain, self.sample, self.seed, _embedding_rows), self.duplicates
+                >> SampleRunning(
+                    self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _embedding_rows, self.duplicates
                 )
-                | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.sample))
                 | "FitCentroids" >> beam.Map(Metered(self.name, fit_centroids), self.k, self.seed, None)
             )
             for i in range(self.passes):
@@ -422,7 +379,7 @@ class ClusterDocuments(beam.PTransform):
                 total = (
                     shards
                     | f"CentroidSums{i}" >> beam.ParDo(_CentroidSums(self.name, self.chain), self.duplicates, current)
-                    | f"SumCentroids{i}" >> beam.CombineGlobally(_sum_pairs)
+                    | f"SumCentroids{i}" >> beam.CombineGlobally(Sum())
                 )
                 centroids = total | f"MoveCentroids{i}" >> beam.Map(Metered(self.name, _move_centroids), current)
             centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts, self.meta)

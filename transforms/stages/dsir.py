@@ -26,11 +26,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import StageMeter
+from beamsift.transforms.chain.seeded import SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.featurize import FeaturizeHashedNgrams, NgramFeatures, bucket_counts, features_from_arrow
 from beamsift.transforms.io.read import describe_rejects
 from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
-from beamsift.transforms.selectors.cut import SELECT_STREAM, SelectionError, gumbel
+from beamsift.transforms.selectors.cut import SelectionError
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
 
 

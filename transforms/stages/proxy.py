@@ -24,6 +24,7 @@ stage's summaries and reaches the manifest's ``training`` (``pipeline/diagnostic
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -35,13 +36,13 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms import models
 from beamsift.transforms.chain import ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered, StageMeter
-from beamsift.transforms.chain.staging import read_id_hashes, read_staging
+from beamsift.transforms.chain.sampling import SampleRunning
+from beamsift.transforms.chain.seeded import PROXY_SAMPLE_STREAM
+from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT, output_column
-from beamsift.transforms.selectors.cut import seeded_sample
 from beamsift.transforms.stages.base import Context, Stage, setting
 
-SAMPLE_STREAM = 0x5A4D91
 MODELS_TAR = "models.tar"  # the trained models on an object store: one tar of their folders
 SETTINGS_FILE = "settings.json"  # beside the models: the settings applying them needs
 NO_LABEL = "no label"
@@ -123,28 +124,8 @@ def proxy_columns(settings: ProxySettings) -> tuple:
 # ---- the sample -----------------------------------------------------------------------------
 
 
-class SampleRows(beam.DoFn):
-    """A shard -> its documents in the running with their sample keys, at most n (the smallest)."""
-
-    def __init__(self, stage: str, chain, n: int, seed: int, settings: ProxySettings, with_labels: bool):
-        self.stage = stage
-        self.chain = chain
-        self.n = n
-        self.seed = seed
-        self.settings = settings
-        self.with_labels = with_labels
-
-    def process(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
-        id_hash = read_id_hashes(shard.path)
-        rows, keys = seeded_sample(id_hash, running, self.n, self.seed, SAMPLE_STREAM)
-        if not len(rows):
-            return
-        payload = _payload(shard, rows, self.settings, self.with_labels)
-        yield [(float(keys[r]), int(id_hash[r]), p) for r, p in zip(rows, payload)]
-
-
-def _payload(shard, rows: np.ndarray, settings: ProxySettings, with_labels: bool) -> list:
+def _payload(chain, shard, rows: np.ndarray, settings: ProxySettings) -> list:
+    """What a proxy trains on of each sampled document: its n-grams and label, or its text."""
     if settings.labelled:
         cols = [N_TOKENS, BUCKETS, settings.label_column]
         table = read_staging(shard.path, cols).take(rows)
@@ -158,28 +139,6 @@ def _payload(shard, rows: np.ndarray, settings: ProxySettings, with_labels: bool
 
 def _label(value) -> str | None:
     return None if value is None else str(value)
-
-
-class KeepSmallest(beam.CombineFn):
-    """Lists of (key, id hash, payload) -> the n with the smallest (key, id hash), sorted."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, items):
-        return sorted(acc + list(items), key=lambda t: (t[0], t[1]))[: self.n]
-
-    def merge_accumulators(self, accs):
-        out = []
-        for acc in accs:
-            out = self.add_input(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -682,11 +641,9 @@ class ModelStage(beam.PTransform):
         if s.model is not None:
             bundle = shards.pipeline | "GivenModel" >> beam.Create([s.model]) | "Pack" >> beam.Map(load_given)
         else:
-            sample = (
-                shards
-                | "Sample"
-                >> beam.ParDo(SampleRows(self.name, self.chain, s.sample, self.seed, s, s.labelled), self.duplicates)
-                | "KeepSample" >> beam.CombineGlobally(KeepSmallest(s.sample))
+            payload = functools.partial(_payload, settings=s)
+            sample = shards | "Sample" >> SampleRunning(
+                self.name, self.chain, s.sample, self.seed, PROXY_SAMPLE_STREAM, payload, self.duplicates
             )
             extra = (self.target_texts,) if self.excess else ()
             artifacts = FileSystems.join(self.artifacts, self.name)

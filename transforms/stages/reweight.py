@@ -19,20 +19,20 @@ default the 1st and 99th percentiles), estimated on a seeded sample of the losse
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
-from beamsift.transforms.chain.staging import read_id_hashes
-from beamsift.transforms.selectors.cut import seeded_sample
+from beamsift.transforms.chain.sampling import SampleRunning
+from beamsift.transforms.chain.seeded import BOUNDS_STREAM
+from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
-from beamsift.transforms.stages.proxy import KeepSmallest
 
 STRATEGIES = ("linupper", "upper", "mid", "extremes")
 COLUMNS = (("weight", "double"),)
-BOUNDS_STREAM = 0xB0DD5
 BOUNDS_SAMPLE = 20000
 
 
@@ -60,17 +60,12 @@ def softmax_weights(f: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum() * len(f)
 
 
-class _SampleLosses(beam.DoFn):
-    def __init__(self, stage, chain, column, seed):
-        self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
+def _has_value(chain, shard, running, column: str) -> np.ndarray:
+    return ~np.isnan(chain.column(column, shard.name))
 
-    def process(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
-        values = self.chain.column(self.column, shard.name)
-        ok = running & ~np.isnan(values)
-        id_hash = read_id_hashes(shard.path)
-        rows, keys = seeded_sample(id_hash, ok, BOUNDS_SAMPLE, self.seed, BOUNDS_STREAM)
-        yield [(float(keys[r]), int(id_hash[r]), float(values[r])) for r in rows]
+
+def _values(chain, shard, rows, column: str) -> list:
+    return chain.column(column, shard.name)[rows].tolist()
 
 
 class _Preferences(beam.DoFn):
@@ -117,15 +112,23 @@ class ReweightByLoss(beam.PTransform):
         bounds = beam.pvalue.AsSingleton(
             shards
             | "SampleLosses"
-            >> beam.ParDo(_SampleLosses(self.name, self.chain, self.column, self.seed), self.duplicates)
-            | "KeepSample" >> beam.CombineGlobally(KeepSmallest(BOUNDS_SAMPLE))
+            >> SampleRunning(
+                self.name,
+                self.chain,
+                BOUNDS_SAMPLE,
+                self.seed,
+                BOUNDS_STREAM,
+                functools.partial(_values, column=self.column),
+                self.duplicates,
+                functools.partial(_has_value, column=self.column),
+            )
             | "Bounds" >> beam.Map(lambda s: _bounds([v for _, _, v in s], q_lo, q_hi))
         )
         normaliser = beam.pvalue.AsSingleton(
             shards
             | "Preferences"
             >> beam.ParDo(_Preferences(self.name, self.chain, self.column, self.params), self.duplicates, bounds)
-            | "Normaliser" >> beam.CombineGlobally(_SumPairs())
+            | "Normaliser" >> beam.CombineGlobally(Sum(start=(0.0, 0), finish=_normaliser))
         )
         fn = WriteWeights(self.name, self.chain, self.column, self.params, self.progress_dir)
         return shards | "Weigh" >> ApplyStage(fn, self.duplicates, bounds, normaliser)
@@ -138,21 +141,9 @@ def _bounds(values: list[float], q_lo: float, q_hi: float) -> tuple[float, float
     return float(lo), float(hi)
 
 
-class _SumPairs(beam.CombineFn):
-    def create_accumulator(self):
-        return (0.0, 0)
-
-    def add_input(self, acc, item):
-        return acc[0] + item[0], acc[1] + item[1]
-
-    def merge_accumulators(self, accs):
-        total, count = 0.0, 0
-        for t, c in accs:
-            total, count = total + t, count + c
-        return total, count
-
-    def extract_output(self, acc):
-        return acc if acc[0] > 0 else (math.inf, 0)
+def _normaliser(total: tuple) -> tuple:
+    """(Σ exp(f/r − c), documents); an empty running has no normaliser (every weight 0)."""
+    return total if total[0] > 0 else (math.inf, 0)
 
 
 # ---- the stage --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config
-from beamsift.transforms.chain import STAGED, Chain, spread_of
+from beamsift.transforms.chain import STAGED, Chain, MarkDuplicateIds, spread_of
 from beamsift.transforms.chain.duplicate_ids import NO_DUPLICATES, FindDuplicateIds
 from beamsift.transforms.chain.meter import StageMeter
 from beamsift.transforms.chain.staging import WriteStagingShards
@@ -81,9 +81,15 @@ def build_pipeline(
     # Global values that may be empty are combined without defaults (each default costs the
     # runner a stage) and given their empty value at the side input.
     duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds(), default_value=NO_DUPLICATES)
-    # Only shard references travel on. No reshuffle is needed to spread them: every pass over
-    # them waits on a side input computed from all shards, which materialises them anyway.
-    shards = staged | "ShardRefs" >> beam.Map(lambda s: s.ref)
+    # Only shard references travel on, each with who starts in the running (all but the repeats
+    # of an id). No reshuffle is needed to spread them: every pass over them waits on a side
+    # input computed from all shards, which materialises them anyway.
+    chain = make_chain(cfg, staging_dir)
+    shards = (
+        staged
+        | "ShardRefs" >> beam.Map(lambda s: s.ref)
+        | "MarkDuplicateIds" >> beam.ParDo(MarkDuplicateIds(chain), duplicates)
+    )
 
     # One combine over the staged shards: the unified field types and the raw n-gram totals.
     staging_summary = (
@@ -94,7 +100,7 @@ def build_pipeline(
     ctx = Context(
         p=p,
         cfg=cfg,
-        chain=make_chain(cfg, staging_dir),
+        chain=chain,
         out=out,
         duplicates=duplicates,
         staging_summary=staging_summary,

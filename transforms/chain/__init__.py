@@ -26,6 +26,7 @@ from beamsift.transforms.chain.staging import ShardRef, read_staging, write_stag
 REASON = "_reason"
 DUPLICATE = "duplicate id"
 STAGED = "docs"  # the staged documents: _staging/docs/<shard>.arrow
+START = "start"  # who is in the running before the first stage: _staging/start/<shard>.arrow
 STAGED_COLUMNS = ("n_tokens",)
 
 
@@ -48,9 +49,10 @@ class Chain:
         known = sorted({c for cols in self.columns.values() for c, _ in cols})
         raise KeyError(f"no stage writes a column {column!r}; the stages write {known}")
 
-    def before(self, stage: str) -> str | None:
+    def before(self, stage: str) -> str:
+        """The stage whose reasons ``stage`` starts from (``start`` for the first)."""
         i = self.stages.index(stage)
-        return self.stages[i - 1] if i else None
+        return self.stages[i - 1] if i else START
 
     def path(self, stage: str, shard: str) -> str:
         return FileSystems.join(self.staging_dir, stage, shard + ".arrow")
@@ -61,20 +63,15 @@ class Chain:
     def write(self, stage: str, shard: str, table: pa.Table) -> None:
         write_staging(table, self.path(stage, shard))
 
-    def reasons(self, stage: str, shard: ShardRef, duplicates) -> np.ndarray:
+    def reasons(self, stage: str, shard: ShardRef) -> np.ndarray:
         """Why each document of ``shard`` is out of the running before ``stage`` (None: in it)."""
-        prev = self.before(stage)
-        if prev is not None:
-            return np.asarray(self.read(prev, shard.name, [REASON]).column(REASON).to_pylist(), dtype=object)
-        orders = np.asarray(read_staging(shard.path, ["_order"]).column(0).combine_chunks(), np.int64)
-        out = np.full(len(orders), None, dtype=object)
-        out[duplicates.mask(orders)] = DUPLICATE
-        return out
+        table = self.read(self.before(stage), shard.name, [REASON])
+        return np.asarray(table.column(REASON).to_pylist(), dtype=object)
 
-    def running(self, stage: str, item, duplicates) -> tuple[ShardRef, np.ndarray]:
+    def running(self, stage: str, item) -> tuple[ShardRef, np.ndarray]:
         """The shard behind ``item`` and which of its documents are in the running before ``stage``."""
         shard = shard_of(item)
-        return shard, running_mask(self.reasons(stage, shard, duplicates))
+        return shard, running_mask(self.reasons(stage, shard))
 
     def column(self, name: str, shard: str) -> np.ndarray:
         """A column written by an earlier stage, as float64 (NaN where it is null)."""
@@ -91,8 +88,23 @@ class StageShard:
 
 
 def shard_of(item) -> ShardRef:
-    """A stage's input is a StageShard, or a ShardRef before the first stage."""
+    """The shard behind a stage's input (a StageShard) or a staged shard's reference."""
     return item.ref if isinstance(item, StageShard) else item
+
+
+class MarkDuplicateIds(beam.DoFn):
+    """A staged shard -> who starts in the running: every document but the repeats of an id
+    (reason ``duplicate id``), written as the chain's ``start``, so that no stage needs the
+    duplicate ids again."""
+
+    def __init__(self, chain: Chain):
+        self.chain = chain
+
+    def process(self, ref: ShardRef, duplicates):
+        orders = np.asarray(read_staging(ref.path, ["_order"]).column(0).combine_chunks(), np.int64)
+        reasons = np.where(duplicates.mask(orders), DUPLICATE, None)
+        self.chain.write(START, ref.name, pa.table({REASON: pa.array(list(reasons), pa.string())}))
+        yield StageShard(ref, int(running_mask(reasons).sum()))
 
 
 def running_mask(reasons: np.ndarray) -> np.ndarray:
@@ -148,9 +160,10 @@ def spread_of(part: dict) -> dict:
 class ShardStageFn(MeteredDoFn):
     """Base of a stage's per-shard DoFn: progress and timing, and the bookkeeping of reasons.
 
-    A subclass implements ``score(shard, reasons, *side_inputs) -> (columns: dict, reasons[, counts])``,
-    where ``columns`` maps each of its column names to an array aligned with the shard's rows, and
-    ``counts`` are other per-shard counts for the manifest (e.g. documents truncated).
+    A subclass implements ``score(shard, reasons, **side_inputs) -> (columns: dict, reasons[, counts])``,
+    where the side inputs come by the names ``ApplyStage`` gives them, ``columns`` maps each of its
+    column names to an array aligned with the shard's rows, and ``counts`` are other per-shard
+    counts for the manifest (e.g. documents truncated).
     """
 
     rank_column: str | None = None  # a filter's or the selector's ranking column: its spread is summed
@@ -160,11 +173,11 @@ class ShardStageFn(MeteredDoFn):
         self.chain = chain
         self.meter = StageMeter(meter_stage or name, progress_dir)  # the progress display's name
 
-    def process(self, item, duplicates, *side_inputs):
+    def process(self, item, **side_inputs):
         shard = shard_of(item)
         started = self.meter.start()
-        before = self.chain.reasons(self.name, shard, duplicates)
-        columns, after, *extra = self.score(shard, before.copy(), *side_inputs)
+        before = self.chain.reasons(self.name, shard)
+        columns, after, *extra = self.score(shard, before.copy(), **side_inputs)
         arrays = {REASON: pa.array(list(after), pa.string())}
         for name, type_str in self.chain.columns.get(self.name, ()):
             arrays[name] = _arrow(columns[name], type_str)
@@ -179,7 +192,7 @@ class ShardStageFn(MeteredDoFn):
         yield beam.pvalue.TaggedOutput("summary", summary)
         yield StageShard(shard, int(running_mask(after).sum()))
 
-    def score(self, shard: ShardRef, reasons: np.ndarray, *side_inputs):
+    def score(self, shard: ShardRef, reasons: np.ndarray, **side_inputs):
         raise NotImplementedError
 
 
@@ -203,27 +216,20 @@ def _arrow(values, type_str: str) -> pa.Array:
 
 
 class ApplyStage(beam.PTransform):
-    """Run a ShardStageFn over the shards; (StageShards, per-stage summaries)."""
+    """Run a ShardStageFn over the shards, with side inputs by name; (StageShards, per-stage
+    summaries)."""
 
-    def __init__(self, fn: ShardStageFn, duplicates, *side_inputs):
+    def __init__(self, fn: ShardStageFn, **side_inputs):
         super().__init__()
         self.fn = fn
-        self.duplicates = duplicates
-        self.side_inputs = side_inputs
+        # Not `side_inputs`: Beam reads an attribute of that name of any transform as a list.
+        self.named_inputs = side_inputs
 
     def expand(self, shards):
-        out = shards | beam.ParDo(self.fn, self.duplicates, *self.side_inputs).with_outputs("summary", main="shards")
+        out = shards | beam.ParDo(self.fn, **self.named_inputs).with_outputs("summary", main="shards")
         return out.shards, out.summary
 
 
-def running_total(shards, label: str, duplicates):
+def running_total(shards, label: str):
     """The number of documents still in the running over all shards (one element, 0 if none)."""
-    return shards | f"{label}Running" >> beam.Map(_running, duplicates) | f"{label}Total" >> beam.CombineGlobally(sum)
-
-
-def _running(item, duplicates) -> int:
-    if isinstance(item, StageShard):
-        return item.running
-    # A staged shard before any stage: all but its duplicate ids are in the running.
-    orders = np.asarray(read_staging(item.path, ["_order"]).column(0).combine_chunks(), np.int64)
-    return int((~duplicates.mask(orders)).sum())
+    return shards | f"{label}Running" >> beam.Map(lambda s: s.running) | f"{label}Total" >> beam.CombineGlobally(sum)

@@ -47,8 +47,8 @@ class SampleShard(beam.DoFn):
         self.stage, self.chain, self.n, self.seed, self.stream = stage, chain, n, seed, stream
         self.payload, self.eligible = payload, eligible
 
-    def process(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+    def process(self, item):
+        shard, running = self.chain.running(self.stage, item)
         if self.eligible is not None:
             running = running & self.eligible(self.chain, shard, running)
         id_hash = read_id_hashes(shard.path)
@@ -62,14 +62,12 @@ class SampleRunning(beam.PTransform):
     """The sample (a list of at most n (key, id hash, payload), smallest key first) of the
     documents in the running before ``stage``: one element."""
 
-    def __init__(self, stage: str, chain, n: int, seed: int, stream: int, payload: Callable, duplicates, eligible=None):
+    def __init__(self, stage: str, chain, n: int, seed: int, stream: int, payload: Callable, eligible=None):
         super().__init__()
         self.fn = SampleShard(stage, chain, n, seed, stream, payload, eligible)
-        self.n, self.duplicates = n, duplicates
+        self.n = n
 
     def expand(self, shards):
         return (
-            shards
-            | "SampleShards" >> beam.ParDo(self.fn, self.duplicates)
-            | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.n))
+            shards | "SampleShards" >> beam.ParDo(self.fn) | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.n))
         )

@@ -96,8 +96,8 @@ class _ClusterSizes(beam.DoFn):
     def __init__(self, stage, chain, score_column):
         self.stage, self.chain, self.score_column = stage, chain, score_column
 
-    def process(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+    def process(self, item):
+        shard, running = self.chain.running(self.stage, item)
         clusters = self.chain.column("cluster", shard.name)
         ok = running & ~np.isnan(clusters)
         scores = self.chain.column(self.score_column, shard.name) if self.score_column else np.zeros(len(ok))
@@ -114,9 +114,9 @@ class _RankWithinClusters(beam.DoFn):
     def __init__(self, stage, chain, column, seed):
         self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
 
-    def process(self, item, duplicates, quota):
+    def process(self, item, quota):
         shard = shard_of(item)
-        reasons = self.chain.reasons(self.stage, shard, duplicates)
+        reasons = self.chain.reasons(self.stage, shard)
         running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
         clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
@@ -155,30 +155,29 @@ class ApplyBalanced(ShardStageFn):
 
 
 class BalancedSelection(beam.PTransform):
-    def __init__(self, name, chain, column, k, fraction, rule, quota_column, seed, duplicates, progress_dir=None):
+    def __init__(self, name, chain, column, k, fraction, rule, quota_column, seed, progress_dir=None):
         super().__init__()
         self.name, self.chain, self.column, self.k, self.fraction = name, chain, column, k, fraction
-        self.rule, self.seed, self.duplicates, self.progress_dir = rule, seed, duplicates, progress_dir
+        self.rule, self.seed, self.progress_dir = rule, seed, progress_dir
         self.quota_column = quota_column if rule == "score" else None
 
     def expand(self, shards):
-        total = beam.pvalue.AsSingleton(running_total(shards, "Count", self.duplicates))
+        total = beam.pvalue.AsSingleton(running_total(shards, "Count"))
         quota = beam.pvalue.AsSingleton(
             shards
-            | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain, self.quota_column), self.duplicates)
+            | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain, self.quota_column))
             | "SumSizes" >> beam.CombineGlobally(Sum(start={}))
             | "Quotas" >> beam.Map(self._quotas, total)
         )
         cuts = beam.pvalue.AsSingleton(
             shards
-            | "Rank"
-            >> beam.ParDo(_RankWithinClusters(self.name, self.chain, self.column, self.seed), self.duplicates, quota)
+            | "Rank" >> beam.ParDo(_RankWithinClusters(self.name, self.chain, self.column, self.seed), quota)
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
             | "Cuts" >> beam.Map(lambda merged: {c: cands.threshold() for c, cands in merged.items()}),
             default_value={},
         )
         fn = ApplyBalanced(self.name, self.chain, self.column, self.seed, self.progress_dir)
-        return shards | "Cut" >> ApplyStage(fn, self.duplicates, cuts)
+        return shards | "Cut" >> ApplyStage(fn, cuts=cuts)
 
     def _quotas(self, stats, total):
         # The same budget rule, and the same errors, as every selector: never silently none.

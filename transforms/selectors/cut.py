@@ -244,9 +244,9 @@ class RankForCut(beam.DoFn):
         self.seed = seed
         self.random_baseline = random_baseline
 
-    def process(self, item, duplicates, running_total: int):
+    def process(self, item, running_total: int):
         shard = shard_of(item)
-        reasons = self.chain.reasons(self.stage, shard, duplicates)
+        reasons = self.chain.reasons(self.stage, shard)
         running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
         out = {}
@@ -325,14 +325,13 @@ class CutStage(beam.PTransform):
     says why the running is as small as it is, when the budget cannot be met.
     """
 
-    def __init__(self, name, cut: Cut, role: str, chain, seed, duplicates, progress_dir=None, explain=None, context=()):
+    def __init__(self, name, cut: Cut, role: str, chain, seed, progress_dir=None, explain=None, context=()):
         super().__init__()
         self.name = name
         self.cut = cut
         self.role = role
         self.chain = chain
         self.seed = seed
-        self.duplicates = duplicates
         self.progress_dir = progress_dir
         self.explain = explain  # (running total, *context values) -> why the running is that small
         self.context = context  # side inputs for explain
@@ -340,15 +339,12 @@ class CutStage(beam.PTransform):
     def expand(self, shards):
         from beamsift.transforms.chain import ApplyStage, running_total
 
-        count = running_total(shards, "Count", self.duplicates)
+        count = running_total(shards, "Count")
         total = beam.pvalue.AsSingleton(count)
         random_baseline = self.role == "select"
         merged = (
             shards
-            | "Rank"
-            >> beam.ParDo(
-                RankForCut(self.name, self.cut, self.chain, self.seed, random_baseline), self.duplicates, total
-            )
+            | "Rank" >> beam.ParDo(RankForCut(self.name, self.cut, self.chain, self.seed, random_baseline), total)
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
         )
         # From the count, which always has one element: an impossible budget fails even on an
@@ -363,7 +359,7 @@ class CutStage(beam.PTransform):
             )
         )
         fn = ApplyCutShard(self.name, self.chain, self.cut, self.role, self.seed, self.progress_dir)
-        return shards | "Cut" >> ApplyStage(fn, self.duplicates, thresholds)
+        return shards | "Cut" >> ApplyStage(fn, thresholds=thresholds)
 
     def _budget(self, total, *context):
         if self.role != "select":

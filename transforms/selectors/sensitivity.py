@@ -106,9 +106,9 @@ class _Read:
     def __init__(self, stage, chain):
         self.stage, self.chain = stage, chain
 
-    def read(self, item, duplicates):
+    def read(self, item):
         shard = shard_of(item)
-        reasons = self.chain.reasons(self.stage, shard, duplicates)
+        reasons = self.chain.reasons(self.stage, shard)
         clusters, d2 = clusters_and_d2(self.chain, shard.name, running_mask(reasons))
         return shard, reasons, clusters, d2
 
@@ -117,8 +117,8 @@ FIXED_POINT = float(1 << 32)  # costs are summed as integers: the same total for
 
 
 class _ClusterCosts(_Read, beam.DoFn):
-    def process(self, item, duplicates):
-        _, _, clusters, d2 = self.read(item, duplicates)
+    def process(self, item):
+        _, _, clusters, d2 = self.read(item)
         out = {}
         for c in np.unique(clusters[clusters >= 0]).tolist():
             rows = clusters == c
@@ -135,8 +135,8 @@ class _LargestProbabilities(_Read, beam.DoFn):
         super().__init__(stage, chain)
         self.budget_fn = budget_fn
 
-    def process(self, item, duplicates, stats, total):
-        shard, _, clusters, d2 = self.read(item, duplicates)
+    def process(self, item, stats, total):
+        shard, _, clusters, d2 = self.read(item)
         p = sensitivities(clusters, d2, stats)
         ok = ~np.isnan(p)
         yield {"p": Candidates.of(p[ok], read_id_hashes(shard.path)[ok], max(self.budget_fn(total), 1))}
@@ -147,8 +147,8 @@ class _RankByKey(_Read, beam.DoFn):
         super().__init__(stage, chain)
         self.budget_fn, self.seed = budget_fn, seed
 
-    def process(self, item, duplicates, stats, lam, total):
-        shard, reasons, clusters, d2 = self.read(item, duplicates)
+    def process(self, item, stats, lam, total):
+        shard, reasons, clusters, d2 = self.read(item)
         id_hash = read_id_hashes(shard.path)
         keys = pareto_keys(inclusion(sensitivities(clusters, d2, stats), lam), id_hash, self.seed)
         ok = keys > -np.inf
@@ -189,10 +189,10 @@ class ApplySensitivity(ShardStageFn):
 class SensitivitySampling(beam.PTransform):
     """The selector ``select.method: sensitivity``: k documents (or a fraction of the running)."""
 
-    def __init__(self, name, chain, k, fraction, seed, duplicates, progress_dir=None):
+    def __init__(self, name, chain, k, fraction, seed, progress_dir=None):
         super().__init__()
         self.name, self.chain, self.k, self.fraction, self.seed = name, chain, k, fraction, seed
-        self.duplicates, self.progress_dir = duplicates, progress_dir
+        self.progress_dir = progress_dir
 
     def budget(self, total: int) -> int:
         """k, or the fraction of the running; a SelectionError (the selector's) where it is
@@ -200,25 +200,23 @@ class SensitivitySampling(beam.PTransform):
         return check_budget(Cut("sensitivity", k=self.k, fraction=self.fraction), total)[1]
 
     def expand(self, shards):
-        total = beam.pvalue.AsSingleton(running_total(shards, "Count", self.duplicates))
+        total = beam.pvalue.AsSingleton(running_total(shards, "Count"))
         stats = beam.pvalue.AsSingleton(
             shards
-            | "ClusterCosts" >> beam.ParDo(_ClusterCosts(self.name, self.chain), self.duplicates)
+            | "ClusterCosts" >> beam.ParDo(_ClusterCosts(self.name, self.chain))
             | "SumCosts" >> beam.CombineGlobally(Sum(start={}))
             | "Costs" >> beam.Map(_costs)
         )
         lam = beam.pvalue.AsSingleton(
             shards
-            | "Largest"
-            >> beam.ParDo(_LargestProbabilities(self.name, self.chain, self.budget), self.duplicates, stats, total)
+            | "Largest" >> beam.ParDo(_LargestProbabilities(self.name, self.chain, self.budget), stats, total)
             | "MergeLargest" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
             | "Scale" >> beam.Map(lambda m, n: inclusion_scale(m["p"].keys, self.budget(n), n), total),
             default_value=math.inf,
         )
         threshold = beam.pvalue.AsSingleton(
             shards
-            | "Rank"
-            >> beam.ParDo(_RankByKey(self.name, self.chain, self.budget, self.seed), self.duplicates, stats, lam, total)
+            | "Rank" >> beam.ParDo(_RankByKey(self.name, self.chain, self.budget, self.seed), stats, lam, total)
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
             | "Cut"
             >> beam.Map(
@@ -228,4 +226,4 @@ class SensitivitySampling(beam.PTransform):
             default_value=(None, None),
         )
         fn = ApplySensitivity(self.name, self.chain, self.seed, self.progress_dir)
-        return shards | "Pick" >> ApplyStage(fn, self.duplicates, stats, lam, threshold)
+        return shards | "Pick" >> ApplyStage(fn, stats=stats, lam=lam, threshold=threshold)

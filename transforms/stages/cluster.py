@@ -106,8 +106,8 @@ class _DocumentFrequencies(beam.DoFn):
     def __init__(self, stage, chain, num_buckets):
         self.stage, self.chain, self.num_buckets = stage, chain, num_buckets
 
-    def process(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+    def process(self, item):
+        shard, running = self.chain.running(self.stage, item)
         f = _features(shard)
         rows = np.repeat(np.arange(len(running)), np.diff(f.offsets))
         keep = running[rows]
@@ -115,11 +115,11 @@ class _DocumentFrequencies(beam.DoFn):
         yield np.bincount(pairs % self.num_buckets, minlength=self.num_buckets).astype(np.int64), int(running.sum())
 
 
-def document_frequencies(shards, stage, chain, num_buckets, duplicates):
+def document_frequencies(shards, stage, chain, num_buckets):
     """A side input: (document frequency of each bucket, documents) over those in the running."""
     return beam.pvalue.AsSingleton(
         shards
-        | "DocumentFrequencies" >> beam.ParDo(_DocumentFrequencies(stage, chain, num_buckets), duplicates)
+        | "DocumentFrequencies" >> beam.ParDo(_DocumentFrequencies(stage, chain, num_buckets))
         | "SumFrequencies" >> beam.CombineGlobally(Sum()).without_defaults(),
         default_value=(np.zeros(num_buckets, np.int64), 0),
     )
@@ -169,7 +169,6 @@ class EmbedDocuments(beam.PTransform):
         dim,
         seed,
         num_buckets,
-        duplicates,
         method="svd",
         sample=20000,
         progress_dir=None,
@@ -179,7 +178,7 @@ class EmbedDocuments(beam.PTransform):
     ):
         super().__init__()
         self.name, self.chain, self.dim, self.seed = name, chain, dim, seed
-        self.num_buckets, self.duplicates, self.progress_dir = num_buckets, duplicates, progress_dir
+        self.num_buckets, self.progress_dir = num_buckets, progress_dir
         self.method, self.sample = method, sample
         self.encoder = encoder  # method "model": (model, max_tokens, batch_size, threads)
         # svd, projection: the folder the fitted IDF and basis go to (the cluster stage's
@@ -191,7 +190,7 @@ class EmbedDocuments(beam.PTransform):
             from beamsift.transforms.models.encoder import EncodeShard
 
             fn = EncodeShard(self.name, self.chain, *self.encoder, progress_dir=self.progress_dir)
-            return shards | "Encode" >> ApplyStage(fn, self.duplicates)
+            return shards | "Encode" >> ApplyStage(fn)
         if self.saved is not None:
             given = shards.pipeline | "SavedEmbedding" >> beam.Create([self.saved])
             idf = beam.pvalue.AsSingleton(given | "LoadIdf" >> beam.Map(load_array, IDF_FILE))
@@ -201,11 +200,11 @@ class EmbedDocuments(beam.PTransform):
             if self.save_to is not None:
                 _ = proj | "SaveEmbedding" >> beam.Map(save_embedding, idf, self.save_to)
         fn = EmbedShard(self.name, self.chain, self.dim, self.seed, self.num_buckets, self.progress_dir)
-        return shards | "Embed" >> ApplyStage(fn, self.duplicates, idf, beam.pvalue.AsSingleton(proj))
+        return shards | "Embed" >> ApplyStage(fn, idf=idf, proj=beam.pvalue.AsSingleton(proj))
 
     def _fit(self, shards):
         """(the IDF as a side input, the basis as a PCollection of one) over the documents in the running."""
-        frequencies = document_frequencies(shards, self.name, self.chain, self.num_buckets, self.duplicates)
+        frequencies = document_frequencies(shards, self.name, self.chain, self.num_buckets)
         # Computed once, from the frequencies' side input (its default covers an empty running).
         idf = beam.pvalue.AsSingleton(
             shards.pipeline | "Once" >> beam.Create([None]) | "Idf" >> beam.Map(lambda _, f: smooth_idf(f), frequencies)
@@ -214,9 +213,7 @@ class EmbedDocuments(beam.PTransform):
             proj = (
                 shards
                 | "SampleFeatures"
-                >> SampleRunning(
-                    self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _bucket_lists, self.duplicates
-                )
+                >> SampleRunning(self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _bucket_lists)
                 | "FitSvd" >> beam.Map(Metered(self.name, fit_svd), idf, self.dim, self.seed)
             )
         else:
@@ -316,8 +313,8 @@ class _CentroidSums(beam.DoFn):
     def __init__(self, stage, chain):
         self.stage, self.chain = stage, chain
 
-    def process(self, item, duplicates, centroids):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+    def process(self, item, centroids):
+        shard, running = self.chain.running(self.stage, item)
         vectors = embeddings(self.chain, shard.name)[running].astype(np.float64)
         sums = np.zeros(centroids.shape, np.int64)
         counts = np.zeros(len(centroids), np.int64)
@@ -352,12 +349,10 @@ class ClusterDocuments(beam.PTransform):
     over every document in the running (Beam combines: when a sample is not enough), and assign
     every document."""
 
-    def __init__(
-        self, name, chain, k, sample, seed, duplicates, artifacts, model=None, progress_dir=None, passes=0, meta=None
-    ):
+    def __init__(self, name, chain, k, sample, seed, artifacts, model=None, progress_dir=None, passes=0, meta=None):
         super().__init__()
         self.name, self.chain, self.k, self.sample, self.seed = name, chain, k, sample, seed
-        self.duplicates, self.artifacts, self.model, self.progress_dir = duplicates, artifacts, model, progress_dir
+        self.artifacts, self.model, self.progress_dir = artifacts, model, progress_dir
         self.passes = passes
         self.meta = meta  # the embedding's settings, saved beside the centroids
 
@@ -369,22 +364,20 @@ class ClusterDocuments(beam.PTransform):
             centroids = (
                 shards
                 | "SampleEmbeddings"
-                >> SampleRunning(
-                    self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _embedding_rows, self.duplicates
-                )
+                >> SampleRunning(self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _embedding_rows)
                 | "FitCentroids" >> beam.Map(Metered(self.name, fit_centroids), self.k, self.seed, None)
             )
             for i in range(self.passes):
                 current = beam.pvalue.AsSingleton(centroids)
                 total = (
                     shards
-                    | f"CentroidSums{i}" >> beam.ParDo(_CentroidSums(self.name, self.chain), self.duplicates, current)
+                    | f"CentroidSums{i}" >> beam.ParDo(_CentroidSums(self.name, self.chain), current)
                     | f"SumCentroids{i}" >> beam.CombineGlobally(Sum())
                 )
                 centroids = total | f"MoveCentroids{i}" >> beam.Map(Metered(self.name, _move_centroids), current)
             centroids = centroids | "SaveCentroids" >> beam.Map(save_centroids, artifacts, self.meta)
         fn = AssignShard(self.name, self.chain, self.progress_dir)
-        return shards | "Assign" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(centroids))
+        return shards | "Assign" >> ApplyStage(fn, centroids=beam.pvalue.AsSingleton(centroids))
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -433,7 +426,6 @@ def _build(ctx: Context, name: str, shards):
         cfg["cluster.k"],
         cfg["cluster.sample"],
         ctx.seed,
-        ctx.duplicates,
         ctx.artifacts,
         ctx.given("cluster.model"),
         ctx.progress_dir,

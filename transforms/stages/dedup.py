@@ -124,8 +124,8 @@ class _ExactKeys(beam.DoFn):
     def __init__(self, stage, chain):
         self.stage, self.chain = stage, chain
 
-    def process(self, item, duplicates):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+    def process(self, item):
+        shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id", TEXT])
         hashes = normalised_text_hash(table.column(TEXT)).view(np.int64)  # keys a runner can encode
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
@@ -185,8 +185,8 @@ class _ClusterMembers(beam.DoFn):
             self._proj = projection(*self.tfidf)
         return tfidf_embeddings(_features(shard), smooth_idf(frequencies), self._proj)
 
-    def process(self, item, duplicates, exact, frequencies=None):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+    def process(self, item, exact, frequencies=None):
+        shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id"])
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
         hit, _ = exact.lookup(orders)
@@ -255,16 +255,16 @@ class MarkDuplicates(ShardStageFn):
 class DeduplicateDocuments(beam.PTransform):
     """Exact duplicates, then SemDeDup within clusters; the dropped ones marked on every shard."""
 
-    def __init__(self, name, chain, epsilon: float, duplicates, progress_dir=None, probes: int = 2, tfidf=None):
+    def __init__(self, name, chain, epsilon: float, progress_dir=None, probes: int = 2, tfidf=None):
         super().__init__()
         self.name, self.chain, self.epsilon, self.probes = name, chain, epsilon, probes
         self.tfidf = tfidf  # (num_buckets, dim, seed) to compare on projected TF-IDF
-        self.duplicates, self.progress_dir = duplicates, progress_dir
+        self.progress_dir = progress_dir
 
     def expand(self, shards):
         exact = (
             shards
-            | "ExactKeys" >> beam.ParDo(_ExactKeys(self.name, self.chain), self.duplicates)
+            | "ExactKeys" >> beam.ParDo(_ExactKeys(self.name, self.chain))
             | "GroupExact" >> beam.GroupByKey()
             | "ExactDuplicates" >> beam.FlatMap(_exact_groups)
         )
@@ -275,11 +275,11 @@ class DeduplicateDocuments(beam.PTransform):
         if self.tfidf is not None:
             from beamsift.transforms.stages.cluster import document_frequencies
 
-            side = [document_frequencies(shards, self.name, self.chain, self.tfidf[0], self.duplicates)]
+            side = [document_frequencies(shards, self.name, self.chain, self.tfidf[0])]
         members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf)
         near = (
             shards
-            | "ClusterMembers" >> beam.ParDo(members, self.duplicates, exact_side, *side)
+            | "ClusterMembers" >> beam.ParDo(members, exact_side, *side)
             | "GroupByCluster" >> beam.GroupByKey()
             | "SemDeDup" >> beam.FlatMap(_semdedup_group, self.epsilon, self.name)
         )
@@ -290,7 +290,7 @@ class DeduplicateDocuments(beam.PTransform):
             | "Dropped" >> beam.Map(lambda d: _gather([d]))
         )
         fn = MarkDuplicates(self.name, self.chain, self.progress_dir)
-        return shards | "Mark" >> ApplyStage(fn, self.duplicates, dropped)
+        return shards | "Mark" >> ApplyStage(fn, dropped=dropped)
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -326,7 +326,6 @@ def _build(ctx: Context, name: str, shards):
         name,
         ctx.chain,
         float(cfg["dedup.epsilon"]),
-        ctx.duplicates,
         ctx.progress_dir,
         cfg["dedup.probes"],
         _tfidf(cfg),

@@ -45,7 +45,7 @@ class MeasureLengthShard(ShardStageFn):
 
 def _build(ctx: Context, name: str, shards):
     fn = MeasureLengthShard(name, ctx.chain, ctx.progress_dir)
-    return shards | "Stage_" + name >> ApplyStage(fn, ctx.duplicates)
+    return shards | "Stage_" + name >> ApplyStage(fn)
 
 
 STAGE = Stage(

@@ -24,7 +24,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
-from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.meter import StageMeter
 from beamsift.transforms.chain.seeded import SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_staging
@@ -191,7 +191,8 @@ class CountDuplicateNgrams(beam.DoFn):
     def __init__(self, count: CountNgrams):
         self.count = count
 
-    def process(self, shard, duplicates):
+    def process(self, item, duplicates):
+        shard = shard_of(item)
         lo, hi = np.searchsorted(duplicates.losers, [shard.min_order, shard.max_order + 1])
         if lo == hi:
             return
@@ -350,7 +351,7 @@ def _build(ctx: Context, name: str, shards):
     ctx.finishers.append((_report, model))
     ctx.selection_buckets = buckets  # the writer sums the selection's n-grams, for the KL reduction
     fn = ScoreDsirShard(name, ctx.chain, ctx.seed, ctx.progress_dir)
-    return shards | "Stage_" + name >> ApplyStage(fn, ctx.duplicates, model)
+    return shards | "Stage_" + name >> ApplyStage(fn, model=model)
 
 
 def _report(report: dict, summary: dict, model: DsirModel, out: str) -> None:

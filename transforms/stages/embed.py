@@ -38,7 +38,6 @@ def _build(ctx: Context, name: str, shards):
         cfg["embed.dim"],
         ctx.seed,
         cfg["featurize.buckets"],
-        ctx.duplicates,
         cfg["embed.method"],
         cfg["embed.sample"],
         ctx.progress_dir,

@@ -44,7 +44,7 @@ def _check(cfg, name: str, available: list, fail) -> None:
 
 
 def _build(ctx: Context, name: str, shards):
-    cut = CutStage(name, filter_cut(ctx.cfg, name), "filter", ctx.chain, ctx.seed, ctx.duplicates, ctx.progress_dir)
+    cut = CutStage(name, filter_cut(ctx.cfg, name), "filter", ctx.chain, ctx.seed, ctx.progress_dir)
     return shards | "Stage_" + name >> cut
 
 

@@ -34,7 +34,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms import models
-from beamsift.transforms.chain import ShardStageFn, running_mask
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered, StageMeter
 from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import PROXY_SAMPLE_STREAM
@@ -616,7 +616,6 @@ class ModelStage(beam.PTransform):
         chain,
         settings: ProxySettings,
         seed,
-        duplicates,
         artifacts,
         excess=False,
         target_texts=None,
@@ -627,15 +626,12 @@ class ModelStage(beam.PTransform):
         self.chain = chain
         self.settings = settings
         self.seed = seed
-        self.duplicates = duplicates
         self.artifacts = artifacts
         self.excess = excess
         self.target_texts = target_texts  # a side input: the target's texts (excess_loss)
         self.progress_dir = progress_dir
 
     def expand(self, shards):
-        from beamsift.transforms.chain import ApplyStage
-
         s = self.settings
         training = None
         if s.model is not None:
@@ -643,7 +639,7 @@ class ModelStage(beam.PTransform):
         else:
             payload = functools.partial(_payload, settings=s)
             sample = shards | "Sample" >> SampleRunning(
-                self.name, self.chain, s.sample, self.seed, PROXY_SAMPLE_STREAM, payload, self.duplicates
+                self.name, self.chain, s.sample, self.seed, PROXY_SAMPLE_STREAM, payload
             )
             extra = (self.target_texts,) if self.excess else ()
             artifacts = FileSystems.join(self.artifacts, self.name)
@@ -653,8 +649,8 @@ class ModelStage(beam.PTransform):
             training = trained | "TrainingReport" >> beam.Map(lambda t, name=self.name: {"training": {name: t[1]}})
             _ = bundle | "SaveSettings" >> beam.Map(save_settings, artifacts, s)
         fn = ScoreWithModels(self.name, self.chain, s, self.excess, self.progress_dir)
-        target = (self.target_texts,) if s.target_influence else ()
-        scored, summary = shards | "Score" >> ApplyStage(fn, self.duplicates, beam.pvalue.AsSingleton(bundle), *target)
+        target = {"target": self.target_texts} if s.target_influence else {}
+        scored, summary = shards | "Score" >> ApplyStage(fn, bundle=beam.pvalue.AsSingleton(bundle), **target)
         if training is not None:
             summary = (summary, training) | "WithTrainingReport" >> beam.Flatten()
         return scored, summary
@@ -684,7 +680,6 @@ def build_model_stage(ctx: Context, name: str, shards, excess: bool):
         ctx.chain,
         settings,
         ctx.seed,
-        ctx.duplicates,
         ctx.artifacts,
         excess,
         ctx.target_texts,

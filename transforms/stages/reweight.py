@@ -74,8 +74,8 @@ class _Preferences(beam.DoFn):
     def __init__(self, stage, chain, column, params):
         self.stage, self.chain, self.column, self.params = stage, chain, column, params
 
-    def process(self, item, duplicates, bounds):
-        shard, running = self.chain.running(self.stage, item, duplicates)
+    def process(self, item, bounds):
+        shard, running = self.chain.running(self.stage, item)
         values = self.chain.column(self.column, shard.name)
         ok = running & ~np.isnan(values)
         f = preference(values[ok], *bounds, self.params["strategy"])
@@ -100,10 +100,10 @@ class WriteWeights(ShardStageFn):
 class ReweightByLoss(beam.PTransform):
     """The reweight stage: bounds from a sample, the softmax's normaliser over all shards, weights."""
 
-    def __init__(self, name, chain, column, strategy, temperature, bounds, seed, duplicates, progress_dir=None):
+    def __init__(self, name, chain, column, strategy, temperature, bounds, seed, progress_dir=None):
         super().__init__()
         self.name, self.chain, self.column, self.seed = name, chain, column, seed
-        self.duplicates, self.progress_dir, self.quantiles = duplicates, progress_dir, bounds
+        self.progress_dir, self.quantiles = progress_dir, bounds
         # exp(f/r) with f ≤ δ = 1: shifting by 1/r keeps every term ≤ 1 (no overflow at small r).
         self.params = {"strategy": strategy, "temperature": temperature, "shift": 1.0 / temperature}
 
@@ -119,19 +119,17 @@ class ReweightByLoss(beam.PTransform):
                 self.seed,
                 BOUNDS_STREAM,
                 functools.partial(_values, column=self.column),
-                self.duplicates,
                 functools.partial(_has_value, column=self.column),
             )
             | "Bounds" >> beam.Map(lambda s: _bounds([v for _, _, v in s], q_lo, q_hi))
         )
         normaliser = beam.pvalue.AsSingleton(
             shards
-            | "Preferences"
-            >> beam.ParDo(_Preferences(self.name, self.chain, self.column, self.params), self.duplicates, bounds)
+            | "Preferences" >> beam.ParDo(_Preferences(self.name, self.chain, self.column, self.params), bounds)
             | "Normaliser" >> beam.CombineGlobally(Sum(start=(0.0, 0), finish=_normaliser))
         )
         fn = WriteWeights(self.name, self.chain, self.column, self.params, self.progress_dir)
-        return shards | "Weigh" >> ApplyStage(fn, self.duplicates, bounds, normaliser)
+        return shards | "Weigh" >> ApplyStage(fn, bounds=bounds, normaliser=normaliser)
 
 
 def _bounds(values: list[float], q_lo: float, q_hi: float) -> tuple[float, float]:
@@ -179,7 +177,6 @@ def _build(ctx: Context, name: str, shards):
         float(cfg["reweight.temperature"]),
         tuple(cfg["reweight.bounds"]),
         ctx.seed,
-        ctx.duplicates,
         ctx.progress_dir,
     )
     return shards | "Stage_" + name >> stage

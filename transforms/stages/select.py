@@ -122,12 +122,11 @@ def _build(ctx: Context, name: str, shards):
             cfg["select.quota"],
             cfg["select.quota_column"],
             ctx.seed,
-            ctx.duplicates,
             ctx.progress_dir,
         )
     elif method == "sensitivity":
         selector = sensitivity.SensitivitySampling(
-            name, ctx.chain, cfg["select.k"], cfg["select.fraction"], ctx.seed, ctx.duplicates, ctx.progress_dir
+            name, ctx.chain, cfg["select.k"], cfg["select.fraction"], ctx.seed, ctx.progress_dir
         )
     else:
         # The earlier stages' per-shard summaries, summed only if the budget cannot be met.
@@ -141,7 +140,6 @@ def _build(ctx: Context, name: str, shards):
             "select",
             ctx.chain,
             ctx.seed,
-            ctx.duplicates,
             ctx.progress_dir,
             functools.partial(_explain, min_tokens),
             (ctx.reject_reasons(), prior),

@@ -274,7 +274,7 @@ def pair_cosines(pool: list[dict], pairs: list[tuple[str, str]], cfg: dict) -> t
     """Each pair's cosine under the pipeline's TF-IDF (idf over the whole pool, as the embed stage
     computes it when nothing is dropped before it), unprojected and after its projection."""
     from beamsift.transforms.featurize import hashed_ngram_features
-    from beamsift.transforms.stages.cluster import projection, smooth_idf, tfidf
+    from beamsift.transforms.stages.embed import projection, smooth_idf, tfidf
 
     nb = cfg["featurize.buckets"]
     feats = hashed_ngram_features(pa.array([r["text"] for r in pool]), nb, cfg["featurize.max_ngram"])

@@ -23,9 +23,10 @@ import time
 from importlib import metadata
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline, make_chain
+from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline, input_spec, make_chain
 from beamsift.pipeline.config import Config
 from beamsift.pipeline.diagnostics import diagnose, diagnostic_warnings
 from beamsift.pipeline.output import (
@@ -157,8 +158,6 @@ def run_selection(
 
 
 def _spec(cfg: Config, section: str):
-    from beamsift.pipeline.build import input_spec
-
     return input_spec(cfg, section)
 
 
@@ -390,8 +389,6 @@ def _query_metrics(result) -> dict:
 
 def _ensure_every_output_has_a_shard(out: str, chain, text_column: str) -> None:
     """An empty output still gets one empty shard, so DuckDB's glob finds its columns."""
-    import pyarrow as pa
-
     schemas = {
         "selected": with_text_named(pa.schema(selected_fields(chain)).empty_table(), text_column).schema,
         "scores": pa.schema(score_fields(chain)),

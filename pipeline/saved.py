@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.pipeline.config import Config
 from beamsift.transforms.io.read import InputError, first_values
 from beamsift.transforms.models import CLASSIFIER
-from beamsift.transforms.stages import STAGES, cluster, stage_kind
+from beamsift.transforms.stages import STAGES, cluster, embed, stage_kind
 from beamsift.transforms.stages.cluster import encoder_name
 from beamsift.transforms.stages.proxy import MODELS_TAR, SETTINGS_FILE
 
@@ -93,7 +93,7 @@ def _check_cluster(cfg: Config, folder: str) -> None:
     if method == "model":
         _check_cluster_encoder(cfg, meta)
         return
-    for name in (cluster.IDF_FILE, cluster.BASIS_FILE):
+    for name in (embed.IDF_FILE, embed.BASIS_FILE):
         if not FileSystems.exists(FileSystems.join(folder, name)):
             raise InputError(f"cluster.model {folder}: {name} is missing (the embedding its centroids need)")
 

@@ -8,7 +8,7 @@ import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.selectors.balanced import quotas
-from beamsift.transforms.selectors.cut import SelectionError
+from beamsift.transforms.selectors.core import SelectionError
 from conftest import demo_records, make_config, write_jsonl
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from beamsift.pipeline.config import ConfigError, load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.selectors.cut import Cut, SelectionError, top_k_order
+from beamsift.transforms.selectors.core import SelectionError, top_k_order
+from beamsift.transforms.selectors.cut import Cut
 from conftest import make_config, write_jsonl
 
 N = 40

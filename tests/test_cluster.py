@@ -10,7 +10,8 @@ import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.featurize import hashed_ngram_features
-from beamsift.transforms.stages.cluster import assign, load_centroids, projection, smooth_idf, tfidf_embeddings
+from beamsift.transforms.stages.cluster import assign, load_centroids
+from beamsift.transforms.stages.embed import projection, smooth_idf, tfidf_embeddings
 from conftest import demo_records, make_config, write_jsonl
 from sklearn.cluster import KMeans
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from beamsift.transforms.chain.seeded import gumbel
 from beamsift.transforms.featurize import NgramFeatures
-from beamsift.transforms.selectors.cut import Candidates, top_k_order
+from beamsift.transforms.selectors.core import Candidates, top_k_order
 from beamsift.transforms.stages.dsir import DsirModel, dsir_log_weights, kl_divergence, log_probs
 
 

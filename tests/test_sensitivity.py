@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.selectors.cut import SelectionError
+from beamsift.transforms.selectors.core import SelectionError
 from beamsift.transforms.selectors.sensitivity import inclusion, inclusion_scale, pareto_keys, sensitivities
 from conftest import demo_records, make_config, write_jsonl
 

@@ -5,7 +5,8 @@ unigrams and bigrams of lower-cased word tokens. The reference implementation to
 nltk's WordPunct pattern (``\\w+|[^\\w\\s]+``) and hashes every n-gram with sha256 in Python,
 which is 63% of its run time. Here the whole batch is tokenised and hashed in C++ (Arrow's RE2
 kernels) and numpy: no Python object is made per token. Any well-mixed hash gives the same
-quality; bucket collisions, not the hash function, matter (METHODS.md).
+quality; bucket collisions, not the hash function, matter (Xie et al. 2023, section 3: hashed
+n-gram features).
 
 A document's features are kept as the flat sequence of its n-gram bucket ids (one per n-gram
 occurrence). From it every count we need is one ``np.bincount``: the fitted distributions sum

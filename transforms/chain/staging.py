@@ -3,8 +3,9 @@
 DSIR needs the pool three times after reading it (fit the raw distribution, score and rank,
 write the outputs), and each pass needs a global result of the one before. Beam's local
 runners keep a PCollection that crosses such a barrier in memory, so instead of carrying the
-documents across, each batch goes to a Parquet shard under ``output.dir/_staging`` and only
-the shard's path and a small summary travel on. Later passes use just the columns they need.
+documents across, each batch goes to an Arrow IPC shard under the run's ``_staging`` folder
+(uncompressed on a local disk, LZ4 on an object store) and only the shard's path and a small
+summary travel on. Later passes read just the columns they need.
 Memory stays flat in the corpus size; the shards are deleted when the run succeeds.
 
 Shard names come from the batch's first input position, so a retried bundle rewrites the same

@@ -14,6 +14,7 @@ import json
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.chain.staging import read_staging, write_parquet
@@ -87,8 +88,6 @@ class WriteSelectionShards(MeteredDoFn):
         self.meter = StageMeter("write", progress_dir)
 
     def process(self, item, duplicates, fields):
-        from apache_beam.io.filesystems import FileSystems
-
         shard = item.ref
         started = self.meter.start()
         table = read_staging(shard.path)
@@ -170,8 +169,6 @@ class WriteRejectedShard(beam.DoFn):
         self.output_dir = output_dir
 
     def process(self, rows: list[dict]):
-        from apache_beam.io.filesystems import FileSystems
-
         rows = sorted(rows, key=lambda r: (r["input"], r["source_file"], r["position"]))
         table = pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)
         first = rows[0]

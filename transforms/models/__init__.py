@@ -27,6 +27,7 @@ never loads them.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import tarfile
@@ -512,8 +513,6 @@ def quiet_transformers() -> None:
 
 def load_model(path: str):
     """A model saved by ``save_pretrained``: ours (the classifier) or any transformers causal LM."""
-    import json
-
     quiet_transformers()
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         model_type = json.load(f).get("model_type")

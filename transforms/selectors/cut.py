@@ -17,89 +17,22 @@ every document. Ties in the key are broken by the id hash.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain import ShardStageFn, running_mask, shard_of
-from beamsift.transforms.chain.seeded import RANDOM_STREAM, SELECT_STREAM, gumbel
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
+from beamsift.transforms.chain.seeded import SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_id_hashes
-
-
-def top_k_order(keys: np.ndarray, hashes: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best items, best first: larger key first, then smaller id hash."""
-    if len(keys) > k:
-        # argpartition on the key alone could cut inside a run of ties; take everything tied
-        # with the k-th key, then order exactly.
-        kth = np.partition(keys, len(keys) - k)[len(keys) - k]
-        idx = np.flatnonzero(keys >= kth)
-    else:
-        idx = np.arange(len(keys))
-    order = np.lexsort((hashes[idx], -keys[idx]))
-    return idx[order[:k]]
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """The k best (key, id hash) pairs of part of the pool, best first."""
-
-    k: int
-    keys: np.ndarray
-    hashes: np.ndarray
-
-    @staticmethod
-    def of(keys: np.ndarray, hashes: np.ndarray, k: int) -> Candidates:
-        idx = top_k_order(keys, hashes, k)
-        return Candidates(k, keys[idx], hashes[idx])
-
-    def merge(self, other: Candidates) -> Candidates:
-        return Candidates.of(
-            np.concatenate([self.keys, other.keys]),
-            np.concatenate([self.hashes, other.hashes]),
-            max(self.k, other.k),
-        )
-
-    def threshold(self, rank: int | None = None) -> tuple[float, int] | None:
-        """The (key, id hash) at ``rank`` (1-based; default k): an item ranks at or above it iff
-        it is at least as good. None where fewer items than that were ranked."""
-        rank = self.k if rank is None else rank
-        if rank < 1 or len(self.keys) < rank:
-            return None
-        return float(self.keys[rank - 1]), int(self.hashes[rank - 1])
-
-
-def at_or_above(keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, int] | None) -> np.ndarray:
-    if threshold is None:
-        return np.zeros(len(keys), dtype=bool)
-    key, h = threshold
-    return (keys > key) | ((keys == key) & (hashes <= np.uint64(h)))
-
-
-class MergeCandidates(beam.CombineFn):
-    """Per-shard candidate lists (a dict name -> Candidates) -> the global candidates of each."""
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, item):
-        for name, cands in item.items():
-            acc[name] = acc[name].merge(cands) if name in acc else cands
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for acc in accs:
-            self.add_input(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-class SelectionError(ValueError):
-    """The selection asked for cannot be made (e.g. k larger than the documents in the running)."""
-
+from beamsift.transforms.selectors.core import (
+    Budget,
+    Candidates,
+    MergeCandidates,
+    at_or_above,
+    in_random,
+    random_candidates,
+    ranks,
+)
 
 METHODS = ("importance", "top", "bottom", "band", "threshold", "weighted", "all")
 SAMPLING = ("importance", "weighted")
@@ -129,14 +62,7 @@ class Cut:
 
     def ranks(self, running: int) -> tuple[int, int]:
         """(skip, keep) as counts, given how many documents are in the running."""
-        skip = int(math.floor(self.offset * running + 0.5)) if 0 < self.offset < 1 else int(self.offset)
-        if self.k is not None:
-            keep = self.k
-        elif self.fraction is not None:
-            keep = int(math.floor(self.fraction * running + 0.5))
-        else:
-            keep = running
-        return skip, keep
+        return ranks(self.k, self.fraction, self.offset, running)
 
     def keys(self, values: np.ndarray, id_hash: np.ndarray, seed: int) -> np.ndarray:
         """The ranking key of each document (larger is better); NaN values rank last."""
@@ -221,19 +147,6 @@ def _pct(share: float | None) -> str:
     return f"{p}{suffix}"
 
 
-def random_candidates(reasons: np.ndarray, id_hash: np.ndarray, seed: int, keep: int) -> Candidates:
-    """A shard's part of the KL baseline: a seeded random pick of ``keep`` from every valid
-    document (the paper's "random from the raw pool"), whatever the selector."""
-    valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
-    return Candidates.of(gumbel(id_hash[valid], seed, RANDOM_STREAM), id_hash[valid], max(keep, 1))
-
-
-def in_random(reasons: np.ndarray, id_hash: np.ndarray, seed: int, threshold) -> np.ndarray:
-    """Which documents of a shard are in the KL baseline's random pick (``threshold``: its cut)."""
-    valid = np.array([r != "duplicate id" for r in reasons], dtype=bool)
-    return valid & at_or_above(gumbel(id_hash, seed, RANDOM_STREAM), id_hash, threshold)
-
-
 class RankForCut(beam.DoFn):
     """A shard -> its best (offset + k) candidates by the cut's key (and the random baseline's)."""
 
@@ -244,14 +157,14 @@ class RankForCut(beam.DoFn):
         self.seed = seed
         self.random_baseline = random_baseline
 
-    def process(self, item, running_total: int):
+    def process(self, item, budget: tuple):
         shard = shard_of(item)
         reasons = self.chain.reasons(self.stage, shard)
         running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
         out = {}
         if self.cut.ranked():
-            skip, keep = self.cut.ranks(running_total)
+            _, skip, keep = budget
             values = self.chain.column(self.cut.column, shard.name)
             if self.cut.key_column is not None:
                 keys = self.cut.keys(self.chain.column(self.cut.key_column, shard.name), id_hash, self.seed)
@@ -262,25 +175,6 @@ class RankForCut(beam.DoFn):
             if self.random_baseline:
                 out["random"] = random_candidates(reasons, id_hash, self.seed, keep)
         yield out
-
-
-def check_budget(cut: Cut, running_total: int, explain=None) -> tuple[int, int]:
-    """The cut's (skip, keep), or a SelectionError that says why it cannot be made."""
-    skip, keep = cut.ranks(running_total)
-    if (cut.k is not None and skip + keep > running_total) or (cut.fraction is not None and keep < 1):
-        why = explain() if explain is not None else ""
-    if cut.k is not None and skip + keep > running_total:
-        offset = f" after skipping the top {skip}" if skip else ""
-        raise SelectionError(
-            f"select.k={cut.k} is larger than the {max(running_total - skip, 0)} eligible documents{offset}{why} "
-            "(lower select.k)"
-        )
-    if cut.fraction is not None and keep < 1:
-        raise SelectionError(
-            f"select.fraction={cut.fraction} of {running_total} eligible documents rounds to none{why} "
-            f"(raise select.fraction to at least {1 / max(running_total, 1):.2g}, or set select.k)"
-        )
-    return skip, keep
 
 
 class ApplyCutShard(ShardStageFn):
@@ -337,54 +231,22 @@ class CutStage(beam.PTransform):
         self.context = context  # side inputs for explain
 
     def expand(self, shards):
-        from beamsift.transforms.chain import ApplyStage, running_total
-
-        count = running_total(shards, "Count")
-        total = beam.pvalue.AsSingleton(count)
-        random_baseline = self.role == "select"
+        cut = self.cut
+        # The selector's budget fails as every selector's does; a filter's share may keep none.
+        select = self.role == "select"
+        budget = shards | "Budget" >> Budget(cut.k, cut.fraction, cut.offset, select, self.explain, self.context)
         merged = (
             shards
-            | "Rank" >> beam.ParDo(RankForCut(self.name, self.cut, self.chain, self.seed, random_baseline), total)
+            | "Rank"
+            >> beam.ParDo(RankForCut(self.name, cut, self.chain, self.seed, select), beam.pvalue.AsSingleton(budget))
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
         )
-        # From the count, which always has one element: an impossible budget fails even on an
+        # From the budget, which always has one element: an impossible budget fails even on an
         # empty input, where there are no candidates to merge.
         thresholds = beam.pvalue.AsSingleton(
-            count
+            budget
             | "CutRanks"
-            >> beam.Map(
-                lambda n, m, *ctx: cut_thresholds(m, *self._budget(n, *ctx)),
-                beam.pvalue.AsSingleton(merged, default_value={}),
-                *self.context,
-            )
+            >> beam.Map(lambda b, m: cut_thresholds(m, b[1], b[2]), beam.pvalue.AsSingleton(merged, default_value={}))
         )
-        fn = ApplyCutShard(self.name, self.chain, self.cut, self.role, self.seed, self.progress_dir)
+        fn = ApplyCutShard(self.name, self.chain, cut, self.role, self.seed, self.progress_dir)
         return shards | "Cut" >> ApplyStage(fn, thresholds=thresholds)
-
-    def _budget(self, total, *context):
-        if self.role != "select":
-            return self.cut.ranks(total)
-        explain = (lambda: self.explain(total, *context)) if self.explain is not None else None
-        return check_budget(self.cut, total, explain)
-
-
-def explain_running(total: int, rejects: dict, prior: dict, min_tokens: int | None = None) -> str:
-    """Why only ``total`` documents are left for the selector: what was rejected while reading,
-    and what each earlier stage took out."""
-    from beamsift.transforms.io.read import describe_rejects
-
-    stages = prior.get("stages", {})
-    first = next(iter(stages.values()), None)
-    valid = first["in"] if first else total
-    parts = [describe_rejects(rejects, "pool", valid)]
-    for counts in stages.values():
-        for reason, n in counts.items():
-            if reason in ("in", "out", "notes"):
-                continue
-            if reason == "too short" and min_tokens is not None:
-                parts.append(
-                    f"{n:,} valid documents have fewer than dsir.min_tokens={min_tokens} tokens (lower it to keep them)"
-                )
-            else:
-                parts.append(f"{n:,} were taken out as {reason!r}")
-    return ": " + "; ".join(parts)

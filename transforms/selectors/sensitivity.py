@@ -29,18 +29,16 @@ from beamsift.transforms.chain import (
     ApplyStage,
     ShardStageFn,
     running_mask,
-    running_total,
     shard_of,
 )
 from beamsift.transforms.chain.seeded import SENSITIVITY_STREAM, uniform01
 from beamsift.transforms.chain.staging import read_id_hashes
 from beamsift.transforms.chain.sums import Sum, fixed_point_sum
-from beamsift.transforms.selectors.cut import (
+from beamsift.transforms.selectors.core import (
+    Budget,
     Candidates,
-    Cut,
     MergeCandidates,
     at_or_above,
-    check_budget,
     in_random,
     random_candidates,
 )
@@ -131,31 +129,27 @@ def _costs(stats: dict) -> dict:
 
 
 class _LargestProbabilities(_Read, beam.DoFn):
-    def __init__(self, stage, chain, budget_fn):
-        super().__init__(stage, chain)
-        self.budget_fn = budget_fn
-
-    def process(self, item, stats, total):
+    def process(self, item, stats, budget):
         shard, _, clusters, d2 = self.read(item)
         p = sensitivities(clusters, d2, stats)
         ok = ~np.isnan(p)
-        yield {"p": Candidates.of(p[ok], read_id_hashes(shard.path)[ok], max(self.budget_fn(total), 1))}
+        yield {"p": Candidates.of(p[ok], read_id_hashes(shard.path)[ok], max(budget[2], 1))}
 
 
 class _RankByKey(_Read, beam.DoFn):
-    def __init__(self, stage, chain, budget_fn, seed):
+    def __init__(self, stage, chain, seed):
         super().__init__(stage, chain)
-        self.budget_fn, self.seed = budget_fn, seed
+        self.seed = seed
 
-    def process(self, item, stats, lam, total):
+    def process(self, item, stats, lam, budget):
         shard, reasons, clusters, d2 = self.read(item)
         id_hash = read_id_hashes(shard.path)
         keys = pareto_keys(inclusion(sensitivities(clusters, d2, stats), lam), id_hash, self.seed)
         ok = keys > -np.inf
-        budget = max(self.budget_fn(total), 1)
+        keep = max(budget[2], 1)
         yield {
-            "pick": Candidates.of(keys[ok], id_hash[ok], budget),
-            "random": random_candidates(reasons, id_hash, self.seed, budget),
+            "pick": Candidates.of(keys[ok], id_hash[ok], keep),
+            "random": random_candidates(reasons, id_hash, self.seed, keep),
         }
 
 
@@ -186,21 +180,26 @@ class ApplySensitivity(ShardStageFn):
         return columns, reasons, {"taken with certainty (weight 1)": certain} if certain else {}
 
 
+def _pick_threshold(merged: dict, budget: tuple) -> tuple:
+    """(the pick's cut, the random baseline's cut) from the merged candidates."""
+    keep = budget[2]
+    return merged["pick"].threshold(keep) if keep else None, merged["random"].threshold()
+
+
 class SensitivitySampling(beam.PTransform):
     """The selector ``select.method: sensitivity``: k documents (or a fraction of the running)."""
 
-    def __init__(self, name, chain, k, fraction, seed, progress_dir=None):
+    def __init__(self, name, chain, k, fraction, seed, progress_dir=None, explain=None, context=()):
         super().__init__()
         self.name, self.chain, self.k, self.fraction, self.seed = name, chain, k, fraction, seed
         self.progress_dir = progress_dir
-
-    def budget(self, total: int) -> int:
-        """k, or the fraction of the running; a SelectionError (the selector's) where it is
-        larger than the running or rounds to none."""
-        return check_budget(Cut("sensitivity", k=self.k, fraction=self.fraction), total)[1]
+        self.explain, self.context = explain, context  # why the running is small (see core.Budget)
 
     def expand(self, shards):
-        total = beam.pvalue.AsSingleton(running_total(shards, "Count"))
+        # (documents in the running, 0, k): the same budget rule, and errors, as every selector.
+        budget = beam.pvalue.AsSingleton(
+            shards | "Budget" >> Budget(self.k, self.fraction, explain=self.explain, context=self.context)
+        )
         stats = beam.pvalue.AsSingleton(
             shards
             | "ClusterCosts" >> beam.ParDo(_ClusterCosts(self.name, self.chain))
@@ -209,20 +208,17 @@ class SensitivitySampling(beam.PTransform):
         )
         lam = beam.pvalue.AsSingleton(
             shards
-            | "Largest" >> beam.ParDo(_LargestProbabilities(self.name, self.chain, self.budget), stats, total)
+            | "Largest" >> beam.ParDo(_LargestProbabilities(self.name, self.chain), stats, budget)
             | "MergeLargest" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
-            | "Scale" >> beam.Map(lambda m, n: inclusion_scale(m["p"].keys, self.budget(n), n), total),
+            | "Scale" >> beam.Map(lambda m, b: inclusion_scale(m["p"].keys, b[2], b[0]), budget),
             default_value=math.inf,
         )
         threshold = beam.pvalue.AsSingleton(
             shards
-            | "Rank" >> beam.ParDo(_RankByKey(self.name, self.chain, self.budget, self.seed), stats, lam, total)
+            | "Rank" >> beam.ParDo(_RankByKey(self.name, self.chain, self.seed), stats, lam, budget)
             | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
             | "Cut"
-            >> beam.Map(
-                lambda m, n: (m["pick"].threshold(self.budget(n)) if self.budget(n) else None, m["random"].threshold()),
-                total,
-            ),
+            >> beam.Map(lambda m, b: (m["pick"].threshold(b[2]) if b[2] else None, m["random"].threshold()), budget),
             default_value=(None, None),
         )
         fn = ApplySensitivity(self.name, self.chain, self.seed, self.progress_dir)

@@ -26,6 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import AsSingleton
+from beamsift.transforms.io.read import CountRejectReasons
+
 
 def setting(
     default: Any,
@@ -170,8 +175,6 @@ class Context:
 
     @property
     def artifacts(self) -> str:
-        from apache_beam.io.filesystems import FileSystems
-
         return FileSystems.join(self.out, "artifacts")
 
     def kinds(self) -> list[str | None]:
@@ -186,10 +189,6 @@ class Context:
     def reject_reasons(self):
         """Side input: what was rejected while reading, by reason (an impossible selection and an
         empty DSIR model quote it as their cause). Built on first use, from what was read."""
-        import apache_beam as beam
-        from apache_beam.pvalue import AsSingleton
-        from beamsift.transforms.io.read import CountRejectReasons
-
         if self._reject_reasons is None:
             self._reject_reasons = AsSingleton(
                 list(self.rejected)

@@ -1,25 +1,15 @@
-"""Embeddings and k-means for diversity: the model-free embedding, centroids fitted on a sample,
-every document assigned to its nearest centroid.
+"""The cluster stage: k-means over the embed stage's vectors (``embed.py``).
 
-``embed`` (model-free, the CPU default): the hashed n-gram counts that beamsift already computes,
-TF-IDF-weighted (sublinear tf = 1 + log(count), smooth idf = log((1 + N)/(1 + df)) + 1, df over the
-documents in the running), reduced to ``embed.dim`` dimensions and L2-normalised:
-
-- ``svd`` (default): a truncated SVD fitted on a seeded sample (latent semantic analysis): the
-  directions that carry the corpus's topics, what k-means needs to find them;
-- ``projection``: a Gaussian random projection seeded by the config seed (no fit; keeps cosines up
-  to a small distortion, Johnson–Lindenstrauss, but spreads the topics over every direction).
-
-The vectors stay internal (``_embedding`` in the stage's staging files).
-
-``cluster``: k-means (scikit-learn's, k-means++ seeded by the config seed) fitted on a seeded
-sample of the embeddings (``cluster.sample``); every document in the running gets ``cluster`` (the
-nearest centroid, the first on a tie, as scikit-learn's ``predict``) and ``cluster_distance`` (the
-Euclidean distance to it). The centroids are saved to ``artifacts/cluster/centroids.npy``, beside
-the settings they were fitted with (``cluster.json``) and, for svd and projection, the embedding's
-IDF and basis (``idf.npy``, ``basis.npy``: fitted on the running's documents). ``cluster.model``
-applies all of them to new data: the embed stage then uses the saved IDF and basis instead of
-fitting its own, so that the same documents land in the same clusters.
+k-means (scikit-learn's, k-means++ seeded by the config seed) is fitted on a seeded sample of the
+embeddings (``cluster.sample``), optionally refined by Lloyd passes over every document
+(``cluster.passes``, summed as integers: the same centroids for any split); every document in
+the running gets ``cluster`` (the nearest centroid, the first on a tie, as scikit-learn's
+``predict``) and ``cluster_distance`` (the Euclidean distance to it). The centroids are saved to
+``artifacts/cluster/centroids.npy``, beside the settings they were fitted with (``cluster.json``)
+and, for svd and projection, the embedding's IDF and basis (``idf.npy``, ``basis.npy``, written by
+the embed stage). ``cluster.model`` applies all of them to new data: the embed stage then uses
+the saved IDF and basis instead of fitting its own, so that the same documents land in the same
+clusters.
 """
 
 from __future__ import annotations
@@ -37,49 +27,17 @@ from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import EMBED_SAMPLE_STREAM
-from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.chain.sums import Sum
-from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.io.cluster_stats import ClusterStatistics
-from beamsift.transforms.io.schema import BUCKETS, N_TOKENS
+from beamsift.transforms.selectors.core import SelectionError
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
+from beamsift.transforms.stages.embed import embeddings, save_array
 
-EMBEDDING = "_embedding"
-EMBED_COLUMNS = ((EMBEDDING, "embedding"),)
 NEXT_CLUSTER = "_cluster_next"  # the second nearest centroid: where SemDeDup also compares
 CLUSTER_COLUMNS = (("cluster", "int64"), ("cluster_distance", "double"), (NEXT_CLUSTER, "int64"))
 # A cluster model (artifacts/cluster): the centroids, the settings they were fitted with, and for
 # svd and projection the embedding that maps documents to the centroids' space.
-CENTROIDS_FILE, META_FILE, IDF_FILE, BASIS_FILE = "centroids.npy", "cluster.json", "idf.npy", "basis.npy"
-
-
-def projection(num_buckets: int, dim: int, seed: int) -> np.ndarray:
-    """The random projection: (num_buckets, dim) Gaussian entries of variance 1/dim, from the seed."""
-    rng = np.random.default_rng([seed, 0xE4BED])
-    return (rng.standard_normal((num_buckets, dim)) / np.sqrt(dim)).astype(np.float32)
-
-
-def tfidf(features, idf: np.ndarray):
-    """Documents' hashed n-grams -> their TF-IDF rows (a scipy CSR matrix)."""
-    import scipy.sparse as sp
-
-    n = len(features.offsets) - 1
-    # CSR straight from the offsets (no row-index array, no COO copy); duplicates summed in place.
-    counts = sp.csr_matrix(
-        (np.ones(len(features.buckets), np.float32), features.buckets.astype(np.int32), features.offsets),
-        shape=(n, len(idf)),
-    )
-    counts.sum_duplicates()
-    counts.data = (1 + np.log(counts.data)) * idf[counts.indices]
-    return counts
-
-
-def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray) -> np.ndarray:
-    """Documents' hashed n-grams -> L2-normalised, reduced TF-IDF vectors (n, dim); ``proj`` is
-    (num_buckets, dim): a random projection or the SVD's components, transposed."""
-    out = np.asarray(tfidf(features, idf) @ proj, dtype=np.float32)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.where(norms > 0, norms, 1)
+CENTROIDS_FILE, META_FILE = "centroids.npy", "cluster.json"
 
 
 def assign(vectors: np.ndarray, centroids: np.ndarray, with_next: bool = False):
@@ -97,153 +55,12 @@ def assign(vectors: np.ndarray, centroids: np.ndarray, with_next: bool = False):
     return nearest, distance, following
 
 
-def _features(shard):
-    table = read_staging(shard.path, [N_TOKENS, BUCKETS])
-    return features_from_arrow(table.column(BUCKETS), np.asarray(table.column(N_TOKENS).combine_chunks()))
-
-
-class _DocumentFrequencies(beam.DoFn):
-    def __init__(self, stage, chain, num_buckets):
-        self.stage, self.chain, self.num_buckets = stage, chain, num_buckets
-
-    def process(self, item):
-        shard, running = self.chain.running(self.stage, item)
-        f = _features(shard)
-        rows = np.repeat(np.arange(len(running)), np.diff(f.offsets))
-        keep = running[rows]
-        pairs = np.unique(rows[keep].astype(np.int64) * self.num_buckets + f.buckets[keep])
-        yield np.bincount(pairs % self.num_buckets, minlength=self.num_buckets).astype(np.int64), int(running.sum())
-
-
-def document_frequencies(shards, stage, chain, num_buckets):
-    """A side input: (document frequency of each bucket, documents) over those in the running."""
-    return beam.pvalue.AsSingleton(
-        shards
-        | "DocumentFrequencies" >> beam.ParDo(_DocumentFrequencies(stage, chain, num_buckets))
-        | "SumFrequencies" >> beam.CombineGlobally(Sum()).without_defaults(),
-        default_value=(np.zeros(num_buckets, np.int64), 0),
-    )
-
-
-def smooth_idf(frequencies) -> np.ndarray:
-    df, n = frequencies
-    return (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)
-
-
-class EmbedShard(ShardStageFn):
-    """A shard -> the model-free embedding of each document in the running (zeros elsewhere)."""
-
-    def __init__(self, name, chain, dim: int, seed: int, num_buckets: int, progress_dir=None):
-        super().__init__(name, chain, progress_dir)
-        self.dim, self.seed, self.num_buckets = dim, seed, num_buckets
-
-    def score(self, shard, reasons, idf, proj):
-        running = running_mask(reasons)
-        vectors = tfidf_embeddings(_features(shard), idf, proj)
-        vectors[~running] = 0
-        flat = pa.array(vectors.reshape(-1), pa.float32())
-        return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, proj.shape[1])}, reasons
-
-
-def fit_svd(sample: list, idf: np.ndarray, dim: int, seed: int) -> np.ndarray:
-    """The truncated SVD's components (num_buckets, dim') of the sample's TF-IDF rows."""
-    from beamsift.transforms.featurize import NgramFeatures
-    from sklearn.decomposition import TruncatedSVD
-
-    buckets = [b for _, _, b in sample]
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in buckets])]).astype(np.int64)
-    flat = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
-    features = NgramFeatures(flat, offsets, np.zeros(len(buckets), np.int64))
-    matrix = tfidf(features, idf)
-    k = max(1, min(dim, matrix.shape[0] - 1, matrix.shape[1] - 1))
-    svd = TruncatedSVD(n_components=k, random_state=seed, algorithm="randomized", n_iter=5)
-    svd.fit(matrix)
-    return svd.components_.T.astype(np.float32)
-
-
-class EmbedDocuments(beam.PTransform):
-    def __init__(
-        self,
-        name,
-        chain,
-        dim,
-        seed,
-        num_buckets,
-        method="svd",
-        sample=20000,
-        progress_dir=None,
-        encoder=None,
-        save_to=None,
-        saved=None,
-    ):
-        super().__init__()
-        self.name, self.chain, self.dim, self.seed = name, chain, dim, seed
-        self.num_buckets, self.progress_dir = num_buckets, progress_dir
-        self.method, self.sample = method, sample
-        self.encoder = encoder  # method "model": (model, max_tokens, batch_size, threads)
-        # svd, projection: the folder the fitted IDF and basis go to (the cluster stage's
-        # artifacts), or a saved cluster model's folder whose IDF and basis are applied instead.
-        self.save_to, self.saved = save_to, saved
-
-    def expand(self, shards):
-        if self.method == "model":
-            from beamsift.transforms.models.encoder import EncodeShard
-
-            fn = EncodeShard(self.name, self.chain, *self.encoder, progress_dir=self.progress_dir)
-            return shards | "Encode" >> ApplyStage(fn)
-        if self.saved is not None:
-            given = shards.pipeline | "SavedEmbedding" >> beam.Create([self.saved])
-            idf = beam.pvalue.AsSingleton(given | "LoadIdf" >> beam.Map(load_array, IDF_FILE))
-            proj = given | "LoadBasis" >> beam.Map(load_array, BASIS_FILE)
-        else:
-            idf, proj = self._fit(shards)
-            if self.save_to is not None:
-                _ = proj | "SaveEmbedding" >> beam.Map(save_embedding, idf, self.save_to)
-        fn = EmbedShard(self.name, self.chain, self.dim, self.seed, self.num_buckets, self.progress_dir)
-        return shards | "Embed" >> ApplyStage(fn, idf=idf, proj=beam.pvalue.AsSingleton(proj))
-
-    def _fit(self, shards):
-        """(the IDF as a side input, the basis as a PCollection of one) over the documents in the running."""
-        frequencies = document_frequencies(shards, self.name, self.chain, self.num_buckets)
-        # Computed once, from the frequencies' side input (its default covers an empty running).
-        idf = beam.pvalue.AsSingleton(
-            shards.pipeline | "Once" >> beam.Create([None]) | "Idf" >> beam.Map(lambda _, f: smooth_idf(f), frequencies)
-        )
-        if self.method == "svd":
-            proj = (
-                shards
-                | "SampleFeatures"
-                >> SampleRunning(self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _bucket_lists)
-                | "FitSvd" >> beam.Map(Metered(self.name, fit_svd), idf, self.dim, self.seed)
-            )
-        else:
-            proj = (
-                shards.pipeline
-                | "Seed" >> beam.Create([self.seed])
-                | "Projection" >> beam.Map(lambda seed, m, d: projection(m, d, seed), self.num_buckets, self.dim)
-            )
-        return idf, proj
-
-
-def embeddings(chain, shard_name: str) -> np.ndarray:
-    """The (n, dim) embeddings an embed stage wrote for a shard."""
-    column = chain.read(chain.producer(EMBEDDING), shard_name, [EMBEDDING]).column(0).combine_chunks()
-    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-
-
-# Copies, not views: a sample held across shards must not keep every shard's arrays alive.
-def _bucket_lists(chain, shard, rows):
-    f = _features(shard)
-    return [f.buckets[f.offsets[r] : f.offsets[r + 1]].copy() for r in rows]
-
-
 def _embedding_rows(chain, shard, rows):
     return [v.copy() for v in embeddings(chain, shard.name)[rows]]
 
 
 def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.ndarray:
     """k-means (k-means++, scikit-learn) on the sample's vectors; saved to artifacts/ if given."""
-    from beamsift.transforms.selectors.cut import SelectionError
     from sklearn.cluster import KMeans
 
     vectors = np.stack([v for _, _, v in sample]) if sample else np.zeros((0, 1), np.float32)
@@ -257,24 +74,6 @@ def load_centroids(path: str) -> np.ndarray:
     target = path if path.endswith(".npy") else FileSystems.join(path, CENTROIDS_FILE)
     with FileSystems.open(target) as f:
         return np.load(io.BytesIO(f.read()))
-
-
-def load_array(folder: str, name: str) -> np.ndarray:
-    with FileSystems.open(FileSystems.join(folder, name)) as f:
-        return np.load(io.BytesIO(f.read()))
-
-
-def _save_array(array: np.ndarray, folder: str, name: str) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    with FileSystems.create(FileSystems.join(folder, name)) as f:
-        f.write(buffer.getvalue())
-
-
-def save_embedding(basis: np.ndarray, idf: np.ndarray, folder: str) -> None:
-    """What applies the embedding again: the IDF (num_buckets,) and the basis (num_buckets, dim)."""
-    _save_array(idf, folder, IDF_FILE)
-    _save_array(basis, folder, BASIS_FILE)
 
 
 def read_cluster_meta(folder: str) -> dict | None:
@@ -336,7 +135,7 @@ def _move_centroids(total, centroids: np.ndarray) -> np.ndarray:
 
 def save_centroids(centroids: np.ndarray, artifacts: str, meta: dict | None = None) -> np.ndarray:
     """The centroids, and with ``meta`` the settings that made them (checked when they are applied)."""
-    _save_array(centroids, artifacts, CENTROIDS_FILE)
+    save_array(centroids, artifacts, CENTROIDS_FILE)
     if meta is not None:
         meta = {**meta, "cluster.k": int(centroids.shape[0]), "width": int(centroids.shape[1])}
         with FileSystems.create(FileSystems.join(artifacts, META_FILE)) as f:

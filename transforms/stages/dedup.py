@@ -27,6 +27,7 @@ cluster of n documents on one worker: ``cluster.k`` bounds n.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -39,7 +40,15 @@ from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.featurize import hash_strings
 from beamsift.transforms.io.schema import ORDER, TEXT
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
-from beamsift.transforms.stages.cluster import NEXT_CLUSTER, embeddings
+from beamsift.transforms.stages.cluster import NEXT_CLUSTER
+from beamsift.transforms.stages.embed import (
+    document_frequencies,
+    embeddings,
+    features_of,
+    projection,
+    smooth_idf,
+    tfidf_embeddings,
+)
 
 COLUMNS = (("duplicate_of", "string"),)
 TFIDF_DIM = 512  # projected TF-IDF for dedup.compare: tfidf; cosines kept within ~0.006 (JL)
@@ -148,8 +157,6 @@ def _semdedup_group(kv, epsilon: float, stage: str) -> list:
 def _compare_group(kv, epsilon: float) -> list:
     cluster, members = kv[0], list(kv[1])
     if len(members) > LARGE_GROUP:
-        import logging
-
         logging.getLogger("beamsift").warning(
             "dedup: cluster %d has %d documents to compare (%.1e dot products on one worker); "
             "a larger cluster.k bounds the work (about one cluster per 10,000 documents)",
@@ -179,11 +186,9 @@ class _ClusterMembers(beam.DoFn):
     def _vectors(self, shard, frequencies):
         if self.tfidf is None:
             return embeddings(self.chain, shard.name)
-        from beamsift.transforms.stages.cluster import _features, projection, smooth_idf, tfidf_embeddings
-
         if self._proj is None:
             self._proj = projection(*self.tfidf)
-        return tfidf_embeddings(_features(shard), smooth_idf(frequencies), self._proj)
+        return tfidf_embeddings(features_of(shard), smooth_idf(frequencies), self._proj)
 
     def process(self, item, exact, frequencies=None):
         shard, running = self.chain.running(self.stage, item)
@@ -273,8 +278,6 @@ class DeduplicateDocuments(beam.PTransform):
         )
         side = []
         if self.tfidf is not None:
-            from beamsift.transforms.stages.cluster import document_frequencies
-
             side = [document_frequencies(shards, self.name, self.chain, self.tfidf[0])]
         members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf)
         near = (

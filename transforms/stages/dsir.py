@@ -9,7 +9,7 @@ then k documents are drawn without replacement with probability ∝ w_i by the G
 trick (``selectors/cut.py``). Both fits are integer sums, so they are exact and independent of how
 the work is split; the weights are a map over the pool with the two models as a side input.
 
-Beyond the paper (METHODS.md): an optional length normalisation (the raw sum grows with
+Beyond the paper (docs/guide.md, "Which to rank on"): an optional length normalisation (the raw sum grows with
 length, so long documents dominate and sampling degenerates to top-k), a visible minimum
 length, and the KL reduction of the selection computed in the run.
 """
@@ -31,7 +31,7 @@ from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.featurize import FeaturizeHashedNgrams, NgramFeatures, bucket_counts, features_from_arrow
 from beamsift.transforms.io.read import describe_rejects
 from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
-from beamsift.transforms.selectors.cut import SelectionError
+from beamsift.transforms.selectors.core import SelectionError
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
 
 

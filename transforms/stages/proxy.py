@@ -24,14 +24,19 @@ stage's summaries and reaches the manifest's ``training`` (``pipeline/diagnostic
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
+import io
+import json
 import os
+import tarfile
 import tempfile
 from dataclasses import dataclass, field, fields, replace
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms import models
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
@@ -39,8 +44,9 @@ from beamsift.transforms.chain.meter import Metered, StageMeter
 from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import PROXY_SAMPLE_STREAM
 from beamsift.transforms.chain.staging import read_staging
-from beamsift.transforms.featurize import features_from_arrow
-from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT, output_column
+from beamsift.transforms.featurize import features_from_arrow, hashed_ngram_features
+from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT, input_field, output_column
+from beamsift.transforms.selectors.core import SelectionError
 from beamsift.transforms.stages.base import Context, Stage, setting
 
 MODELS_TAR = "models.tar"  # the trained models on an object store: one tar of their folders
@@ -191,17 +197,12 @@ def _train_classifiers(payload, settings: ProxySettings, seed: int, report):
     labelled = [(b, y) for b, y in payload if y is not None]
     names = sorted({y for _, y in labelled})
     if len(names) < 2:
-        from beamsift.transforms.selectors.cut import SelectionError
-
         raise SelectionError(
             f"input.label_field: the proxy's training sample has {len(names)} label(s) ({names}); "
             "a classifier needs at least 2"
         )
     if len(names) == len(labelled):
         # No class has a second document: a held-out document's class is never trained on.
-        from beamsift.transforms.io.schema import input_field
-        from beamsift.transforms.selectors.cut import SelectionError
-
         raise SelectionError(
             f"input.label_field {input_field(settings.label_column)!r}: each of the proxy's {len(labelled)} "
             f"training documents has a label of its own (e.g. {names[0][:40]!r}); a label must name a class "
@@ -265,8 +266,6 @@ def _accuracy(model, batch_of, idx) -> float | None:
 
 def _checkpoint_models(model, checkpoints, k: int) -> dict:
     """TracIn's checkpoints as models of their own, each with its learning rate in its config."""
-    import copy
-
     out = {}
     for e, (lr, state) in enumerate(checkpoints or []):
         ckpt = copy.deepcopy(model)
@@ -340,8 +339,6 @@ def _save_artifacts(data: bytes, artifacts: str) -> None:
 
 def save_settings(_, artifacts: str, settings: ProxySettings) -> None:
     """What the models need to be applied again that their configs do not say (the n-grams)."""
-    import json
-
     saved = {
         "featurize.buckets": settings.num_buckets,
         "featurize.max_ngram": settings.max_ngram,
@@ -358,9 +355,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def load_given(path: str) -> bytes:
     """A saved model stage folder packed like trained models: a run's artifacts/proxy (its models'
     save_pretrained folders, or their models.tar), or one save_pretrained model with its tokenizer."""
-    import io
-    import tarfile
-
     packed = FileSystems.join(path, MODELS_TAR)
     if FileSystems.exists(packed):
         with FileSystems.open(packed) as f:
@@ -539,15 +533,11 @@ class ScoreWithModels(ShardStageFn):
 
     def _target_grads(self, loaded, target: list) -> list:
         """Each proxy's mean last-layer gradient over the target sample."""
-        import pyarrow as pa
         import torch
-        from beamsift.transforms.featurize import hashed_ngram_features
 
         if self.settings.labelled:
             target = [(t, _label(y)) for t, y in target if _label(y) in (loaded.labels or {})]
             if not target:
-                from beamsift.transforms.selectors.cut import SelectionError
-
                 raise SelectionError(
                     "proxy.target_influence: no target document has a label the proxy knows "
                     f"(the target needs the field input.label_field; the proxy's labels: {sorted(loaded.labels)})"

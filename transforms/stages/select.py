@@ -12,7 +12,8 @@ import apache_beam as beam
 from apache_beam.pvalue import AsList
 from beamsift.transforms.io.write import SumSummaries
 from beamsift.transforms.selectors import balanced, sensitivity
-from beamsift.transforms.selectors.cut import METHODS, Cut, CutStage, explain_running
+from beamsift.transforms.selectors.core import explain_running
+from beamsift.transforms.selectors.cut import METHODS, Cut, CutStage
 from beamsift.transforms.stages.base import Context, Stage, setting
 
 SELECT_COLUMNS = (("selected", "bool"), ("_in_random", "bool"))
@@ -112,38 +113,23 @@ def _check(cfg, name, available, fail) -> None:
 def _build(ctx: Context, name: str, shards):
     cfg = ctx.cfg
     method = cfg["select.method"]
+    # Why the running is as small as it is, should the budget not fit: what was rejected while
+    # reading and the earlier stages' per-shard summaries (summed only then).
+    prior = AsList(
+        (ctx.stage_summaries or [ctx.p | "NoPriorStages" >> beam.Create([{}])]) | "PriorSummaries" >> beam.Flatten()
+    )
+    min_tokens = cfg["dsir.min_tokens"] if "dsir" in ctx.kinds() else None
+    explain = functools.partial(_explain, min_tokens), (ctx.reject_reasons(), prior)
+    k, fraction = cfg["select.k"], cfg["select.fraction"]
     if method == "balanced":
+        column, rule, quota_column = cfg["select.column"], cfg["select.quota"], cfg["select.quota_column"]
         selector = balanced.BalancedSelection(
-            name,
-            ctx.chain,
-            cfg["select.column"],
-            cfg["select.k"],
-            cfg["select.fraction"],
-            cfg["select.quota"],
-            cfg["select.quota_column"],
-            ctx.seed,
-            ctx.progress_dir,
+            name, ctx.chain, column, k, fraction, rule, quota_column, ctx.seed, ctx.progress_dir, *explain
         )
     elif method == "sensitivity":
-        selector = sensitivity.SensitivitySampling(
-            name, ctx.chain, cfg["select.k"], cfg["select.fraction"], ctx.seed, ctx.progress_dir
-        )
+        selector = sensitivity.SensitivitySampling(name, ctx.chain, k, fraction, ctx.seed, ctx.progress_dir, *explain)
     else:
-        # The earlier stages' per-shard summaries, summed only if the budget cannot be met.
-        prior = AsList(
-            (ctx.stage_summaries or [ctx.p | "NoPriorStages" >> beam.Create([{}])]) | "PriorSummaries" >> beam.Flatten()
-        )
-        min_tokens = cfg["dsir.min_tokens"] if "dsir" in ctx.kinds() else None
-        selector = CutStage(
-            name,
-            select_cut(cfg),
-            "select",
-            ctx.chain,
-            ctx.seed,
-            ctx.progress_dir,
-            functools.partial(_explain, min_tokens),
-            (ctx.reject_reasons(), prior),
-        )
+        selector = CutStage(name, select_cut(cfg), "select", ctx.chain, ctx.seed, ctx.progress_dir, *explain)
     return shards | "Stage_" + name >> selector
 
 

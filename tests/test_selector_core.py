@@ -1,0 +1,76 @@
+"""The pieces every selector and stage shares, as Beam transforms: the budget rule, the sums, and
+who starts in the running (Beam's TestPipeline and assert_that: the contract of one transform)."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from beamsift.transforms.chain import START, Chain, MarkDuplicateIds, StageShard
+from beamsift.transforms.chain.duplicate_ids import DuplicateIds
+from beamsift.transforms.chain.staging import ShardRef, write_staging
+from beamsift.transforms.chain.sums import Sum, add
+from beamsift.transforms.selectors.core import Budget, SelectionError, check_budget
+
+
+def _shards(runnings: list[int]) -> list[StageShard]:
+    return [StageShard(ShardRef(f"/nowhere/{i}.arrow", f"s{i}", n, 0, 0), n) for i, n in enumerate(runnings)]
+
+
+@pytest.mark.parametrize(
+    "k, fraction, expected",
+    [(5, None, (30, 0, 5)), (None, 0.1, (30, 0, 3)), (None, 0.05, (30, 0, 2)), (30, None, (30, 0, 30))],
+)
+def test_the_budget_counts_the_running_over_all_shards(k, fraction, expected):
+    # 0.05 of 30 is 1.5: rounded half up to 2, whatever the shards' split.
+    with BeamPipeline() as p:
+        out = p | beam.Create(_shards([10, 0, 20])) | Budget(k, fraction)
+        assert_that(out, equal_to([expected]))
+
+
+def test_a_budget_that_cannot_be_met_fails_with_the_reason_and_the_fix():
+    with pytest.raises(
+        Exception, match=r"select.k=31 is larger than the 30 eligible documents: why \(lower select.k\)"
+    ):
+        with BeamPipeline() as p:
+            _ = p | beam.Create(_shards([10, 20])) | Budget(31, None, explain=lambda total: ": why")
+    with pytest.raises(SelectionError, match=r"select.fraction=0.01 of 30 eligible documents rounds to none"):
+        check_budget(None, 0.01, 30)
+    # A filter's share may keep none: the same rule, unchecked.
+    with BeamPipeline() as p:
+        out = p | beam.Create(_shards([10, 20])) | Budget(None, 0.01, check=False)
+        assert_that(out, equal_to([(30, 0, 0)]))
+
+
+def test_sum_adds_parts_of_any_shape_in_any_grouping():
+    parts = [
+        {"counts": {"a": 1}, "v": np.array([1, 2]), "pair": (1, 0.5)},
+        {"counts": {"a": 2, "b": 1}, "pair": (2, 0.25)},
+        {"v": np.array([10, 20]), "pair": (0, 0.25)},
+    ]
+    whole = add(add(parts[0], parts[1]), parts[2])
+    assert whole["counts"] == {"a": 3, "b": 1} and whole["pair"] == (3, 1.0)
+    assert whole["v"].tolist() == [11, 22]
+    assert add(parts[0], add(parts[1], parts[2]))["counts"] == whole["counts"]
+    assert parts[0]["counts"] == {"a": 1}  # the parts are never changed
+    with BeamPipeline() as p:
+        out = p | beam.Create([(1, 2), (3, 4), (5, 6)]) | beam.CombineGlobally(Sum(start=(0, 0), finish=list))
+        assert_that(out, equal_to([[9, 12]]))
+
+
+def test_the_chain_starts_with_every_document_but_the_repeats_of_an_id(tmp_path):
+    shard = str(tmp_path / "docs" / "s0.arrow")
+    (tmp_path / "docs").mkdir()
+    write_staging(pa.table({"_order": pa.array([0, 1, 2, 3], pa.int64())}), shard)
+    ref = ShardRef(shard, "s0", 4, 0, 3)
+    chain = Chain(str(tmp_path), ("select",))
+    repeats = DuplicateIds(losers=np.array([2], np.int64), winners=np.array([0], np.int64))
+    with BeamPipeline() as p:
+        out = p | beam.Create([ref]) | beam.ParDo(MarkDuplicateIds(chain), repeats)
+        assert_that(out | beam.Map(lambda s: s.running), equal_to([3]))
+    reasons = chain.read(START, "s0", ["_reason"]).column(0).to_pylist()
+    assert reasons == [None, None, "duplicate id", None]
+    assert chain.reasons("select", ref).tolist() == reasons

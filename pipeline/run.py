@@ -409,14 +409,7 @@ def _manifest(cfg, summary, metrics, options, pool_files, started) -> dict:
     accounted = selected + sum(not_selected.values()) + sum(rejected.values())
     finished = time.time()
     return {
-        "beamsift_version": _version("beamsift"),
-        "created": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
-        "complete": True,
-        "seed": cfg["seed"],
-        "config": cfg.to_dict(),
-        "config_file": cfg.source,
-        "beam_options": options.get_all_options(drop_default=True),
-        "input_files": len(pool_files),
+        **_header(cfg, options, pool_files, finished),
         "counts": {
             "input_records": records_read if records_read is not None else accounted,
             "selected": selected,
@@ -453,14 +446,11 @@ def _manifest(cfg, summary, metrics, options, pool_files, started) -> dict:
     }
 
 
-def _train_manifest(cfg, summary, metrics, options, pool_files, started, folder: str) -> dict:
-    """`beamsift train`: what was trained and where, not a selection (there is none)."""
-    stage = cfg["stages"][-2]
-    finished = time.time()
-    artifacts = f"artifacts/{stage}"
+def _header(cfg, options, pool_files, finished: float, command: str | None = None) -> dict:
+    """What every manifest opens with: the version, when, the config and the options it ran with."""
     return {
         "beamsift_version": _version("beamsift"),
-        "command": "train",
+        **({"command": command} if command else {}),
         "created": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
         "complete": True,
         "seed": cfg["seed"],
@@ -468,6 +458,16 @@ def _train_manifest(cfg, summary, metrics, options, pool_files, started, folder:
         "config_file": cfg.source,
         "beam_options": options.get_all_options(drop_default=True),
         "input_files": len(pool_files),
+    }
+
+
+def _train_manifest(cfg, summary, metrics, options, pool_files, started, folder: str) -> dict:
+    """`beamsift train`: what was trained and where, not a selection (there is none)."""
+    stage = cfg["stages"][-2]
+    finished = time.time()
+    artifacts = f"artifacts/{stage}"
+    return {
+        **_header(cfg, options, pool_files, finished, command="train"),
         "trained": {
             "stage": stage,
             "models": artifacts,

@@ -50,6 +50,17 @@ def small_corpus(tmp_path_factory) -> dict:
     }
 
 
+def tree_of(path) -> dict:
+    """Every file under ``path`` with its bytes: what "left intact" is checked against."""
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
 def make_config(tmp_path: Path, pool, target, out=None, **sections) -> Path:
     import yaml
 

@@ -14,18 +14,7 @@ import time
 
 import pytest
 from beamsift.pipeline import output
-from conftest import ROOT, make_config, run_cli, write_jsonl
-
-
-def _tree(path) -> dict:
-    """Every file under ``path`` with its bytes: what "left intact" is checked against."""
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = f.read()
-    return out
+from conftest import ROOT, make_config, run_cli, tree_of, write_jsonl
 
 
 def _refused(proc, *fragments):
@@ -42,11 +31,11 @@ def test_a_folder_with_the_users_files_is_refused_and_left_intact(tmp_path, smal
     out.mkdir()
     (out / "notes.txt").write_text("my own notes")
     (out / "scores").mkdir()  # even a name beamsift uses does not make the folder beamsift's
-    before = _tree(out)
+    before = tree_of(out)
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], out=out)
     proc = run_cli("run", str(cfg), *(["--overwrite"] if overwrite else []), check=False)
     _refused(proc, "holds notes.txt, which beamsift did not write", "choose a new or empty folder")
-    assert _tree(out) == before
+    assert tree_of(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "mine"]  # nothing beside it
 
 
@@ -54,11 +43,11 @@ def test_a_folder_that_holds_the_input_is_refused_and_the_input_kept(tmp_path, s
     data = tmp_path / "data"
     data.mkdir()
     pool = write_jsonl(data / "pool.jsonl", [json.loads(line) for line in open(small_corpus["pool"])][:200])
-    before = _tree(data)
+    before = tree_of(data)
     cfg = make_config(tmp_path, pool, small_corpus["target"], out=data)
     proc = run_cli("run", str(cfg), "--overwrite", check=False)
     _refused(proc, f"holds {pool}, which input.path reads")
-    assert _tree(data) == before
+    assert tree_of(data) == before
     # The target is an input too.
     tdir = tmp_path / "t"
     tdir.mkdir()
@@ -74,17 +63,17 @@ def test_an_output_dir_inside_a_dataset_folder_is_refused(tmp_path, small_corpus
 
     records = [json.loads(line) for line in open(small_corpus["pool"])][:100]
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
-    before = _tree(tmp_path / "hf")
+    before = tree_of(tmp_path / "hf")
     cfg = make_config(tmp_path, tmp_path / "hf", small_corpus["target"], out=tmp_path / "hf" / "selection")
     _refused(run_cli("run", str(cfg), check=False), f"is inside {tmp_path / 'hf'}, which input.path reads")
-    assert _tree(tmp_path / "hf") == before
+    assert tree_of(tmp_path / "hf") == before
 
 
 def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], input={"batch_size": 16})
     out = tmp_path / "out"
     run_cli("run", str(cfg))
-    before = _tree(out)
+    before = tree_of(out)
     tmp = tempfile.mkdtemp()  # the run's temp dir: left as it was found
     for sig, status, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
         proc = subprocess.Popen(
@@ -104,7 +93,7 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == status
         assert err.strip() == f"beamsift: {word}; nothing was published, and output.dir is as it was"
-        assert _tree(out) == before  # the previous result, byte for byte
+        assert tree_of(out) == before  # the previous result, byte for byte
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out"]  # no leftovers
         assert os.listdir(tmp) == []
         q = run_cli("query", str(out), "SELECT count(*) AS n FROM selected")
@@ -115,11 +104,11 @@ def test_a_failed_run_leaves_the_previous_result_and_nothing_else(tmp_path, smal
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"])
     out = tmp_path / "out"
     run_cli("run", str(cfg))
-    before = _tree(out)
+    before = tree_of(out)
     # The pool has fewer than 500 documents of 200 tokens: known only once it has been read.
     proc = run_cli("run", str(cfg), "--overwrite", "--set", "select.k=500", "--set", "dsir.min_tokens=200", check=False)
     assert proc.returncode == 2 and "is larger than the" in proc.stderr
-    assert _tree(out) == before
+    assert tree_of(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out"]
     # ...and the next run replaces it without ceremony.
     run_cli("run", str(cfg), "--overwrite", "--set", "select.k=7")

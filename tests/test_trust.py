@@ -5,21 +5,10 @@ what to worry about, and nothing is left in the temp dir. Through the command li
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
-from conftest import demo_records, make_config, run_cli, write_jsonl
-
-
-def _tree(path) -> dict:
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = f.read()
-    return out
+from conftest import demo_records, make_config, run_cli, tree_of, write_jsonl
 
 
 def _one_line_error(proc, *fragments):
@@ -41,11 +30,11 @@ def test_a_user_file_at_any_depth_of_an_old_output_is_refused_and_kept(tmp_path,
     for mine in ("scores/my_analysis.csv", "rejected/reviewed/notes.md", "artifacts/mine/keep.txt"):
         (out / mine).parent.mkdir(parents=True, exist_ok=True)
         (out / mine).write_text("the user's own")
-        before = _tree(out)
+        before = tree_of(out)
         for flags in ([], ["--overwrite"]):
             proc = run_cli("run", str(cfg), *flags, "--set", "select.k=7", check=False)
             _one_line_error(proc, f"output.dir {out} holds {mine}, which beamsift did not write")
-            assert _tree(out) == before
+            assert tree_of(out) == before
             assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out"]
         (out / mine).unlink()
         if (out / mine).parent.name in ("reviewed", "mine"):

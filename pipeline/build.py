@@ -63,8 +63,13 @@ def build_pipeline(
     staging_dir: str,
     progress_dir: str | None = None,
     given_models: dict | None = None,
+    finish=None,
 ) -> None:
-    """Add the run's transforms to ``p``; outputs go to ``out`` (the run's own new folder)."""
+    """Add the run's transforms to ``p``; outputs go to ``out`` (the run's own new folder).
+
+    ``finish``: the job's last step, called with the run's summary once everything else is
+    written (``finish.py``: the manifest, then the folder published); None leaves the summary
+    in ``staging_dir``."""
     buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
 
     # 1. Read, validate, featurize and stage the pool.
@@ -136,7 +141,7 @@ def build_pipeline(
 
     if cfg.train_only:  # `beamsift train`: the models (artifacts/) and the summary, no selection
         ctx.summaries.append(ctx.stage_summaries | "AllStageSummaries" >> beam.Flatten())
-        _summarize(ctx, staging_dir)
+        _summarize(ctx, staging_dir, finish)
         return
 
     # 4. Write selected/ and scores/ for every shard, and rejected/.
@@ -165,19 +170,23 @@ def build_pipeline(
         rejected_summary | "SumRejectedSummaries" >> beam.CombineGlobally(SumSummaries()).without_defaults(),
         ctx.stage_summaries | "AllStageSummaries" >> beam.Flatten(),
     ]
-    _summarize(ctx, staging_dir)
+    _summarize(ctx, staging_dir, finish)
 
 
-def _summarize(ctx: Context, staging_dir: str) -> None:
-    """5. One summary for the manifest, finished by the stages that add to it (DSIR's KL)."""
+def _summarize(ctx: Context, staging_dir: str, finish) -> None:
+    """5. One summary for the manifest, finished by the stages that add to it (DSIR's KL); then
+    the job's last step, once every write is done."""
     finishers = [fn for fn, _ in ctx.finishers]
-    (
+    report = (
         ctx.summaries
         | "AllSummaries" >> beam.Flatten()
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
-        | "WriteSummary"
-        >> beam.Map(_write_summary, finishers, staging_dir, ctx.out, *[side for _, side in ctx.finishers])
+        | "Report" >> beam.Map(_report, finishers, ctx.out, *[side for _, side in ctx.finishers])
     )
+    if finish is None:
+        _ = report | "WriteSummary" >> beam.Map(_write_summary, staging_dir)
+        return
+    _ = report | "FinishRun" >> beam.Map(finish)
 
 
 def _texts_and_labels(table, label: str | None) -> list[tuple]:
@@ -186,7 +195,7 @@ def _texts_and_labels(table, label: str | None) -> list[tuple]:
     return list(zip(texts, labels))
 
 
-def _write_summary(summary: dict, finishers: list, staging_dir: str, out: str, *values) -> None:
+def _report(summary: dict, finishers: list, out: str, *values) -> dict:
     report = {"counts": summary["counts"], "stages": summary.get("stages", {})}
     if "clusters" in summary:
         report["clusters"] = summary["clusters"]
@@ -199,5 +208,9 @@ def _write_summary(summary: dict, finishers: list, staging_dir: str, out: str, *
         }
     for finish, value in zip(finishers, values):
         finish(report, summary, value, out)
+    return report
+
+
+def _write_summary(report: dict, staging_dir: str) -> None:
     with FileSystems.create(FileSystems.join(staging_dir, SUMMARY_FILE)) as f:
         f.write(json.dumps(report).encode())

@@ -46,12 +46,13 @@ class Terminated(KeyboardInterrupt):
 
 
 class _DropReportedErrors(logging.Filter):
-    """A SelectionError is the user's to fix and is reported in one line: Beam's worker log of
-    it, with its traceback, would bury that line."""
+    """A SelectionError (or an InputError, an OutputDirError that the job's last step raises) is
+    the user's to fix and is reported in one line: Beam's worker log of it, with its traceback,
+    would bury that line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage() + str(record.exc_info)
-        return "SelectionError" not in text
+        return not any(name in text for name in ("SelectionError", "InputError", "OutputDirError"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +168,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="show live progress (default: on a terminal, for local runners)",
     )
+    run.add_argument(
+        "--runner-config",
+        metavar="FILE",
+        help="a runner's option set (configs/runners/*.yaml): its beam section replaces the config's",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="Dataflow, Flink: submit the job and return; the job publishes output.dir itself when it is done",
+    )
     q = sub.add_parser(
         "query",
         help=query.HELP,
@@ -212,14 +223,14 @@ def _init(args) -> int:
 
 def _run(args, beam_args, train: bool = False) -> int:
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, _runner_overrides(getattr(args, "runner_config", None)) + args.set)
         if train:
             cfg = training_config(cfg)
     except ConfigError as e:
         raise UserError(str(e)) from None
     _quiet_logs(args.quiet)
     from beamsift.pipeline.output import OutputDirError
-    from beamsift.pipeline.run import run_selection
+    from beamsift.pipeline.run import find_error, run_selection
     from beamsift.transforms.io.read import InputError
     from beamsift.transforms.stages.dsir import SelectionError
 
@@ -229,7 +240,8 @@ def _run(args, beam_args, train: bool = False) -> int:
     keep_log = False  # only where the error line points at it
     try:
         with _workers_stderr_to(log_path if (args.quiet or show_progress) else None):
-            manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, progress=progress)
+            wait = not getattr(args, "no_wait", False)
+            manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, progress=progress, wait=wait)
     except (InputError, OutputDirError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -238,7 +250,7 @@ def _run(args, beam_args, train: bool = False) -> int:
         if _signals_received:  # a signal that Beam re-raised as its own error
             raise KeyboardInterrupt() from None
         # A SelectionError is raised on a worker; runners re-raise it wrapped with a traceback.
-        message = _find_error(e, SelectionError)
+        message = find_error(e, SelectionError)
         if message is not None:
             raise UserError(message) from None
         with open(log_path, "a", encoding="utf-8") as f:
@@ -250,6 +262,20 @@ def _run(args, beam_args, train: bool = False) -> int:
         if not keep_log:
             with contextlib.suppress(OSError):
                 os.remove(log_path)
+    if manifest.get("dry_run"):
+        print(
+            f"beamsift: dry run: the job translated for {manifest['runner']} ({manifest['transforms']} transforms); "
+            "nothing ran and nothing was written"
+        )
+        return 0
+    if manifest.get("submitted"):
+        job = f" as job {manifest['job']}" if manifest.get("job") else ""
+        print(
+            f"beamsift: submitted to {manifest['runner']}{job} ({manifest['transforms']} transforms); not waiting. "
+            f"When it is done, the job itself publishes the result to {manifest['output']} "
+            f'(its manifest.json last): beamsift query {manifest["output"]} "SELECT count(*) FROM selected"'
+        )
+        return 0
     if train:
         stage = cfg["stages"][-2]
         folder = os.path.join(cfg["output.dir"], "artifacts", stage)
@@ -262,6 +288,33 @@ def _run(args, beam_args, train: bool = False) -> int:
         return 0
     print(summary_text(manifest))
     return 0
+
+
+def _runner_overrides(path: str | None) -> list[str]:
+    """``--runner-config FILE``: its ``beam`` section as overrides (``--set`` still wins)."""
+    if path is None:
+        return []
+    import json
+
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--runner-config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--runner-config {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or set(raw) != {"beam"} or not isinstance(raw["beam"], dict):
+        raise ConfigError(
+            f"--runner-config {path}: expected one section, beam (runner, options), as in configs/runners/"
+        )
+    beam = raw["beam"]
+    unknown = set(beam) - {"runner", "options"}
+    if unknown:
+        raise ConfigError(f"--runner-config {path}: beam has only runner and options, not {sorted(unknown)}")
+    out = [f"beam.runner={beam['runner']}"] if "runner" in beam else []
+    return out + ([f"beam.options={json.dumps(beam['options'])}"] if "options" in beam else [])
 
 
 def training_config(cfg):
@@ -327,21 +380,6 @@ def _workers_stderr_to(path: str | None):
             _terminal.stream = sys.stderr
 
 
-def _find_error(e: BaseException, cls) -> str | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, cls):
-            return str(e).split(" [while running", 1)[0].strip()
-        text = str(e)
-        marker = cls.__name__ + ": "
-        if marker in text:
-            line = text.split(marker, 1)[1].splitlines()[0]
-            return line.split(" [while running", 1)[0].strip()
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def summary_text(manifest: dict) -> str:
     from beamsift.pipeline.diagnostics import training_lines
 
@@ -399,6 +437,7 @@ def _quiet_logs(quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.WARNING
     for name in ("apache_beam", "root", ""):
         logging.getLogger(name).setLevel(level)
+    logging.basicConfig()  # the handler that Beam would add on its first log line, filtered from the start
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropReportedErrors())
 

@@ -19,6 +19,7 @@ a file at any depth that it does not list is the user's. Any other folder is ref
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -37,6 +38,7 @@ STAGING = "_staging"
 OUTPUT_DIRS = ("selected", "scores", "rejected", "clusters", "artifacts")
 OWN_ENTRIES = frozenset(OUTPUT_DIRS) | {MANIFEST, MARKER, STAGING}
 TMP_TAG = ".beamsift-tmp-"
+PUBLISHING = ".publishing"
 
 
 class OutputDirError(RuntimeError):
@@ -90,8 +92,12 @@ def _listed_files(out: str) -> set[str] | None:
     return set(listed) if isinstance(listed, list) else None
 
 
-def _exists(path: str) -> bool:
-    return os.path.lexists(path) if is_local(path) else FileSystems.exists(path)
+def exists(path: str) -> bool:
+    """A file or folder at ``path``; on an object store, which has no folders, an object with that
+    key or any object under it."""
+    if is_local(path):
+        return os.path.lexists(path)
+    return FileSystems.exists(path) or bool(files_under(path))
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -124,7 +130,7 @@ def check_output_dir(out: str, overwrite: bool, inputs: dict[str, list[str]]) ->
                 )
     if is_local(out) and os.path.islink(out):
         raise OutputDirError(f"output.dir {out} is a symbolic link; give the folder itself")
-    if not _exists(out):
+    if not exists(out):
         return
     if is_local(out) and not os.path.isdir(out):
         raise OutputDirError(f"output.dir {out} is a file, not a folder")
@@ -176,10 +182,13 @@ def _sibling(out: str, run_id: str) -> str:
 class PendingOutput:
     """A new result being written next to ``output.dir``, published only when complete."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, path: str | None = None):
         self.out = out.rstrip("/") or out
         self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.path = _sibling(self.out, self.run_id)
+        self.path = path or _sibling(self.out, self.run_id)
+        # Beside the folder while it is being published: the launching command then never
+        # removes it (a half-done copy on an object store keeps the complete new result there).
+        self.flag = self.path + PUBLISHING
 
     def create(self) -> None:
         """Make the folder and write the marker first: whatever happens next, it is ours."""
@@ -196,16 +205,28 @@ class PendingOutput:
     def publish(self) -> None:
         """Put the complete new result in the place of ``output.dir``."""
         # Checked again: the user may have put a file into the old result while this run lasted.
-        foreign = _foreign(self.out, files_under(self.out)) if _exists(self.out) else []
+        foreign = _foreign(self.out, files_under(self.out)) if exists(self.out) else []
         if foreign:
             raise OutputDirError(
                 f"output.dir {self.out} {_holds(foreign)}, put there while the run lasted, which beamsift did not "
-                f"write; the previous result is as it was and the new one is complete in {self.path}"
+                "write; nothing was published and the previous result is as it was: move it out and run again"
             )
-        if is_local(self.out):
-            _swap_local(self.path, self.out)
-        else:
-            _copy_over(self.path, self.out)
+        with FileSystems.create(self.flag) as f:
+            f.write(self.run_id.encode())
+        try:
+            if is_local(self.out):
+                _swap_local(self.path, self.out)
+            else:
+                _copy_over(self.path, self.out)
+        except Exception as e:  # noqa: BLE001
+            raise OutputDirError(
+                f"publishing to {self.out} failed ({e}); the complete new result is in {self.path}"
+            ) from None
+        FileSystems.delete([self.flag])
+
+    def publishing(self) -> bool:
+        """True once publishing has begun: the folder is then no longer this command's to remove."""
+        return exists(self.flag)
 
     def discard(self) -> None:
         """Remove the unfinished result (and its staging shards); ``output.dir`` is untouched."""
@@ -244,7 +265,7 @@ def _exchange(a: str, b: str) -> bool:
 
 def _copy_over(new: str, out: str) -> None:
     """Object stores: copy the new files in, the manifest last, then drop the old run's others."""
-    old = set(files_under(out)) if FileSystems.exists(out) else set()
+    old = set(files_under(out))
     listed = _listed_files(out)  # only what the old run wrote is removed
     ours = (lambda f: f in listed or f == MARKER) if listed is not None else _LEGACY.fullmatch
     new_files = [f for f in files_under(new) if f != MANIFEST]
@@ -260,17 +281,20 @@ def _copy_over(new: str, out: str) -> None:
 
 def remove_tree(path: str) -> None:
     """Remove a folder that beamsift made (its run folder, its staging)."""
-    if not _exists(path):
-        return
     if is_local(path):
         shutil.rmtree(path, ignore_errors=True)
-    else:  # an object store has no folders: every object under the prefix, one by one
-        FileSystems.delete([FileSystems.join(path, f) for f in files_under(path)] or [path])
+        return
+    # An object store has no folders: every object under the prefix, one by one (a delete of the
+    # prefix itself removes one object of that very name, if any).
+    files = files_under(path)
+    if files:
+        FileSystems.delete([FileSystems.join(path, f) for f in files])
 
 
 def remove_abandoned_runs(out: str) -> None:
     """Remove the sibling folders of runs into ``out`` that were killed (no process, same host)."""
     if not is_local(out):
+        _remove_abandoned_remote(out)
         return
     parent, name = os.path.split(os.path.abspath(out))
     prefix = f".{name}{TMP_TAG}"
@@ -282,6 +306,13 @@ def remove_abandoned_runs(out: str) -> None:
         if not entry.startswith(prefix):
             continue
         path = os.path.join(parent, entry)
+        if entry.endswith(PUBLISHING) or os.path.lexists(path + PUBLISHING):
+            # A publish that was cut short or failed: its message named the folder; left to the
+            # user, and the flag removed once the folder is gone.
+            if entry.endswith(PUBLISHING) and not os.path.lexists(path[: -len(PUBLISHING)]):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            continue
         try:
             with open(os.path.join(path, MARKER), encoding="utf-8") as f:
                 marker = json.load(f)
@@ -292,6 +323,27 @@ def remove_abandoned_runs(out: str) -> None:
             continue
         if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_abandoned_remote(out: str) -> None:
+    """The same on an object store: a sibling whose marker names this host and a dead process."""
+    parent, name = out.rstrip("/").rsplit("/", 1)
+    pattern = f"{parent}/.{name}{TMP_TAG}*/{MARKER}"
+    try:
+        markers = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception:  # noqa: BLE001 - nothing there to list
+        return
+    for path in markers:
+        try:
+            with FileSystems.open(path) as f:
+                marker = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        folder = path[: -len(MARKER) - 1]
+        if exists(folder + PUBLISHING):
+            continue
+        if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):
+            remove_tree(folder)
 
 
 def _alive(pid: int) -> bool:

@@ -106,7 +106,10 @@ def cut_note(max_width: int) -> str:
 
 def connect(out_dir: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view over every folder of Parquet shards in ``out_dir``
-    (``selected``, ``scores`` and ``rejected`` for a finished run)."""
+    (``selected``, ``scores`` and ``rejected`` for a finished run): a local folder, or one on an
+    object store (``s3://``, ``gs://``)."""
+    if "://" in out_dir and not out_dir.startswith("file://"):
+        return _connect_remote(out_dir)
     if not os.path.exists(out_dir):
         raise QueryError(f"{out_dir}: no such folder")
     if not os.path.isdir(out_dir):
@@ -117,8 +120,46 @@ def connect(out_dir: str) -> duckdb.DuckDBPyConnection:
     try:
         for name, files in _parquet_folders(out_dir):
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            view = '"' + name.replace('"', '""') + '"'
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{listed}])")
+            con.execute(f"CREATE VIEW {_quoted(name)} AS SELECT * FROM read_parquet([{listed}])")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _connect_remote(out_dir: str) -> duckdb.DuckDBPyConnection:
+    """The views of a result on an object store, read through Arrow's S3 and GCS filesystems
+    (credentials, region and endpoint from the usual variables: AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL; Google's application default
+    credentials). DuckDB scans them as Arrow datasets: only the columns and row groups a
+    statement needs are fetched."""
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(out_dir.rstrip("/"))
+        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except Exception as e:  # noqa: BLE001 - no such bucket, no credentials, no connection
+        raise QueryError(f"{out_dir}: cannot list it: {str(e).strip().splitlines()[0]}") from None
+    files = {e.path[len(root) + 1 :]: e for e in entries if e.type == pafs.FileType.File}
+    if not files:
+        raise QueryError(f"{out_dir}: no such folder")
+    if MANIFEST not in files:
+        raise QueryError(f"{out_dir} has no {MANIFEST}: not the output of a finished beamsift run")
+    folders: dict[str, list[str]] = {}
+    for rel in sorted(files):
+        parts = rel.split("/")
+        if len(parts) == 2 and not parts[0].startswith(".") and parts[1].endswith(".parquet"):
+            folders.setdefault(parts[0], []).append(f"{root}/{rel}")
+    con = duckdb.connect()
+    try:
+        for name, paths in folders.items():
+            con.register(f"_{name}_dataset", ds.dataset(paths, filesystem=fs, format="parquet"))
+            con.execute(f"CREATE VIEW {_quoted(name)} AS SELECT * FROM {_quoted('_' + name + '_dataset')}")
     except BaseException:
         con.close()
         raise

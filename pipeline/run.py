@@ -14,37 +14,28 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from importlib import metadata
 
 import apache_beam as beam
-import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
-from beamsift.pipeline.build import MODEL_FILE, SUMMARY_FILE, build_pipeline, input_spec, make_chain
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+from beamsift.pipeline.build import MODEL_FILE, build_pipeline, input_spec
 from beamsift.pipeline.config import Config
-from beamsift.pipeline.diagnostics import diagnose, diagnostic_warnings
+from beamsift.pipeline.finish import FinishRun
+from beamsift.pipeline.manifest import RunFacts, add_metrics
 from beamsift.pipeline.output import (
     MANIFEST,
     STAGING,
     OutputDirError,
     PendingOutput,
     check_output_dir,
-    files_under,
     is_local,
-    remove_tree,
 )
 from beamsift.pipeline.saved import check_saved_models, check_target_labels
-from beamsift.transforms.chain.meter import NAMESPACE, stage_timings
-from beamsift.transforms.chain.staging import write_parquet
+from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.io.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
-from beamsift.transforms.io.schema import REJECTED_SCHEMA, output_column
-from beamsift.transforms.io.write import score_fields, selected_fields, with_text_named
 from beamsift.transforms.stages import stage_of
 from beamsift.transforms.stages.dsir import SelectionError, load_fitted_counts
 
@@ -61,6 +52,7 @@ def run_selection(
     overwrite: bool = False,
     beam_args: list[str] = (),
     progress=None,
+    wait: bool = True,
 ) -> dict:
     """Run the pipeline that ``cfg`` describes; return the manifest (also written to disk).
 
@@ -69,6 +61,12 @@ def run_selection(
     ``transforms/chain/meter.py``); None for no progress.
     """
     started = time.time()
+    options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
+    # Beam's FileSystems learn an object store's endpoint and keys (--s3_endpoint_url, ...) only
+    # from the options; every check below reads the inputs and the output folder through them.
+    FileSystems.set_options(options)
+    _share_object_store_options(options)
+    launch = _launch_mode(options, wait)
     out = cfg["output.dir"].rstrip("/") or cfg["output.dir"]
     warnings: list[str] = []
     pool_files = _expand(cfg, "input", warnings)
@@ -94,67 +92,212 @@ def run_selection(
             check_target_labels(cfg, target_files, saved)
         target_tasks = plan_read_tasks(target_files, cfg["input.split_bytes"])
         inputs["target.path"] = _read_paths(cfg["target.path"], target_files)
-    check_output_dir(out, overwrite, inputs)
+    if launch != "dry_run" or is_local(out):  # a dry run needs no credentials for the output's bucket
+        check_output_dir(out, overwrite, inputs)
+    if launch != "dry_run" and not is_local_runner(options):
+        _check_workers_reach(options, {"output.dir": [out], **inputs})
     pool_tasks = plan_read_tasks(pool_files, cfg["input.split_bytes"])
 
-    options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
     pending = PendingOutput(out)
+    staging = FileSystems.join(pending.path, STAGING)
+    facts = RunFacts(
+        run_id=pending.run_id,
+        started=started,
+        beam_options=options.get_all_options(drop_default=True),
+        input_files=len(pool_files),
+        inputs={key: _describe(paths) for key, paths in inputs.items()},
+        warnings=tuple(warnings),
+    )
+
+    def build(progress_dir):
+        pipeline = beam.Pipeline(options=options)
+        finish = FinishRun(cfg, out, pending.path, staging, facts)
+        pool_paths = [f[0] for f in pool_files]
+        build_pipeline(
+            pipeline,
+            cfg,
+            pool_tasks,
+            pool_paths,
+            target_tasks,
+            fitted,
+            pending.path,
+            staging,
+            progress_dir,
+            saved,
+            finish,
+        )
+        return pipeline
+
+    if launch == "dry_run":  # translated, not run: nothing is written anywhere
+        pipeline = build(None)
+        with _submission_tempdir():
+            pipeline.run()
+        return {
+            "dry_run": True,
+            "runner": _runner_name(options),
+            "transforms": _leaf_transforms(pipeline),
+            "output": out,
+        }
     pending.create()
     try:
-        staging = FileSystems.join(pending.path, STAGING)
         with _progress_channel(progress, options, pool_tasks, cfg["stages"]) as progress_dir:
-            pipeline = beam.Pipeline(options=options)
-            build_pipeline(
-                pipeline,
-                cfg,
-                pool_tasks,
-                [f[0] for f in pool_files],
-                target_tasks,
-                fitted,
-                pending.path,
-                staging,
-                progress_dir,
-                saved,
-            )
-            result = pipeline.run()
+            pipeline = build(progress_dir)
+            with _submission_tempdir() if not is_local_runner(options) else contextlib.nullcontext():
+                result = pipeline.run()
+            if launch == "no_wait":
+                return {"submitted": True, "runner": _runner_name(options), "job": _job_id(result), "output": out,
+                        "transforms": _leaf_transforms(pipeline)}  # fmt: skip
             state = result.wait_until_finish()
         if str(state).split(".")[-1] not in ("DONE", "None"):
             raise RuntimeError(f"the pipeline ended in state {state}")
-        metrics = _query_metrics(result)
-        with FileSystems.open(FileSystems.join(staging, SUMMARY_FILE)) as f:
-            summary = json.load(f)
-        remove_tree(staging)
-        if cfg.train_only:
-            manifest = _train_manifest(cfg, summary, metrics, options, pool_files, started, pending.path)
-        else:
-            chain = make_chain(cfg, staging)
-            _ensure_every_output_has_a_shard(pending.path, chain, output_column(cfg["input.text_field"]))
-            manifest = _manifest(cfg, summary, metrics, options, pool_files, started)
-            _check_reject_share(cfg, manifest)
-        manifest["inputs"] = {key: _describe(paths) for key, paths in inputs.items()}
-        diagnose(manifest, summary)  # how the models trained; whether the ranked columns spread
-        manifest["warnings"] = (
-            warnings + diagnostic_warnings(manifest) + ([] if cfg.train_only else _result_warnings(manifest))
-        )
-        # Every file of the result, so that a later --overwrite removes these and nothing else.
-        manifest["files"] = [f for f in files_under(pending.path) if f != MANIFEST]
-        with FileSystems.create(FileSystems.join(pending.path, MANIFEST)) as f:
-            f.write(json.dumps(manifest, indent=2).encode())
-    except BaseException:
-        pending.discard()
-        raise
-    try:
-        with _signals_deferred():  # a Ctrl-C now would land between two renames
-            pending.publish()
-    except Exception as e:  # noqa: BLE001
-        if is_local(out):
+    except BaseException as e:
+        # Once the job has begun to publish, its folder is no longer ours to remove; a job that
+        # runs on a distributed runner goes on without this command and publishes on its own.
+        if not pending.publishing() and (is_local_runner(options) or not isinstance(e, KeyboardInterrupt)):
             pending.discard()
-            raise
-        # On an object store the copy may have begun: the complete result is kept where it is.
-        raise OutputDirError(
-            f"publishing to {out} failed ({e}); the complete new result is in {pending.path}"
-        ) from None
+        _raise_user_error(e)
+        raise
+    manifest = _published_manifest(out, pending.run_id)
+    add_metrics(manifest, _query_metrics(result), time.time() - started)
+    _replace_manifest(out, manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def _submission_tempdir():
+    """The temp dir while a job is submitted: the Dataflow runner leaves its staged files (the
+    pickled session, a requirements cache) in the temp dir; here they go to one that is removed."""
+    folder = tempfile.mkdtemp(prefix="beamsift-submit-")
+    previous = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_workers_reach(options: PipelineOptions, paths: dict[str, list[str]]) -> None:
+    """A distributed runner's workers see only shared stores, not this machine's disk."""
+    for key, listed in paths.items():
+        local = [p for p in listed if is_local(p)]
+        if local:
+            raise InputError(
+                f"{key} {local[0]} is on this machine's disk, which the {_runner_name(options)}'s workers do not "
+                "see: put it on gs:// or s3:// (or a mount that every worker shares, with a local runner)"
+            )
+
+
+def _launch_mode(options: PipelineOptions, wait: bool) -> str:
+    """'dry_run' (translate only), 'no_wait' (submit and return) or 'wait'."""
+    if options.view_as(TestOptions).dry_run:
+        return "dry_run"
+    if wait:
+        return "wait"
+    if _runner_name(options) in LOCAL_RUNNERS - {"PortableRunner"}:
+        raise InputError(
+            f"--no-wait is for runners that run the job elsewhere (Dataflow, Flink); the {_runner_name(options)} "
+            "runs it in this command"
+        )
+    return "no_wait"
+
+
+def _runner_name(options: PipelineOptions) -> str:
+    return str(options.get_all_options().get("runner") or "FnApiRunner").split(".")[-1]
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+    return _runner_name(options) in LOCAL_RUNNERS
+
+
+def _leaf_transforms(pipeline: beam.Pipeline) -> int:
+    """How many primitive transforms the job has (what a runner schedules)."""
+    transforms = pipeline.to_runner_api().components.transforms
+    return sum(1 for t in transforms.values() if not t.subtransforms)
+
+
+def _job_id(result) -> str | None:
+    for attr in ("job_id", "_job_id"):
+        value = getattr(result, attr, None)
+        value = value() if callable(value) else value
+        if value:
+            return str(value)
+    return None
+
+
+def _raise_user_error(e: BaseException) -> None:
+    """An error that the job's last step raised on a worker, as the error it is: runners re-raise
+    it wrapped in their own, with a worker's traceback."""
+    for cls in (InputError, OutputDirError):
+        if isinstance(e, cls):
+            return
+        message = find_error(e, cls)
+        if message is not None:
+            raise cls(message) from None
+
+
+def find_error(e: BaseException, cls) -> str | None:
+    """The message of a ``cls`` error raised on a worker, found in the runner's wrapped error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, cls):
+            return str(e).split(" [while running", 1)[0].strip()
+        text = str(e)
+        marker = cls.__name__ + ": "
+        if marker in text:
+            line = text.split(marker, 1)[1].splitlines()[0]
+            return line.split(" [while running", 1)[0].strip().rstrip("\\n\"'")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _published_manifest(out: str, run_id: str) -> dict:
+    try:
+        with FileSystems.open(FileSystems.join(out, MANIFEST)) as f:
+            manifest = json.loads(f.read())
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"the job finished, but {out} holds no manifest: {e}") from None
+    if manifest.get("run_id") != run_id:
+        raise RuntimeError(f"the job finished, but {out} holds another run's manifest ({manifest.get('run_id')})")
+    return manifest
+
+
+def _replace_manifest(out: str, manifest: dict) -> None:
+    """The manifest again, with what the runner counted: one file replaced at once."""
+    data = json.dumps(manifest, indent=2).encode()
+    path = FileSystems.join(out, MANIFEST)
+    if is_local(out):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # an object's upload is atomic
+        with FileSystems.create(path) as f:
+            f.write(data)
+
+
+# Beam's S3 options and the environment variables that boto3 reads when an option is not given.
+_S3_ENVIRONMENT = {
+    "s3_endpoint_url": "AWS_ENDPOINT_URL",
+    "s3_access_key_id": "AWS_ACCESS_KEY_ID",
+    "s3_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "s3_session_token": "AWS_SESSION_TOKEN",
+    "s3_region_name": "AWS_DEFAULT_REGION",
+}
+
+
+def _share_object_store_options(options: PipelineOptions) -> None:
+    """The S3 options after ``--``, as environment variables for the local runner's workers.
+
+    The multi-process DirectRunner starts its workers without the pipeline options (their
+    FileSystems would look for the bucket on AWS itself); they inherit this process's environment,
+    where boto3 finds the endpoint, the keys and the region. Distributed runners hand the options
+    to their workers themselves."""
+    given = options.get_all_options()
+    for option, variable in _S3_ENVIRONMENT.items():
+        if given.get(option):
+            os.environ[variable] = str(given[option])
 
 
 def _spec(cfg: Config, section: str):
@@ -228,43 +371,6 @@ def _describe(paths: list[str]) -> list[dict]:
         if not os.path.isdir(path):
             entry["bytes"] = st.st_size
         out.append(entry)
-    return out
-
-
-def _check_reject_share(cfg: Config, manifest: dict) -> None:
-    """``input.max_reject_share``: a run that rejects more of its records fails, unpublished."""
-    limit, c = cfg["input.max_reject_share"], manifest["counts"]
-    if limit is None or not c["input_records"] or c["rejected"] / c["input_records"] <= limit:
-        return
-    top = max(c["rejected_by_reason"].items(), key=lambda kv: kv[1])
-    raise InputError(
-        f"input.max_reject_share={limit}: {c['rejected']:,} of the {c['input_records']:,} input records "
-        f"({c['rejected'] / c['input_records']:.0%}) were rejected, most as {top[0]!r} ({top[1]:,}); nothing was "
-        "published (check input.text_field, input.id_field and input.format, or raise the limit)"
-    )
-
-
-def _result_warnings(manifest: dict) -> list[str]:
-    """What a person should not miss in a result that is otherwise complete."""
-    out = []
-    c = manifest["counts"]
-    if c["accounted_for"] is False:
-        out.append("the counts do not add up to the input records")
-    if c["input_records"] and c["rejected"] > c["input_records"] / 2:
-        top = max(c["rejected_by_reason"].items(), key=lambda kv: kv[1])[0]
-        folder = manifest["config"]["output"]["dir"]
-        out.append(
-            f"{c['rejected'] / c['input_records']:.0%} of the input records were rejected, most as {top!r}: see "
-            f'`beamsift query {folder} "SELECT reason, detail, count(*) FROM rejected GROUP BY ALL"` '
-            "(input.max_reject_share makes such a run fail)"
-        )
-    kl = manifest.get("dsir", {}).get("kl")
-    if kl and kl["reduction"] < 0:
-        out.append(
-            f"the KL reduction is negative ({kl['reduction']:.4f}): the selection's n-grams are further from the "
-            "target's than a random pick's; the target may be unlike every document of the pool, or a later "
-            "stage (a filter, the selector's column) works against it"
-        )
     return out
 
 
@@ -349,25 +455,6 @@ def _progress_channel(progress, options: PipelineOptions, tasks, stages):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT and SIGTERM until the block is done, then act on them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = {
-        s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            os.kill(os.getpid(), caught[0])
-
-
 def _query_metrics(result) -> dict:
     """beamsift's metrics by name: counters summed, distributions as (min, max)."""
     try:
@@ -385,125 +472,6 @@ def _query_metrics(result) -> dict:
         lo, hi = out.get(d.key.metric.name, (value.min, value.max))
         out[d.key.metric.name] = (min(lo, value.min), max(hi, value.max))
     return out
-
-
-def _ensure_every_output_has_a_shard(out: str, chain, text_column: str) -> None:
-    """An empty output still gets one empty shard, so DuckDB's glob finds its columns."""
-    schemas = {
-        "selected": with_text_named(pa.schema(selected_fields(chain)).empty_table(), text_column).schema,
-        "scores": pa.schema(score_fields(chain)),
-        "rejected": REJECTED_SCHEMA,
-    }
-    for name, schema in schemas.items():
-        if not FileSystems.match([FileSystems.join(out, name, "*.parquet")])[0].metadata_list:
-            write_parquet(schema.empty_table(), FileSystems.join(out, name, "part-empty.parquet"))
-
-
-def _manifest(cfg, summary, metrics, options, pool_files, started) -> dict:
-    counts = summary["counts"]
-    records_read = metrics.get("pool_records_read")
-    selected = counts.get("selected", 0)
-    not_selected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("not selected: ")}
-    rejected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("rejected: ")}
-    target_rejected = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("target rejected: ")}
-    accounted = selected + sum(not_selected.values()) + sum(rejected.values())
-    finished = time.time()
-    return {
-        **_header(cfg, options, pool_files, finished),
-        "counts": {
-            "input_records": records_read if records_read is not None else accounted,
-            "selected": selected,
-            "not_selected": sum(not_selected.values()),
-            "rejected": sum(rejected.values()),
-            "not_selected_by_reason": not_selected,
-            "rejected_by_reason": rejected,
-            "accounted_for": accounted == records_read if records_read is not None else None,
-        },
-        "target": {
-            "documents_used": counts.get("target used", 0),
-            "rejected": sum(target_rejected.values()),
-            "rejected_by_reason": target_rejected,
-        },
-        "stages": _stage_report(cfg, summary.get("stages", {}), stage_timings(metrics)),
-        **(
-            {
-                "dsir": {
-                    "k": selected,
-                    "eligible": summary["dsir"]["eligible"],
-                    "mean_ngrams_per_eligible_document": summary["dsir"]["mean_ngrams"],
-                    "kl": summary["dsir"].get("kl"),
-                }
-            }
-            if "dsir" in summary
-            else {}
-        ),
-        **({"clusters": summary["clusters"]} if "clusters" in summary else {}),
-        "timings": {"total_s": round(finished - started, 3), "stages": stage_timings(metrics)},
-        "versions": {
-            "python": platform.python_version(),
-            **{p: _version(p) for p in ("apache-beam", "pyarrow", "numpy", "duckdb")},
-        },
-    }
-
-
-def _header(cfg, options, pool_files, finished: float, command: str | None = None) -> dict:
-    """What every manifest opens with: the version, when, the config and the options it ran with."""
-    return {
-        "beamsift_version": _version("beamsift"),
-        **({"command": command} if command else {}),
-        "created": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
-        "complete": True,
-        "seed": cfg["seed"],
-        "config": cfg.to_dict(),
-        "config_file": cfg.source,
-        "beam_options": options.get_all_options(drop_default=True),
-        "input_files": len(pool_files),
-    }
-
-
-def _train_manifest(cfg, summary, metrics, options, pool_files, started, folder: str) -> dict:
-    """`beamsift train`: what was trained and where, not a selection (there is none)."""
-    stage = cfg["stages"][-2]
-    finished = time.time()
-    artifacts = f"artifacts/{stage}"
-    return {
-        **_header(cfg, options, pool_files, finished, command="train"),
-        "trained": {
-            "stage": stage,
-            "models": artifacts,
-            "files": [f for f in files_under(FileSystems.join(folder, artifacts))],
-            "apply_with": f"{stage}.model",
-        },
-        "input_records": metrics.get("pool_records_read"),
-        "stages": _stage_report(cfg, summary.get("stages", {}), stage_timings(metrics))[:-1],
-        "timings": {"total_s": round(finished - started, 3), "stages": stage_timings(metrics)},
-        "versions": {
-            "python": platform.python_version(),
-            **{p: _version(p) for p in ("apache-beam", "pyarrow", "numpy", "duckdb", "torch", "transformers")},
-        },
-    }
-
-
-def _stage_report(cfg, stages: dict, timings: dict) -> list[dict]:
-    """Per stage, in order: documents in, out, taken out by reason, and wall time."""
-    report = []
-    for name in cfg["stages"]:
-        counts = dict(stages.get(name, {"in": 0, "out": 0}))
-        notes = counts.pop("notes", {})
-        entry = {"name": name, "in": counts.pop("in", 0), "out": counts.pop("out", 0), "taken_out": counts}
-        if notes:
-            entry["notes"] = notes
-        if name in timings and "wall_s" in timings[name]:
-            entry["wall_s"] = timings[name]["wall_s"]
-        report.append(entry)
-    return report
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 __all__ = ["run_selection", "OutputDirError", "OutputExistsError", "SelectionError", "InputError"]

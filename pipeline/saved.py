@@ -18,6 +18,7 @@ import tarfile
 
 from apache_beam.io.filesystems import FileSystems
 from beamsift.pipeline.config import Config
+from beamsift.pipeline.output import exists
 from beamsift.transforms.io.read import InputError, first_values
 from beamsift.transforms.models import CLASSIFIER
 from beamsift.transforms.stages import STAGES, cluster, embed, stage_kind
@@ -55,7 +56,7 @@ def resolve_model(key: str, path: str) -> str:
         if _holds_model(stage, folder):
             return folder
     where = f"give an earlier run's folder, its artifacts/ folder or artifacts/{stage}"
-    if not FileSystems.exists(base):
+    if not exists(base):
         hub = "; hub ids are not fetched by the workers: download the model first" if stage != "cluster" else ""
         raise InputError(f"{key} {path}: no such folder; {where}{hub}")
     what = cluster.CENTROIDS_FILE if stage == "cluster" else "proxy-0/, models.tar or config.json"

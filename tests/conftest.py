@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,125 @@ def run_cli(*args: str, check: bool = True, cwd=ROOT, env: dict | None = None) -
     if check and proc.returncode != 0:
         raise AssertionError(f"beamsift {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# ---- the shipped configs, small: the golden test and the runs on object stores ----
+
+POOL_DOCS, TARGET_DOCS = 700, 150
+# Small models: the same stages and methods, trained in seconds (threads=1: the same sums in the
+# same order on any machine).
+SMALL_MODELS = {
+    "proxy": {"sample": 300, "epochs": 2, "vocab_size": 400, "dim": 32, "context": 64, "threads": 1},
+    "embed": {"threads": 1},
+}
+TEXT_COLUMNS = {"text"}  # the input's own text: not a score
+
+
+def small_overrides(name: str, pool, target, out) -> list[str]:
+    """--set arguments that run shipped config ``name`` on ``pool`` with small models (the golden
+    test's settings)."""
+    from beamsift.pipeline.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    sets = {"input.path": pool, "output.dir": out}
+    if cfg["target.path"] is not None:
+        sets["target.path"] = target
+    stages = cfg["stages"] or ["dsir", "select"]
+    model_sections = {"proxy"} if {"proxy", "excess_loss"} & set(stages) else set()
+    if "embed" in stages and cfg["embed.method"] == "model":
+        model_sections.add("embed")
+    for section in model_sections:
+        for key, value in SMALL_MODELS[section].items():
+            sets[f"{section}.{key}"] = value
+    if cfg["select.k"] is not None:
+        sets["select.k"] = min(cfg["select.k"], 60)
+    for key in ("embed.sample", "cluster.sample"):
+        if key.split(".")[0] in stages and cfg[key] > POOL_DOCS:
+            sets[key] = POOL_DOCS
+    return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+
+def assert_same_result(got, expected) -> None:
+    """The same selected ids and the same value in every score column, document by document."""
+    import numpy as np
+    import pyarrow as pa
+
+    assert got.column_names == expected.column_names
+    assert got.num_rows == expected.num_rows
+    selected = lambda t: [i for i, s in zip(t["id"].to_pylist(), t["selected"].to_pylist()) if s]  # noqa: E731
+    assert selected(got) == selected(expected)
+    for column in expected.column_names:
+        a, b = got[column].to_pylist(), expected[column].to_pylist()
+        if pa.types.is_floating(expected.schema.field(column).type):
+            a = np.array([np.nan if v is None else v for v in a], dtype=np.float64)
+            b = np.array([np.nan if v is None else v for v in b], dtype=np.float64)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9, equal_nan=True, err_msg=column)
+        else:
+            assert a == b, column
+
+
+# ---- a real S3 server on loopback (moto's), for the runs on object stores ----
+
+S3_BUCKET = "corpora"
+# The multi-process runner: its workers share nothing with the launching process but the bucket.
+WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A bucket on a moto S3 server on loopback, holding the golden test's slice of the data."""
+    import boto3
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    client = boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )  # fmt: skip
+    deadline = time.time() + 30
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise
+            time.sleep(0.2)
+    client.create_bucket(Bucket=S3_BUCKET)
+    d = tmp_path_factory.mktemp("s3data")
+    write_jsonl(d / "pool.jsonl", demo_records(POOL_DOCS))
+    write_jsonl(d / "target.jsonl", target_records(TARGET_DOCS))
+    for name in ("pool.jsonl", "target.jsonl"):
+        client.upload_file(str(d / name), S3_BUCKET, f"in/{name}")
+    try:
+        yield {"env": env, "client": client, "port": port}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def s3_keys(s3, prefix: str = "") -> list[str]:
+    pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def _objects(s3, prefix: str) -> dict[str, bytes]:
+    return {k: s3["client"].get_object(Bucket=S3_BUCKET, Key=k)["Body"].read() for k in s3_keys(s3, prefix)}

@@ -186,6 +186,11 @@ class Context:
         """The stage folder of a saved model the config names (resolved and checked up front)."""
         return self.given_models.get(key) if self.cfg[key] is not None else None
 
+    def wait_for(self, written, label: str) -> None:
+        """A write that nothing downstream reads (saved settings): the run's summary, and so its
+        last step, waits for it."""
+        self.summaries.append(written | label >> beam.Map(lambda _: {}))
+
     def reject_reasons(self):
         """Side input: what was rejected while reading, by reason (an impossible selection and an
         empty DSIR model quote it as their cause). Built on first use, from what was read."""

@@ -187,6 +187,7 @@ class EmbedDocuments(beam.PTransform):
         # svd, projection: the folder the fitted IDF and basis go to (the cluster stage's
         # artifacts), or a saved cluster model's folder whose IDF and basis are applied instead.
         self.save_to, self.saved = save_to, saved
+        self.written = None  # the fitted IDF and basis, once saved
 
     def expand(self, shards):
         if self.method == "model":
@@ -199,7 +200,7 @@ class EmbedDocuments(beam.PTransform):
         else:
             idf, proj = self._fit(shards)
             if self.save_to is not None:
-                _ = proj | "SaveEmbedding" >> beam.Map(save_embedding, idf, self.save_to)
+                self.written = proj | "SaveEmbedding" >> beam.Map(save_embedding, idf, self.save_to)
         fn = EmbedShard(self.name, self.chain, self.dim, self.seed, self.num_buckets, self.progress_dir)
         return shards | "Embed" >> ApplyStage(fn, idf=idf, proj=beam.pvalue.AsSingleton(proj))
 
@@ -288,7 +289,10 @@ def _build(ctx: Context, name: str, shards):
         _encoder(cfg),
         *_embedding_folders(ctx),
     )
-    return shards | "Stage_" + name >> stage
+    result = shards | "Stage_" + name >> stage
+    if stage.written is not None:
+        ctx.wait_for(stage.written, f"EmbeddingSaved_{name}")
+    return result
 
 
 def _embedding_folders(ctx: Context) -> tuple:

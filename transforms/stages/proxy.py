@@ -620,6 +620,7 @@ class ModelStage(beam.PTransform):
         self.excess = excess
         self.target_texts = target_texts  # a side input: the target's texts (excess_loss)
         self.progress_dir = progress_dir
+        self.saved = None  # the settings written beside trained models
 
     def expand(self, shards):
         s = self.settings
@@ -637,7 +638,7 @@ class ModelStage(beam.PTransform):
             bundle = trained | "Models" >> beam.Map(lambda t: t[0])
             # How training went reaches the manifest as part of the run's summary.
             training = trained | "TrainingReport" >> beam.Map(lambda t, name=self.name: {"training": {name: t[1]}})
-            _ = bundle | "SaveSettings" >> beam.Map(save_settings, artifacts, s)
+            self.saved = bundle | "SaveSettings" >> beam.Map(save_settings, artifacts, s)
         fn = ScoreWithModels(self.name, self.chain, s, self.excess, self.progress_dir)
         target = {"target": self.target_texts} if s.target_influence else {}
         scored, summary = shards | "Score" >> ApplyStage(fn, bundle=beam.pvalue.AsSingleton(bundle), **target)
@@ -675,7 +676,10 @@ def build_model_stage(ctx: Context, name: str, shards, excess: bool):
         ctx.target_texts,
         ctx.progress_dir,
     )
-    return shards | "Stage_" + name >> stage
+    result = shards | "Stage_" + name >> stage
+    if stage.saved is not None:
+        ctx.wait_for(stage.saved, f"SettingsSaved_{name}")
+    return result
 
 
 def _check(cfg, name, available, fail) -> None:

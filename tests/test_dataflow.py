@@ -1,0 +1,68 @@
+"""Launching on Dataflow from the command line: every shipped config translates for the
+DataflowRunner (``--dry_run=True`` needs no credentials), and the command says so in one line,
+runs nothing and writes nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import ROOT, run_cli
+
+pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient", reason="apache-beam[gcp] is a test extra")
+
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+DATAFLOW = ["--runner=DataflowRunner", "--dry_run=True", "--project=proj-123", "--region=us-central1",
+            "--temp_location=gs://bucket/tmp"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_shipped_config_translates_for_dataflow_and_nothing_runs(tmp_path, name):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    args = ["run", f"configs/{name}.yaml", "--set", f"output.dir={out}", "--", *DATAFLOW]
+    proc = run_cli(*args, env={"TMPDIR": str(tmp)})
+    assert proc.stderr == ""
+    line = proc.stdout.strip()
+    assert "\n" not in line
+    assert re.fullmatch(
+        r"beamsift: dry run: the job translated for DataflowRunner \((\d+) transforms\); nothing ran and nothing "
+        r"was written",
+        line,
+    ), line
+    assert int(re.search(r"\((\d+) transforms", line).group(1)) > 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("runner", ["dataflow", "dataflow-gpu"])
+def test_the_shipped_dataflow_option_sets_translate(tmp_path, runner):
+    args = ["run", "configs/quality_diversity.yaml", "--runner-config", f"configs/runners/{runner}.yaml"]
+    proc = run_cli(*args, "--set", f"output.dir={tmp_path / 'out'}", "--", "--dry_run=True")
+    assert proc.stdout.startswith("beamsift: dry run: the job translated for DataflowRunner (")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_flink_option_set_names_the_flink_runner_and_its_worker_pools():
+    from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
+    from beamsift.pipeline.cli import _runner_overrides
+    from beamsift.pipeline.config import load_config
+
+    cfg = load_config("configs/demo.yaml", _runner_overrides("configs/runners/flink.yaml"))
+    options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"]])
+    assert cfg["beam.runner"] == "FlinkRunner"
+    assert options.view_as(PortableOptions).environment_type == "EXTERNAL"
+
+
+def test_a_real_submission_refuses_paths_on_this_machine_and_local_runners_refuse_no_wait(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("run", "configs/demo.yaml", "--set", f"output.dir={out}", "--", *DATAFLOW[:1], *DATAFLOW[2:],
+                   check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"beamsift: error: output.dir {out} is on this machine's disk, which the DataflowRunner's workers do not "
+        "see: put it on gs:// or s3:// (or a mount that every worker shares, with a local runner)"
+    )
+    proc = run_cli("run", "configs/demo.yaml", "--set", f"output.dir={out}", "--no-wait", check=False)
+    assert proc.returncode == 2 and "--no-wait is for runners that run the job elsewhere" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,64 @@
+"""Object stores beyond the shipped configs (which tests/test_golden.py runs in a bucket): models
+trained into a bucket and applied from it, `query` on a bucket, and an interrupted run that
+leaves the previous result in the bucket as it was. On a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, S3_BUCKET, WORKERS, run_cli, s3_keys
+
+IN = f"s3://{S3_BUCKET}/in"
+SMALL_PROXY = ["--set", "proxy.sample=200", "--set", "proxy.epochs=1", "--set", "proxy.vocab_size=300",
+               "--set", "proxy.dim=16", "--set", "proxy.context=48"]  # fmt: skip
+
+
+def _objects(s3, prefix: str) -> dict[str, bytes]:
+    return {k: s3["client"].get_object(Bucket=S3_BUCKET, Key=k)["Body"].read() for k in s3_keys(s3, prefix)}
+
+
+def test_models_trained_into_a_bucket_are_applied_from_it_and_query_reads_the_result(s3):
+    models, out = f"s3://{S3_BUCKET}/models/el2n", f"s3://{S3_BUCKET}/out/applied"
+    data = ["--set", f"input.path={IN}/pool.jsonl", "--set", "select.k=25", *SMALL_PROXY]
+    run_cli("train", "configs/el2n.yaml", *data, "--set", f"output.dir={models}", "--quiet", env=s3["env"])
+    assert "models/el2n/artifacts/proxy/models.tar" in s3_keys(s3, "models/")
+    run_cli("run", "configs/el2n.yaml", *data, "--set", f"output.dir={out}", "--set", f"proxy.model={models}",
+            "--quiet", env=s3["env"])  # fmt: skip
+    manifest = json.loads(_objects(s3, "out/applied/manifest.json")["out/applied/manifest.json"])
+    assert manifest["inputs"]["proxy.model"] == [{"path": f"{models}/artifacts/proxy"}]
+    assert "training" not in manifest  # applied, not trained
+    proc = run_cli("query", out, "--format", "csv", "SELECT count(*) AS n, count(el2n) AS scored FROM selected",
+                   env=s3["env"])  # fmt: skip
+    assert proc.stdout.splitlines() == ["n,scored", "25,25"]
+    proc = run_cli("query", f"s3://{S3_BUCKET}/out/none", "SELECT 1", env=s3["env"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"beamsift: error: s3://{S3_BUCKET}/out/none: no such folder"
+
+
+def test_an_interrupted_run_leaves_the_previous_result_in_the_bucket_as_it_was(s3):
+    out = f"s3://{S3_BUCKET}/out/interrupted"
+    args = ["run", "configs/demo.yaml", "--set", f"input.path={IN}/pool.jsonl", "--set",
+            f"target.path={IN}/target.jsonl", "--set", f"output.dir={out}", "--quiet"]  # fmt: skip
+    run_cli(*args, "--set", "select.k=30", env=s3["env"])
+    before = _objects(s3, "out/interrupted/")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "beamsift.pipeline.cli", *args, "--set", "select.k=40", "--overwrite", "--", *WORKERS],
+        cwd=ROOT,
+        env={**os.environ, **s3["env"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    # Interrupted once the new run writes: its staged shards are in its folder beside the old one.
+    deadline = time.time() + 120
+    while not any("beamsift-tmp-" in k and "/_staging/" in k for k in s3_keys(s3, "out/")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stderr
+    assert _objects(s3, "out/interrupted/") == before
+    assert [k for k in s3_keys(s3, "out/") if "beamsift-tmp-" in k] == []  # its unfinished folder removed

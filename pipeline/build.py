@@ -22,7 +22,7 @@ from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config
 from beamsift.transforms.chain import STAGED, Chain, MarkDuplicateIds, spread_of
-from beamsift.transforms.chain.duplicate_ids import NO_DUPLICATES, FindDuplicateIds
+from beamsift.transforms.chain.duplicate_ids import FindDuplicateIds, join_shards
 from beamsift.transforms.chain.meter import StageMeter
 from beamsift.transforms.chain.staging import WriteStagingShards
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
@@ -83,17 +83,13 @@ def build_pipeline(
         >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram, StageMeter("featurize", progress_dir)))
         | "StagePool" >> beam.ParDo(WriteStagingShards(FileSystems.join(staging_dir, STAGED), count_pool, progress_dir))
     )
-    # Global values that may be empty are combined without defaults (each default costs the
-    # runner a stage) and given their empty value at the side input.
-    duplicates = AsSingleton(staged | "FindDuplicateIds" >> FindDuplicateIds(), default_value=NO_DUPLICATES)
-    # Only shard references travel on, each with who starts in the running (all but the repeats
-    # of an id). No reshuffle is needed to spread them: every pass over them waits on a side
-    # input computed from all shards, which materialises them anyway.
+    # The repeats of an id are found by a keyed shuffle over id hashes and joined back to their
+    # shard by name: no worker holds the list of every repeat. Only shard references travel on,
+    # each with who starts in the running (all but the repeats of an id).
     chain = make_chain(cfg, staging_dir)
-    shards = (
-        staged
-        | "ShardRefs" >> beam.Map(lambda s: s.ref)
-        | "MarkDuplicateIds" >> beam.ParDo(MarkDuplicateIds(chain), duplicates)
+    repeats = staged | "FindDuplicateIds" >> FindDuplicateIds()
+    shards = join_shards(staged | "ShardRefs" >> beam.Map(lambda s: s.ref), repeats) | "MarkDuplicateIds" >> beam.ParDo(
+        MarkDuplicateIds(chain)
     )
 
     # One combine over the staged shards: the unified field types and the raw n-gram totals.
@@ -107,7 +103,6 @@ def build_pipeline(
         cfg=cfg,
         chain=chain,
         out=out,
-        duplicates=duplicates,
         staging_summary=staging_summary,
         count_pool=count_pool,
         progress_dir=progress_dir,
@@ -154,9 +149,7 @@ def build_pipeline(
         ctx.selection_buckets,
         progress_dir,
     )
-    written = shards | "WriteSelection" >> beam.ParDo(write, duplicates, ctx.fields).with_outputs(
-        "rejected", main="summary"
-    )
+    written = shards | "WriteSelection" >> beam.ParDo(write, ctx.fields).with_outputs("rejected", main="summary")
     rejected_summary = (
         [*ctx.rejected, written.rejected]
         | "AllRejected" >> beam.Flatten()

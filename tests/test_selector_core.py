@@ -3,6 +3,8 @@ who starts in the running (Beam's TestPipeline and assert_that: the contract of 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
@@ -10,7 +12,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from beamsift.transforms.chain import START, Chain, MarkDuplicateIds, StageShard
-from beamsift.transforms.chain.duplicate_ids import DuplicateIds
+from beamsift.transforms.chain.duplicate_ids import DuplicateIds, FindDuplicateIds, join_shards
 from beamsift.transforms.chain.staging import ShardRef, write_staging
 from beamsift.transforms.chain.sums import Sum, add
 from beamsift.transforms.selectors.core import Budget, SelectionError, check_budget
@@ -69,8 +71,27 @@ def test_the_chain_starts_with_every_document_but_the_repeats_of_an_id(tmp_path)
     chain = Chain(str(tmp_path), ("select",))
     repeats = DuplicateIds(losers=np.array([2], np.int64), winners=np.array([0], np.int64))
     with BeamPipeline() as p:
-        out = p | beam.Create([ref]) | beam.ParDo(MarkDuplicateIds(chain), repeats)
-        assert_that(out | beam.Map(lambda s: s.running), equal_to([3]))
+        out = p | beam.Create([(ref, repeats)]) | beam.ParDo(MarkDuplicateIds(chain))
+        assert_that(out | beam.Map(lambda s: (s.running, s.duplicates)), equal_to([(3, 1)]))
     reasons = chain.read(START, "s0", ["_reason"]).column(0).to_pylist()
     assert reasons == [None, None, "duplicate id", None]
     assert chain.reasons("select", ref).tolist() == reasons
+    kept = chain.duplicates(StageShard(ref, 3, 1))
+    assert kept.losers.tolist() == [2] and kept.winners.tolist() == [0]
+
+
+def test_each_shard_gets_its_own_repeats_of_ids_first_seen_in_any_shard():
+    # Shard a: ids x, y, x (orders 0, 1, 2); shard b: ids y, z, z (orders 10, 11, 12).
+    def staged(name, ids, orders):
+        hashes = np.array([{"x": 7, "y": 8, "z": 9}[i] for i in ids], np.uint64)
+        return SimpleNamespace(ref=ShardRef(f"/{name}", name, len(ids), orders[0], orders[-1]), id_hashes=hashes,
+                               orders=np.array(orders, np.int64))  # fmt: skip
+
+    shards = [staged("a", ["x", "y", "x"], [0, 1, 2]), staged("b", ["y", "z", "z"], [10, 11, 12])]
+    with BeamPipeline() as p:
+        staged_shards = p | beam.Create(shards)
+        repeats = staged_shards | FindDuplicateIds()
+        joined = join_shards(staged_shards | beam.Map(lambda s: s.ref), repeats)
+        out = joined | beam.MapTuple(lambda ref, d: (ref.name, d.losers.tolist(), d.winners.tolist()))
+        # x repeats at 2 (first at 0); y at 10 (first at 1, in the other shard); z at 12 (first at 11).
+        assert_that(out, equal_to([("a", [2], [0]), ("b", [10, 12], [1, 11])]))

@@ -20,6 +20,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from beamsift.transforms.chain.duplicate_ids import NO_DUPLICATES, DuplicateIds
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.chain.staging import ShardRef, read_staging, write_staging
 
@@ -27,6 +28,7 @@ REASON = "_reason"
 DUPLICATE = "duplicate id"
 STAGED = "docs"  # the staged documents: _staging/docs/<shard>.arrow
 START = "start"  # who is in the running before the first stage: _staging/start/<shard>.arrow
+REPEATS = "repeats"  # a shard's records that repeat an earlier id, and the first record of each
 STAGED_COLUMNS = ("n_tokens",)
 
 
@@ -63,6 +65,16 @@ class Chain:
     def write(self, stage: str, shard: str, table: pa.Table) -> None:
         write_staging(table, self.path(stage, shard))
 
+    def duplicates(self, item) -> DuplicateIds:
+        """The records of a shard (a StageShard) that repeat an earlier id, with the first of each."""
+        if not getattr(item, "duplicates", 0):
+            return NO_DUPLICATES
+        table = self.read(REPEATS, shard_of(item).name)
+        return DuplicateIds(
+            losers=np.asarray(table.column("loser").combine_chunks(), np.int64),
+            winners=np.asarray(table.column("winner").combine_chunks(), np.int64),
+        )
+
     def reasons(self, stage: str, shard: ShardRef) -> np.ndarray:
         """Why each document of ``shard`` is out of the running before ``stage`` (None: in it)."""
         table = self.read(self.before(stage), shard.name, [REASON])
@@ -85,6 +97,7 @@ class StageShard:
 
     ref: ShardRef
     running: int
+    duplicates: int = 0  # records of the shard that repeat an earlier id (chain.duplicates reads them)
 
 
 def shard_of(item) -> ShardRef:
@@ -93,18 +106,21 @@ def shard_of(item) -> ShardRef:
 
 
 class MarkDuplicateIds(beam.DoFn):
-    """A staged shard -> who starts in the running: every document but the repeats of an id
-    (reason ``duplicate id``), written as the chain's ``start``, so that no stage needs the
-    duplicate ids again."""
+    """(a staged shard, its repeated ids) -> who starts in the running: every document but the
+    repeats of an id (reason ``duplicate id``), written as the chain's ``start``, so that no stage
+    needs the duplicate ids again; the repeats themselves are kept beside it for the writer."""
 
     def __init__(self, chain: Chain):
         self.chain = chain
 
-    def process(self, ref: ShardRef, duplicates):
+    def process(self, item):
+        ref, duplicates = item
         orders = np.asarray(read_staging(ref.path, ["_order"]).column(0).combine_chunks(), np.int64)
         reasons = np.where(duplicates.mask(orders), DUPLICATE, None)
         self.chain.write(START, ref.name, pa.table({REASON: pa.array(list(reasons), pa.string())}))
-        yield StageShard(ref, int(running_mask(reasons).sum()))
+        if len(duplicates.losers):
+            self.chain.write(REPEATS, ref.name, pa.table({"loser": duplicates.losers, "winner": duplicates.winners}))
+        yield StageShard(ref, int(running_mask(reasons).sum()), len(duplicates.losers))
 
 
 def running_mask(reasons: np.ndarray) -> np.ndarray:
@@ -190,7 +206,7 @@ class ShardStageFn(MeteredDoFn):
             values = self.chain.column(self.rank_column, shard.name)[running_mask(before)]
             summary["spread"] = {self.name: {self.rank_column: column_spread(values)}}
         yield beam.pvalue.TaggedOutput("summary", summary)
-        yield StageShard(shard, int(running_mask(after).sum()))
+        yield StageShard(shard, int(running_mask(after).sum()), item.duplicates if isinstance(item, StageShard) else 0)
 
     def score(self, shard: ShardRef, reasons: np.ndarray, **side_inputs):
         raise NotImplementedError

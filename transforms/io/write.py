@@ -87,7 +87,7 @@ class WriteSelectionShards(MeteredDoFn):
         self.ngram_buckets = ngram_buckets
         self.meter = StageMeter("write", progress_dir)
 
-    def process(self, item, duplicates, fields):
+    def process(self, item, fields):
         shard = item.ref
         started = self.meter.start()
         table = read_staging(shard.path)
@@ -116,8 +116,10 @@ class WriteSelectionShards(MeteredDoFn):
         write_parquet(scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet"))
         write_parquet(selected_out, FileSystems.join(self.output_dir, "selected", shard.name + ".parquet"))
 
-        for row in np.flatnonzero(duplicate):
-            yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
+        if duplicate.any():
+            duplicates = self.chain.duplicates(item)
+            for row in np.flatnonzero(duplicate):
+                yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
 
         self.meter.done(started, docs=table.num_rows)
         counts = {"selected": int(selected.sum())}

@@ -152,7 +152,6 @@ class Context:
     cfg: Any  # the run's Config
     chain: Any  # the Chain
     out: str  # the run's own new output folder
-    duplicates: Any  # side input: the duplicate ids
     staging_summary: Any  # one element: (unified field types, raw n-gram totals)
     count_pool: Any  # counts a staged shard's n-grams (DSIR's q̂)
     progress_dir: str | None = None

@@ -182,22 +182,20 @@ class CountNgrams:
 
 
 class CountDuplicateNgrams(beam.DoFn):
-    """A staged shard -> the NgramTotals of its duplicate-id records, to take out of the fit.
+    """A shard -> the NgramTotals of its duplicate-id records, to take out of the fit.
 
     Shards are counted whole as they are staged (no extra pass); duplicates are rare, so only a
-    shard whose order range holds one is read again.
+    shard that holds one is read again.
     """
 
-    def __init__(self, count: CountNgrams):
-        self.count = count
+    def __init__(self, count: CountNgrams, chain):
+        self.count, self.chain = count, chain
 
-    def process(self, item, duplicates):
-        shard = shard_of(item)
-        lo, hi = np.searchsorted(duplicates.losers, [shard.min_order, shard.max_order + 1])
-        if lo == hi:
+    def process(self, item):
+        if not getattr(item, "duplicates", 0):
             return
-        table = read_staging(shard.path, columns=[ORDER, N_TOKENS, BUCKETS])
-        rows = duplicates.mask(np.asarray(table.column(ORDER).combine_chunks()))
+        table = read_staging(shard_of(item).path, columns=[ORDER, N_TOKENS, BUCKETS])
+        rows = self.chain.duplicates(item).mask(np.asarray(table.column(ORDER).combine_chunks()))
         yield self.count(table, rows)
 
 
@@ -329,7 +327,7 @@ def _build(ctx: Context, name: str, shards):
         ctx.summaries.append(target_totals | "TargetSummary" >> beam.Map(lambda t: {"counts": {"target used": t.docs}}))
     duplicate_totals = (
         shards
-        | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(ctx.count_pool), ctx.duplicates)
+        | "CountDuplicateNgrams" >> beam.ParDo(CountDuplicateNgrams(ctx.count_pool, ctx.chain))
         | "SumDuplicateTotals" >> beam.CombineGlobally(sum_totals).without_defaults()
     )
     pool_totals = ctx.staging_summary | "FitRawModel" >> beam.Map(

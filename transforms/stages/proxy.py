@@ -38,6 +38,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.utils import shared
 from beamsift.transforms import models
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered, StageMeter
@@ -384,8 +385,18 @@ def load_given(path: str) -> bytes:
 # ---- scoring --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ModelsAt:
+    """Where a stage's models are (its artifacts folder, or a saved model's), and a key that
+    changes when they do: what the scoring workers get, instead of the models' bytes."""
+
+    folder: str
+    key: str
+
+
 class _Loaded:
-    """Models unpacked from a bundle, kept per worker (a DoFn instance) across bundles."""
+    """Models unpacked from a bundle, loaded once per worker process (Beam's ``shared.Shared``,
+    as RunInference does) and used by every DoFn instance there."""
 
     def __init__(self, data: bytes):
         # Unpacked only to be loaded: everything is in memory afterwards, and nothing is left in
@@ -420,20 +431,21 @@ class ScoreWithModels(ShardStageFn):
         super().__init__(name, chain, progress_dir)
         self.settings = settings
         self.excess = excess
+        self._shared = shared.Shared()  # one copy of the models per worker process
         self._loaded = None
         self._loaded_key = None
 
-    def _models(self, data: bytes) -> _Loaded:
-        key = hashlib.blake2b(data, digest_size=16).digest()
-        if self._loaded_key != key:
+    def _models(self, at: ModelsAt) -> _Loaded:
+        if self._loaded_key != at.key:
             _set_threads(self.settings)
-            self._loaded, self._loaded_key = _Loaded(data), key
+            self._loaded = self._shared.acquire(lambda: _Loaded(load_given(at.folder)), tag=at.key)
+            self._loaded_key = at.key
         return self._loaded
 
-    def score(self, shard, reasons, bundle, target=None):
+    def score(self, shard, reasons, models_at, target=None):
         if self.settings.train_only:
             return {name: np.full(len(reasons), np.nan) for name, _ in self.chain.columns[self.name]}, reasons
-        loaded = self._models(bundle)
+        loaded = self._models(models_at)
         if self.settings.target_influence and loaded.target_grads is None:
             loaded.target_grads = self._target_grads(loaded, target or [])
         running = running_mask(reasons)
@@ -626,7 +638,7 @@ class ModelStage(beam.PTransform):
         s = self.settings
         training = None
         if s.model is not None:
-            bundle = shards.pipeline | "GivenModel" >> beam.Create([s.model]) | "Pack" >> beam.Map(load_given)
+            bundle = shards.pipeline | "GivenModel" >> beam.Create([ModelsAt(s.model, f"given:{s.model}")])
         else:
             payload = functools.partial(_payload, settings=s)
             sample = shards | "Sample" >> SampleRunning(
@@ -641,7 +653,7 @@ class ModelStage(beam.PTransform):
             self.saved = bundle | "SaveSettings" >> beam.Map(save_settings, artifacts, s)
         fn = ScoreWithModels(self.name, self.chain, s, self.excess, self.progress_dir)
         target = {"target": self.target_texts} if s.target_influence else {}
-        scored, summary = shards | "Score" >> ApplyStage(fn, bundle=beam.pvalue.AsSingleton(bundle), **target)
+        scored, summary = shards | "Score" >> ApplyStage(fn, models_at=beam.pvalue.AsSingleton(bundle), **target)
         if training is not None:
             summary = (summary, training) | "WithTrainingReport" >> beam.Flatten()
         return scored, summary
@@ -651,7 +663,8 @@ class ModelStage(beam.PTransform):
         meter = StageMeter(self.name, self.progress_dir)  # what is being trained, for the live display
         meter.setup()
         try:
-            return train_proxies(sample, self.settings, self.seed, artifacts, texts, meter.status)
+            data, records = train_proxies(sample, self.settings, self.seed, artifacts, texts, meter.status)
+            return ModelsAt(artifacts, hashlib.blake2b(data, digest_size=16).hexdigest()), records
         finally:
             meter.status()
 

@@ -27,7 +27,7 @@ from beamsift.transforms.chain.meter import StageMeter
 from beamsift.transforms.chain.staging import WriteStagingShards
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
 from beamsift.transforms.io.read import InputSpec, ReadDocuments, ReadTask
-from beamsift.transforms.io.schema import TEXT, UnifyFieldTypes, output_column
+from beamsift.transforms.io.schema import UnifyFieldTypes
 from beamsift.transforms.io.write import SumSummaries, WriteRejectedShard, WriteSelectionShards
 from beamsift.transforms.stages import stage_of
 from beamsift.transforms.stages.base import Context
@@ -118,13 +118,6 @@ def build_pipeline(
         ctx.target_docs, ctx.target_rejected = p | "ReadTarget" >> ReadDocuments(
             target_tasks, input_spec(cfg, "target"), "target", progress_dir
         )
-        label = output_column(cfg["input.label_field"]) if cfg["input.label_field"] else None
-        ctx.target_texts = AsSingleton(
-            ctx.target_docs
-            | "TargetTexts" >> beam.Map(_texts_and_labels, label)
-            | "AllTargetTexts"
-            >> beam.CombineGlobally(lambda parts: sorted((x for part in parts for x in part), key=str))
-        )
 
     # 3. The stages, in order; then what a stage does once the chain is done.
     for name in cfg["stages"]:
@@ -180,12 +173,6 @@ def _summarize(ctx: Context, staging_dir: str, finish) -> None:
         _ = report | "WriteSummary" >> beam.Map(_write_summary, staging_dir)
         return
     _ = report | "FinishRun" >> beam.Map(finish)
-
-
-def _texts_and_labels(table, label: str | None) -> list[tuple]:
-    texts = table.column(TEXT).to_pylist()
-    labels = table.column(label).to_pylist() if label in table.column_names else [None] * len(texts)
-    return list(zip(texts, labels))
 
 
 def _report(summary: dict, finishers: list, out: str, *values) -> dict:

@@ -79,9 +79,21 @@ def read_id_hashes(path: str) -> np.ndarray:
 
 
 def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
-    with FileSystems.open(path) as f:
-        table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
-    return table.select(columns) if columns is not None else table
+    """A staged shard, or only ``columns`` of it: the IPC file's footer says where each column's
+    buffers are, and only those byte ranges are read (on an object store, only those are fetched),
+    so a stage that scores n-grams never reads the texts."""
+    local = FileSystems.get_filesystem(path).scheme() in (None, "file")
+    with pa.OSFile(path) if local else pa.PythonFile(FileSystems.open(path), mode="r") as source:
+        if columns is None:
+            return pa.ipc.open_file(source).read_all()
+        schema = pa.ipc.open_file(source).schema
+        missing = [c for c in columns if schema.get_field_index(c) < 0]
+        if missing:
+            raise KeyError(f"{path} has no column {missing[0]!r}")
+        wanted = sorted({schema.get_field_index(c) for c in columns})
+        options = pa.ipc.IpcReadOptions(included_fields=wanted)
+        table = pa.ipc.open_file(source, options=options).read_all()
+    return table.select(columns)
 
 
 class WriteStagingShards(MeteredDoFn):

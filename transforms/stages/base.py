@@ -30,6 +30,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from beamsift.transforms.io.read import CountRejectReasons
+from beamsift.transforms.io.schema import TEXT, output_column
 
 
 def setting(
@@ -156,7 +157,6 @@ class Context:
     count_pool: Any  # counts a staged shard's n-grams (DSIR's q̂)
     progress_dir: str | None = None
     target_docs: Any = None  # the target's documents, when the run reads target.path
-    target_texts: Any = None  # side input: sorted (text, label) pairs of the target
     rejected: list = field(default_factory=list)  # PCollections of reject records
     summaries: list = field(default_factory=list)  # PCollections of summaries for the manifest
     stage_summaries: list = field(default_factory=list)  # the stages' per-shard summaries so far
@@ -167,6 +167,7 @@ class Context:
     fitted_dsir: Any = None  # dsir.model: the saved counts to apply
     target_rejected: Any = None  # the target's reject records (counted by the stage that uses it)
     _reject_reasons: Any = None
+    _target_texts: Any = None
 
     @property
     def seed(self) -> int:
@@ -190,6 +191,20 @@ class Context:
         last step, waits for it."""
         self.summaries.append(written | label >> beam.Map(lambda _: {}))
 
+    def target_texts(self):
+        """Side input: the target's (text, label) pairs, sorted (the reference model of
+        excess_loss, the proxy's target gradient). Built on first use: a run whose stages do not
+        read the target's texts gathers none (they are the one side input the target's size sets)."""
+        if self._target_texts is None and self.target_docs is not None:
+            label = output_column(self.cfg["input.label_field"]) if self.cfg["input.label_field"] else None
+            self._target_texts = AsSingleton(
+                self.target_docs
+                | "TargetTexts" >> beam.Map(_texts_and_labels, label)
+                | "AllTargetTexts"
+                >> beam.CombineGlobally(lambda parts: sorted((x for part in parts for x in part), key=str))
+            )
+        return self._target_texts
+
     def reject_reasons(self):
         """Side input: what was rejected while reading, by reason (an impossible selection and an
         empty DSIR model quote it as their cause). Built on first use, from what was read."""
@@ -201,3 +216,9 @@ class Context:
                 default_value={},
             )
         return self._reject_reasons
+
+
+def _texts_and_labels(table, label: str | None) -> list[tuple]:
+    texts = table.column(TEXT).to_pylist()
+    labels = table.column(label).to_pylist() if label in table.column_names else [None] * len(texts)
+    return list(zip(texts, labels))

@@ -686,7 +686,7 @@ def build_model_stage(ctx: Context, name: str, shards, excess: bool):
         ctx.seed,
         ctx.artifacts,
         excess,
-        ctx.target_texts,
+        ctx.target_texts() if excess or settings.target_influence else None,
         ctx.progress_dir,
     )
     result = shards | "Stage_" + name >> stage

@@ -405,6 +405,12 @@ def summary_text(manifest: dict) -> str:
             f"                              (KL {gap:.4f} -> {kl['target_vs_selected']:.4f}, {share} to the target; "
             "0 = no better than random, higher is better)"
         )
+    runner = manifest.get("runner", {})
+    if runner.get("workers_chosen_by") == "beamsift":
+        lines.append(
+            f"  runner          {runner['name']}, {runner['workers']} worker processes (this machine's cores; "
+            "-- --direct_num_workers=1 for one)"
+        )
     lines += training_lines(manifest)
     lines += [f"  WARNING: {w}" for w in manifest.get("warnings", [])]
     if manifest.get("clusters"):

@@ -36,6 +36,7 @@ class RunFacts:
     input_files: int
     inputs: dict = field(default_factory=dict)  # {config key: [{path, modified, bytes}]}
     warnings: tuple = ()
+    runner: dict = field(default_factory=dict)  # name, worker processes, who chose them
 
 
 def selection_manifest(cfg, summary: dict, facts: RunFacts) -> dict:
@@ -113,6 +114,7 @@ def header(cfg, facts: RunFacts, finished: float, command: str | None = None) ->
         "config": cfg.to_dict(),
         "config_file": cfg.source,
         "beam_options": facts.beam_options,
+        "runner": facts.runner,
         "input_files": facts.input_files,
     }
 

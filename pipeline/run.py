@@ -36,7 +36,7 @@ from beamsift.pipeline.output import (
 from beamsift.pipeline.saved import check_saved_models, check_target_labels
 from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.io.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
-from beamsift.transforms.stages import stage_of
+from beamsift.transforms.stages import stage_kind, stage_of
 from beamsift.transforms.stages.dsir import SelectionError, load_fitted_counts
 
 OutputExistsError = OutputDirError  # the name earlier versions used
@@ -97,6 +97,10 @@ def run_selection(
     if launch != "dry_run" and not is_local_runner(options):
         _check_workers_reach(options, {"output.dir": [out], **inputs})
     pool_tasks = plan_read_tasks(pool_files, cfg["input.split_bytes"])
+    workers = _local_workers(cfg, options, beam_args, pool_tasks)
+    if workers:  # the machine's cores, where the user chose none
+        beam_args = [*beam_args, "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+        options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
 
     pending = PendingOutput(out)
     staging = FileSystems.join(pending.path, STAGING)
@@ -107,6 +111,7 @@ def run_selection(
         input_files=len(pool_files),
         inputs={key: _describe(paths) for key, paths in inputs.items()},
         warnings=tuple(warnings),
+        runner=_runner_report(options, workers),
     )
 
     def build(progress_dir):
@@ -175,6 +180,40 @@ def _submission_tempdir():
     finally:
         tempfile.tempdir = previous
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Below this much input a second process costs more to start than it saves.
+AUTO_WORKERS_MIN_BYTES = 64 << 20
+AUTO_WORKERS_MAX = 8
+_WORKER_OPTIONS = ("direct_running_mode", "direct_num_workers")
+
+
+def _local_workers(cfg: Config, options: PipelineOptions, beam_args, tasks) -> int:
+    """How many worker processes the local runner gets by default: the machine's cores (up to
+    8), for an input large enough to gain from them, when the user named no runner mode. Chains
+    with model stages keep one process, whose torch already uses every core (two would compete)."""
+    # The arguments as written: an option set to its default (--direct_num_workers=1) is a choice too.
+    named = {a.lstrip("-").split("=", 1)[0] for a in [*cfg["beam.options"], *beam_args] if a.startswith("--")}
+    cores = os.cpu_count() or 1
+    if _runner_name(options) not in LOCAL_RUNNERS - {"PortableRunner"} or named & set(_WORKER_OPTIONS):
+        return 0
+    models = {"proxy", "excess_loss"} & {stage_kind(n) for n in cfg["stages"]}
+    if "embed" in {stage_kind(n) for n in cfg["stages"]} and cfg["embed.method"] == "model":
+        models.add("embed")
+    if cores < 2 or models or sum(t.nbytes for t in tasks) < AUTO_WORKERS_MIN_BYTES:
+        return 0
+    return min(cores, AUTO_WORKERS_MAX)
+
+
+def _runner_report(options: PipelineOptions, auto_workers: int) -> dict:
+    """The runner and its worker processes, and whether beamsift chose them (the summary says so)."""
+    given = options.get_all_options()
+    report = {"name": _runner_name(options)}
+    if report["name"] in LOCAL_RUNNERS - {"PortableRunner"}:
+        multi = given.get("direct_running_mode") == "multi_processing"
+        report["workers"] = int(given.get("direct_num_workers") or 1) if multi else 1
+        report["workers_chosen_by"] = "beamsift" if auto_workers else "user"
+    return report
 
 
 def _check_workers_reach(options: PipelineOptions, paths: dict[str, list[str]]) -> None:

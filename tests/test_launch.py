@@ -1,6 +1,6 @@
-"""Launching on Dataflow from the command line: every shipped config translates for the
-DataflowRunner (``--dry_run=True`` needs no credentials), and the command says so in one line,
-runs nothing and writes nothing."""
+"""Launching from the command line: every shipped config translates for the DataflowRunner
+(``--dry_run=True`` needs no credentials) and the command says so in one line, runs nothing and
+writes nothing; the shipped runner option sets; and the local runner's default worker processes."""
 
 from __future__ import annotations
 
@@ -66,3 +66,22 @@ def test_a_real_submission_refuses_paths_on_this_machine_and_local_runners_refus
     proc = run_cli("run", "configs/demo.yaml", "--set", f"output.dir={out}", "--no-wait", check=False)
     assert proc.returncode == 2 and "--no-wait is for runners that run the job elsewhere" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_local_runner_takes_the_machines_cores_for_a_large_input_unless_told_otherwise(monkeypatch):
+    from types import SimpleNamespace
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from beamsift.pipeline import run
+    from beamsift.pipeline.config import load_config
+
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 4)
+    large, small = [SimpleNamespace(nbytes=run.AUTO_WORKERS_MIN_BYTES)], [SimpleNamespace(nbytes=1 << 20)]
+    dsir = load_config("configs/dsir.yaml")
+    options = PipelineOptions(["--runner=FnApiRunner"])
+    assert run._local_workers(dsir, options, [], large) == 4
+    assert run._local_workers(dsir, options, [], small) == 0  # a second process would cost more than it saves
+    assert run._local_workers(dsir, options, ["--direct_num_workers=1"], large) == 0  # the user's choice
+    assert run._local_workers(load_config("configs/el2n.yaml"), options, [], large) == 0  # torch uses the cores
+    dataflow = PipelineOptions(["--runner=DataflowRunner"])
+    assert run._local_workers(dsir, dataflow, [], large) == 0

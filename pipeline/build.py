@@ -14,8 +14,6 @@ picks the budget from what is left (``transforms/chain/``). Each stage is a modu
 
 from __future__ import annotations
 
-import json
-
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
@@ -33,8 +31,7 @@ from beamsift.transforms.stages import stage_of
 from beamsift.transforms.stages.base import Context
 from beamsift.transforms.stages.dsir import MODEL_FILE, CountNgrams, SumNgramTotals
 
-SUMMARY_FILE = "summary.json"
-__all__ = ["MODEL_FILE", "SUMMARY_FILE", "build_pipeline", "make_chain"]
+__all__ = ["MODEL_FILE", "build_pipeline", "make_chain"]
 
 
 def input_spec(cfg: Config, section: str) -> InputSpec:
@@ -68,8 +65,7 @@ def build_pipeline(
     """Add the run's transforms to ``p``; outputs go to ``out`` (the run's own new folder).
 
     ``finish``: the job's last step, called with the run's summary once everything else is
-    written (``finish.py``: the manifest, then the folder published); None leaves the summary
-    in ``staging_dir``."""
+    written (``finish.py``: the manifest, then the folder published)."""
     buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
 
     # 1. Read, validate, featurize and stage the pool.
@@ -129,7 +125,7 @@ def build_pipeline(
 
     if cfg.train_only:  # `beamsift train`: the models (artifacts/) and the summary, no selection
         ctx.summaries.append(ctx.stage_summaries | "AllStageSummaries" >> beam.Flatten())
-        _summarize(ctx, staging_dir, finish)
+        _summarize(ctx, finish)
         return
 
     # 4. Write selected/ and scores/ for every shard, and rejected/.
@@ -156,10 +152,10 @@ def build_pipeline(
         rejected_summary | "SumRejectedSummaries" >> beam.CombineGlobally(SumSummaries()).without_defaults(),
         ctx.stage_summaries | "AllStageSummaries" >> beam.Flatten(),
     ]
-    _summarize(ctx, staging_dir, finish)
+    _summarize(ctx, finish)
 
 
-def _summarize(ctx: Context, staging_dir: str, finish) -> None:
+def _summarize(ctx: Context, finish) -> None:
     """5. One summary for the manifest, finished by the stages that add to it (DSIR's KL); then
     the job's last step, once every write is done."""
     finishers = [fn for fn, _ in ctx.finishers]
@@ -169,9 +165,6 @@ def _summarize(ctx: Context, staging_dir: str, finish) -> None:
         | "SumSummaries" >> beam.CombineGlobally(SumSummaries())
         | "Report" >> beam.Map(_report, finishers, ctx.out, *[side for _, side in ctx.finishers])
     )
-    if finish is None:
-        _ = report | "WriteSummary" >> beam.Map(_write_summary, staging_dir)
-        return
     _ = report | "FinishRun" >> beam.Map(finish)
 
 
@@ -189,8 +182,3 @@ def _report(summary: dict, finishers: list, out: str, *values) -> dict:
     for finish, value in zip(finishers, values):
         finish(report, summary, value, out)
     return report
-
-
-def _write_summary(report: dict, staging_dir: str) -> None:
-    with FileSystems.create(FileSystems.join(staging_dir, SUMMARY_FILE)) as f:
-        f.write(json.dumps(report).encode())

@@ -32,7 +32,7 @@ class _DropBeamImportNotice(logging.Filter):
 # Before the config, which imports the stages and with them Beam.
 logging.getLogger().addFilter(_DropBeamImportNotice())
 
-from beamsift.pipeline.config import ConfigError, load_config  # noqa: E402
+from beamsift.pipeline.config import ConfigError, load_config, read_yaml  # noqa: E402
 
 TEMPLATE = "dsir.yaml"
 
@@ -296,15 +296,7 @@ def _runner_overrides(path: str | None) -> list[str]:
         return []
     import json
 
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--runner-config {path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--runner-config {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(path, f"--runner-config {path}")
     if not isinstance(raw, dict) or set(raw) != {"beam"} or not isinstance(raw["beam"], dict):
         raise ConfigError(
             f"--runner-config {path}: expected one section, beam (runner, options), as in configs/runners/"

@@ -120,17 +120,23 @@ class Config:
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML from ``path``, apply ``key=value`` overrides, validate, fill in defaults."""
+    raw = read_yaml(path, path, "no such config file")
+    return config_from_dict(raw if raw is not None else {}, path, overrides)
+
+
+def read_yaml(path: str, label: str, missing: str = "no such file"):
+    """The YAML document at ``path``; ConfigError, starting with ``label``, if it is not there or
+    not YAML (with the line and column of the problem)."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{label}: {missing}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    return config_from_dict(raw if raw is not None else {}, path, overrides)
+        raise ConfigError(f"{label}: not valid YAML{where}: {problem}") from None
 
 
 def config_from_dict(raw: Any, source: str = "<dict>", overrides=()) -> Config:

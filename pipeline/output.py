@@ -130,11 +130,9 @@ def check_output_dir(out: str, overwrite: bool, inputs: dict[str, list[str]]) ->
                 )
     if is_local(out) and os.path.islink(out):
         raise OutputDirError(f"output.dir {out} is a symbolic link; give the folder itself")
-    if not exists(out):
-        return
-    if is_local(out) and not os.path.isdir(out):
+    if is_local(out) and os.path.lexists(out) and not os.path.isdir(out):
         raise OutputDirError(f"output.dir {out} is a file, not a folder")
-    files = files_under(out)
+    files = files_under(out)  # none for a folder (or prefix) that is not there
     if not files:
         return
     if not (MARKER in files or _is_beamsift_manifest(out)):
@@ -205,7 +203,7 @@ class PendingOutput:
     def publish(self) -> None:
         """Put the complete new result in the place of ``output.dir``."""
         # Checked again: the user may have put a file into the old result while this run lasted.
-        foreign = _foreign(self.out, files_under(self.out)) if exists(self.out) else []
+        foreign = _foreign(self.out, files_under(self.out))
         if foreign:
             raise OutputDirError(
                 f"output.dir {self.out} {_holds(foreign)}, put there while the run lasted, which beamsift did not "
@@ -226,7 +224,7 @@ class PendingOutput:
 
     def publishing(self) -> bool:
         """True once publishing has begun: the folder is then no longer this command's to remove."""
-        return exists(self.flag)
+        return FileSystems.exists(self.flag)
 
     def discard(self) -> None:
         """Remove the unfinished result (and its staging shards); ``output.dir`` is untouched."""
@@ -340,7 +338,7 @@ def _remove_abandoned_remote(out: str) -> None:
         except (OSError, ValueError):
             continue
         folder = path[: -len(MARKER) - 1]
-        if exists(folder + PUBLISHING):
+        if FileSystems.exists(folder + PUBLISHING):
             continue
         if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):
             remove_tree(folder)

@@ -43,6 +43,8 @@ OutputExistsError = OutputDirError  # the name earlier versions used
 
 # Runners whose workers share this machine's disk, so that progress can travel through files.
 LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "PortableRunner"}
+# The local runners that run the job inside this command (the PortableRunner may hand it to Flink).
+IN_PROCESS_RUNNERS = LOCAL_RUNNERS - {"PortableRunner"}
 
 log = logging.getLogger("beamsift")
 
@@ -195,11 +197,10 @@ def _local_workers(cfg: Config, options: PipelineOptions, beam_args, tasks) -> i
     # The arguments as written: an option set to its default (--direct_num_workers=1) is a choice too.
     named = {a.lstrip("-").split("=", 1)[0] for a in [*cfg["beam.options"], *beam_args] if a.startswith("--")}
     cores = os.cpu_count() or 1
-    if _runner_name(options) not in LOCAL_RUNNERS - {"PortableRunner"} or named & set(_WORKER_OPTIONS):
+    if _runner_name(options) not in IN_PROCESS_RUNNERS or named & set(_WORKER_OPTIONS):
         return 0
-    models = {"proxy", "excess_loss"} & {stage_kind(n) for n in cfg["stages"]}
-    if "embed" in {stage_kind(n) for n in cfg["stages"]} and cfg["embed.method"] == "model":
-        models.add("embed")
+    kinds = {stage_kind(n) for n in cfg["stages"]}
+    models = bool(kinds & {"proxy", "excess_loss"}) or ("embed" in kinds and cfg["embed.method"] == "model")
     if cores < 2 or models or sum(t.nbytes for t in tasks) < AUTO_WORKERS_MIN_BYTES:
         return 0
     return min(cores, AUTO_WORKERS_MAX)
@@ -209,7 +210,7 @@ def _runner_report(options: PipelineOptions, auto_workers: int) -> dict:
     """The runner and its worker processes, and whether beamsift chose them (the summary says so)."""
     given = options.get_all_options()
     report = {"name": _runner_name(options)}
-    if report["name"] in LOCAL_RUNNERS - {"PortableRunner"}:
+    if report["name"] in IN_PROCESS_RUNNERS:
         multi = given.get("direct_running_mode") == "multi_processing"
         report["workers"] = int(given.get("direct_num_workers") or 1) if multi else 1
         report["workers_chosen_by"] = "beamsift" if auto_workers else "user"
@@ -233,7 +234,7 @@ def _launch_mode(options: PipelineOptions, wait: bool) -> str:
         return "dry_run"
     if wait:
         return "wait"
-    if _runner_name(options) in LOCAL_RUNNERS - {"PortableRunner"}:
+    if _runner_name(options) in IN_PROCESS_RUNNERS:
         raise InputError(
             f"--no-wait is for runners that run the job elsewhere (Dataflow, Flink); the {_runner_name(options)} "
             "runs it in this command"
@@ -482,8 +483,7 @@ def _check_model_matches(meta: dict, cfg: Config) -> None:
 @contextlib.contextmanager
 def _progress_channel(progress, options: PipelineOptions, tasks, stages):
     """A local folder for the workers' progress files, shown by ``progress`` while the run lasts."""
-    runner = options.get_all_options().get("runner") or "FnApiRunner"
-    if progress is None or runner.split(".")[-1] not in LOCAL_RUNNERS:
+    if progress is None or not is_local_runner(options):
         yield None
         return
     folder = tempfile.mkdtemp(prefix="beamsift-progress-")

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -287,7 +288,8 @@ def find_error(e: BaseException, cls) -> str | None:
         marker = cls.__name__ + ": "
         if marker in text:
             line = text.split(marker, 1)[1].splitlines()[0]
-            return line.split(" [while running", 1)[0].strip().rstrip("\\n\"'")
+            # Inside a repr of the worker's log the line ends in an escaped newline and a quote.
+            return re.sub(r"(\\n|[\"'])+$", "", line.split(" [while running", 1)[0].strip())
         e = e.__cause__ or e.__context__
     return None
 

@@ -7,8 +7,8 @@ per-cluster score: the mean of ``select.quota_column`` over the cluster's docume
 quota never exceeds its cluster's size, and what a full cluster cannot take goes to the others
 (water-filling), so the quotas add up to the budget (or to everything there is). Within a cluster
 the documents are ranked by ``select.column`` (highest first; ties by id hash), or at random (the
-seeded Gumbel noise) without one. The ranks never gather the pool: each shard keeps, per cluster,
-its own best quota-many, and a combine merges them into one cut per cluster.
+seeded Gumbel noise) without one. The ranks never gather the pool: ``ExactRanks`` finds each
+cluster's cut from a sample, counts per bracket and the one bracket that holds the cut.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from beamsift.transforms.chain.staging import read_id_hashes
 from beamsift.transforms.chain.sums import Sum, fixed_point_sum
 from beamsift.transforms.selectors.core import (
     Budget,
-    Candidates,
-    MergeCandidates,
     SelectionError,
     at_or_above,
     in_random,
-    random_candidates,
+    random_keys,
+    valid_mask,
 )
+from beamsift.transforms.selectors.exact_rank import ExactRanks
 
 QUOTAS = ("proportional", "uniform", "sqrt", "score")
 SCORE_FIXED_POINT = float(1 << 20)
@@ -108,11 +108,14 @@ class _ClusterSizes(beam.DoFn):
         yield out
 
 
-class _RankWithinClusters(beam.DoFn):
+class _KeysWithinClusters:
+    """A shard -> the ranking keys of its documents in the running, per cluster, and the random
+    baseline's keys of every valid document: what ``ExactRanks`` ranks."""
+
     def __init__(self, stage, chain, column, seed):
         self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
 
-    def process(self, item, quota):
+    def keys(self, item) -> dict:
         shard = shard_of(item)
         reasons = self.chain.reasons(self.stage, shard)
         running = running_mask(reasons)
@@ -120,12 +123,22 @@ class _RankWithinClusters(beam.DoFn):
         clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
         keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
         out = {}
-        for c, q in quota.items():
+        for c in np.unique(clusters[running & (clusters >= 0)]).tolist():
             rows = running & (clusters == c)
-            if q and rows.any():
-                out[c] = Candidates.of(keys[rows], id_hash[rows], q)
-        out[RANDOM] = random_candidates(reasons, id_hash, self.seed, sum(quota.values()))
-        yield out
+            out[c] = (keys[rows], id_hash[rows])
+        valid = valid_mask(reasons)
+        out[RANDOM] = (random_keys(id_hash[valid], self.seed), id_hash[valid])
+        return out
+
+
+def _wanted(quota: dict) -> dict:
+    wanted = {c: [q] for c, q in quota.items() if q}
+    wanted[RANDOM] = [max(sum(quota.values()), 1)]
+    return wanted
+
+
+def _cuts(found: dict, wanted: dict) -> dict:
+    return {c: found[c][ranks[0]] for c, ranks in wanted.items() if ranks[0] in found.get(c, {})}
 
 
 class ApplyBalanced(ShardStageFn):
@@ -171,11 +184,11 @@ class BalancedSelection(beam.PTransform):
             | "SumSizes" >> beam.CombineGlobally(Sum(start={}))
             | "Quotas" >> beam.Map(self._quotas, beam.pvalue.AsSingleton(budget))
         )
+        wanted = quota.pvalue | "WantedRanks" >> beam.Map(_wanted)
         cuts = beam.pvalue.AsSingleton(
             shards
-            | "Rank" >> beam.ParDo(_RankWithinClusters(self.name, self.chain, self.column, self.seed), quota)
-            | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
-            | "Cuts" >> beam.Map(lambda merged: {c: cands.threshold() for c, cands in merged.items()}),
+            | "Rank" >> ExactRanks(_KeysWithinClusters(self.name, self.chain, self.column, self.seed), wanted)
+            | "Cuts" >> beam.Map(_cuts, beam.pvalue.AsSingleton(wanted)),
             default_value={},
         )
         fn = ApplyBalanced(self.name, self.chain, self.column, self.seed, self.progress_dir)

@@ -149,17 +149,26 @@ class Budget(beam.PTransform):
         return (total, *check_budget(self.k, self.fraction, total, self.offset, explain))
 
 
+def valid_mask(reasons: np.ndarray) -> np.ndarray:
+    """The documents the KL baseline draws from: every valid one (repeats of an id are not)."""
+    return np.array([r != DUPLICATE for r in reasons], dtype=bool)
+
+
+def random_keys(id_hash: np.ndarray, seed: int) -> np.ndarray:
+    """The KL baseline's keys: its pick of size k is the k largest (a seeded random pick)."""
+    return gumbel(id_hash, seed, RANDOM_STREAM)
+
+
 def random_candidates(reasons: np.ndarray, id_hash: np.ndarray, seed: int, keep: int) -> Candidates:
     """A shard's part of the KL baseline: a seeded random pick of ``keep`` from every valid
     document (the paper's "random from the raw pool"), whatever the selector."""
-    valid = np.array([r != DUPLICATE for r in reasons], dtype=bool)
-    return Candidates.of(gumbel(id_hash[valid], seed, RANDOM_STREAM), id_hash[valid], max(keep, 1))
+    valid = valid_mask(reasons)
+    return Candidates.of(random_keys(id_hash[valid], seed), id_hash[valid], max(keep, 1))
 
 
 def in_random(reasons: np.ndarray, id_hash: np.ndarray, seed: int, threshold) -> np.ndarray:
     """Which documents of a shard are in the KL baseline's random pick (``threshold``: its cut)."""
-    valid = np.array([r != DUPLICATE for r in reasons], dtype=bool)
-    return valid & at_or_above(gumbel(id_hash, seed, RANDOM_STREAM), id_hash, threshold)
+    return valid_mask(reasons) & at_or_above(random_keys(id_hash, seed), id_hash, threshold)
 
 
 def explain_running(total: int, rejects: dict, prior: dict, min_tokens: int | None = None) -> str:

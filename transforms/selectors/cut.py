@@ -10,9 +10,9 @@ Every rule here is "keep the documents ranked (offset, offset + k] by a key": to
 bottom-k (the key negated), a quantile band (skip the top offset, keep the next k), importance
 resampling (the key is a log weight plus Gumbel noise), weighted sampling without replacement (log
 weight + Gumbel: Efraimidis & Spirakis's scheme in its Gumbel form). A threshold keeps what lies
-in [min, max]. The global ranks never gather the pool: each shard keeps its own offset + k best
-(key, id hash) pairs, a combine merges those lists, and the pairs at the two cut ranks decide
-every document. Ties in the key are broken by the id hash.
+in [min, max]. The global ranks never gather the pool: ``ExactRanks`` finds the (key, id hash)
+pairs at the two cut ranks from a sample, counts per bracket and the one bracket that holds each
+rank, and those two pairs decide every document. Ties in the key are broken by the id hash.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from beamsift.transforms.chain.seeded import SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_id_hashes
 from beamsift.transforms.selectors.core import (
     Budget,
-    Candidates,
-    MergeCandidates,
     at_or_above,
     in_random,
-    random_candidates,
+    random_keys,
     ranks,
+    valid_mask,
 )
+from beamsift.transforms.selectors.exact_rank import ExactRanks
 
 METHODS = ("importance", "top", "bottom", "band", "threshold", "weighted", "all")
 SAMPLING = ("importance", "weighted")
@@ -103,18 +103,6 @@ def apply_cut(
     return kept, above
 
 
-def cut_thresholds(merged: dict, skip: int, keep: int) -> dict:
-    """The (key, id hash) pairs at the two cut ranks, from the merged candidates."""
-    ranked = merged.get("ranked")
-    if ranked is None:
-        return {}
-    return {
-        "upper": ranked.threshold(skip) if skip else None,
-        "lower": ranked.threshold(skip + keep),
-        "random": merged["random"].threshold() if "random" in merged else None,
-    }
-
-
 # ---- the Beam side: rank the shards, merge, cut --------------------------------------------
 
 
@@ -147,8 +135,10 @@ def _pct(share: float | None) -> str:
     return f"{p}{suffix}"
 
 
-class RankForCut(beam.DoFn):
-    """A shard -> its best (offset + k) candidates by the cut's key (and the random baseline's)."""
+class KeysForCut:
+    """A shard -> the cut's keys of its documents in the running (``ranked``) and, for the
+    selector, the random baseline's keys of every valid document (``random``): what
+    ``ExactRanks`` ranks."""
 
     def __init__(self, stage: str, cut: Cut, chain, seed: int, random_baseline: bool = False):
         self.stage = stage
@@ -157,24 +147,39 @@ class RankForCut(beam.DoFn):
         self.seed = seed
         self.random_baseline = random_baseline
 
-    def process(self, item, budget: tuple):
+    def keys(self, item) -> dict:
         shard = shard_of(item)
         reasons = self.chain.reasons(self.stage, shard)
         running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
         out = {}
         if self.cut.ranked():
-            _, skip, keep = budget
             values = self.chain.column(self.cut.column, shard.name)
-            if self.cut.key_column is not None:
-                keys = self.cut.keys(self.chain.column(self.cut.key_column, shard.name), id_hash, self.seed)
-            else:
-                keys = self.cut.keys(values, id_hash, self.seed)
+            source = self.chain.column(self.cut.key_column, shard.name) if self.cut.key_column else values
+            keys = self.cut.keys(source, id_hash, self.seed)
             rankable = running & self.cut.in_range(values) if self.cut.method == "threshold" else running
-            out["ranked"] = Candidates.of(keys[rankable], id_hash[rankable], max(skip + keep, 1))
+            out["ranked"] = (keys[rankable], id_hash[rankable])
             if self.random_baseline:
-                out["random"] = random_candidates(reasons, id_hash, self.seed, keep)
-        yield out
+                valid = valid_mask(reasons)
+                out["random"] = (random_keys(id_hash[valid], self.seed), id_hash[valid])
+        return out
+
+
+def wanted_ranks(budget: tuple, random_baseline: bool) -> dict:
+    """The ranks the cut needs, from the budget (running, skip, keep)."""
+    _, skip, keep = budget
+    wanted = {"ranked": [skip, skip + keep]}
+    if random_baseline:
+        wanted["random"] = [max(keep, 1)]
+    return wanted
+
+
+def cut_thresholds(found: dict, budget: tuple) -> dict:
+    """The (key, id hash) pairs at the two cut ranks (and the random baseline's), or None where
+    the rank is 0 or beyond the documents ranked."""
+    _, skip, keep = budget
+    ranked, rand = found.get("ranked", {}), found.get("random", {})
+    return {"upper": ranked.get(skip), "lower": ranked.get(skip + keep), "random": rand.get(max(keep, 1))}
 
 
 class ApplyCutShard(ShardStageFn):
@@ -235,18 +240,18 @@ class CutStage(beam.PTransform):
         # The selector's budget fails as every selector's does; a filter's share may keep none.
         select = self.role == "select"
         budget = shards | "Budget" >> Budget(cut.k, cut.fraction, cut.offset, select, self.explain, self.context)
-        merged = (
-            shards
-            | "Rank"
-            >> beam.ParDo(RankForCut(self.name, cut, self.chain, self.seed, select), beam.pvalue.AsSingleton(budget))
-            | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
-        )
+        if not cut.ranked():
+            thresholds = beam.pvalue.AsSingleton(budget | "NoRanks" >> beam.Map(lambda b: {}))
+            fn = ApplyCutShard(self.name, self.chain, cut, self.role, self.seed, self.progress_dir)
+            return shards | "Cut" >> ApplyStage(fn, thresholds=thresholds)
+        wanted = budget | "WantedRanks" >> beam.Map(wanted_ranks, select)
+        found = shards | "Rank" >> ExactRanks(KeysForCut(self.name, cut, self.chain, self.seed, select), wanted)
         # From the budget, which always has one element: an impossible budget fails even on an
-        # empty input, where there are no candidates to merge.
+        # empty input, where there is nothing to rank.
         thresholds = beam.pvalue.AsSingleton(
             budget
             | "CutRanks"
-            >> beam.Map(lambda b, m: cut_thresholds(m, b[1], b[2]), beam.pvalue.AsSingleton(merged, default_value={}))
+            >> beam.Map(lambda b, f: cut_thresholds(f, b), beam.pvalue.AsSingleton(found, default_value={}))
         )
         fn = ApplyCutShard(self.name, self.chain, cut, self.role, self.seed, self.progress_dir)
         return shards | "Cut" >> ApplyStage(fn, thresholds=thresholds)

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import random
 
+import apache_beam as beam
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
-from beamsift.transforms.stages.dedup import _gather, normalise_text, normalised_text_hash, semdedup_cluster
+from beamsift.transforms.stages.dedup import (
+    ResolvePointers,
+    normalise_text,
+    normalised_text_hash,
+    parts_of,
+    plan_splits,
+    semdedup_cluster,
+)
 from conftest import demo_records, make_config, write_jsonl
 
 
@@ -40,19 +50,54 @@ def test_blocked_greedy_is_the_greedy():
 def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():
     # c was kept in its own cluster and dropped b there; in the next cluster c was dropped for a.
     # b must point at a (kept), never at c (dropped). d was dropped in two clusters: the pointer
-    # to the earlier document (a, distance 0.1) wins over the one to e (0.5).
-    dropped = _gather(
-        [
-            [(2, "c", "near duplicate", (0.3, 3))],  # b (order 2) for c (order 3)
-            [(3, "a", "near duplicate", (0.1, 1)), (4, "a", "near duplicate", (0.1, 1))],
-            [(4, "e", "near duplicate", (0.5, 5)), (9, "x", "exact duplicate", 8)],
-            # f (order 10) repeats c (order 3) exactly; c was dropped as a near duplicate of a.
-            [(10, "c", "exact duplicate", 3)],
-        ]
-    )
-    assert dropped.orders.tolist() == [2, 3, 4, 9, 10]
-    assert dropped.kept_ids == ["a", "a", "a", "x", "a"]
-    assert dropped.reasons == ["near duplicate"] * 3 + ["exact duplicate"] * 2
+    # to the earlier document (a, distance 0.1) wins over the one to e (0.5). A chain of three
+    # links (g -> h -> i -> a) ends at a too. Records: (order, shard, kept id, reason, target).
+    near, exact = "near duplicate", "exact duplicate"
+    records = [
+        (2, "s0", "c", near, (0.3, 3)),  # b (order 2) for c (order 3)
+        (3, "s1", "a", near, (0.1, 1)),
+        (4, "s0", "a", near, (0.1, 1)),
+        (4, "s0", "e", near, (0.5, 5)),
+        (9, "s1", "x", exact, (0.0, 8)),
+        (10, "s1", "c", exact, (0.0, 3)),  # f (order 10) repeats c exactly; c is a near duplicate of a
+        (20, "s2", "h", near, (0.4, 21)),
+        (21, "s2", "i", near, (0.3, 22)),
+        (22, "s2", "a", near, (0.1, 1)),
+    ]
+    expected = [
+        (2, "s0", "a", near, (0.1, 1)),
+        (3, "s1", "a", near, (0.1, 1)),
+        (4, "s0", "a", near, (0.1, 1)),
+        (9, "s1", "x", exact, (0.0, 8)),
+        (10, "s1", "a", exact, (0.1, 1)),
+        (20, "s2", "a", near, (0.1, 1)),
+        (21, "s2", "a", near, (0.1, 1)),
+        (22, "s2", "a", near, (0.1, 1)),
+    ]
+    with TestPipeline() as p:
+        resolved = p | beam.Create(records) | ResolvePointers()
+        assert_that(resolved, equal_to(expected))
+
+
+def test_a_large_cluster_is_split_into_parts_near_pairs_still_meet():
+    # 2,000 documents in one cluster, bound 500: 2**3 parts (aimed at half the bound), and every
+    # document also goes to the part across its nearest hyperplane.
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(2000, 16))
+    shapes = {0: (2000, vectors.sum(0), 2000), 1: (400, vectors[:400].sum(0), 400)}
+    splits = plan_splits(shapes, max_group=500)
+    assert list(splits) == [0] and splits[0][0] == 3  # cluster 1 is under the bound: whole
+    planes = np.random.default_rng(1).normal(size=(3, 16))
+    part, across = parts_of(vectors, 0, splits, planes, probes=2)
+    sizes = np.bincount(part, minlength=8) + np.bincount(across, minlength=8)
+    assert sizes.max() <= 1000 and sizes.sum() == 4000
+    assert (np.bitwise_count(part ^ across) == 1).all()
+    # A pair split by a plane near one of them meets in that one's "across" part.
+    near_pair = np.stack([vectors[0], vectors[0] + 1e-3 * rng.normal(size=16)])
+    p, q = parts_of(near_pair, 0, splits, planes, probes=2)
+    assert p[0] == p[1] or q[0] == p[1] or q[1] == p[0]
+    whole, none = parts_of(vectors[:5], 1, splits, planes, probes=2)
+    assert whole.tolist() == [0] * 5 and none.tolist() == [-1] * 5
 
 
 def test_exact_normalisation_keeps_every_script():
@@ -78,13 +123,14 @@ def _near_copy(text: str, rng: random.Random) -> str:
 
 
 @pytest.mark.parametrize(
-    "embed",
+    "embed, max_group",
     [
-        {"method": "projection", "dim": 512},  # compared on the embedding itself
-        {"method": "svd", "dim": 64},  # topics for the clusters; compared on projected TF-IDF
+        ({"method": "projection", "dim": 512}, 20_000),  # compared on the embedding itself
+        ({"method": "svd", "dim": 64}, 20_000),  # topics for the clusters; compared on projected TF-IDF
+        ({"method": "projection", "dim": 512}, 60),  # every cluster compared in parts of ~30
     ],
 )
-def test_planted_duplicates(tmp_path, embed):
+def test_planted_duplicates(tmp_path, embed, max_group):
     rng = random.Random(0)
     originals = [r for r in demo_records(2000) if r["source"] in ("kjv", "jargon", "devil")][:300]
     records = [{"id": r["id"], "text": r["text"]} for r in originals]
@@ -103,6 +149,7 @@ def test_planted_duplicates(tmp_path, embed):
         stages=["embed", "cluster", "dedup", "select"],
         embed=embed,
         cluster={"k": 4},
+        dedup={"max_group": max_group},
         select={"method": "all", "k": None},
     )
     manifest = run_selection(load_config(str(cfg)), overwrite=True)

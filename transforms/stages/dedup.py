@@ -34,9 +34,11 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.featurize import hash_strings
 from beamsift.transforms.io.schema import ORDER, TEXT
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
@@ -90,8 +92,8 @@ NONE_DROPPED = Dropped(np.zeros(0, np.int64), [], [])
 
 
 def semdedup_cluster(items: list, epsilon: float, block: int = 256) -> list:
-    """One cluster's [(distance to centroid, order, id, vector)] -> [(order, kept id, reason,
-    (kept distance, kept order))] of the documents it drops. Greedy in the order (distance, order):
+    """One cluster's [(distance to centroid, order, id, vector[, shard])] -> [(order, kept id,
+    reason, (kept distance, kept order)[, shard])] of the documents it drops. Greedy in the order (distance, order):
     keep a document unless its cosine to a kept one exceeds 1 − ε; then it points at the most
     similar kept one. Compared in blocks against the kept ones, never an n × n matrix."""
     if not items:
@@ -120,8 +122,8 @@ def semdedup_cluster(items: list, epsilon: float, block: int = 256) -> list:
                 if s_local[j] > sim:
                     sim, target = float(s_local[j]), start + local[j]
             if sim > threshold:
-                t = items[target]
-                dropped.append((items[start + i][1], t[2], NEAR, (float(t[0]), int(t[1]))))
+                t, me = items[target], items[start + i]
+                dropped.append((me[1], t[2], NEAR, (float(t[0]), int(t[1])), *me[4:]))
             else:
                 local.append(i)
         kept[n_kept : n_kept + len(local)] = np.asarray(local, np.int64) + start
@@ -144,43 +146,119 @@ class _ExactKeys(beam.DoFn):
             pc.equal(pc.utf8_length(normalise_text(table.column(TEXT))), 0).to_numpy(zero_copy_only=False)
         )
         for r in np.flatnonzero(running & ~empty):
-            yield int(hashes[r]), (int(orders[r]), str(ids[r]))
+            yield int(hashes[r]), (int(orders[r]), str(ids[r]), shard.name)
 
 
-LARGE_GROUP = 50_000
+def _semdedup_group(kv, epsilon: float, stage: str, max_group: int) -> list:
+    return Metered(stage, _compare_group)(kv, epsilon, max_group)
 
 
-def _semdedup_group(kv, epsilon: float, stage: str) -> list:
-    return Metered(stage, _compare_group)(kv, epsilon)
-
-
-def _compare_group(kv, epsilon: float) -> list:
-    cluster, members = kv[0], list(kv[1])
-    if len(members) > LARGE_GROUP:
+def _compare_group(kv, epsilon: float, max_group: int) -> list:
+    (cluster, part), members = kv[0], list(kv[1])
+    if len(members) > max_group:
         logging.getLogger("beamsift").warning(
-            "dedup: cluster %d has %d documents to compare (%.1e dot products on one worker); "
-            "a larger cluster.k bounds the work (about one cluster per 10,000 documents)",
+            "dedup: cluster %d (part %d) has %d documents to compare, more than dedup.max_group=%d "
+            "(%.1e dot products on one worker): its split was uneven; a larger cluster.k also bounds it",
             cluster,
+            part,
             len(members),
+            max_group,
             len(members) ** 2 / 2,
         )
-    return semdedup_cluster(members, epsilon)
+    drops = semdedup_cluster(members, epsilon)
+    return [(order, shard, kept_id, reason, target) for order, kept_id, reason, target, shard in drops]
 
 
 def _exact_groups(item):
+    """A group of equal normalised texts -> a drop record for each but the first in input order:
+    (order, shard, kept id, reason, (0, kept order))."""
     _, members = item
     members = sorted(members)
     first = members[0]
-    return [(order, first[1], EXACT, first[0]) for order, _ in members[1:]]
+    return [(order, shard, first[1], EXACT, (0.0, first[0])) for order, _, shard in members[1:]]
+
+
+# ---- bounded groups: a cluster larger than dedup.max_group is compared in parts ----------------
+
+SPLIT_STREAM = 0x5D117  # the hyperplanes that split a large cluster
+EXACT_TABLE = ".exact"  # _staging/<stage>.exact/<shard>.arrow: the shard's exact duplicates
+DROPPED_TABLE = ".dropped"  # _staging/<stage>.dropped/<shard>.arrow: all its dropped documents
+POINTER_ROUNDS = 5  # pointer jumping: chains of up to 2**5 links end at a kept document
+
+
+def _hyperplanes(dim: int, bits: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, SPLIT_STREAM]).normal(size=(bits, dim))
+
+
+class _ClusterShapes(beam.DoFn):
+    """A shard -> {cluster: (documents compared in it, Σ embedding of its own documents, own
+    documents)}: the group sizes, and the means that a split's hyperplanes pass through."""
+
+    def __init__(self, stage, chain, probes: int):
+        self.stage, self.chain, self.probes = stage, chain, probes
+
+    def process(self, item, exact_done):
+        shard, running = self.chain.running(self.stage, item)
+        rows = running & ~_exact_dropped(self.chain, self.stage, shard, exact_done)
+        clusters = self.chain.column("cluster", shard.name)
+        vectors = embeddings(self.chain, shard.name).astype(np.float64)
+        out = {}
+        for c in np.unique(clusters[rows]).astype(np.int64).tolist():
+            own = rows & (clusters == c)
+            out[c] = (int(own.sum()), vectors[own].sum(0), int(own.sum()))
+        if self.probes > 1:
+            probe = self.chain.column(NEXT_CLUSTER, shard.name)
+            also = rows & ~np.isnan(probe) & (probe != clusters)
+            for c, n in zip(*np.unique(probe[also].astype(np.int64), return_counts=True)):
+                size, total, own = out.get(int(c), (0, 0.0, 0))
+                out[int(c)] = (size + int(n), total, own)
+        yield out
+
+
+def plan_splits(shapes: dict, max_group: int) -> dict:
+    """{cluster: (bits, mean embedding)} for each cluster with more than ``max_group`` documents
+    to compare: 2**bits parts, aimed at half the bound each (the parts are not all equal)."""
+    splits = {}
+    for c, (size, total, own) in sorted(shapes.items()):
+        if size > max_group and own:
+            bits = int(np.ceil(np.log2(2 * size / max_group)))
+            splits[c] = (bits, np.asarray(total, np.float64) / own)
+    return splits
+
+
+def parts_of(vectors: np.ndarray, cluster: int, splits: dict, planes, probes: int):
+    """(part, part across): each vector's part of ``cluster`` (0 when the cluster is not split)
+    and, with two probes, the part across its least certain hyperplane (-1: none), so that
+    near-duplicates on either side of a hyperplane still meet."""
+    n = len(vectors)
+    if cluster not in splits:
+        return np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    bits, mean = splits[cluster]
+    margins = (vectors - mean) @ planes[:bits].T
+    part = ((margins > 0) * (1 << np.arange(bits))).sum(1).astype(np.int64)
+    if probes < 2:
+        return part, np.full(n, -1, np.int64)
+    return part, part ^ (1 << np.argmin(np.abs(margins), axis=1))
+
+
+def _exact_dropped(chain, stage: str, shard, written: int) -> np.ndarray:
+    """Which documents of a shard the exact pass dropped (from that pass's per-shard table)."""
+    table = _read_drops(chain, stage + EXACT_TABLE, shard.name) if written else None
+    orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
+    if table is None:
+        return np.zeros(len(orders), bool)
+    return np.isin(orders, np.asarray(table.column(ORDER).combine_chunks(), np.int64))
 
 
 class _ClusterMembers(beam.DoFn):
-    """A shard -> (cluster, document) for each document in the running and each of the clusters it
-    is compared in: its own and, with ``probes`` 2, the next nearest."""
+    """A shard -> ((cluster, part), document) for each document in the running and each group it
+    is compared in: its own cluster and, with ``probes`` 2, the next nearest (in a split
+    cluster: its part and the part across the nearest hyperplane)."""
 
-    def __init__(self, stage, chain, probes: int = 2, tfidf: tuple | None = None):
+    def __init__(self, stage, chain, probes: int = 2, tfidf: tuple | None = None, seed: int = 0):
         self.stage, self.chain, self.probes = stage, chain, probes
         self.tfidf = tfidf  # (num_buckets, dim, seed): compare on projected TF-IDF, not the embedding
+        self.seed = seed
         self._proj = None
 
     def _vectors(self, shard, frequencies):
@@ -190,12 +268,11 @@ class _ClusterMembers(beam.DoFn):
             self._proj = projection(*self.tfidf)
         return tfidf_embeddings(features_of(shard), smooth_idf(frequencies), self._proj)
 
-    def process(self, item, exact, frequencies=None):
+    def process(self, item, exact_done, splits, frequencies=None):
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id"])
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-        hit, _ = exact.lookup(orders)
-        rows = np.flatnonzero(running & ~hit)
+        rows = np.flatnonzero(running & ~_exact_dropped(self.chain, self.stage, shard, exact_done))
         if not len(rows):
             return
         clusters = self.chain.column("cluster", shard.name)
@@ -207,64 +284,139 @@ class _ClusterMembers(beam.DoFn):
         # move by ~1e-3, far inside ε; the greedy computes in float32.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
-        for r in rows:
-            doc = (float(distance[r]), int(orders[r]), str(ids[r]), vectors16[r].copy())
-            yield int(clusters[r]), doc
-            if probe is not None and not np.isnan(probe[r]) and probe[r] != clusters[r]:
-                yield int(probe[r]), doc
+        groups = self._groups(shard, rows, clusters, probe, splits)
+        for i, r in enumerate(rows):
+            doc = (float(distance[r]), int(orders[r]), str(ids[r]), vectors16[r].copy(), shard.name)
+            for key in groups[i]:
+                yield key, doc
+
+    def _groups(self, shard, rows, clusters, probe, splits) -> list:
+        """For each row, the (cluster, part) keys it is compared in, each once."""
+        space = planes = None
+        if splits:
+            space = embeddings(self.chain, shard.name)[rows].astype(np.float64)
+            planes = _hyperplanes(space.shape[1], max(b for b, _ in splits.values()), self.seed)
+        keys = [[] for _ in rows]
+        owners = [clusters[rows]] + ([probe[rows]] if probe is not None else [])
+        for owner in owners:
+            for c in np.unique(owner[~np.isnan(owner)]).astype(np.int64).tolist():
+                at = np.flatnonzero(owner == c)
+                part, across = parts_of(space[at] if space is not None else at, c, splits, planes, self.probes)
+                for j, p, q in zip(at.tolist(), part.tolist(), across.tolist()):
+                    for key in ((c, p), (c, q)) if q >= 0 else ((c, p),):
+                        if key not in keys[j]:
+                            keys[j].append(key)
+        return keys
 
 
-def _gather(dropped_lists) -> Dropped:
-    """All dropped documents, each pointing at a kept one.
+# ---- the dropped documents, joined back to their shards -------------------------------------
 
-    A document dropped in two clusters keeps the pointer to the one that comes first; a pointer
-    at a document that was itself dropped elsewhere is followed on (it always leads to an earlier
-    document, so it ends at a kept one); an exact duplicate of a document SemDeDup dropped points
-    at the one that document points at."""
-    exact, near = {}, {}
-    for part in dropped_lists:
-        for d in part:
-            if d[2] == EXACT:
-                exact[d[0]] = (d[1], d[3])  # (kept id, kept order)
-            else:
-                order, kept_id, _, target = d
-                if order not in near or target < near[order][0]:
-                    near[order] = (target, kept_id)
-    for order in near:
-        (target_key, kept_id), seen = near[order], 0
-        while target_key[1] in near and seen <= len(near):
-            target_key, kept_id = near[target_key[1]]
-            seen += 1
-        near[order] = (target_key, kept_id)
-    # The first of an exact group can itself be a near duplicate of another: point on at that one.
-    exact = {o: near[k][1] if k in near else i for o, (i, k) in exact.items()}
-    flat = sorted([(o, i, EXACT) for o, i in exact.items()] + [(o, v[1], NEAR) for o, v in near.items()])
-    if not flat:
-        return NONE_DROPPED
-    return Dropped(np.array([d[0] for d in flat], np.int64), [d[1] for d in flat], [d[2] for d in flat])
+
+def _first_pointer(kv):
+    """A document dropped in several groups points at the kept one that comes first."""
+    return min(kv[1], key=lambda d: d[4])
+
+
+def _follow(kv):
+    """One round of pointer jumping: a record that points at a dropped document points on at
+    what that one points at (its reason stays)."""
+    _, g = kv
+    target = list(g["dropped"])
+    for d in g["pointing"]:
+        yield (d[0], d[1], target[0][2], d[3], target[0][4]) if target else d
+
+
+class ResolvePointers(beam.PTransform):
+    """Drop records (order, shard, kept id, reason, (kept distance, kept order)) from every group
+    -> one per dropped document, pointing at a kept document.
+
+    A document kept in one group can be dropped in another; who pointed at it points on, to what
+    it points at (always an earlier document, so the chain ends at a kept one). Keyed joins on
+    the documents' orders, never a list of every drop in one place."""
+
+    def expand(self, drops):
+        drops = (
+            drops
+            | "ByDocument" >> beam.Map(lambda d: (d[0], d))
+            | "PerDocument" >> beam.GroupByKey()
+            | "FirstPointer" >> beam.Map(_first_pointer)
+        )
+        for i in range(POINTER_ROUNDS):
+            drops = (
+                {
+                    "pointing": drops | f"ByTarget{i}" >> beam.Map(lambda d: (d[4][1], d)),
+                    "dropped": drops | f"ByOrder{i}" >> beam.Map(lambda d: (d[0], d)),
+                }
+                | f"JoinTargets{i}" >> beam.CoGroupByKey()
+                | f"Follow{i}" >> beam.FlatMap(_follow)
+            )
+        return drops
+
+
+class _WriteDrops(beam.DoFn):
+    """(shard, its drop records) -> the shard's table of dropped documents in staging; 1."""
+
+    def __init__(self, chain, table: str):
+        self.chain, self.table = chain, table
+
+    def process(self, kv):
+        shard, drops = kv
+        drops = sorted(drops)
+        columns = {
+            ORDER: pa.array([d[0] for d in drops], pa.int64()),
+            "kept_id": pa.array([d[2] for d in drops], pa.string()),
+            "reason": pa.array([d[3] for d in drops], pa.string()),
+        }
+        self.chain.write(self.table, shard, pa.table(columns))
+        yield 1
+
+
+def write_per_shard(drops, chain, table: str, label: str):
+    """Each shard's drops written beside its staging; one element (how many tables) once all are."""
+    return (
+        drops
+        | f"{label}ByShard" >> beam.Map(lambda d: (d[1], d))
+        | f"{label}GroupByShard" >> beam.GroupByKey()
+        | f"{label}Write" >> beam.ParDo(_WriteDrops(chain, table))
+        | f"{label}Written" >> beam.CombineGlobally(sum)
+    )
+
+
+def _read_drops(chain, table: str, shard: str) -> pa.Table | None:
+    path = chain.path(table, shard)
+    return read_staging(path) if FileSystems.exists(path) else None
 
 
 class MarkDuplicates(ShardStageFn):
-    def score(self, shard, reasons, dropped: Dropped):
+    def score(self, shard, reasons, written: int):
         orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
-        running = running_mask(reasons)
-        hit, pos = dropped.lookup(orders)
-        hit &= running
         duplicate_of = np.full(len(orders), None, dtype=object)
-        for r in np.flatnonzero(hit):
-            duplicate_of[r] = dropped.kept_ids[pos[r]]
-            reasons[r] = dropped.reasons[pos[r]]
+        table = _read_drops(self.chain, self.name + DROPPED_TABLE, shard.name) if written else None
+        if table is not None:
+            dropped = Dropped(
+                np.asarray(table.column(ORDER).combine_chunks(), np.int64),
+                table.column("kept_id").to_pylist(),
+                table.column("reason").to_pylist(),
+            )
+            hit, pos = dropped.lookup(orders)
+            for r in np.flatnonzero(hit & running_mask(reasons)):
+                duplicate_of[r] = dropped.kept_ids[pos[r]]
+                reasons[r] = dropped.reasons[pos[r]]
         return {"duplicate_of": pa.array(list(duplicate_of), pa.string())}, reasons
 
 
 class DeduplicateDocuments(beam.PTransform):
-    """Exact duplicates, then SemDeDup within clusters; the dropped ones marked on every shard."""
+    """Exact duplicates, then SemDeDup within clusters (a large one in parts); the dropped ones
+    joined back to their shards by name and marked there."""
 
-    def __init__(self, name, chain, epsilon: float, progress_dir=None, probes: int = 2, tfidf=None):
+    def __init__(
+        self, name, chain, epsilon: float, progress_dir=None, probes: int = 2, tfidf=None, max_group=20_000, seed=0
+    ):
         super().__init__()
         self.name, self.chain, self.epsilon, self.probes = name, chain, epsilon, probes
         self.tfidf = tfidf  # (num_buckets, dim, seed) to compare on projected TF-IDF
         self.progress_dir = progress_dir
+        self.max_group, self.seed = max_group, seed
 
     def expand(self, shards):
         exact = (
@@ -273,27 +425,31 @@ class DeduplicateDocuments(beam.PTransform):
             | "GroupExact" >> beam.GroupByKey()
             | "ExactDuplicates" >> beam.FlatMap(_exact_groups)
         )
-        exact_side = beam.pvalue.AsSingleton(
-            exact | "ExactList" >> beam.combiners.ToList() | "ExactDropped" >> beam.Map(lambda d: _gather([d]))
+        exact_done = beam.pvalue.AsSingleton(
+            write_per_shard(exact, self.chain, self.name + EXACT_TABLE, "Exact"), default_value=0
+        )
+        splits = beam.pvalue.AsSingleton(
+            shards
+            | "ClusterShapes" >> beam.ParDo(_ClusterShapes(self.name, self.chain, self.probes), exact_done)
+            | "SumShapes" >> beam.CombineGlobally(Sum(start={}))
+            | "PlanSplits" >> beam.Map(plan_splits, self.max_group)
         )
         side = []
         if self.tfidf is not None:
             side = [document_frequencies(shards, self.name, self.chain, self.tfidf[0])]
-        members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf)
+        members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf, self.seed)
         near = (
             shards
-            | "ClusterMembers" >> beam.ParDo(members, exact_side, *side)
+            | "ClusterMembers" >> beam.ParDo(members, exact_done, splits, *side)
             | "GroupByCluster" >> beam.GroupByKey()
-            | "SemDeDup" >> beam.FlatMap(_semdedup_group, self.epsilon, self.name)
+            | "SemDeDup" >> beam.FlatMap(_semdedup_group, self.epsilon, self.name, self.max_group)
         )
-        dropped = beam.pvalue.AsSingleton(
-            (exact, near)
-            | "AllDropped" >> beam.Flatten()
-            | "DroppedList" >> beam.combiners.ToList()
-            | "Dropped" >> beam.Map(lambda d: _gather([d]))
+        dropped = (exact, near) | "AllDropped" >> beam.Flatten() | "Resolve" >> ResolvePointers()
+        written = beam.pvalue.AsSingleton(
+            write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped"), default_value=0
         )
         fn = MarkDuplicates(self.name, self.chain, self.progress_dir)
-        return shards | "Mark" >> ApplyStage(fn, dropped=dropped)
+        return shards | "Mark" >> ApplyStage(fn, written=written)
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -312,6 +468,12 @@ class DedupSettings:
         "the vectors compared: embedding (the embed stage's), tfidf (projected TF-IDF, dim 512: keeps "
         "cosines), or auto (tfidf after an svd embedding, which pulls same-topic documents together)",
         choices=("auto", "embedding", "tfidf"),
+    )
+    max_group: int = setting(
+        20000,
+        "compare at most about this many documents on one worker: a larger cluster is split along "
+        "seeded hyperplanes through its mean (near-duplicates across a split still meet)",
+        at_least=2,
     )
 
 
@@ -332,6 +494,8 @@ def _build(ctx: Context, name: str, shards):
         ctx.progress_dir,
         cfg["dedup.probes"],
         _tfidf(cfg),
+        cfg["dedup.max_group"],
+        ctx.seed,
     )
     return shards | "Stage_" + name >> stage
 

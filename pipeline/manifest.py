@@ -19,7 +19,7 @@ from importlib import metadata
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.pipeline.output import files_under
-from beamsift.transforms.chain.meter import stage_timings
+from beamsift.transforms.chain.meter import STAGING_READ, stage_timings
 from beamsift.transforms.chain.staging import write_parquet
 from beamsift.transforms.io.read import InputError
 from beamsift.transforms.io.schema import REJECTED_SCHEMA
@@ -149,6 +149,9 @@ def add_metrics(manifest: dict, metrics: dict, total_s: float) -> dict:
         if "wall_s" in timings.get(entry["name"], {}):
             entry["wall_s"] = timings[entry["name"]]["wall_s"]
     manifest["timings"] = {"total_s": round(total_s, 3), "stages": timings}
+    read = {k[len(STAGING_READ) :]: v for k, v in sorted(metrics.items()) if k.startswith(STAGING_READ)}
+    if read:  # bytes of the columns the stages read back, by the staging table (docs: the documents)
+        manifest["timings"]["staging_read_bytes"] = read
     return manifest
 
 

@@ -22,6 +22,7 @@ import uuid
 import apache_beam as beam
 
 NAMESPACE = "beamsift"
+STAGING_READ = "staging_read_bytes_"  # + the staging table read: bytes of the columns read
 FLUSH_EVERY_S = 0.25
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
+from beamsift.transforms.chain.meter import NAMESPACE, STAGING_READ, MeteredDoFn, StageMeter
 from beamsift.transforms.io.schema import ID_HASH, INTERNAL, N_TOKENS, ORDER, field_types
 
 
@@ -73,6 +74,16 @@ def write_staging(table: pa.Table, path: str) -> None:
         f.write(sink.getvalue().to_pybytes())
 
 
+def read_staging_batch(path: str, index: int) -> pa.RecordBatch:
+    """One record batch of a staging file written with several (``write_staging`` of a table
+    made of batches): only that batch's bytes are read."""
+    local = FileSystems.get_filesystem(path).scheme() in (None, "file")
+    with pa.OSFile(path) if local else pa.PythonFile(FileSystems.open(path), mode="r") as source:
+        batch = pa.ipc.open_file(source).get_batch(index)
+    _counted(path, pa.Table.from_batches([batch]))
+    return batch
+
+
 def read_id_hashes(path: str) -> np.ndarray:
     """A staged shard's id hashes (the key of every seeded draw)."""
     return np.asarray(read_staging(path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
@@ -85,7 +96,7 @@ def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
     local = FileSystems.get_filesystem(path).scheme() in (None, "file")
     with pa.OSFile(path) if local else pa.PythonFile(FileSystems.open(path), mode="r") as source:
         if columns is None:
-            return pa.ipc.open_file(source).read_all()
+            return _counted(path, pa.ipc.open_file(source).read_all())
         schema = pa.ipc.open_file(source).schema
         missing = [c for c in columns if schema.get_field_index(c) < 0]
         if missing:
@@ -93,7 +104,15 @@ def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
         wanted = sorted({schema.get_field_index(c) for c in columns})
         options = pa.ipc.IpcReadOptions(included_fields=wanted)
         table = pa.ipc.open_file(source, options=options).read_all()
-    return table.select(columns)
+    return _counted(path, table.select(columns))
+
+
+def _counted(path: str, table: pa.Table) -> pa.Table:
+    """Count the bytes of the columns read, by the staging table they come from (``docs``, a
+    stage's name): the manifest's ``timings.staging_read_bytes``, what the scale benchmark shows."""
+    table_name = path.replace("\\", "/").rstrip("/").split("/")[-2]
+    beam.metrics.Metrics.counter(NAMESPACE, f"{STAGING_READ}{table_name}").inc(table.nbytes)
+    return table
 
 
 class WriteStagingShards(MeteredDoFn):

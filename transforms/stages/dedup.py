@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered
-from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.chain.staging import read_staging, read_staging_batch, write_staging
 from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.featurize import hash_strings
 from beamsift.transforms.io.schema import ORDER, TEXT
@@ -154,7 +154,7 @@ def _semdedup_group(kv, epsilon: float, stage: str, max_group: int) -> list:
 
 
 def _compare_group(kv, epsilon: float, max_group: int) -> list:
-    (cluster, part), members = kv[0], list(kv[1])
+    (cluster, part), members = kv[0], _members(kv[1])
     if len(members) > max_group:
         logging.getLogger("beamsift").warning(
             "dedup: cluster %d (part %d) has %d documents to compare, more than dedup.max_group=%d "
@@ -181,6 +181,7 @@ def _exact_groups(item):
 # ---- bounded groups: a cluster larger than dedup.max_group is compared in parts ----------------
 
 SPLIT_STREAM = 0x5D117  # the hyperplanes that split a large cluster
+MEMBERS_TABLE = ".members"  # _staging/<stage>.members/<shard>.arrow: a batch per group it is in
 EXACT_TABLE = ".exact"  # _staging/<stage>.exact/<shard>.arrow: the shard's exact duplicates
 DROPPED_TABLE = ".dropped"  # _staging/<stage>.dropped/<shard>.arrow: all its dropped documents
 POINTER_ROUNDS = 5  # pointer jumping: chains of up to 2**5 links end at a kept document
@@ -241,6 +242,39 @@ def parts_of(vectors: np.ndarray, cluster: int, splits: dict, planes, probes: in
     return part, part ^ (1 << np.argmin(np.abs(margins), axis=1))
 
 
+def _member_batch(rows, distance, orders, ids, vectors16) -> pa.RecordBatch:
+    """The members of one group from one shard: what SemDeDup compares them by."""
+    vectors = np.ascontiguousarray(vectors16[rows])
+    width = vectors.shape[1] * vectors.itemsize
+    return pa.record_batch(
+        {
+            "distance": pa.array(distance[rows], pa.float64()),
+            ORDER: pa.array(orders[rows], pa.int64()),
+            "id": pa.array([str(ids[r]) for r in rows], pa.string()),
+            "vector": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), len(rows), [None, pa.py_buffer(vectors.tobytes())]
+            ),
+        }
+    )
+
+
+def _members(refs) -> list:
+    """A group's [(distance, order, id, vector, shard)] from its (path, batch, shard) references."""
+    items = []
+    for path, index, shard in refs:
+        batch = read_staging_batch(path, index)
+        n = batch.num_rows
+        column = batch.column("vector")
+        dim = column.type.byte_width // 2
+        vectors = np.frombuffer(column.buffers()[1], np.float16, count=n * dim, offset=column.offset * dim * 2)
+        vectors = vectors.reshape(n, dim)
+        distance = batch.column("distance").to_numpy()
+        orders = batch.column(ORDER).to_numpy()
+        ids = batch.column("id").to_pylist()
+        items += [(float(distance[r]), int(orders[r]), ids[r], vectors[r], shard) for r in range(n)]
+    return items
+
+
 def _exact_dropped(chain, stage: str, shard, written: int) -> np.ndarray:
     """Which documents of a shard the exact pass dropped (from that pass's per-shard table)."""
     table = _read_drops(chain, stage + EXACT_TABLE, shard.name) if written else None
@@ -285,10 +319,19 @@ class _ClusterMembers(beam.DoFn):
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
         groups = self._groups(shard, rows, clusters, probe, splits)
-        for i, r in enumerate(rows):
-            doc = (float(distance[r]), int(orders[r]), str(ids[r]), vectors16[r].copy(), shard.name)
-            for key in groups[i]:
-                yield key, doc
+        # The members go through staging, one record batch per group: the shuffle carries only
+        # (path, batch) references, so that a local runner, which holds a shuffle in memory, never
+        # holds every document's vector (1 KB each, twice with probes).
+        by_group: dict = {}
+        for i, keys in enumerate(groups):
+            for key in keys:
+                by_group.setdefault(key, []).append(i)
+        order = sorted(by_group)
+        batches = [_member_batch(rows[by_group[key]], distance, orders, ids, vectors16) for key in order]
+        path = self.chain.path(self.stage + MEMBERS_TABLE, shard.name)
+        write_staging(pa.Table.from_batches(batches), path)
+        for index, key in enumerate(order):
+            yield key, (path, index, shard.name)
 
     def _groups(self, shard, rows, clusters, probe, splits) -> list:
         """For each row, the (cluster, part) keys it is compared in, each once."""

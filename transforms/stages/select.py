@@ -9,7 +9,7 @@ import functools
 from dataclasses import dataclass
 
 import apache_beam as beam
-from apache_beam.pvalue import AsList
+from apache_beam.pvalue import AsSingleton
 from beamsift.transforms.io.write import SumSummaries
 from beamsift.transforms.selectors import balanced, sensitivity
 from beamsift.transforms.selectors.core import explain_running
@@ -114,9 +114,11 @@ def _build(ctx: Context, name: str, shards):
     cfg = ctx.cfg
     method = cfg["select.method"]
     # Why the running is as small as it is, should the budget not fit: what was rejected while
-    # reading and the earlier stages' per-shard summaries (summed only then).
-    prior = AsList(
-        (ctx.stage_summaries or [ctx.p | "NoPriorStages" >> beam.Create([{}])]) | "PriorSummaries" >> beam.Flatten()
+    # reading and the earlier stages' summaries, summed (one value, not a list per shard).
+    prior = AsSingleton(
+        (ctx.stage_summaries or [ctx.p | "NoPriorStages" >> beam.Create([{}])])
+        | "PriorSummaries" >> beam.Flatten()
+        | "SumPriorSummaries" >> beam.CombineGlobally(SumSummaries())
     )
     min_tokens = cfg["dsir.min_tokens"] if "dsir" in ctx.kinds() else None
     explain = functools.partial(_explain, min_tokens), (ctx.reject_reasons(), prior)
@@ -133,9 +135,8 @@ def _build(ctx: Context, name: str, shards):
     return shards | "Stage_" + name >> selector
 
 
-def _explain(min_tokens, total, rejects, prior: list) -> str:
-    summed = SumSummaries()
-    return explain_running(total, rejects, summed.extract_output(summed.merge_accumulators(prior)), min_tokens)
+def _explain(min_tokens, total, rejects, prior: dict) -> str:
+    return explain_running(total, rejects, prior, min_tokens)
 
 
 STAGE = Stage(

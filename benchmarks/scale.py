@@ -1,0 +1,195 @@
+"""How time and memory grow with the corpus: every shipped config without a model stage at 100k,
+300k and 1M documents, in one process and with two worker processes.
+
+    python benchmarks/scale.py                                  # 100k, 300k, 1M; both modes
+    python benchmarks/scale.py --docs 100000,300000 --modes two --configs dsir,semdedup
+    python benchmarks/scale.py --side-inputs --docs 100000      # also the size of every side input
+
+The corpus is the bundled pool's real text cut into new documents (60-300 words of spans from
+random pool documents, seeded: no document is a copy of another) with 5% planted again as
+near-duplicates under fresh ids (``diversity_memory.build_corpus``). Each run is ``beamsift run``
+through the CLI, its process tree sampled every 0.1 s for RSS. Printed per config and size:
+
+- wall time, end to end, and per stage (the manifest's ``stages[].wall_s``);
+- peak RSS of the whole process tree and of its largest process;
+- bytes read back from staging per 4,096-document shard, by the table read (the manifest's
+  ``timings.staging_read_bytes``: ``docs`` is the staged documents, the others a stage's columns);
+- then the ratios the issue asks for: RSS at the largest size over the smallest (flat: within
+  ±10%), and each config's wall time over DSIR's at the same size.
+
+``--side-inputs`` runs each config once more in this process (one worker) with every side input
+measured as it is materialised: its pickled size, summed over its elements.
+
+The configs: ``demo`` and ``dsir`` (DSIR), ``semdedup``, and ``quality_diversity`` without its
+proxy stages (DSIR -> top 40% -> SVD embedding -> k-means -> exact + SemDeDup -> cluster-balanced),
+as in ``diversity_memory.py``. The configs with a model stage (el2n, influence, loss_reweight,
+excess_loss, dsir_el2n) are left out: their time is the model's (see ``scoring_throughput.py``)
+and their memory the model's and its training sample's, whatever the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from diversity_memory import build_corpus  # noqa: E402
+from dsir_vs_reference import timed  # noqa: E402
+
+SHARD = 4096  # documents per staging shard (input.batch_size)
+MODES = {
+    "one": ["--direct_running_mode=in_memory"],
+    "two": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+}
+
+
+def config_file(name: str, tmp: Path) -> tuple[Path, list[str]]:
+    """A shipped config (proxy stages taken out for quality_diversity) and its --set overrides."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    sets: list[str] = []
+    if name == "quality_diversity":
+        cfg["stages"] = [s for s in cfg["stages"] if s not in ("proxy", "filter_hardest")]
+        for section in ("proxy", "filter_hardest"):
+            cfg.pop(section, None)
+        sets = ["select.column=dsir_key", "select.fraction=null", "select.k=10000"]
+    elif name in ("demo", "dsir"):
+        sets = ["select.k=10000"]
+    for key in ("input", "target"):
+        if key in cfg and not Path(cfg[key]["path"]).is_absolute():
+            cfg[key]["path"] = str(ROOT / cfg[key]["path"])
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, sets
+
+
+def run_one(name: str, corpus: Path, n: int, mode: str, tmp: Path) -> dict:
+    path, sets = config_file(name, tmp)
+    out = tmp / f"out-{name}-{mode}"
+    cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", "--quiet", "--no-progress", "--overwrite", str(path)]
+    for s in [f"input.path={corpus}", f"output.dir={out}", *sets]:
+        cmd += ["--set", s]
+    wall, rss, rss_one = timed([*cmd, "--", *MODES[mode]], tmp / f"{name}-{mode}.log")
+    manifest = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out)
+    read = manifest["timings"].get("staging_read_bytes", {})
+    return {
+        "config": name,
+        "docs": n,
+        "mode": mode,
+        "wall_s": round(wall, 1),
+        "rss_all_mb": round(rss / 2**20),
+        "rss_largest_mb": round(rss_one / 2**20),
+        "stages_s": {s["name"]: s.get("wall_s") for s in manifest["stages"]},
+        "staging_read_per_shard_kb": {t: round(b * SHARD / n / 1024) for t, b in read.items()},
+        "selected": manifest["counts"]["selected"],
+    }
+
+
+def side_input_sizes(name: str, corpus: Path, tmp: Path) -> dict:
+    """{side input (its producer's label): pickled bytes} for one run of ``name`` in this process."""
+    import apache_beam as beam
+    from beamsift.pipeline.config import load_config
+    from beamsift.pipeline.run import run_selection
+
+    log = tmp / f"side-{name}.tsv"
+    log.write_text("")
+    original = beam.pvalue.AsSideInput.__init__
+    count = [0]
+
+    def measured(self, pcoll, *args, **kwargs):
+        count[0] += 1
+        label = pcoll.producer.full_label if pcoll.producer else str(pcoll)
+        pcoll = pcoll | f"MeasureSideInput{count[0]}" >> beam.Map(_record, str(log), label)
+        original(self, pcoll, *args, **kwargs)
+
+    path, sets = config_file(name, tmp)
+    cfg = load_config(str(path), [f"input.path={corpus}", f"output.dir={tmp / 'side-out'}", *sets])
+    beam.pvalue.AsSideInput.__init__ = measured
+    try:
+        run_selection(cfg, overwrite=True, beam_args=["--direct_running_mode=in_memory"])
+    finally:
+        beam.pvalue.AsSideInput.__init__ = original
+    sizes: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        label, n = line.rsplit("\t", 1)
+        sizes[label] = sizes.get(label, 0) + int(n)
+    return sizes
+
+
+def _record(value, log: str, label: str):
+    with open(log, "a") as f:
+        f.write(f"{label}\t{len(pickle.dumps(value))}\n")
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", default="100000,300000,1000000")
+    parser.add_argument("--configs", default="demo,dsir,semdedup,quality_diversity")
+    parser.add_argument("--modes", default="one,two")
+    parser.add_argument("--side-inputs", action="store_true")
+    parser.add_argument("--json", help="also write every row to this file")
+    args = parser.parse_args()
+    import os
+
+    print(f"load average before: {os.getloadavg()[0]:.2f}; {os.cpu_count()} cores")
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="beamsift-scale-"))
+    try:
+        for n_docs in [int(x) for x in args.docs.split(",")]:
+            corpus = tmp / "pool.jsonl"
+            build_corpus(corpus, n_docs)
+            n = sum(1 for _ in open(corpus, "rb"))
+            print(f"\n{n:,} documents, {corpus.stat().st_size / 2**20:,.0f} MB", flush=True)
+            for mode in args.modes.split(","):
+                for name in args.configs.split(","):
+                    row = run_one(name, corpus, n, mode, tmp)
+                    rows.append(row)
+                    stages = "  ".join(f"{k} {v:.1f}" for k, v in row["stages_s"].items() if v is not None)
+                    read = "  ".join(f"{k} {v:,}" for k, v in row["staging_read_per_shard_kb"].items())
+                    print(
+                        f"  {name:<18}{mode:<4}{row['wall_s']:>8.1f} s  RSS {row['rss_all_mb']:>6,} MB all"
+                        f" / {row['rss_largest_mb']:>5,} MB largest   load {os.getloadavg()[0]:.2f}\n"
+                        f"      stages (s): {stages}\n      staging read per shard (KB): {read}",
+                        flush=True,
+                    )
+                    if args.side_inputs and mode == args.modes.split(",")[0]:
+                        sizes = side_input_sizes(name, corpus, tmp)
+                        print("      side inputs (bytes): " + "  ".join(f"{k} {v:,}" for k, v in sizes.items()))
+                        row["side_inputs"] = sizes
+            corpus.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summarize(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def summarize(rows: list[dict]) -> None:
+    sizes = sorted({r["docs"] for r in rows})
+    if len(sizes) > 1:
+        print(f"\npeak RSS at {sizes[-1]:,} over {sizes[0]:,} documents (flat: 0.9-1.1)")
+        for name, mode in sorted({(r["config"], r["mode"]) for r in rows}):
+            first = next(r for r in rows if (r["config"], r["mode"], r["docs"]) == (name, mode, sizes[0]))
+            last = next(r for r in rows if (r["config"], r["mode"], r["docs"]) == (name, mode, sizes[-1]))
+            print(
+                f"  {name:<18}{mode:<4} all {last['rss_all_mb'] / first['rss_all_mb']:.2f}"
+                f"  largest {last['rss_largest_mb'] / first['rss_largest_mb']:.2f}"
+            )
+    print("\nwall time over DSIR's (configs/dsir.yaml) at the same size and mode")
+    for r in rows:
+        dsir = next((d for d in rows if (d["config"], d["docs"], d["mode"]) == ("dsir", r["docs"], r["mode"])), None)
+        if dsir and r["config"] != "dsir":
+            print(f"  {r['config']:<18}{r['mode']:<4}{r['docs']:>10,}  {r['wall_s'] / dsir['wall_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,22 @@
 """beamsift's DSIR against the reference implementation, end to end, on the same 2 cores.
 
     python benchmarks/dsir_vs_reference.py --docs 200000            # both, one after the other
+    python benchmarks/dsir_vs_reference.py --docs 60000 --corpus multilingual
     python benchmarks/dsir_vs_reference.py --docs 1000000 --skip-reference   # memory at scale
 
-The corpus is the bundled demo pool repeated with distinct ids (data/README.md), written as
-uncompressed JSONL; the target is the bundled target. The reference (`data-selection` 1.0.3,
-p-lambda/dsir) needs nltk==3.8.1 and numpy<2, so it runs from its own venv, made on first use
-under benchmarks/.refvenv (or pass --reference-python). Both select k documents with at least
-100 word tokens (the reference's min_example_length) into 10,000 buckets, with 2 processes.
+``--corpus english`` (default): the bundled demo pool repeated with distinct ids (data/README.md),
+written as uncompressed JSONL; the target is the bundled target. ``--corpus multilingual``: the
+translated manual pages this machine has in 8 languages (German, French, Russian, Japanese,
+Chinese, Spanish, Polish, Korean; /usr/share/man/<lang>, rendered by groff as data/build.py
+renders the English ones) cut into documents at paragraph boundaries and repeated with distinct
+ids; the target is a held-out tenth of the German documents (not in the pool). beamsift runs
+with the default config (no runner flags: it picks its workers) unless ``--beamsift-flags`` says
+otherwise; the load average is printed before each run (measure on a quiet machine).
+
+The reference (`data-selection` 1.0.3, p-lambda/dsir) needs nltk==3.8.1 and numpy<2, so it runs
+from its own venv, made on first use under benchmarks/.refvenv (or pass --reference-python), with
+2 processes. Both select k documents with at least 100 word tokens (the reference's
+min_example_length) into 10,000 buckets.
 
 Printed per tool: end-to-end documents/s (process start to exit, fitting included), peak RSS
 summed over the tool's process tree, and the KL reduction of its selection, evaluated by one
@@ -59,6 +68,56 @@ def build_corpus(path: Path, n_docs: int) -> None:
             r = dict(base[i % len(base)])
             r["id"] = f"{r['id']}-r{i // len(base)}"
             out.write(json.dumps(r) + "\n")
+
+
+LANGUAGES = ("de", "fr", "ru", "ja", "zh_CN", "es", "pl", "ko")
+GROFF = ["groff", "-t", "-k", "-Kutf8", "-Tutf8", "-man", "-P-cbou", "-rLL=3000n", "-rHY=0", "-dAD=l"]
+
+
+def _man_paragraphs(path: str) -> list[str]:
+    """A manual page's paragraphs as plain text (groff, no wrapping, no formatting codes)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        source = f.read()
+    if source.startswith(b".so "):
+        return []  # a stub that includes another page
+    text = subprocess.run(GROFF, input=source, capture_output=True).stdout.decode("utf-8", "replace")
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    return [p for p in paragraphs[1:-1] if len(p) > 40]  # less the header and footer lines
+
+
+def multilingual_documents(languages=LANGUAGES) -> list[dict]:
+    """Documents of 1,500-6,000 characters packed from each page's paragraphs, per language."""
+    docs = []
+    for lang in languages:
+        pages = sorted(p for p in glob.glob(f"/usr/share/man/{lang}/man*/*") if os.path.isfile(p))
+        for page in pages:
+            text = ""
+            for para in _man_paragraphs(page):
+                text = f"{text} {para}".strip()
+                if len(text) >= 1500:
+                    docs.append({"id": f"{lang}-{len(docs):06d}", "text": text[:6000], "source": lang})
+                    text = ""
+    return docs
+
+
+def build_multilingual(path: Path, target: Path, n_docs: int) -> None:
+    docs = multilingual_documents()
+    if not docs:
+        sys.exit("no translated manual pages under /usr/share/man/<lang>: --corpus multilingual needs them")
+    german = [d for d in docs if d["source"] == "de"]
+    held_out = {d["id"] for d in german[::10]}
+    with open(target, "w", encoding="utf-8") as out:
+        for d in german[::10]:
+            out.write(json.dumps(d, ensure_ascii=False) + "\n")
+    base = [d for d in docs if d["id"] not in held_out]
+    counts = {lang: sum(d["source"] == lang for d in base) for lang in LANGUAGES}
+    print("multilingual base documents: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(n_docs):
+            r = dict(base[i % len(base)])
+            r["id"] = f"{r['id']}-r{i // len(base)}"
+            out.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def _tree_rss(pid: int) -> dict[int, int]:
@@ -175,15 +234,26 @@ def main() -> None:
     ap.add_argument("--reference-python", default=None)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating")
+    ap.add_argument("--corpus", choices=("english", "multilingual"), default="english")
+    ap.add_argument(
+        "--beamsift-flags", default="", help="Beam options for beamsift (default: none, the default config)"
+    )
     args = ap.parse_args()
     k = args.k or args.docs // 20
     work = Path(args.workdir or tempfile.mkdtemp(prefix="beamsift-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    corpus, target = work / f"pool-{args.docs}.jsonl", ROOT / "data" / "target.jsonl"
-    if not corpus.exists():
-        build_corpus(corpus, args.docs)
+    corpus = work / f"pool-{args.corpus}-{args.docs}.jsonl"
+    target = ROOT / "data" / "target.jsonl" if args.corpus == "english" else work / "target-de.jsonl"
+    if not corpus.exists() or not target.exists():
+        if args.corpus == "english":
+            build_corpus(corpus, args.docs)
+        else:
+            build_multilingual(corpus, target, args.docs)
     size_mb = corpus.stat().st_size / 1e6
-    print(f"corpus: {args.docs:,} documents, {size_mb:.0f} MB JSONL; k = {k:,}; 2 processes each")
+    print(
+        f"corpus: {args.docs:,} {args.corpus} documents, {size_mb:.0f} MB JSONL; k = {k:,}; "
+        f"the reference with 2 processes, beamsift with {args.beamsift_flags or 'the default config'}"
+    )
 
     results = {}
     out = work / "beamsift-out"
@@ -207,9 +277,7 @@ def main() -> None:
         f"output.dir={out}",
         "--overwrite",
         "--quiet",
-        "--",
-        "--direct_running_mode=multi_processing",
-        "--direct_num_workers=2",
+        *(["--", *args.beamsift_flags.split()] if args.beamsift_flags else []),
     ]
     ref_cmd = None
     if not args.skip_reference:
@@ -222,10 +290,12 @@ def main() -> None:
     # This VM's speed drifts by ±20% over minutes: alternate the tools and report medians.
     runs: dict[str, list] = {"beamsift": [], "reference": []}
     for _ in range(args.repeat):
+        print(f"load average before beamsift: {os.getloadavg()[0]:.2f}", flush=True)
         runs["beamsift"].append(timed(beamsift_cmd, work / "beamsift.log"))
         if ref_cmd is not None:
             for d in (ref_out, cache):
                 subprocess.run(["rm", "-rf", str(d)], check=True)
+            print(f"load average before the reference: {os.getloadavg()[0]:.2f}", flush=True)
             runs["reference"].append(timed(ref_cmd, work / "reference.log"))
 
     ids = {r[0] for r in duckdb.connect().execute(f"SELECT id FROM '{out}/selected/*.parquet'").fetchall()}

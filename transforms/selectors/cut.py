@@ -136,7 +136,7 @@ def _pct(share: float | None) -> str:
 
 
 class KeysForCut:
-    """A shard -> the cut's keys of its documents in the running (``ranked``) and, for the
+    """A shard -> the (ranked) cut's keys of its documents in the running (``ranked``) and, for the
     selector, the random baseline's keys of every valid document (``random``): what
     ``ExactRanks`` ranks."""
 
@@ -152,16 +152,14 @@ class KeysForCut:
         reasons = self.chain.reasons(self.stage, shard)
         running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
-        out = {}
-        if self.cut.ranked():
-            values = self.chain.column(self.cut.column, shard.name)
-            source = self.chain.column(self.cut.key_column, shard.name) if self.cut.key_column else values
-            keys = self.cut.keys(source, id_hash, self.seed)
-            rankable = running & self.cut.in_range(values) if self.cut.method == "threshold" else running
-            out["ranked"] = (keys[rankable], id_hash[rankable])
-            if self.random_baseline:
-                valid = valid_mask(reasons)
-                out["random"] = (random_keys(id_hash[valid], self.seed), id_hash[valid])
+        values = self.chain.column(self.cut.column, shard.name)
+        source = self.chain.column(self.cut.key_column, shard.name) if self.cut.key_column else values
+        keys = self.cut.keys(source, id_hash, self.seed)
+        rankable = running & self.cut.in_range(values) if self.cut.method == "threshold" else running
+        out = {"ranked": (keys[rankable], id_hash[rankable])}
+        if self.random_baseline:
+            valid = valid_mask(reasons)
+            out["random"] = (random_keys(id_hash[valid], self.seed), id_hash[valid])
         return out
 
 
@@ -240,18 +238,14 @@ class CutStage(beam.PTransform):
         # The selector's budget fails as every selector's does; a filter's share may keep none.
         select = self.role == "select"
         budget = shards | "Budget" >> Budget(cut.k, cut.fraction, cut.offset, select, self.explain, self.context)
-        if not cut.ranked():
-            thresholds = beam.pvalue.AsSingleton(budget | "NoRanks" >> beam.Map(lambda b: {}))
-            fn = ApplyCutShard(self.name, self.chain, cut, self.role, self.seed, self.progress_dir)
-            return shards | "Cut" >> ApplyStage(fn, thresholds=thresholds)
-        wanted = budget | "WantedRanks" >> beam.Map(wanted_ranks, select)
-        found = shards | "Rank" >> ExactRanks(KeysForCut(self.name, cut, self.chain, self.seed, select), wanted)
-        # From the budget, which always has one element: an impossible budget fails even on an
-        # empty input, where there is nothing to rank.
-        thresholds = beam.pvalue.AsSingleton(
-            budget
-            | "CutRanks"
-            >> beam.Map(lambda b, f: cut_thresholds(f, b), beam.pvalue.AsSingleton(found, default_value={}))
-        )
+        if cut.ranked():
+            wanted = budget | "WantedRanks" >> beam.Map(wanted_ranks, select)
+            keys = KeysForCut(self.name, cut, self.chain, self.seed, select)
+            found = beam.pvalue.AsSingleton(shards | "Rank" >> ExactRanks(keys, wanted), default_value={})
+            # From the budget, which always has one element: an impossible budget fails even on an
+            # empty input, where there is nothing to rank.
+            thresholds = budget | "CutRanks" >> beam.Map(lambda b, f: cut_thresholds(f, b), found)
+        else:
+            thresholds = budget | "NoRanks" >> beam.Map(lambda b: {})
         fn = ApplyCutShard(self.name, self.chain, cut, self.role, self.seed, self.progress_dir)
-        return shards | "Cut" >> ApplyStage(fn, thresholds=thresholds)
+        return shards | "Cut" >> ApplyStage(fn, thresholds=beam.pvalue.AsSingleton(thresholds))

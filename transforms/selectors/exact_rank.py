@@ -79,17 +79,20 @@ def _smallest(codes, hashes, n, priority=None):
     return codes, hashes, priority
 
 
+def _coded(source, item, names):
+    """(name, codes, id hashes) of each of a shard's key sets that ``names`` holds and that is not empty."""
+    for name, (keys, hashes) in source.keys(item).items():
+        if name in names and len(keys):
+            yield name, order_codes(keys), np.asarray(hashes, np.uint64)
+
+
 class _Sample(beam.DoFn):
     def __init__(self, source):
         self.source = source
 
     def process(self, item, wanted):
         n = sample_size(wanted)
-        out = {}
-        for name, (keys, hashes) in self.source.keys(item).items():
-            if name in wanted and len(keys):
-                out[name] = (*_smallest(order_codes(keys), np.asarray(hashes, np.uint64), n), n)
-        yield out
+        yield {name: (*_smallest(codes, hashes, n), n) for name, codes, hashes in _coded(self.source, item, wanted)}
 
 
 class _KeepSample(beam.CombineFn):
@@ -126,10 +129,9 @@ class _Count(beam.DoFn):
 
     def process(self, item, bounds):
         out = {}
-        for name, (keys, hashes) in self.source.keys(item).items():
-            if name in bounds and len(keys):
-                at = bracket_of(bounds[name], order_codes(keys), np.asarray(hashes, np.uint64))
-                out[name] = np.bincount(at, minlength=len(bounds[name]) + 1).astype(np.int64)
+        for name, codes, hashes in _coded(self.source, item, bounds):
+            at = bracket_of(bounds[name], codes, hashes)
+            out[name] = np.bincount(at, minlength=len(bounds[name]) + 1).astype(np.int64)
         yield out
 
 
@@ -153,11 +155,7 @@ class _Gather(beam.DoFn):
 
     def process(self, item, bounds, located):
         out = {}
-        for name, (keys, hashes) in self.source.keys(item).items():
-            if name not in located or not len(keys):
-                continue
-            hashes = np.asarray(hashes, np.uint64)
-            codes = order_codes(keys)
+        for name, codes, hashes in _coded(self.source, item, located):
             at = bracket_of(bounds[name], codes, hashes)
             inside = np.isin(at, [j for j, _ in located[name].values()])
             if inside.any():

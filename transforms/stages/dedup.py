@@ -200,13 +200,15 @@ class _ClusterShapes(beam.DoFn):
 
     def process(self, item, exact_done):
         shard, running = self.chain.running(self.stage, item)
-        rows = running & ~_exact_dropped(self.chain, self.stage, shard, exact_done)
+        exact, _ = _drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(_orders(shard))
+        rows = running & ~exact
         clusters = self.chain.column("cluster", shard.name)
         vectors = embeddings(self.chain, shard.name).astype(np.float64)
         out = {}
         for c in np.unique(clusters[rows]).astype(np.int64).tolist():
             own = rows & (clusters == c)
-            out[c] = (int(own.sum()), vectors[own].sum(0), int(own.sum()))
+            n = int(own.sum())
+            out[c] = (n, vectors[own].sum(0), n)
         if self.probes > 1:
             probe = self.chain.column(NEXT_CLUSTER, shard.name)
             also = rows & ~np.isnan(probe) & (probe != clusters)
@@ -275,13 +277,8 @@ def _members(refs) -> list:
     return items
 
 
-def _exact_dropped(chain, stage: str, shard, written: int) -> np.ndarray:
-    """Which documents of a shard the exact pass dropped (from that pass's per-shard table)."""
-    table = _read_drops(chain, stage + EXACT_TABLE, shard.name) if written else None
-    orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
-    if table is None:
-        return np.zeros(len(orders), bool)
-    return np.isin(orders, np.asarray(table.column(ORDER).combine_chunks(), np.int64))
+def _orders(shard) -> np.ndarray:
+    return np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
 
 
 class _ClusterMembers(beam.DoFn):
@@ -306,7 +303,8 @@ class _ClusterMembers(beam.DoFn):
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id"])
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-        rows = np.flatnonzero(running & ~_exact_dropped(self.chain, self.stage, shard, exact_done))
+        exact, _ = _drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(orders)
+        rows = np.flatnonzero(running & ~exact)
         if not len(rows):
             return
         clusters = self.chain.column("cluster", shard.name)
@@ -425,26 +423,29 @@ def write_per_shard(drops, chain, table: str, label: str):
     )
 
 
-def _read_drops(chain, table: str, shard: str) -> pa.Table | None:
+def _drops(chain, table: str, shard: str, written: int) -> Dropped:
+    """A shard's drops from ``table`` (``write_per_shard``); none where it has no table (or no
+    table was written at all: then nothing is looked up)."""
     path = chain.path(table, shard)
-    return read_staging(path) if FileSystems.exists(path) else None
+    if not written or not FileSystems.exists(path):
+        return NONE_DROPPED
+    t = read_staging(path)
+    return Dropped(
+        np.asarray(t.column(ORDER).combine_chunks(), np.int64),
+        t.column("kept_id").to_pylist(),
+        t.column("reason").to_pylist(),
+    )
 
 
 class MarkDuplicates(ShardStageFn):
     def score(self, shard, reasons, written: int):
-        orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
+        orders = _orders(shard)
         duplicate_of = np.full(len(orders), None, dtype=object)
-        table = _read_drops(self.chain, self.name + DROPPED_TABLE, shard.name) if written else None
-        if table is not None:
-            dropped = Dropped(
-                np.asarray(table.column(ORDER).combine_chunks(), np.int64),
-                table.column("kept_id").to_pylist(),
-                table.column("reason").to_pylist(),
-            )
-            hit, pos = dropped.lookup(orders)
-            for r in np.flatnonzero(hit & running_mask(reasons)):
-                duplicate_of[r] = dropped.kept_ids[pos[r]]
-                reasons[r] = dropped.reasons[pos[r]]
+        dropped = _drops(self.chain, self.name + DROPPED_TABLE, shard.name, written)
+        hit, pos = dropped.lookup(orders)
+        for r in np.flatnonzero(hit & running_mask(reasons)):
+            duplicate_of[r] = dropped.kept_ids[pos[r]]
+            reasons[r] = dropped.reasons[pos[r]]
         return {"duplicate_of": pa.array(list(duplicate_of), pa.string())}, reasons
 
 

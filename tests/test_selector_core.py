@@ -12,7 +12,14 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from beamsift.transforms.chain import START, Chain, MarkDuplicateIds, StageShard
-from beamsift.transforms.chain.duplicate_ids import DuplicateIds, FindDuplicateIds, join_shards
+from beamsift.transforms.chain.duplicate_ids import (
+    DOCS_PER_PARTITION,
+    DuplicateIds,
+    FindDuplicateIds,
+    FirstOccurrences,
+    join_shards,
+    partitions_for,
+)
 from beamsift.transforms.chain.staging import ShardRef, write_staging
 from beamsift.transforms.chain.sums import Sum, add
 from beamsift.transforms.selectors.core import Budget, SelectionError, check_budget
@@ -95,3 +102,66 @@ def test_each_shard_gets_its_own_repeats_of_ids_first_seen_in_any_shard():
         out = joined | beam.MapTuple(lambda ref, d: (ref.name, d.losers.tolist(), d.winners.tolist()))
         # x repeats at 2 (first at 0); y at 10 (first at 1, in the other shard); z at 12 (first at 11).
         assert_that(out, equal_to([("a", [2], [0]), ("b", [10, 12], [1, 11])]))
+
+
+@pytest.mark.parametrize("documents", [10, 40 * DOCS_PER_PARTITION])
+def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(documents):
+    # 3 shards of 400 keys drawn from 300 values: every key after its first (by order) loses to
+    # it, with the first's payload; 1 partition for 10 documents, 40 for 40 x 65,536.
+    assert partitions_for(documents) == (1 if documents == 10 else 40)
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 2**63, 300, dtype=np.int64)
+    parts = []
+    for i in range(3):
+        hashes = values[rng.integers(0, 300, 400)]
+        orders = np.arange(i * 1000, i * 1000 + 400, dtype=np.int64)
+        parts.append((hashes, orders, f"s{i}", np.array([f"p{o}" for o in orders], object)))
+    first: dict = {}
+    expected: dict = {}
+    for hashes, orders, shard, _ in parts:  # by hand: in order, the first of each value wins
+        for h, o in zip(hashes.tolist(), orders.tolist()):
+            if h in first:
+                expected.setdefault(shard, []).append((o, first[h], f"p{first[h]}"))
+            else:
+                first[h] = o
+    with BeamPipeline() as p:
+        count = beam.pvalue.AsSingleton(p | "Count" >> beam.Create([documents]))
+        out = (
+            p
+            | beam.Create(parts)
+            | FirstOccurrences(count)
+            | beam.FlatMapTuple(lambda shard, lost: [(shard, o, w, k) for o, w, k in zip(*lost)])
+        )
+        assert_that(out, equal_to([(shard, *t) for shard, ts in expected.items() for t in ts]))
+    assert sum(len(ts) for ts in expected.values()) > 800  # most keys repeat: the test has teeth
+
+
+def _payload_rows(chain, shard, rows):  # module level: it travels to the workers
+    return [int(r) for r in rows]
+
+
+def test_a_sample_offered_under_the_bound_is_the_n_smallest_keys_of_all(tmp_path):
+    # 8 shards of 1,000 documents (every 3rd out of the running); n = 100 of 5,336: each shard
+    # offers only the documents under offer_bound (~5%), and the sample is still exactly the 100
+    # smallest seeded keys of the whole running, as a plain sort of every key finds them.
+    from beamsift.transforms.chain.sampling import SampleRunning, offer_bound
+    from beamsift.transforms.chain.seeded import uniform01
+    from beamsift.transforms.io.schema import ID_HASH
+
+    chain = Chain(str(tmp_path), ("fit",))
+    shards, every = [], []
+    for i in range(8):
+        hashes = np.arange(i * 1000, (i + 1) * 1000, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        path = str(tmp_path / f"s{i}.arrow")
+        write_staging(pa.table({ID_HASH: pa.array(hashes)}), path)
+        running = np.arange(1000) % 3 != 0
+        chain.write(
+            START, f"s{i}", pa.table({"_reason": pa.array([None if r else "out" for r in running], pa.string())})
+        )
+        shards.append(StageShard(ShardRef(path, f"s{i}", 1000, i * 1000, i * 1000 + 999), int(running.sum())))
+        keys = uniform01(hashes, 7, 0x51)
+        every += [(float(keys[r]), int(hashes[r]), int(r)) for r in np.flatnonzero(running)]
+    assert offer_bound(100, len(every)) < 0.05
+    with BeamPipeline() as p:
+        sample = p | beam.Create(shards) | SampleRunning("fit", chain, 100, 7, 0x51, _payload_rows)
+        assert_that(sample, equal_to([sorted(every)[:100]]))

@@ -2,7 +2,8 @@
 
 Input order is the global ``_order`` (file index, then position in the file), so which record
 wins does not depend on how the input was split among workers. Ids are compared by a 64-bit
-hash; the work is spread over hash partitions so that no worker sees every id, and the repeats
+hash; the work is spread over hash partitions (``FirstOccurrences``, also what finds texts that
+repeat for the dedup stage) so that no worker sees every id, and the repeats
 found go back to the shard that holds them by a keyed join: no worker ever holds the list of
 every duplicate (it grows with the corpus), only its own shard's.
 """
@@ -13,8 +14,6 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-
-NUM_PARTITIONS = 64
 
 
 @dataclass(frozen=True)
@@ -39,15 +38,34 @@ class DuplicateIds:
 NO_DUPLICATES = DuplicateIds(losers=np.zeros(0, np.int64), winners=np.zeros(0, np.int64))
 
 
-def _partition(shard):
-    part = (shard.id_hashes % np.uint64(NUM_PARTITIONS)).astype(np.int64)
-    for p in np.unique(part):
-        rows = part == p
-        yield int(p), (shard.id_hashes[rows], shard.orders[rows], shard.ref.name)
+DOCS_PER_PARTITION = 1 << 16  # about how many keys one worker compares at once
+
+
+def partitions_for(documents: int) -> int:
+    """Hash partitions for a corpus of ``documents``: enough that each holds ~65k keys (a
+    partition's group must not grow with the corpus), and few on a small one (each partition of
+    each shard is one element through the shuffle)."""
+    return max(1, -(-int(documents) // DOCS_PER_PARTITION))
+
+
+class PartitionKeys(beam.DoFn):
+    """(hashes, orders, shard name, payload or None) of one shard -> (partition, the same of the
+    rows in it) for each partition it has rows in; ``documents`` (a side input) sets how many."""
+
+    def process(self, item, documents):
+        hashes, orders, shard, payload = item
+        if not len(hashes):
+            return
+        part = (hashes.view(np.uint64) % np.uint64(partitions_for(documents))).astype(np.int64)
+        by_part = np.argsort(part, kind="stable")
+        starts = np.flatnonzero(np.r_[True, part[by_part][1:] != part[by_part][:-1]])
+        for rows in np.split(by_part, starts[1:]):
+            yield int(part[rows[0]]), (hashes[rows], orders[rows], shard, None if payload is None else payload[rows])
 
 
 class _FirstOccurrence(beam.CombineFn):
-    """(hashes, orders, shard) parts of one partition -> [(shard, loser orders, winner orders)]."""
+    """(hashes, orders, shard, payload) parts of one partition -> [(shard, (loser orders, winner
+    orders, winner payloads or None))]: among equal hashes the smallest order wins."""
 
     def create_accumulator(self):
         return []
@@ -62,16 +80,43 @@ class _FirstOccurrence(beam.CombineFn):
     def extract_output(self, acc):
         if not acc:
             return []
-        hashes = np.concatenate([h for h, _, _ in acc])
-        orders = np.concatenate([o for _, o, _ in acc])
-        shards = np.concatenate([np.full(len(o), i, np.int64) for i, (_, o, _) in enumerate(acc)])
+        hashes = np.concatenate([h.view(np.uint64) for h, _, _, _ in acc])
+        orders = np.concatenate([o for _, o, _, _ in acc])
+        shards = np.concatenate([np.full(len(o), i, np.int64) for i, (_, o, _, _) in enumerate(acc)])
+        with_payload = acc[0][3] is not None
+        payload = np.concatenate([np.asarray(p, object) for _, _, _, p in acc]) if with_payload else None
         idx = np.lexsort((orders, hashes))  # by hash, then input order
         hashes, orders, shards = hashes[idx], orders[idx], shards[idx]
         first = np.ones(len(hashes), dtype=bool)
         first[1:] = hashes[1:] != hashes[:-1]
         group_start = np.maximum.accumulate(np.where(first, np.arange(len(hashes)), 0))
         losers, winners, where = orders[~first], orders[group_start[~first]], shards[~first]
-        return [(acc[i][2], (losers[where == i], winners[where == i])) for i in np.unique(where).tolist()]
+        won = payload[idx][group_start[~first]] if with_payload else None
+        out = []
+        for i in np.unique(where).tolist():
+            mine = where == i
+            out.append((acc[i][2], (losers[mine], winners[mine], None if won is None else won[mine].tolist())))
+        return out
+
+
+class FirstOccurrences(beam.PTransform):
+    """PCollection[(hashes, orders, shard name, payload or None)], one element per shard (or part
+    of one) -> (shard name, (loser orders, winner orders, winner payloads)) for each shard with a
+    loser: every row whose hash an earlier row (by order) has, and that row. Spread over hash
+    partitions, as many as ``documents`` (a singleton side input: all the rows there can be)
+    needs: no worker sees every key, none more than ~65k at once."""
+
+    def __init__(self, documents):
+        super().__init__()
+        self.documents = documents
+
+    def expand(self, keys):
+        return (
+            keys
+            | "Partition" >> beam.ParDo(PartitionKeys(), self.documents)
+            | "FirstPerPartition" >> beam.CombinePerKey(_FirstOccurrence())
+            | "LosersByShard" >> beam.FlatMap(lambda kv: kv[1])
+        )
 
 
 def _merge_duplicates(parts) -> DuplicateIds:
@@ -86,11 +131,13 @@ class FindDuplicateIds(beam.PTransform):
     hold a repeated id only."""
 
     def expand(self, shards):
+        documents = beam.pvalue.AsSingleton(
+            shards | "Records" >> beam.Map(lambda s: len(s.orders)) | "CountRecords" >> beam.CombineGlobally(sum)
+        )
         return (
             shards
-            | "PartitionIdHashes" >> beam.FlatMap(_partition)
-            | "FirstOccurrencePerPartition" >> beam.CombinePerKey(_FirstOccurrence())
-            | "RepeatsByShard" >> beam.FlatMap(lambda kv: kv[1])
+            | "IdHashes" >> beam.Map(lambda s: (s.id_hashes, s.orders, s.ref.name, None))
+            | "FirstOccurrences" >> FirstOccurrences(documents)
             | "GroupByShard" >> beam.GroupByKey()
             | "SortRepeats" >> beam.MapTuple(lambda name, parts: (name, _merge_duplicates(list(parts))))
         )

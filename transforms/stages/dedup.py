@@ -35,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
+from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.staging import read_staging, read_staging_batch, write_staging
 from beamsift.transforms.chain.sums import Sum
@@ -98,55 +99,91 @@ def semdedup_cluster(items: list, epsilon: float, block: int = 256) -> list:
     similar kept one. Compared in blocks against the kept ones, never an n × n matrix."""
     if not items:
         return []
-    items = sorted(items, key=lambda t: (t[0], t[1]))
-    vectors = np.stack([t[3] for t in items]).astype(np.float32)
-    norms = np.linalg.norm(vectors, axis=1)
-    unit = vectors / np.where(norms > 0, norms, 1)[:, None]
-    threshold = 1 - epsilon
-    kept = np.zeros(len(items), dtype=np.int64)  # indices of the kept items, in order
+    distance = np.array([t[0] for t in items], np.float64)
+    orders = np.array([t[1] for t in items], np.int64)
+    vectors = np.stack([np.asarray(t[3], np.float32) for t in items])
+    drops = compare_members(distance, orders, [t[2] for t in items], vectors, epsilon, block)
+    return [(int(orders[i]), kept_id, NEAR, target, *items[i][4:]) for i, kept_id, target in drops]
+
+
+def compare_members(distance, orders, ids, vectors, epsilon: float, block: int = 512) -> list:
+    """SemDeDup's greedy over one group given as arrays -> [(row dropped, kept id, (kept distance,
+    kept order))], the rows in the greedy's order (distance, order)."""
+    sequence = np.lexsort((orders, distance))
+    unit = vectors[sequence].astype(np.float32)
+    norms = np.linalg.norm(unit, axis=1)
+    unit /= np.where(norms > 0, norms, 1)[:, None]
+    drops = []
+    for me, target in zip(*greedy_near_duplicates(unit, 1 - epsilon, block)):
+        t, r = int(sequence[target]), int(sequence[me])
+        drops.append((r, ids[t], (float(distance[t]), int(orders[t]))))
+    return drops
+
+
+def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 512):
+    """(rows dropped, the kept row each points at) of unit vectors taken in order: a row is kept
+    unless its cosine to a kept one exceeds ``threshold``, else it points at the most similar
+    kept one (the earliest on a tie; a kept one in an earlier block wins a tie with its own).
+
+    Each block of rows is compared at once against the kept rows before it (one matrix product)
+    and against itself; only the rows with a cosine above the threshold to some earlier row go
+    through the sequential step, since a row with none is kept whatever was dropped before it."""
+    n = len(unit)
+    kept_vectors = np.empty_like(unit)  # the kept rows, contiguous: no gather per block
+    kept = np.empty(n, np.int64)
     n_kept = 0
-    dropped = []
-    for start in range(0, len(items), block):
+    dropped, targets = [], []
+    for start in range(0, n, block):
         rows = unit[start : start + block]
+        m = len(rows)
         if n_kept:
-            earlier = rows @ unit[kept[:n_kept]].T
+            earlier = rows @ kept_vectors[:n_kept].T
             best_prev = earlier.argmax(1)
-            best_prev_sim = earlier[np.arange(len(rows)), best_prev]
+            best_prev_sim = earlier[np.arange(m), best_prev]
+        else:
+            best_prev = np.zeros(m, np.int64)
+            best_prev_sim = np.full(m, -np.inf, np.float32)
         within = rows @ rows.T
-        local: list[int] = []
-        for i in range(len(rows)):
+        earlier_in_block = np.where(np.tri(m, k=-1, dtype=bool), within, -np.inf)
+        candidate = (best_prev_sim > threshold) | (earlier_in_block.max(1, initial=-np.inf) > threshold)
+        keep = np.ones(m, bool)
+        for i in np.flatnonzero(candidate).tolist():
             sim, target = (float(best_prev_sim[i]), int(kept[best_prev[i]])) if n_kept else (-np.inf, -1)
-            if local:
+            local = np.flatnonzero(keep[:i])
+            if len(local):
                 s_local = within[i, local]
                 j = int(np.argmax(s_local))
                 if s_local[j] > sim:
-                    sim, target = float(s_local[j]), start + local[j]
+                    sim, target = float(s_local[j]), start + int(local[j])
             if sim > threshold:
-                t, me = items[target], items[start + i]
-                dropped.append((me[1], t[2], NEAR, (float(t[0]), int(t[1])), *me[4:]))
-            else:
-                local.append(i)
-        kept[n_kept : n_kept + len(local)] = np.asarray(local, np.int64) + start
-        n_kept += len(local)
-    return dropped
+                keep[i] = False
+                dropped.append(start + i)
+                targets.append(target)
+        rows_kept = np.flatnonzero(keep)
+        kept_vectors[n_kept : n_kept + len(rows_kept)] = rows[rows_kept]
+        kept[n_kept : n_kept + len(rows_kept)] = rows_kept + start
+        n_kept += len(rows_kept)
+    return np.asarray(dropped, np.int64), np.asarray(targets, np.int64)
 
 
 class _ExactKeys(beam.DoFn):
+    """A shard -> (hashes of its normalised texts, orders, shard, ids) of its documents in the
+    running that have any text left after normalising."""
+
     def __init__(self, stage, chain):
         self.stage, self.chain = stage, chain
 
     def process(self, item):
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id", TEXT])
-        hashes = normalised_text_hash(table.column(TEXT)).view(np.int64)  # keys a runner can encode
+        normalised = normalise_text(table.column(TEXT))
+        hashes = hash_strings(normalised)
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
         ids = table.column("id").to_pylist()
         # A text with nothing left after normalising (only symbols or punctuation) repeats nothing.
-        empty = np.asarray(
-            pc.equal(pc.utf8_length(normalise_text(table.column(TEXT))), 0).to_numpy(zero_copy_only=False)
-        )
-        for r in np.flatnonzero(running & ~empty):
-            yield int(hashes[r]), (int(orders[r]), str(ids[r]), shard.name)
+        empty = np.asarray(pc.equal(pc.utf8_length(normalised), 0).to_numpy(zero_copy_only=False))
+        rows = np.flatnonzero(running & ~empty)
+        yield hashes[rows], orders[rows], shard.name, np.asarray([str(ids[r]) for r in rows], object)
 
 
 def _semdedup_group(kv, epsilon: float, stage: str, max_group: int) -> list:
@@ -155,27 +192,26 @@ def _semdedup_group(kv, epsilon: float, stage: str, max_group: int) -> list:
 
 def _compare_group(kv, epsilon: float, max_group: int) -> list:
     (cluster, part), members = kv[0], _members(kv[1])
-    if len(members) > max_group:
+    if len(members[0]) > max_group:
         logging.getLogger("beamsift").warning(
             "dedup: cluster %d (part %d) has %d documents to compare, more than dedup.max_group=%d "
             "(%.1e dot products on one worker): its split was uneven; a larger cluster.k also bounds it",
             cluster,
             part,
-            len(members),
+            len(members[0]),
             max_group,
-            len(members) ** 2 / 2,
+            len(members[0]) ** 2 / 2,
         )
-    drops = semdedup_cluster(members, epsilon)
-    return [(order, shard, kept_id, reason, target) for order, kept_id, reason, target, shard in drops]
+    distance, orders, ids, vectors, shards = members
+    drops = compare_members(distance, orders, ids, vectors, epsilon)
+    return [(int(orders[r]), shards[r], kept_id, NEAR, target) for r, kept_id, target in drops]
 
 
-def _exact_groups(item):
-    """A group of equal normalised texts -> a drop record for each but the first in input order:
-    (order, shard, kept id, reason, (0, kept order))."""
-    _, members = item
-    members = sorted(members)
-    first = members[0]
-    return [(order, shard, first[1], EXACT, (0.0, first[0])) for order, _, shard in members[1:]]
+def _exact_drops(kv):
+    """(shard, its texts that repeat an earlier one) -> drop records (order, shard, kept id,
+    reason, (0, kept order))."""
+    shard, (losers, winners, kept_ids) = kv
+    return [(int(o), shard, kept, EXACT, (0.0, int(w))) for o, w, kept in zip(losers, winners, kept_ids)]
 
 
 # ---- bounded groups: a cluster larger than dedup.max_group is compared in parts ----------------
@@ -260,21 +296,24 @@ def _member_batch(rows, distance, orders, ids, vectors16) -> pa.RecordBatch:
     )
 
 
-def _members(refs) -> list:
-    """A group's [(distance, order, id, vector, shard)] from its (path, batch, shard) references."""
-    items = []
+def _members(refs) -> tuple:
+    """A group's (distance, order, id, vector, shard) arrays (ids and shards lists) from its (path,
+    batch, shard) references."""
+    distance, orders, ids, vectors, shards = [], [], [], [], []
     for path, index, shard in refs:
         batch = read_staging_batch(path, index)
         n = batch.num_rows
         column = batch.column("vector")
         dim = column.type.byte_width // 2
-        vectors = np.frombuffer(column.buffers()[1], np.float16, count=n * dim, offset=column.offset * dim * 2)
-        vectors = vectors.reshape(n, dim)
-        distance = batch.column("distance").to_numpy()
-        orders = batch.column(ORDER).to_numpy()
-        ids = batch.column("id").to_pylist()
-        items += [(float(distance[r]), int(orders[r]), ids[r], vectors[r], shard) for r in range(n)]
-    return items
+        block = np.frombuffer(column.buffers()[1], np.float16, count=n * dim, offset=column.offset * dim * 2)
+        vectors.append(block.reshape(n, dim))
+        distance.append(batch.column("distance").to_numpy())
+        orders.append(batch.column(ORDER).to_numpy())
+        ids += batch.column("id").to_pylist()
+        shards += [shard] * n
+    if not refs:
+        return np.zeros(0), np.zeros(0, np.int64), [], np.zeros((0, 1), np.float16), []
+    return np.concatenate(distance), np.concatenate(orders), ids, np.concatenate(vectors), shards
 
 
 def _orders(shard) -> np.ndarray:
@@ -463,11 +502,16 @@ class DeduplicateDocuments(beam.PTransform):
         self.max_group, self.seed = max_group, seed
 
     def expand(self, shards):
+        documents = beam.pvalue.AsSingleton(
+            shards
+            | "Documents" >> beam.Map(lambda item: shard_of(item).num_rows)
+            | "CountDocuments" >> beam.CombineGlobally(sum)
+        )
         exact = (
             shards
             | "ExactKeys" >> beam.ParDo(_ExactKeys(self.name, self.chain))
-            | "GroupExact" >> beam.GroupByKey()
-            | "ExactDuplicates" >> beam.FlatMap(_exact_groups)
+            | "FirstOccurrences" >> FirstOccurrences(documents)
+            | "ExactDuplicates" >> beam.FlatMap(_exact_drops)
         )
         exact_done = beam.pvalue.AsSingleton(
             write_per_shard(exact, self.chain, self.name + EXACT_TABLE, "Exact"), default_value=0

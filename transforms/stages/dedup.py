@@ -106,7 +106,7 @@ def semdedup_cluster(items: list, epsilon: float, block: int = 256) -> list:
     return [(int(orders[i]), kept_id, NEAR, target, *items[i][4:]) for i, kept_id, target in drops]
 
 
-def compare_members(distance, orders, ids, vectors, epsilon: float, block: int = 512) -> list:
+def compare_members(distance, orders, ids, vectors, epsilon: float, block: int = 256) -> list:
     """SemDeDup's greedy over one group given as arrays -> [(row dropped, kept id, (kept distance,
     kept order))], the rows in the greedy's order (distance, order)."""
     sequence = np.lexsort((orders, distance))
@@ -120,29 +120,23 @@ def compare_members(distance, orders, ids, vectors, epsilon: float, block: int =
     return drops
 
 
-def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 512):
+def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 256):
     """(rows dropped, the kept row each points at) of unit vectors taken in order: a row is kept
     unless its cosine to a kept one exceeds ``threshold``, else it points at the most similar
     kept one (the earliest on a tie; a kept one in an earlier block wins a tie with its own).
 
-    Each block of rows is compared at once against the kept rows before it (one matrix product)
-    and against itself; only the rows with a cosine above the threshold to some earlier row go
-    through the sequential step, since a row with none is kept whatever was dropped before it."""
-    n = len(unit)
-    kept_vectors = np.empty_like(unit)  # the kept rows, contiguous: no gather per block
+    Each block of rows is compared at once against the kept rows before it and against itself;
+    only the rows with a cosine above the threshold to some earlier row go through the sequential
+    step, since a row with none is kept whatever was dropped before it."""
+    n, dim = unit.shape
+    earlier = _KeptRows(n, dim, threshold)
     kept = np.empty(n, np.int64)
     n_kept = 0
     dropped, targets = [], []
     for start in range(0, n, block):
         rows = unit[start : start + block]
         m = len(rows)
-        if n_kept:
-            earlier = rows @ kept_vectors[:n_kept].T
-            best_prev = earlier.argmax(1)
-            best_prev_sim = earlier[np.arange(m), best_prev]
-        else:
-            best_prev = np.zeros(m, np.int64)
-            best_prev_sim = np.full(m, -np.inf, np.float32)
+        best_prev, best_prev_sim = earlier.most_similar(rows)
         within = rows @ rows.T
         earlier_in_block = np.where(np.tri(m, k=-1, dtype=bool), within, -np.inf)
         candidate = (best_prev_sim > threshold) | (earlier_in_block.max(1, initial=-np.inf) > threshold)
@@ -160,10 +154,84 @@ def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 512)
                 dropped.append(start + i)
                 targets.append(target)
         rows_kept = np.flatnonzero(keep)
-        kept_vectors[n_kept : n_kept + len(rows_kept)] = rows[rows_kept]
+        earlier.add(rows[rows_kept])
         kept[n_kept : n_kept + len(rows_kept)] = rows_kept + start
         n_kept += len(rows_kept)
     return np.asarray(dropped, np.int64), np.asarray(targets, np.int64)
+
+
+class _KeptRows:
+    """The kept rows, and for a block of new rows the most similar kept one of each where the
+    cosine exceeds the threshold.
+
+    Half the work of a full product: with x = (x₁, x₂) split into halves, x·y ≤ x₁·y₁ + ‖x₂‖‖y₂‖
+    (Cauchy–Schwarz) ≤ x₁·y₁ + ‖x₂‖·max‖y₂‖ over the kept rows y, so one product over the first
+    halves and a threshold per row bound every cosine; only the pairs over it are computed in
+    full. For unit vectors whose energy is spread over the dimensions, as a random projection's
+    is, x₁·y₁ ~ 0.1 and ‖x₂‖·max‖y₂‖ ~ 0.6 against a threshold of 0.85: almost no pair is. When
+    many are (a block of near-duplicates, or vectors with their energy in the first half), the
+    full product is taken instead. Exact either way: the bound only skips pairs that cannot count."""
+
+    SLACK = 1e-4  # float32 rounding of the bound: a pair within this of the threshold is computed
+    FULL_PRODUCT_AT = 32  # candidate pairs per row over which the full product is cheaper
+
+    def __init__(self, n: int, dim: int, threshold: float):
+        self.threshold, self.half = threshold, dim // 2
+        self.vectors = np.empty((n, dim), np.float32)  # contiguous: no gather per block
+        self.head = np.empty((n, self.half), np.float32)
+        self.max_tail = 0.0  # the largest ‖y₂‖ of a kept row
+        self.n = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        end = self.n + len(rows)
+        self.vectors[self.n : end] = rows
+        self.head[self.n : end] = rows[:, : self.half]
+        if len(rows):
+            self.max_tail = max(self.max_tail, float(np.linalg.norm(rows[:, self.half :], axis=1).max()))
+        self.n = end
+
+    def most_similar(self, rows: np.ndarray):
+        """(index of the most similar kept row, its cosine), -inf where none exceeds the threshold."""
+        m = len(rows)
+        best = np.zeros(m, np.int64)
+        best_sim = np.full(m, -np.inf, np.float32)
+        if not self.n:
+            return best, best_sim
+        head = rows[:, : self.half] @ self.head[: self.n].T
+        # x₁·y₁ over this, and only then, may x·y exceed the threshold
+        floor = self.threshold - self.SLACK - np.linalg.norm(rows[:, self.half :], axis=1) * self.max_tail
+        hot = np.flatnonzero(head.max(1) > floor)
+        r, k = np.nonzero(head[hot] > floor[hot, None])
+        r = hot[r]
+        if len(r) > self.FULL_PRODUCT_AT * m:
+            sims = rows @ self.vectors[: self.n].T
+            best = sims.argmax(1)
+            best_sim = sims[np.arange(m), best]
+            return best, np.where(best_sim > self.threshold, best_sim, -np.inf).astype(np.float32)
+        sims = np.einsum("ij,ij->i", rows[r], self.vectors[k])
+        over = sims > self.threshold
+        r, k, sims = r[over], k[over], sims[over]
+        if len(r):
+            order = np.lexsort((k, -sims, r))  # per row: the most similar, the earliest on a tie
+            first = order[np.r_[True, r[order][1:] != r[order][:-1]]]
+            best[r[first]], best_sim[r[first]] = k[first], sims[first]
+        return best, best_sim
+        bound = rows[:, : self.half] @ self.head[: self.n].T
+        bound += np.linalg.norm(rows[:, self.half :], axis=1)[:, None] * self.tail_norm[None, : self.n]
+        r, k = np.nonzero(bound > self.threshold - self.SLACK)
+        if len(r) > self.FULL_PRODUCT_AT * m:
+            sims = rows @ self.vectors[: self.n].T
+            best = sims.argmax(1)
+            best_sim = sims[np.arange(m), best]
+            return best, np.where(best_sim > self.threshold, best_sim, -np.inf).astype(np.float32)
+        sims = np.einsum("ij,ij->i", rows[r], self.vectors[k])
+        over = sims > self.threshold
+        r, k, sims = r[over], k[over], sims[over]
+        if len(r):
+            order = np.lexsort((k, -sims, r))  # per row: the most similar, the earliest on a tie
+            first = order[np.r_[True, r[order][1:] != r[order][:-1]]]
+            best[r[first]], best_sim[r[first]] = k[first], sims[first]
+        return best, best_sim
 
 
 class _ExactKeys(beam.DoFn):

@@ -18,6 +18,8 @@ applied again with ``cluster.model``.
 from __future__ import annotations
 
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -65,7 +67,23 @@ def tfidf(features, idf: np.ndarray):
 def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray) -> np.ndarray:
     """Documents' hashed n-grams -> L2-normalised, reduced TF-IDF vectors (n, dim); ``proj`` is
     (num_buckets, dim): a random projection or the SVD's components, transposed."""
-    out = np.asarray(tfidf(features, idf) @ proj, dtype=np.float32)
+    n = len(features.offsets) - 1
+    out = np.empty((n, proj.shape[1]), np.float32)
+
+    def rows(lo: int, hi: int) -> None:
+        first, last = features.offsets[lo], features.offsets[hi]
+        part = NgramFeatures(features.buckets[first:last], features.offsets[lo : hi + 1] - first, features.n_tokens)
+        out[lo:hi] = tfidf(part, idf) @ proj
+
+    # scipy's sparse product runs on one core and lets go of the GIL: the rows are split over
+    # threads (measured on 2 cores: 0.20 -> 0.11 s a 4,096-document shard; the same numbers).
+    threads = min(os.cpu_count() or 1, 4, max(1, n // 512))
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    if threads == 1:
+        rows(0, n)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(rows, bounds[:-1], bounds[1:]))
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.where(norms > 0, norms, 1)
 

@@ -83,10 +83,9 @@ def build_pipeline(
     # shard by name: no worker holds the list of every repeat. Only shard references travel on,
     # each with who starts in the running (all but the repeats of an id).
     chain = make_chain(cfg, staging_dir)
-    repeats = staged | "FindDuplicateIds" >> FindDuplicateIds()
-    shards = join_shards(staged | "ShardRefs" >> beam.Map(lambda s: s.ref), repeats) | "MarkDuplicateIds" >> beam.ParDo(
-        MarkDuplicateIds(chain)
-    )
+    refs = staged | "ShardRefs" >> beam.Map(lambda s: s.ref)
+    repeats = refs | "FindDuplicateIds" >> FindDuplicateIds()
+    shards = join_shards(refs, repeats) | "MarkDuplicateIds" >> beam.ParDo(MarkDuplicateIds(chain))
 
     # One combine over the staged shards: the unified field types and the raw n-gram totals.
     staging_summary = (

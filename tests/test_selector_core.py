@@ -3,8 +3,6 @@ who starts in the running (Beam's TestPipeline and assert_that: the contract of 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
@@ -22,6 +20,7 @@ from beamsift.transforms.chain.duplicate_ids import (
 )
 from beamsift.transforms.chain.staging import ShardRef, write_staging
 from beamsift.transforms.chain.sums import Sum, add
+from beamsift.transforms.io.schema import ID_HASH
 from beamsift.transforms.selectors.core import Budget, SelectionError, check_budget
 
 
@@ -87,21 +86,25 @@ def test_the_chain_starts_with_every_document_but_the_repeats_of_an_id(tmp_path)
     assert kept.losers.tolist() == [2] and kept.winners.tolist() == [0]
 
 
-def test_each_shard_gets_its_own_repeats_of_ids_first_seen_in_any_shard():
+def test_each_shard_gets_its_own_repeats_of_ids_first_seen_in_any_shard(tmp_path):
     # Shard a: ids x, y, x (orders 0, 1, 2); shard b: ids y, z, z (orders 10, 11, 12).
     def staged(name, ids, orders):
         hashes = np.array([{"x": 7, "y": 8, "z": 9}[i] for i in ids], np.uint64)
-        return SimpleNamespace(ref=ShardRef(f"/{name}", name, len(ids), orders[0], orders[-1]), id_hashes=hashes,
-                               orders=np.array(orders, np.int64))  # fmt: skip
+        path = str(tmp_path / f"{name}.arrow")
+        write_staging(pa.table({ID_HASH: pa.array(hashes), "_order": pa.array(orders, pa.int64())}), path)
+        return ShardRef(path, name, len(ids), orders[0], orders[-1])
 
-    shards = [staged("a", ["x", "y", "x"], [0, 1, 2]), staged("b", ["y", "z", "z"], [10, 11, 12])]
+    refs = [staged("a", ["x", "y", "x"], [0, 1, 2]), staged("b", ["y", "z", "z"], [10, 11, 12])]
     with BeamPipeline() as p:
-        staged_shards = p | beam.Create(shards)
-        repeats = staged_shards | FindDuplicateIds()
-        joined = join_shards(staged_shards | beam.Map(lambda s: s.ref), repeats)
+        shard_refs = p | beam.Create(refs)
+        joined = join_shards(shard_refs, shard_refs | FindDuplicateIds())
         out = joined | beam.MapTuple(lambda ref, d: (ref.name, d.losers.tolist(), d.winners.tolist()))
         # x repeats at 2 (first at 0); y at 10 (first at 1, in the other shard); z at 12 (first at 11).
         assert_that(out, equal_to([("a", [2], [0]), ("b", [10, 12], [1, 11])]))
+
+
+def _as_given(keys):
+    return keys
 
 
 @pytest.mark.parametrize("documents", [10, 40 * DOCS_PER_PARTITION])
@@ -129,7 +132,7 @@ def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(docum
         out = (
             p
             | beam.Create(parts)
-            | FirstOccurrences(count)
+            | FirstOccurrences(count, _as_given)
             | beam.FlatMapTuple(lambda shard, lost: [(shard, o, w, k) for o, w, k in zip(*lost)])
         )
         assert_that(out, equal_to([(shard, *t) for shard, ts in expected.items() for t in ts]))
@@ -146,7 +149,6 @@ def test_a_sample_offered_under_the_bound_is_the_n_smallest_keys_of_all(tmp_path
     # smallest seeded keys of the whole running, as a plain sort of every key finds them.
     from beamsift.transforms.chain.sampling import SampleRunning, offer_bound
     from beamsift.transforms.chain.seeded import uniform01
-    from beamsift.transforms.io.schema import ID_HASH
 
     chain = Chain(str(tmp_path), ("fit",))
     shards, every = [], []

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
+from beamsift.transforms.chain.staging import ShardRef, read_staging
+from beamsift.transforms.io.schema import ID_HASH, ORDER
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,16 @@ def partitions_for(documents: int) -> int:
 
 
 class PartitionKeys(beam.DoFn):
-    """(hashes, orders, shard name, payload or None) of one shard -> (partition, the same of the
-    rows in it) for each partition it has rows in; ``documents`` (a side input) sets how many."""
+    """An element -> (partition, (hashes, orders, shard name, payload or None) of its rows in it)
+    for each partition it has rows in. ``keys_of(element)`` gives the element's keys: called
+    here, after the count (``documents``, a side input) is known, so that a local runner, which
+    holds a stage's input until its side inputs are ready, holds only the small elements."""
+
+    def __init__(self, keys_of):
+        self.keys_of = keys_of
 
     def process(self, item, documents):
-        hashes, orders, shard, payload = item
+        hashes, orders, shard, payload = self.keys_of(item)
         if not len(hashes):
             return
         part = (hashes.view(np.uint64) % np.uint64(partitions_for(documents))).astype(np.int64)
@@ -100,20 +107,21 @@ class _FirstOccurrence(beam.CombineFn):
 
 
 class FirstOccurrences(beam.PTransform):
-    """PCollection[(hashes, orders, shard name, payload or None)], one element per shard (or part
-    of one) -> (shard name, (loser orders, winner orders, winner payloads)) for each shard with a
-    loser: every row whose hash an earlier row (by order) has, and that row. Spread over hash
-    partitions, as many as ``documents`` (a singleton side input: all the rows there can be)
-    needs: no worker sees every key, none more than ~65k at once."""
+    """PCollection[element] -> (shard name, (loser orders, winner orders, winner payloads)) for
+    each shard with a loser: every row whose hash an earlier row (by order) has, and that row.
+    ``keys_of(element)`` -> (hashes, orders, shard name, payload or None) of an element's rows
+    (a shard's, or some of them). Spread over hash partitions, as many as ``documents`` (a
+    singleton side input: all the rows there can be) needs: no worker sees every key, none more
+    than ~65k at once."""
 
-    def __init__(self, documents):
+    def __init__(self, documents, keys_of):
         super().__init__()
-        self.documents = documents
+        self.documents, self.keys_of = documents, keys_of
 
-    def expand(self, keys):
+    def expand(self, items):
         return (
-            keys
-            | "Partition" >> beam.ParDo(PartitionKeys(), self.documents)
+            items
+            | "Partition" >> beam.ParDo(PartitionKeys(self.keys_of), self.documents)
             | "FirstPerPartition" >> beam.CombinePerKey(_FirstOccurrence())
             | "LosersByShard" >> beam.FlatMap(lambda kv: kv[1])
         )
@@ -126,18 +134,24 @@ def _merge_duplicates(parts) -> DuplicateIds:
     return DuplicateIds(losers=losers[idx], winners=winners[idx])
 
 
+def _id_keys(ref: ShardRef):
+    """A staged shard's (id hashes, orders, name, no payload), read from its staging file."""
+    table = read_staging(ref.path, [ID_HASH, ORDER])
+    hashes = np.asarray(table.column(ID_HASH).combine_chunks(), np.uint64)
+    return hashes, np.asarray(table.column(ORDER).combine_chunks(), np.int64), ref.name, None
+
+
 class FindDuplicateIds(beam.PTransform):
-    """PCollection[StagedShard] -> (shard name, DuplicateIds of that shard), for the shards that
+    """PCollection[ShardRef] -> (shard name, DuplicateIds of that shard), for the shards that
     hold a repeated id only."""
 
-    def expand(self, shards):
+    def expand(self, refs):
         documents = beam.pvalue.AsSingleton(
-            shards | "Records" >> beam.Map(lambda s: len(s.orders)) | "CountRecords" >> beam.CombineGlobally(sum)
+            refs | "Records" >> beam.Map(lambda r: r.num_rows) | "CountRecords" >> beam.CombineGlobally(sum)
         )
         return (
-            shards
-            | "IdHashes" >> beam.Map(lambda s: (s.id_hashes, s.orders, s.ref.name, None))
-            | "FirstOccurrences" >> FirstOccurrences(documents)
+            refs
+            | "FirstOccurrences" >> FirstOccurrences(documents, _id_keys)
             | "GroupByShard" >> beam.GroupByKey()
             | "SortRepeats" >> beam.MapTuple(lambda name, parts: (name, _merge_duplicates(list(parts))))
         )

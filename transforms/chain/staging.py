@@ -43,8 +43,6 @@ class StagedShard:
 
     ref: ShardRef
     fields: list  # [(name, arrow type as str)] of the input fields
-    id_hashes: np.ndarray  # uint64, for finding duplicate ids
-    orders: np.ndarray  # int64 input order, aligned with id_hashes
     totals: object  # what the featurized documents add to the raw model (NgramTotals)
 
 
@@ -139,7 +137,5 @@ class WriteStagingShards(MeteredDoFn):
         yield StagedShard(
             ref=ShardRef(path, name, table.num_rows, int(orders.min()), int(orders.max())),
             fields=field_types(table, skip=skip),
-            id_hashes=np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64),
-            orders=orders,
             totals=totals,
         )

@@ -234,14 +234,14 @@ class _KeptRows:
         return best, best_sim
 
 
-class _ExactKeys(beam.DoFn):
+class _ExactKeys:
     """A shard -> (hashes of its normalised texts, orders, shard, ids) of its documents in the
     running that have any text left after normalising."""
 
     def __init__(self, stage, chain):
         self.stage, self.chain = stage, chain
 
-    def process(self, item):
+    def __call__(self, item):
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id", TEXT])
         normalised = normalise_text(table.column(TEXT))
@@ -251,7 +251,7 @@ class _ExactKeys(beam.DoFn):
         # A text with nothing left after normalising (only symbols or punctuation) repeats nothing.
         empty = np.asarray(pc.equal(pc.utf8_length(normalised), 0).to_numpy(zero_copy_only=False))
         rows = np.flatnonzero(running & ~empty)
-        yield hashes[rows], orders[rows], shard.name, np.asarray([str(ids[r]) for r in rows], object)
+        return hashes[rows], orders[rows], shard.name, np.asarray([str(ids[r]) for r in rows], object)
 
 
 def _semdedup_group(kv, epsilon: float, stage: str, max_group: int) -> list:
@@ -577,8 +577,7 @@ class DeduplicateDocuments(beam.PTransform):
         )
         exact = (
             shards
-            | "ExactKeys" >> beam.ParDo(_ExactKeys(self.name, self.chain))
-            | "FirstOccurrences" >> FirstOccurrences(documents)
+            | "ExactDuplicateTexts" >> FirstOccurrences(documents, _ExactKeys(self.name, self.chain))
             | "ExactDuplicates" >> beam.FlatMap(_exact_drops)
         )
         exact_done = beam.pvalue.AsSingleton(

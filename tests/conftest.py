@@ -15,6 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
+# The runner of the tests that build a Beam pipeline by hand, named: Beam's DirectRunner would
+# first try the Prism runner (a binary it downloads; offline, a failed start and an empty
+# beam-temp* folder left in the temp dir each time) before falling back to this one.
+TEST_RUNNER = "FnApiRunner"
 
 
 def demo_records(n: int) -> list[dict]:

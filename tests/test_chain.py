@@ -13,7 +13,7 @@ from beamsift.pipeline.config import ConfigError, load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.selectors.core import SelectionError, top_k_order
 from beamsift.transforms.selectors.cut import Cut
-from conftest import make_config, write_jsonl
+from conftest import TEST_RUNNER, make_config, write_jsonl
 
 N = 40
 
@@ -220,7 +220,7 @@ def test_a_fit_in_a_map_step_counts_in_its_stage_timings():
         time.sleep(pause)
         return x
 
-    p = beam.Pipeline()
+    p = beam.Pipeline(runner=TEST_RUNNER)
     _ = p | beam.Create([1]) | beam.Map(Metered("fitting", fit), 0.2)
     result = p.run()
     result.wait_until_finish()

@@ -22,7 +22,7 @@ from beamsift.transforms.stages.dedup import (
     plan_splits,
     semdedup_cluster,
 )
-from conftest import demo_records, make_config, write_jsonl
+from conftest import TEST_RUNNER, demo_records, make_config, write_jsonl
 
 
 def test_greedy_keeps_one_of_each_group_by_hand():
@@ -74,7 +74,7 @@ def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():
         (21, "s2", "a", near, (0.1, 1)),
         (22, "s2", "a", near, (0.1, 1)),
     ]
-    with TestPipeline() as p:
+    with TestPipeline(runner=TEST_RUNNER) as p:
         resolved = p | beam.Create(records) | ResolvePointers()
         assert_that(resolved, equal_to(expected))
 

@@ -7,6 +7,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from beamsift.transforms.selectors import exact_rank
 from beamsift.transforms.selectors.exact_rank import ExactRanks, key_of, order_codes
+from conftest import TEST_RUNNER
 
 
 class ArraysSource:
@@ -25,7 +26,7 @@ def plain_sort(keys, hashes, rank):
 
 def check_ranks(parts, wanted, expected):
     """Run ExactRanks on the DirectRunner; its one output must equal ``expected``."""
-    with TestPipeline() as p:
+    with TestPipeline(runner=TEST_RUNNER) as p:
         wanted_pc = p | "Wanted" >> beam.Create([wanted])
         out = p | beam.Create(parts, reshuffle=False) | ExactRanks(ArraysSource(), wanted_pc)
         assert_that(out, equal_to([expected]))

@@ -22,6 +22,7 @@ from beamsift.transforms.chain.staging import ShardRef, write_staging
 from beamsift.transforms.chain.sums import Sum, add
 from beamsift.transforms.io.schema import ID_HASH
 from beamsift.transforms.selectors.core import Budget, SelectionError, check_budget
+from conftest import TEST_RUNNER
 
 
 def _shards(runnings: list[int]) -> list[StageShard]:
@@ -34,7 +35,7 @@ def _shards(runnings: list[int]) -> list[StageShard]:
 )
 def test_the_budget_counts_the_running_over_all_shards(k, fraction, expected):
     # 0.05 of 30 is 1.5: rounded half up to 2, whatever the shards' split.
-    with BeamPipeline() as p:
+    with BeamPipeline(runner=TEST_RUNNER) as p:
         out = p | beam.Create(_shards([10, 0, 20])) | Budget(k, fraction)
         assert_that(out, equal_to([expected]))
 
@@ -43,12 +44,12 @@ def test_a_budget_that_cannot_be_met_fails_with_the_reason_and_the_fix():
     with pytest.raises(
         Exception, match=r"select.k=31 is larger than the 30 eligible documents: why \(lower select.k\)"
     ):
-        with BeamPipeline() as p:
+        with BeamPipeline(runner=TEST_RUNNER) as p:
             _ = p | beam.Create(_shards([10, 20])) | Budget(31, None, explain=lambda total: ": why")
     with pytest.raises(SelectionError, match=r"select.fraction=0.01 of 30 eligible documents rounds to none"):
         check_budget(None, 0.01, 30)
     # A filter's share may keep none: the same rule, unchecked.
-    with BeamPipeline() as p:
+    with BeamPipeline(runner=TEST_RUNNER) as p:
         out = p | beam.Create(_shards([10, 20])) | Budget(None, 0.01, check=False)
         assert_that(out, equal_to([(30, 0, 0)]))
 
@@ -64,7 +65,7 @@ def test_sum_adds_parts_of_any_shape_in_any_grouping():
     assert whole["v"].tolist() == [11, 22]
     assert add(parts[0], add(parts[1], parts[2]))["counts"] == whole["counts"]
     assert parts[0]["counts"] == {"a": 1}  # the parts are never changed
-    with BeamPipeline() as p:
+    with BeamPipeline(runner=TEST_RUNNER) as p:
         out = p | beam.Create([(1, 2), (3, 4), (5, 6)]) | beam.CombineGlobally(Sum(start=(0, 0), finish=list))
         assert_that(out, equal_to([[9, 12]]))
 
@@ -76,7 +77,7 @@ def test_the_chain_starts_with_every_document_but_the_repeats_of_an_id(tmp_path)
     ref = ShardRef(shard, "s0", 4, 0, 3)
     chain = Chain(str(tmp_path), ("select",))
     repeats = DuplicateIds(losers=np.array([2], np.int64), winners=np.array([0], np.int64))
-    with BeamPipeline() as p:
+    with BeamPipeline(runner=TEST_RUNNER) as p:
         out = p | beam.Create([(ref, repeats)]) | beam.ParDo(MarkDuplicateIds(chain))
         assert_that(out | beam.Map(lambda s: (s.running, s.duplicates)), equal_to([(3, 1)]))
     reasons = chain.read(START, "s0", ["_reason"]).column(0).to_pylist()
@@ -95,7 +96,7 @@ def test_each_shard_gets_its_own_repeats_of_ids_first_seen_in_any_shard(tmp_path
         return ShardRef(path, name, len(ids), orders[0], orders[-1])
 
     refs = [staged("a", ["x", "y", "x"], [0, 1, 2]), staged("b", ["y", "z", "z"], [10, 11, 12])]
-    with BeamPipeline() as p:
+    with BeamPipeline(runner=TEST_RUNNER) as p:
         shard_refs = p | beam.Create(refs)
         joined = join_shards(shard_refs, shard_refs | FindDuplicateIds())
         out = joined | beam.MapTuple(lambda ref, d: (ref.name, d.losers.tolist(), d.winners.tolist()))
@@ -127,7 +128,7 @@ def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(docum
                 expected.setdefault(shard, []).append((o, first[h], f"p{first[h]}"))
             else:
                 first[h] = o
-    with BeamPipeline() as p:
+    with BeamPipeline(runner=TEST_RUNNER) as p:
         count = beam.pvalue.AsSingleton(p | "Count" >> beam.Create([documents]))
         out = (
             p
@@ -164,6 +165,6 @@ def test_a_sample_offered_under_the_bound_is_the_n_smallest_keys_of_all(tmp_path
         keys = uniform01(hashes, 7, 0x51)
         every += [(float(keys[r]), int(hashes[r]), int(r)) for r in np.flatnonzero(running)]
     assert offer_bound(100, len(every)) < 0.05
-    with BeamPipeline() as p:
+    with BeamPipeline(runner=TEST_RUNNER) as p:
         sample = p | beam.Create(shards) | SampleRunning("fit", chain, 100, 7, 0x51, _payload_rows)
         assert_that(sample, equal_to([sorted(every)[:100]]))

@@ -65,8 +65,9 @@ class PartitionKeys(beam.DoFn):
             return
         part = (hashes.view(np.uint64) % np.uint64(partitions_for(documents))).astype(np.int64)
         by_part = np.argsort(part, kind="stable")
-        starts = np.flatnonzero(np.r_[True, part[by_part][1:] != part[by_part][:-1]])
-        for rows in np.split(by_part, starts[1:]):
+        sorted_part = part[by_part]
+        starts = np.flatnonzero(sorted_part[1:] != sorted_part[:-1]) + 1
+        for rows in np.split(by_part, starts):
             yield int(part[rows[0]]), (hashes[rows], orders[rows], shard, None if payload is None else payload[rows])
 
 

@@ -216,22 +216,6 @@ class _KeptRows:
             first = order[np.r_[True, r[order][1:] != r[order][:-1]]]
             best[r[first]], best_sim[r[first]] = k[first], sims[first]
         return best, best_sim
-        bound = rows[:, : self.half] @ self.head[: self.n].T
-        bound += np.linalg.norm(rows[:, self.half :], axis=1)[:, None] * self.tail_norm[None, : self.n]
-        r, k = np.nonzero(bound > self.threshold - self.SLACK)
-        if len(r) > self.FULL_PRODUCT_AT * m:
-            sims = rows @ self.vectors[: self.n].T
-            best = sims.argmax(1)
-            best_sim = sims[np.arange(m), best]
-            return best, np.where(best_sim > self.threshold, best_sim, -np.inf).astype(np.float32)
-        sims = np.einsum("ij,ij->i", rows[r], self.vectors[k])
-        over = sims > self.threshold
-        r, k, sims = r[over], k[over], sims[over]
-        if len(r):
-            order = np.lexsort((k, -sims, r))  # per row: the most similar, the earliest on a tie
-            first = order[np.r_[True, r[order][1:] != r[order][:-1]]]
-            best[r[first]], best_sim[r[first]] = k[first], sims[first]
-        return best, best_sim
 
 
 class _ExactKeys:

@@ -61,11 +61,13 @@ def build_pipeline(
     progress_dir: str | None = None,
     given_models: dict | None = None,
     finish=None,
+    threads: int = 1,
 ) -> None:
     """Add the run's transforms to ``p``; outputs go to ``out`` (the run's own new folder).
 
     ``finish``: the job's last step, called with the run's summary once everything else is
-    written (``finish.py``: the manifest, then the folder published)."""
+    written (``finish.py``: the manifest, then the folder published). ``threads``: the cores
+    each worker process may use for itself (``run.worker_threads``)."""
     buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
 
     # 1. Read, validate, featurize and stage the pool.
@@ -76,7 +78,7 @@ def build_pipeline(
     staged = (
         pool_docs
         | "FeaturizePool"
-        >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram, StageMeter("featurize", progress_dir)))
+        >> beam.ParDo(FeaturizeHashedNgrams(buckets, max_ngram, StageMeter("featurize", progress_dir), threads))
         | "StagePool" >> beam.ParDo(WriteStagingShards(FileSystems.join(staging_dir, STAGED), count_pool, progress_dir))
     )
     # The repeats of an id are found by a keyed shuffle over id hashes and joined back to their

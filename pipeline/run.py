@@ -133,6 +133,7 @@ def run_selection(
             progress_dir,
             saved,
             finish,
+            threads=worker_threads(options),
         )
         return pipeline
 
@@ -205,6 +206,17 @@ def _local_workers(cfg: Config, options: PipelineOptions, beam_args, tasks) -> i
     if cores < 2 or models or sum(t.nbytes for t in tasks) < AUTO_WORKERS_MIN_BYTES:
         return 0
     return min(cores, AUTO_WORKERS_MAX)
+
+
+def worker_threads(options: PipelineOptions) -> int:
+    """Threads a worker process may use for itself: on a runner inside this command, the machine's
+    cores shared among its worker processes; elsewhere 1 (Dataflow runs a process per core)."""
+    if _runner_name(options) not in IN_PROCESS_RUNNERS:
+        return 1
+    given = options.get_all_options()
+    multi = given.get("direct_running_mode") == "multi_processing"
+    processes = int(given.get("direct_num_workers") or 1) if multi else 1
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def _runner_report(options: PipelineOptions, auto_workers: int) -> dict:

@@ -54,3 +54,16 @@ def test_hash_is_stable_across_processes():
     runs = {subprocess.check_output([sys.executable, "-c", code], text=True) for _ in range(2)}
     assert len(runs) == 1
     assert runs.pop().strip() == str(hash_strings(pa.array(["data", "selection", "é"])).tolist())
+
+
+def test_threaded_featurization_gives_the_same_features():
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = pa.array([f"doc {i}: the quick, brown fox #{i % 7} jumps. Ünïcode wörds {i}" for i in range(5000)])
+    alone = hashed_ngram_features(texts, 10000)
+    with ThreadPoolExecutor(3) as pool:
+        threaded = hashed_ngram_features(texts, 10000, executor=pool)
+    np.testing.assert_array_equal(threaded.buckets, alone.buckets)
+    np.testing.assert_array_equal(threaded.offsets, alone.offsets)
+    np.testing.assert_array_equal(threaded.n_tokens, alone.n_tokens)
+    assert len(alone.offsets) == 5001 and alone.n_tokens.min() > 0

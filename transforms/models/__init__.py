@@ -166,7 +166,11 @@ def train_tokenizer(texts, vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
+    # No progress bar: it goes to the worker's stdout, and a closed stdout (`beamsift run ... | head`)
+    # made the trainer panic mid-run.
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
     tok.pad_token = tok.eos_token
     return tok

@@ -15,7 +15,7 @@ from conftest import ROOT, S3_BUCKET, WORKERS, run_cli, s3_keys
 
 IN = f"s3://{S3_BUCKET}/in"
 SMALL_PROXY = ["--set", "proxy.sample=200", "--set", "proxy.epochs=1", "--set", "proxy.vocab_size=300",
-               "--set", "proxy.dim=16", "--set", "proxy.context=48"]  # fmt: skip
+               "--set", "proxy.dim=16", "--set", "proxy.context=48", "--set", "proxy.seeds=1"]  # fmt: skip
 
 
 def _objects(s3, prefix: str) -> dict[str, bytes]:

@@ -70,7 +70,10 @@ def test_every_selector_gives_the_same_answer_to_an_impossible_or_tiny_budget(tm
             "(raise select.fraction to at least 0.0067, or set select.k)",
         ),
     }
-    for budget, (values, start, hint) in expected.items():
+    # Each selector meets one of the two budgets (both budgets are met by two selectors): the
+    # message comes from one place, and eight runs of the chain took a minute and a half of the suite.
+    met = "k" if method in ("importance", "balanced") else "fraction"
+    for budget, (values, start, hint) in [(met, expected[met])]:
         cfg = make_config(
             tmp_path / budget,
             pool,

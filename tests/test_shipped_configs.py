@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from beamsift.pipeline.config import load_config
-from conftest import ROOT, demo_records, run_cli, target_records, write_jsonl
+from conftest import ROOT, SMALL_MODELS, demo_records, run_cli, target_records, write_jsonl
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
@@ -49,7 +49,8 @@ def test_semdedup_config_runs_with_the_skeleton_keys(tmp_path, skeleton_inputs):
 
 def test_quality_diversity_config_runs_with_the_skeleton_keys(tmp_path, skeleton_inputs):
     out = tmp_path / "out"
-    run_cli("run", "configs/quality_diversity.yaml", *_skeleton(skeleton_inputs, out))
+    small = [arg for key, value in SMALL_MODELS["proxy"].items() for arg in ("--set", f"proxy.{key}={value}")]
+    run_cli("run", "configs/quality_diversity.yaml", *_skeleton(skeleton_inputs, out), *small)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["name"] for s in manifest["stages"]][-1] == "select" and manifest["counts"]["selected"] > 0
     assert len(manifest["clusters"]) == 8

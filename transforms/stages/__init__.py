@@ -18,6 +18,7 @@ from beamsift.transforms.stages import (
     embed,
     excess_loss,
     filter,
+    minhash,
     proxy,
     reweight,
     select,
@@ -27,7 +28,7 @@ from beamsift.transforms.stages.base import Stage
 # In the order the docs list them; a chain orders them as its 'stages:' says.
 STAGES: dict[str, Stage] = {
     m.STAGE.kind: m.STAGE
-    for m in (dsir, doc_length, filter, proxy, excess_loss, reweight, embed, cluster, dedup, select)
+    for m in (dsir, doc_length, filter, proxy, excess_loss, reweight, embed, cluster, dedup, minhash, select)
 }
 DEFAULT_STAGES = ["dsir", "select"]
 

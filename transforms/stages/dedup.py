@@ -288,7 +288,7 @@ class _ClusterShapes(beam.DoFn):
 
     def process(self, item, exact_done):
         shard, running = self.chain.running(self.stage, item)
-        exact, _ = _drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(_orders(shard))
+        exact, _ = read_drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(_orders(shard))
         rows = running & ~exact
         clusters = self.chain.column("cluster", shard.name)
         vectors = embeddings(self.chain, shard.name).astype(np.float64)
@@ -394,7 +394,7 @@ class _ClusterMembers(beam.DoFn):
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id"])
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-        exact, _ = _drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(orders)
+        exact, _ = read_drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(orders)
         rows = np.flatnonzero(running & ~exact)
         if not len(rows):
             return
@@ -514,7 +514,7 @@ def write_per_shard(drops, chain, table: str, label: str):
     )
 
 
-def _drops(chain, table: str, shard: str, written: int) -> Dropped:
+def read_drops(chain, table: str, shard: str, written: int) -> Dropped:
     """A shard's drops from ``table`` (``write_per_shard``); none where it has no table (or no
     table was written at all: then nothing is looked up)."""
     path = chain.path(table, shard)
@@ -528,11 +528,22 @@ def _drops(chain, table: str, shard: str, written: int) -> Dropped:
     )
 
 
+def earlier_duplicate_of(chain, stage: str, shard: str, n: int) -> np.ndarray:
+    """The ``duplicate_of`` of an earlier de-duplication stage of the chain (minhash before dedup,
+    or the other way round), carried on, so that the column keeps every stage's pointers; all
+    null where none came before."""
+    for earlier in reversed(chain.stages[: chain.stages.index(stage)]):
+        if "duplicate_of" in dict(chain.columns.get(earlier, ())):
+            column = chain.read(earlier, shard, ["duplicate_of"]).column(0)
+            return np.asarray(column.to_pylist(), dtype=object)
+    return np.full(n, None, dtype=object)
+
+
 class MarkDuplicates(ShardStageFn):
     def score(self, shard, reasons, written: int):
         orders = _orders(shard)
-        duplicate_of = np.full(len(orders), None, dtype=object)
-        dropped = _drops(self.chain, self.name + DROPPED_TABLE, shard.name, written)
+        duplicate_of = earlier_duplicate_of(self.chain, self.name, shard.name, len(orders))
+        dropped = read_drops(self.chain, self.name + DROPPED_TABLE, shard.name, written)
         hit, pos = dropped.lookup(orders)
         for r in np.flatnonzero(hit & running_mask(reasons)):
             duplicate_of[r] = dropped.kept_ids[pos[r]]

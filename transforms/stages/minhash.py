@@ -1,0 +1,362 @@
+"""The minhash stage: near-duplicates by MinHash LSH, linear in the corpus (Broder 1997; the banding
+of Leskovec, Rajaraman, Ullman, "Mining of Massive Datasets", ch. 3).
+
+- **Shingles**: the text normalised as for exact duplicates (lower case, NFKC, punctuation and
+  symbols out, white space collapsed), cut into words (``unit: word``; in scripts written without
+  spaces, Chinese, Japanese, Thai and the like, each character is a word) or characters
+  (``unit: char``); a shingle is ``ngram`` consecutive ones (a shorter document is one shingle).
+- **Signature**: ``bands × rows`` min-hashes: for each of them, the smallest of
+  ``(a·x + b) mod 2⁶⁴ >> 32`` over the document's shingle hashes x (a odd; a, b seeded), so two
+  documents agree on a min-hash with probability close to the Jaccard similarity of their shingle
+  sets.
+- **Candidates**: two documents are candidates when all ``rows`` min-hashes of one band agree:
+  probability ``1 − (1 − s^rows)^bands`` at Jaccard s, steepest near ``(1/bands)^(1/rows)``
+  (datatrove's 14 × 8: 0.72; P(0.8) = 0.92, P(0.5) = 0.03). Found per band bucket over hash
+  partitions (``FirstOccurrences``: each document points at the first document of every bucket
+  it shares), never a list of every document in one place.
+- **Groups**: the connected components of the candidate pairs, computed over hash partitions
+  (``chain/components.py``); the first document of a group in input order is kept, the others
+  leave the running as ``near duplicate`` with ``duplicate_of`` naming the kept one.
+- **verify** (optional): a candidate pair counts only when the two signatures agree on at least
+  ``threshold`` of their min-hashes (the estimated Jaccard), which takes out most of the pairs
+  that met in one band by chance; the pair's signatures travel with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from beamsift.transforms.chain import STAGED, ApplyStage, ShardStageFn, running_mask, shard_of
+from beamsift.transforms.chain.components import ConnectedComponents
+from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
+from beamsift.transforms.chain.meter import Metered
+from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.featurize import hash_strings, splitmix64
+from beamsift.transforms.io.schema import ORDER, TEXT
+from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
+from beamsift.transforms.stages.dedup import (
+    DROPPED_TABLE,
+    NEAR,
+    Dropped,
+    earlier_duplicate_of,
+    normalise_text,
+    read_drops,
+    write_per_shard,
+)
+
+COLUMNS = (("duplicate_of", "string"),)
+PERM_STREAM = 0x3141_5926  # the seeded stream of the min-hash functions' (a, b)
+_CHAIN = np.uint64(0x9E3779B97F4A7C15)  # chains token hashes into a shingle hash
+_BAND = np.uint64(0xD6E8FEB86659FD93)
+# Scripts written without spaces between words: each character is a word of its own.
+_UNSPACED = r"([\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}])"
+CHUNK_DOCS = 512  # documents whose shingles are min-hashed at once (bounds the working arrays)
+PERMS_AT_ONCE = 16
+
+
+def _token_hashes(normalised, unit: str):
+    """(hash of each word or character, offsets of each document's tokens)."""
+    if unit == "char":
+        strings = normalised.to_pylist()
+        codes = [np.frombuffer(s.encode("utf-32-le"), np.uint32) for s in strings]
+        lengths = np.array([len(c) for c in codes], np.int64)
+        flat = np.concatenate(codes + [np.zeros(0, np.uint32)]).astype(np.uint64)
+        hashes = splitmix64(flat)
+    else:
+        spaced = pc.replace_substring_regex(normalised, _UNSPACED, r" \1 ")
+        words = pc.utf8_split_whitespace(spaced)
+        lengths = np.asarray(pc.list_value_length(words).to_numpy(zero_copy_only=False), np.int64)
+        flat = pc.list_flatten(words)
+        # Empty pieces (leading spaces) are not words.
+        nonempty = np.asarray(pc.greater(pc.utf8_length(flat), 0).to_numpy(zero_copy_only=False), bool)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        lengths = np.bincount(row[nonempty], minlength=len(lengths)).astype(np.int64)
+        encoded = pc.dictionary_encode(flat.filter(pa.array(nonempty)))
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        hashes = hash_strings(encoded.dictionary)[np.asarray(encoded.indices, np.int64)]
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return hashes, offsets
+
+
+def shingle_hashes(texts, ngram: int, unit: str = "word"):
+    """(hash of every shingle, offsets of each document's shingles) of an Arrow string array: the
+    shingles of ``ngram`` consecutive tokens; a document with fewer tokens has one shingle of all
+    of them, one with none (nothing left after normalising) has none."""
+    tokens, offsets = _token_hashes(normalise_text(texts), unit)
+    lengths = np.diff(offsets)
+    total = len(tokens)
+    # chained[k][i]: the hash of tokens i..i+k (within the flat array; masked per document below)
+    chained = [tokens]
+    h = tokens
+    with np.errstate(over="ignore"):
+        for k in range(1, ngram):
+            nxt = np.zeros(total, np.uint64)
+            nxt[: max(total - k, 0)] = tokens[k:]
+            h = (h * _CHAIN) ^ nxt
+            chained.append(h)
+    full = np.maximum(lengths - ngram + 1, 0)
+    short = (lengths > 0) & (lengths < ngram)
+    counts = np.where(short, 1, full)
+    starts = offsets[:-1]
+    # Row-major: each document's shingles together, in order.
+    doc = np.repeat(np.arange(len(lengths)), counts)
+    first = np.cumsum(counts) - counts
+    within = np.arange(counts.sum()) - first[doc]
+    take_from = starts[doc] + within
+    order = np.where(short[doc], lengths[doc] - 1, ngram - 1)  # which chain length each shingle uses
+    out = np.empty(len(doc), np.uint64)
+    for k in np.unique(order).tolist():
+        at = order == k
+        out[at] = chained[k][take_from[at]]
+    shingle_offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(counts, out=shingle_offsets[1:])
+    return splitmix64(out), shingle_offsets
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded (a, b) of each min-hash function (a odd: a·x + b is a bijection mod 2⁶⁴)."""
+    rng = np.random.default_rng([seed, PERM_STREAM])
+    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+    return a, b
+
+
+def signatures(shingles: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(documents, len(a)) uint32 min-hashes; a document without shingles gets all 0xFFFFFFFF."""
+    n = len(offsets) - 1
+    out = np.full((n, len(a)), np.iinfo(np.uint32).max, np.uint32)
+    counts = np.diff(offsets)
+    has = np.flatnonzero(counts > 0)
+    for lo in range(0, len(has), CHUNK_DOCS):
+        docs = has[lo : lo + CHUNK_DOCS]
+        x = shingles[offsets[docs[0]] : offsets[docs[-1] + 1]]
+        starts = offsets[docs] - offsets[docs[0]]
+        for p in range(0, len(a), PERMS_AT_ONCE):
+            with np.errstate(over="ignore"):
+                values = (x[:, None] * a[None, p : p + PERMS_AT_ONCE] + b[None, p : p + PERMS_AT_ONCE]) >> np.uint64(32)
+            # Documents are contiguous and non-empty here: one reduceat per block of functions.
+            out[docs, p : p + PERMS_AT_ONCE] = np.minimum.reduceat(values, starts, axis=0).astype(np.uint32)
+    return out
+
+
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(documents, bands) uint64: a hash of each band's ``rows`` min-hashes, distinct per band."""
+    n = len(sigs)
+    parts = sigs[:, : bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    h = np.zeros((n, bands), np.uint64)
+    with np.errstate(over="ignore"):
+        for r in range(rows):
+            h = splitmix64(h ^ parts[:, :, r])
+        return splitmix64(h ^ (np.arange(bands, dtype=np.uint64) * _BAND)[None, :])
+
+
+def candidate_probability(similarity: float, bands: int, rows: int) -> float:
+    """P(two documents of Jaccard ``similarity`` share a band) = 1 − (1 − s^rows)^bands."""
+    return 1.0 - (1.0 - similarity**rows) ** bands
+
+
+@dataclass(frozen=True)
+class MinhashSettings:
+    ngram: int = setting(5, "tokens per shingle (datatrove: 5 words; NeMo Curator: 24 characters)", at_least=1)
+    unit: str = setting(
+        "word",
+        "what a token is: word (in scripts without spaces, a character) or char",
+        choices=("word", "char"),
+    )
+    bands: int = setting(14, "bands of the signature: candidates share all the rows of one band", at_least=1)
+    rows: int = setting(8, "min-hashes per band (bands x rows hashes in all; 14 x 8: threshold ~0.72)", at_least=1)
+    verify: bool = setting(
+        False, "keep only candidate pairs whose signatures agree on at least `threshold` of their min-hashes"
+    )
+    threshold: float = setting(0.7, "the estimated Jaccard a verified pair needs (with verify)", share=True)
+
+
+# ---- per shard: signatures and band keys ---------------------------------------------------
+
+SIGNATURES_TABLE = ".signatures"  # _staging/<stage>.signatures/<shard>.arrow (with verify)
+
+
+class _BandKeys:
+    """keys_of for FirstOccurrences: a shard -> (band keys of its running documents, their orders,
+    the shard's name, payload). The payload is the shard's name (one string, pickled once however
+    many rows refer to it), with verify also the document's signature; with verify the shard's
+    signatures are staged too, for its own side of each pair."""
+
+    def __init__(self, stage, chain, settings: MinhashSettings, seed: int):
+        self.stage, self.chain, self.settings, self.seed = stage, chain, settings, seed
+
+    def __call__(self, item):
+        return Metered(self.stage, self._keys)(item)
+
+    def _keys(self, item):
+        shard, running = self.chain.running(self.stage, item)
+        s = self.settings
+        table = read_staging(shard.path, [ORDER, TEXT])
+        rows = np.flatnonzero(running)
+        texts = table.column(TEXT).combine_chunks().take(pa.array(rows))
+        shingles, offsets = shingle_hashes(texts, s.ngram, s.unit)
+        sigs = signatures(shingles, offsets, *permutations(s.bands * s.rows, self.seed))
+        has = np.diff(offsets) > 0  # a text with nothing left after normalising repeats nothing
+        orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)[rows][has]
+        sigs = sigs[has]
+        keys = band_keys(sigs, s.bands, s.rows).ravel()
+        per_doc = np.repeat(np.arange(len(orders)), s.bands)
+        payload = np.empty(len(keys), object)
+        if s.verify:
+            self.chain.write(self.stage + SIGNATURES_TABLE, shard.name, _signature_table(orders, sigs))
+            own = np.empty(len(sigs), object)  # one tuple a document, shared by its bands
+            for i, sig in enumerate(sigs):
+                own[i] = (shard.name, sig)
+            payload = own[per_doc]
+        else:
+            payload[:] = shard.name
+        return keys, orders[per_doc], shard.name, payload
+
+
+def _signature_table(orders, sigs) -> pa.Table:
+    width = sigs.shape[1] * 4
+    column = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(orders), [None, pa.py_buffer(np.ascontiguousarray(sigs).tobytes())]
+    )
+    return pa.table({ORDER: pa.array(orders, pa.int64()), "signature": column})
+
+
+def _staged_signatures(chain, stage: str, shard: str):
+    table = chain.read(stage + SIGNATURES_TABLE, shard)
+    orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
+    column = table.column("signature").combine_chunks()
+    width = column.type.byte_width // 4
+    sigs = np.frombuffer(column.buffers()[1], np.uint32, count=len(orders) * width, offset=column.offset * width * 4)
+    return orders, sigs.reshape(len(orders), width)
+
+
+class _Pairs(beam.DoFn):
+    """(a shard, its documents that share a band bucket with an earlier one: (their orders, the
+    first document's orders, payloads)) -> an edge batch and a node batch (orders, shard names)
+    for the connected components. With verify, a pair whose signatures agree on fewer than
+    ``threshold`` of their min-hashes is left out."""
+
+    def __init__(self, stage, chain, settings: MinhashSettings):
+        self.stage, self.chain, self.settings = stage, chain, settings
+
+    def process(self, kv):
+        shard, (losers, winners, payloads) = kv
+        if self.settings.verify and len(losers):
+            orders, sigs = _staged_signatures(self.chain, self.stage, shard)
+            mine = sigs[np.searchsorted(orders, losers)]  # staged in input order
+            theirs = np.stack([p[1] for p in payloads])
+            keep = (mine == theirs).mean(axis=1) >= self.settings.threshold
+            losers, winners = losers[keep], winners[keep]
+            payloads = [p for p, k in zip(payloads, keep.tolist()) if k]
+        if not len(losers):
+            return
+        names = np.array([p[0] if isinstance(p, tuple) else p for p in payloads] + [shard] * len(losers), object)
+        yield beam.pvalue.TaggedOutput("edges", (losers, winners))
+        yield beam.pvalue.TaggedOutput("nodes", (np.concatenate([winners, losers]), names))
+
+
+def _by_kept_shard(row):
+    order, shard, kept, kept_shard = row
+    return kept_shard, (order, shard, kept)
+
+
+class _KeptIds(beam.DoFn):
+    """(a kept document's shard, its (dropped order, dropped shard, kept order)) -> drop records
+    (order, shard, kept id, reason, (0, kept order)), the kept ids read from that shard."""
+
+    def __init__(self, chain):
+        self.chain = chain
+
+    def process(self, kv):
+        shard, rows = kv
+        table = self.chain.read(STAGED, shard, [ORDER, "id"])
+        orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
+        ids = table.column("id").to_pylist()
+        idx = np.argsort(orders, kind="stable")
+        for order, dropped_shard, kept in rows:
+            at = int(idx[np.searchsorted(orders[idx], kept)])
+            yield order, dropped_shard, str(ids[at]), NEAR, (0.0, kept)
+
+
+class MarkNearDuplicates(ShardStageFn):
+    def score(self, shard, reasons, written: int):
+        orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
+        duplicate_of = earlier_duplicate_of(self.chain, self.name, shard.name, len(orders))
+        dropped: Dropped = read_drops(self.chain, self.name + DROPPED_TABLE, shard.name, written)
+        hit, pos = dropped.lookup(orders)
+        for r in np.flatnonzero(hit & running_mask(reasons)):
+            duplicate_of[r] = dropped.kept_ids[pos[r]]
+            reasons[r] = dropped.reasons[pos[r]]
+        return {"duplicate_of": pa.array(list(duplicate_of), pa.string())}, reasons
+
+
+class FindNearDuplicates(beam.PTransform):
+    """Shards -> shards with the near-duplicates of each MinHash group out of the running."""
+
+    def __init__(self, name, chain, settings: MinhashSettings, seed: int, progress_dir=None):
+        super().__init__()
+        self.name, self.chain, self.settings, self.seed = name, chain, settings, seed
+        self.progress_dir = progress_dir
+
+    def expand(self, shards):
+        documents = beam.pvalue.AsSingleton(
+            shards
+            | "Documents" >> beam.Map(lambda item: shard_of(item).num_rows)
+            | "CountDocuments" >> beam.CombineGlobally(sum)
+        )
+        # A document has a key per band: the partitions are sized for that many keys.
+        band_rows = beam.pvalue.AsSingleton(
+            shards
+            | "BandRows" >> beam.Map(lambda item, bands: shard_of(item).num_rows * bands, self.settings.bands)
+            | "CountBandRows" >> beam.CombineGlobally(sum)
+        )
+        keys_of = _BandKeys(self.name, self.chain, self.settings, self.seed)
+        pairs = (
+            shards
+            | "SameBandBucket" >> FirstOccurrences(band_rows, keys_of)
+            | "Pairs" >> beam.ParDo(_Pairs(self.name, self.chain, self.settings)).with_outputs("edges", "nodes")
+        )
+        dropped = (
+            (pairs.edges, pairs.nodes)
+            | "Groups" >> ConnectedComponents(documents)
+            | "ByKeptShard" >> beam.Map(_by_kept_shard)
+            | "GroupByKeptShard" >> beam.GroupByKey()
+            | "KeptIds" >> beam.ParDo(_KeptIds(self.chain))
+        )
+        written = beam.pvalue.AsSingleton(
+            write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped"), default_value=0
+        )
+        fn = MarkNearDuplicates(self.name, self.chain, self.progress_dir)
+        return shards | "Mark" >> ApplyStage(fn, written=written)
+
+
+def settings_of(cfg) -> MinhashSettings:
+    return MinhashSettings(
+        ngram=cfg["minhash.ngram"],
+        unit=cfg["minhash.unit"],
+        bands=cfg["minhash.bands"],
+        rows=cfg["minhash.rows"],
+        verify=cfg["minhash.verify"],
+        threshold=float(cfg["minhash.threshold"]),
+    )
+
+
+def _build(ctx: Context, name: str, shards):
+    stage = FindNearDuplicates(name, ctx.chain, settings_of(ctx.cfg), ctx.seed, ctx.progress_dir)
+    return shards | "Stage_" + name >> stage
+
+
+STAGE = Stage(
+    kind="minhash",
+    summary="near-duplicates by MinHash LSH: shingles, bands, connected components (one kept per group)",
+    settings=MinhashSettings,
+    columns=fixed_columns(*COLUMNS),
+    all_columns=tuple(c for c, _ in COLUMNS),
+    build=_build,
+)

@@ -7,6 +7,7 @@ import json
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pytest
 from beamsift.transforms.stages.minhash import (
     band_keys,
     candidate_probability,
@@ -14,7 +15,7 @@ from beamsift.transforms.stages.minhash import (
     shingle_hashes,
     signatures,
 )
-from conftest import demo_records, run_cli, write_jsonl
+from conftest import WORKERS, demo_records, run_cli, write_jsonl
 
 
 def _shingle_sets(texts, ngram, unit="word"):
@@ -82,7 +83,16 @@ def _near_copy(text: str, rng) -> str:
     return " ".join(words)
 
 
-def test_minhash_config_finds_planted_near_duplicates_and_keeps_the_first(tmp_path):
+@pytest.mark.parametrize(
+    "how",
+    [
+        [],
+        # Verified pairs; two worker processes over shards of 32 documents: the same groups.
+        ["--set", "minhash.verify=true", "--set", "input.batch_size=32", "--", *WORKERS],
+    ],
+    ids=["default", "verified-multiprocess"],
+)
+def test_minhash_config_finds_planted_near_duplicates_and_keeps_the_first(tmp_path, how):
     rng = np.random.default_rng(0)
     base = [r for r in demo_records(400) if len(r["text"].split()) >= 120][:150]
     records = [{"id": f"d{i}", "text": r["text"]} for i, r in enumerate(base)]
@@ -94,7 +104,7 @@ def test_minhash_config_finds_planted_near_duplicates_and_keeps_the_first(tmp_pa
     planted["copy0b"] = "d0"
     pool = write_jsonl(tmp_path / "pool.jsonl", records)
     out = tmp_path / "out"
-    run_cli("run", "configs/minhash.yaml", "--set", f"input.path={pool}", "--set", f"output.dir={out}", "--quiet")
+    run_cli("run", "configs/minhash.yaml", "--set", f"input.path={pool}", "--set", f"output.dir={out}", "--quiet", *how)
     db = duckdb.connect()
     found = dict(
         db.execute(f"SELECT id, duplicate_of FROM '{out}/scores/*.parquet' WHERE reason = 'near duplicate'").fetchall()

@@ -38,8 +38,18 @@ def test_unspaced_scripts_are_cut_into_characters_and_char_shingles_count_charac
     assert len(zh) == 6  # 7 characters, 6 bigrams
     (chars,) = _shingle_sets(["abcdef"], ngram=3, unit="char")
     assert len(chars) == 4  # abc bcd cde def
-    (same,) = _shingle_sets(["ABC-DEF"], ngram=3, unit="char")  # normalised to "abcdef"
+    (same,) = _shingle_sets(["AbCdEf"], ngram=3, unit="char")  # normalised to "abcdef"
     assert same == chars
+    (hyphen,) = _shingle_sets(["foo-bar baz"], ngram=3)  # punctuation is a space: three words
+    assert hyphen == _shingle_sets(["foo bar baz"], ngram=3)[0]
+
+
+def test_a_texts_shingles_do_not_depend_on_its_batch():
+    # An ASCII batch takes ASCII kernels: the same shingles as beside a non-ASCII text.
+    text = "Plain ASCII text -- with PUNCTUATION, tabs\tand   runs of spaces; 42 numbers."
+    alone = _shingle_sets([text], ngram=3)[0]
+    mixed = _shingle_sets([text, "Ünïcödé wörds ＦＵＬＬ width 数据选择"], ngram=3)[0]
+    assert alone == mixed and len(alone) == 10  # 12 words
 
 
 def test_signatures_estimate_the_jaccard_similarity():

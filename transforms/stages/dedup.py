@@ -59,14 +59,14 @@ EXACT = "exact duplicate"
 NEAR = "near duplicate"
 # RE2's \w and \s are ASCII-only: Unicode classes keep the letters and digits of every script,
 # and count every Unicode space (no-break, ideographic) as white space.
-_PUNCT = r"[^\p{L}\p{M}\p{N}\s\p{Z}]+"
+PUNCTUATION = r"[^\p{L}\p{M}\p{N}\s\p{Z}]+"
 _SPACE = r"[\s\p{Z}]+"
 
 
 def normalise_text(texts):
     """Case, punctuation, symbols and runs of white space taken out (an Arrow string array)."""
     lowered = pc.utf8_lower(pc.utf8_normalize(texts, "NFKC"))  # é composed or not, full-width forms
-    no_punct = pc.replace_substring_regex(lowered, _PUNCT, "")
+    no_punct = pc.replace_substring_regex(lowered, PUNCTUATION, "")
     return pc.utf8_trim_whitespace(pc.replace_substring_regex(no_punct, _SPACE, " "))
 
 

@@ -41,9 +41,9 @@ from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setti
 from beamsift.transforms.stages.dedup import (
     DROPPED_TABLE,
     NEAR,
+    PUNCTUATION,
     Dropped,
     earlier_duplicate_of,
-    normalise_text,
     read_drops,
     write_per_shard,
 )
@@ -53,9 +53,23 @@ PERM_STREAM = 0x3141_5926  # the seeded stream of the min-hash functions' (a, b)
 _CHAIN = np.uint64(0x9E3779B97F4A7C15)  # chains token hashes into a shingle hash
 _BAND = np.uint64(0xD6E8FEB86659FD93)
 # Scripts written without spaces between words: each character is a word of its own.
+_ASCII_PUNCT = r"[^a-z0-9\s]+"  # PUNCTUATION on lower-cased ASCII text
 _UNSPACED = r"([\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}])"
-CHUNK_DOCS = 512  # documents whose shingles are min-hashed at once (bounds the working arrays)
-PERMS_AT_ONCE = 16
+
+
+def normalise_for_shingles(texts):
+    """Case, punctuation and symbols out, as for exact duplicates, but punctuation becomes a space
+    (as datatrove's ``simplify_text``): "foo-bar" is two words, so a shingle spans the same words
+    whether a text joins them by a hyphen, a slash or a space. Runs of white space are left to the
+    split. A batch of ASCII texts takes ASCII kernels, 3x as fast and the same for ASCII text
+    (NFKC changes no ASCII character), so a text's shingles never depend on its batch."""
+    if _all_ascii(texts):
+        return pc.replace_substring_regex(pc.ascii_lower(texts), _ASCII_PUNCT, " ")
+    return pc.replace_substring_regex(pc.utf8_lower(pc.utf8_normalize(texts, "NFKC")), PUNCTUATION, " ")
+
+
+def _all_ascii(texts) -> bool:
+    return pc.all(pc.string_is_ascii(texts)).as_py() is not False
 
 
 def _token_hashes(normalised, unit: str):
@@ -67,8 +81,10 @@ def _token_hashes(normalised, unit: str):
         flat = np.concatenate(codes + [np.zeros(0, np.uint32)]).astype(np.uint64)
         hashes = splitmix64(flat)
     else:
-        spaced = pc.replace_substring_regex(normalised, _UNSPACED, r" \1 ")
-        words = pc.utf8_split_whitespace(spaced)
+        if _all_ascii(normalised):
+            words = pc.ascii_split_whitespace(normalised)
+        else:
+            words = pc.utf8_split_whitespace(pc.replace_substring_regex(normalised, _UNSPACED, r" \1 "))
         lengths = np.asarray(pc.list_value_length(words).to_numpy(zero_copy_only=False), np.int64)
         flat = pc.list_flatten(words)
         # Empty pieces (leading spaces) are not words.
@@ -88,7 +104,7 @@ def shingle_hashes(texts, ngram: int, unit: str = "word"):
     """(hash of every shingle, offsets of each document's shingles) of an Arrow string array: the
     shingles of ``ngram`` consecutive tokens; a document with fewer tokens has one shingle of all
     of them, one with none (nothing left after normalising) has none."""
-    tokens, offsets = _token_hashes(normalise_text(texts), unit)
+    tokens, offsets = _token_hashes(normalise_for_shingles(texts), unit)
     lengths = np.diff(offsets)
     total = len(tokens)
     # chained[k][i]: the hash of tokens i..i+k (within the flat array; masked per document below)
@@ -131,17 +147,21 @@ def signatures(shingles: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.n
     """(documents, len(a)) uint32 min-hashes; a document without shingles gets all 0xFFFFFFFF."""
     n = len(offsets) - 1
     out = np.full((n, len(a)), np.iinfo(np.uint32).max, np.uint32)
-    counts = np.diff(offsets)
-    has = np.flatnonzero(counts > 0)
-    for lo in range(0, len(has), CHUNK_DOCS):
-        docs = has[lo : lo + CHUNK_DOCS]
-        x = shingles[offsets[docs[0]] : offsets[docs[-1] + 1]]
-        starts = offsets[docs] - offsets[docs[0]]
-        for p in range(0, len(a), PERMS_AT_ONCE):
-            with np.errstate(over="ignore"):
-                values = (x[:, None] * a[None, p : p + PERMS_AT_ONCE] + b[None, p : p + PERMS_AT_ONCE]) >> np.uint64(32)
-            # Documents are contiguous and non-empty here: one reduceat per block of functions.
-            out[docs, p : p + PERMS_AT_ONCE] = np.minimum.reduceat(values, starts, axis=0).astype(np.uint32)
+    has = np.flatnonzero(np.diff(offsets) > 0)
+    if not len(has):
+        return out
+    # Only documents with shingles hold any: the flat array is theirs, one contiguous run each.
+    starts = offsets[has] - offsets[has[0]]
+    x = shingles[offsets[has[0]] : offsets[has[-1] + 1]]
+    values = np.empty(len(x), np.uint64)
+    with np.errstate(over="ignore"):
+        for p in range(len(a)):
+            # One function at a time over a contiguous array: 10x faster than a (shingles, k) block,
+            # whose reduceat runs down columns. The top 32 bits of the smallest value are the
+            # smallest top 32 bits: shifted after.
+            np.multiply(x, a[p], out=values)
+            values += b[p]
+            out[has, p] = (np.minimum.reduceat(values, starts) >> np.uint64(32)).astype(np.uint32)
     return out
 
 

@@ -123,3 +123,20 @@ def test_minhash_config_finds_planted_near_duplicates_and_keeps_the_first(tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["accounted_for"] is True
     assert manifest["counts"]["selected"] == len(records) - len(planted)
+
+
+def test_dedup_after_minhash_keeps_minhash_pointers(tmp_path):
+    base = [r for r in demo_records(400) if len(r["text"].split()) >= 120][:120]
+    records = [{"id": f"d{i}", "text": r["text"]} for i, r in enumerate(base)]
+    words = base[3]["text"].split()
+    words[10], words[40] = "xyzzy", "plugh"
+    records.append({"id": "near3", "text": " ".join(words)})
+    pool = write_jsonl(tmp_path / "pool.jsonl", records)
+    out = tmp_path / "out"
+    run_cli("run", "configs/semdedup.yaml", "--set", f"input.path={pool}", "--set", f"output.dir={out}",
+            "--set", "stages=[minhash, embed, cluster, dedup, select]", "--set", "cluster.k=4", "--quiet")  # fmt: skip
+    rows = duckdb.connect().execute(
+        f"SELECT id, reason, duplicate_of FROM '{out}/scores/*.parquet' WHERE duplicate_of IS NOT NULL"
+    )
+    # The last stage to write duplicate_of (dedup) carried minhash's pointer on.
+    assert rows.fetchall() == [("near3", "near duplicate", "d3")]

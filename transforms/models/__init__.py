@@ -137,13 +137,24 @@ def classifier_scores(model, x, y, exact_grand: bool) -> dict[str, np.ndarray]:
         last = el2n * torch.sqrt((h * h).sum(-1) + 1.0)
     out = {"loss": _np(loss), "el2n": _np(el2n), "grand_last_layer": _np(last)}
     if exact_grand:
-
-        def example_loss(params, xi, yi):
-            logits_i, _ = torch.func.functional_call(model, params, (xi[None],))
-            return torch.nn.functional.cross_entropy(logits_i, yi[None])
-
-        out["grand"] = per_example_grad_norms(model, example_loss, (x, y))
+        out["grand"] = _np(classifier_grad_norms(model, x, y))
     return out
+
+
+def classifier_grad_norms(model, x, y):
+    """‖∇_θ loss‖₂ over all of the classifier's parameters, exactly, for each example, in closed
+    form (Goodfellow 2015, "Efficient per-example gradient computations"): with e = p − onehot(y)
+    at the output and δ = (W₂ᵀe) ⊙ 1[h > 0] at the hidden layer, each layer's weight gradient is
+    an outer product, so ‖∇W₂‖² + ‖∇b₂‖² = ‖e‖²(‖h‖² + 1) and ‖∇W₁‖² + ‖∇b₁‖² = ‖δ‖²(‖x‖² + 1).
+    The same numbers as per-example autograd (tested), without a (batch × 640k) gradient tensor:
+    ~100x faster at 10,000 buckets."""
+    torch = _torch()
+    with torch.no_grad():
+        logits, h = model(x)
+        e = _label_errors(logits, y)
+        delta = (e @ model.out.weight) * (h > 0).to(e.dtype)
+        squares = (e * e).sum(-1) * ((h * h).sum(-1) + 1.0) + (delta * delta).sum(-1) * ((x * x).sum(-1) + 1.0)
+        return torch.sqrt(squares)
 
 
 def per_example_grad_norms(model, example_loss, batch: tuple) -> np.ndarray:

@@ -198,8 +198,22 @@ def evaluate(pool: list[dict], planted: dict, target: dict) -> dict:
     return {"found": found, "dropped": len(target), "native": native, "wrong": wrong}
 
 
+MARK = ".beamsift-benchmark"  # in each folder this script writes: the only ones it ever removes
+
+
+def fresh_dir(folder: Path) -> Path:
+    """An empty ``folder`` of this script's own: one it made in an earlier run is emptied; any
+    other folder of that name in --workdir is left alone, and the run stops."""
+    if folder.exists():
+        if not (folder / MARK).exists():
+            sys.exit(f"{folder} exists and was not made by this benchmark: choose another --workdir")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / MARK).touch()
+    return folder
+
+
 def write_pool(pool: list[dict], folder: Path, files: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     for i, part in enumerate(np.array_split(np.arange(len(pool)), files)):
         with open(folder / f"part-{i:05d}.jsonl", "w", encoding="utf-8") as f:
             for j in part:
@@ -246,8 +260,7 @@ def main() -> None:
     )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="beamsift-minhash-"))
     try:
-        data = work / "pool"
-        shutil.rmtree(data, ignore_errors=True)
+        data = fresh_dir(work / "pool")
         write_pool(pool, data, args.files)
         results = {}
         out = work / "beamsift-out"
@@ -265,9 +278,7 @@ def main() -> None:
         for tok in tokenizers:
             if tok not in ("spacy", "split"):
                 sys.exit(f"--datatrove-tokenizer: {tok!r} is not spacy or split")
-            dt = work / f"datatrove-{tok}"
-            shutil.rmtree(dt, ignore_errors=True)
-            dt.mkdir()
+            dt = fresh_dir(work / f"datatrove-{tok}")
             dt_args = [data, dt, args.ngram, args.bands, args.rows, args.files, args.workers, tok]
             seconds = timed([python, str(script), *map(str, dt_args)], work / f"datatrove-{tok}.log")
             results[f"datatrove/{tok}"] = (seconds, *datatrove_links(dt))

@@ -208,24 +208,26 @@ def _local_workers(cfg: Config, options: PipelineOptions, beam_args, tasks) -> i
     return min(cores, AUTO_WORKERS_MAX)
 
 
+def _local_processes(options: PipelineOptions) -> int:
+    """Worker processes of a runner inside this command (1 unless in multi-processing mode)."""
+    given = options.get_all_options()
+    multi = given.get("direct_running_mode") == "multi_processing"
+    return int(given.get("direct_num_workers") or 1) if multi else 1
+
+
 def worker_threads(options: PipelineOptions) -> int:
     """Threads a worker process may use for itself: on a runner inside this command, the machine's
     cores shared among its worker processes; elsewhere 1 (Dataflow runs a process per core)."""
     if _runner_name(options) not in IN_PROCESS_RUNNERS:
         return 1
-    given = options.get_all_options()
-    multi = given.get("direct_running_mode") == "multi_processing"
-    processes = int(given.get("direct_num_workers") or 1) if multi else 1
-    return max(1, (os.cpu_count() or 1) // processes)
+    return max(1, (os.cpu_count() or 1) // _local_processes(options))
 
 
 def _runner_report(options: PipelineOptions, auto_workers: int) -> dict:
     """The runner and its worker processes, and whether beamsift chose them (the summary says so)."""
-    given = options.get_all_options()
     report = {"name": _runner_name(options)}
     if report["name"] in IN_PROCESS_RUNNERS:
-        multi = given.get("direct_running_mode") == "multi_processing"
-        report["workers"] = int(given.get("direct_num_workers") or 1) if multi else 1
+        report["workers"] = _local_processes(options)
         report["workers_chosen_by"] = "beamsift" if auto_workers else "user"
     return report
 

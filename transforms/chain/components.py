@@ -26,6 +26,7 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 from beamsift.transforms.chain.duplicate_ids import partitions_for
+from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.featurize import splitmix64
 
 ROUNDS = 6
@@ -56,11 +57,10 @@ def by_partition(keys: np.ndarray, partitions: int, *arrays):
         yield int(part[rows[0]]), tuple(a[rows] for a in arrays)
 
 
-def _concat(batches, width: int, dtypes=None) -> tuple:
+def _concat(batches, width: int) -> tuple:
     batches = list(batches)
     if not batches:
-        dtypes = dtypes or (np.int64,) * width
-        return tuple(np.zeros(0, d) for d in dtypes)
+        return tuple(np.zeros(0, np.int64) for _ in range(width))
     return tuple(np.concatenate([b[i] for b in batches]) for i in range(width))
 
 
@@ -189,7 +189,7 @@ class _Residual(beam.CombineFn):
     def extract_output(self, acc):
         a, b = _concat(acc, 2)
         if len(a):
-            beam.metrics.Metrics.counter("beamsift", RESIDUAL_EDGES).inc(len(a))
+            beam.metrics.Metrics.counter(NAMESPACE, RESIDUAL_EDGES).inc(len(a))
         return components_on_one_worker(a, b)
 
 

@@ -1,8 +1,8 @@
 """The minhash stage: near-duplicates by MinHash LSH, linear in the corpus (Broder 1997; the banding
 of Leskovec, Rajaraman, Ullman, "Mining of Massive Datasets", ch. 3).
 
-- **Shingles**: the text normalised as for exact duplicates (lower case, NFKC, punctuation and
-  symbols out, white space collapsed), cut into words (``unit: word``; in scripts written without
+- **Shingles**: the text normalised (lower case, NFKC, punctuation and symbols turned into
+  spaces, as datatrove's ``simplify_text``), cut into words (``unit: word``; in scripts written without
   spaces, Chinese, Japanese, Thai and the like, each character is a word) or characters
   (``unit: char``); a shingle is ``ngram`` consecutive ones (a shorter document is one shingle).
 - **Signature**: ``bands × rows`` min-hashes: for each of them, the smallest of
@@ -30,7 +30,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from beamsift.transforms.chain import STAGED, ApplyStage, ShardStageFn, running_mask, shard_of
+from beamsift.transforms.chain import STAGED, ApplyStage, shard_of
 from beamsift.transforms.chain.components import ConnectedComponents
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
@@ -42,9 +42,7 @@ from beamsift.transforms.stages.dedup import (
     DROPPED_TABLE,
     NEAR,
     PUNCTUATION,
-    Dropped,
-    earlier_duplicate_of,
-    read_drops,
+    MarkDuplicates,
     write_per_shard,
 )
 
@@ -52,8 +50,8 @@ COLUMNS = (("duplicate_of", "string"),)
 PERM_STREAM = 0x3141_5926  # the seeded stream of the min-hash functions' (a, b)
 _CHAIN = np.uint64(0x9E3779B97F4A7C15)  # chains token hashes into a shingle hash
 _BAND = np.uint64(0xD6E8FEB86659FD93)
-# Scripts written without spaces between words: each character is a word of its own.
 _ASCII_PUNCT = r"[^a-z0-9\s]+"  # PUNCTUATION on lower-cased ASCII text
+# Scripts written without spaces between words: each character is a word of its own.
 _UNSPACED = r"([\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}])"
 
 
@@ -304,18 +302,6 @@ class _KeptIds(beam.DoFn):
             yield order, dropped_shard, str(ids[at]), NEAR, (0.0, kept)
 
 
-class MarkNearDuplicates(ShardStageFn):
-    def score(self, shard, reasons, written: int):
-        orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
-        duplicate_of = earlier_duplicate_of(self.chain, self.name, shard.name, len(orders))
-        dropped: Dropped = read_drops(self.chain, self.name + DROPPED_TABLE, shard.name, written)
-        hit, pos = dropped.lookup(orders)
-        for r in np.flatnonzero(hit & running_mask(reasons)):
-            duplicate_of[r] = dropped.kept_ids[pos[r]]
-            reasons[r] = dropped.reasons[pos[r]]
-        return {"duplicate_of": pa.array(list(duplicate_of), pa.string())}, reasons
-
-
 class FindNearDuplicates(beam.PTransform):
     """Shards -> shards with the near-duplicates of each MinHash group out of the running."""
 
@@ -325,16 +311,15 @@ class FindNearDuplicates(beam.PTransform):
         self.progress_dir = progress_dir
 
     def expand(self, shards):
-        documents = beam.pvalue.AsSingleton(
+        count = (
             shards
             | "Documents" >> beam.Map(lambda item: shard_of(item).num_rows)
             | "CountDocuments" >> beam.CombineGlobally(sum)
         )
+        documents = beam.pvalue.AsSingleton(count)
         # A document has a key per band: the partitions are sized for that many keys.
         band_rows = beam.pvalue.AsSingleton(
-            shards
-            | "BandRows" >> beam.Map(lambda item, bands: shard_of(item).num_rows * bands, self.settings.bands)
-            | "CountBandRows" >> beam.CombineGlobally(sum)
+            count | "BandRows" >> beam.Map(lambda n, bands: n * bands, self.settings.bands)
         )
         keys_of = _BandKeys(self.name, self.chain, self.settings, self.seed)
         pairs = (
@@ -352,7 +337,7 @@ class FindNearDuplicates(beam.PTransform):
         written = beam.pvalue.AsSingleton(
             write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped"), default_value=0
         )
-        fn = MarkNearDuplicates(self.name, self.chain, self.progress_dir)
+        fn = MarkDuplicates(self.name, self.chain, self.progress_dir)  # dedup's: the same drop tables
         return shards | "Mark" >> ApplyStage(fn, written=written)
 
 

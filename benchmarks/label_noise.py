@@ -1,14 +1,19 @@
-"""EL2N and GraNd at flagging flipped labels, and at pruning, on 6 domains of the bundled corpus.
+"""EL2N, GraNd and self-influence at flagging flipped labels, and at pruning, on 6 domains of the
+bundled corpus.
 
     python benchmarks/label_noise.py [--docs 4800] [--noise 0.1] [--pool data/pool.jsonl.gz]
 
 For each kind of noise (uniform: a flipped label goes to any other class; class-dependent: to a
 fixed confusable neighbour), 10% of the labels of a 4,800-document pool are flipped and
-`configs/el2n.yaml` is run on it through the command line, as a user runs it. Printed:
-- AUROC of el2n, grand, grand_last_layer, loss and a random score at flagging the flipped documents;
+`configs/el2n.yaml` is run on it through the command line, as a user runs it, with the proxy's
+self-influence on its first layer too (`proxy.self_influence=true`, `influence_layers=first`:
+PRESENCE's score). Printed:
+- AUROC of el2n, grand, grand_last_layer, loss, self_influence and a random score at flagging the
+  flipped documents;
 - the pruning curve: a fresh classifier trained on the 30/50/70% kept by EL2N (highest first),
-  with and without dropping the top 10% first, and on random subsets of the same size, scored
-  on held-out documents with their true labels;
+  with and without dropping the top 10% first, by PRESENCE-Sequential (the lowest self-influence:
+  the highest dropped), and on random subsets of the same size, scored on held-out documents
+  with their true labels;
 - the wall time of the el2n run.
 """
 
@@ -72,6 +77,10 @@ def run_el2n(path: str, out: str) -> float:
             "input.label_field=label",
             "--set",
             f"output.dir={out}",
+            "--set",
+            "proxy.self_influence=true",
+            "--set",
+            "proxy.influence_layers=first",
         ],
         check=True,
         cwd=ROOT,
@@ -142,7 +151,7 @@ def main() -> None:
             seconds = run_el2n(path, out)
             rows = (
                 duckdb.connect()
-                .execute(f"SELECT id, el2n, grand, grand_last_layer, loss FROM '{out}/scores/*.parquet'")
+                .execute(f"SELECT id, el2n, grand, grand_last_layer, loss, self_influence FROM '{out}/scores/*'")
                 .fetchall()
             )
             by_id = {r[0]: r[1:] for r in rows}
@@ -150,7 +159,7 @@ def main() -> None:
             scores = np.array([by_id[r["id"]] for r in pool], dtype=float)
             aurocs = {
                 name: roc_auc_score(truth, scores[:, i])
-                for i, name in enumerate(("el2n", "grand", "grand_last_layer", "loss"))
+                for i, name in enumerate(("el2n", "grand", "grand_last_layer", "loss", "self_influence"))
             }
             aurocs["random"] = roc_auc_score(truth, np.random.default_rng(2).random(len(pool)))
             print(f"\n{kind} noise: configs/el2n.yaml on {len(pool):,} documents in {seconds:.0f} s")
@@ -159,17 +168,19 @@ def main() -> None:
                 continue
             el2n = scores[:, 0]
             ranked = np.argsort(-el2n, kind="stable")
+            by_si = np.argsort(scores[:, 4], kind="stable")  # lowest self-influence first
             print(
                 "  accuracy on held-out true labels after pruning "
-                "(keep share: el2n / el2n without the top 10% / random)"
+                "(keep share: el2n / el2n without the top 10% / PRESENCE-Sequential / random)"
             )
             for keep in (0.3, 0.5, 0.7):
                 n = int(keep * len(pool))
                 top = [noisy[i] for i in ranked[:n]]
                 offset = int(0.1 * len(pool))
                 band = [noisy[i] for i in ranked[offset : offset + n]]
+                low_si = [noisy[i] for i in by_si[:n]]
                 rand = [noisy[i] for i in np.random.default_rng(3).permutation(len(pool))[:n]]
-                accs = [accuracy_after_training(s, test) for s in (top, band, rand)]
+                accs = [accuracy_after_training(s, test) for s in (top, band, low_si, rand)]
                 print(f"    {keep:.0%}: " + " / ".join(f"{a:.3f}" for a in accs))
             full = accuracy_after_training(noisy, test)
             print(f"    100% (no pruning): {full:.3f}")

@@ -18,6 +18,7 @@ PROXY_SAMPLE_STREAM = 0x5A4D91  # the proxy's training sample
 EMBED_SAMPLE_STREAM = 0xC1A57  # the samples the SVD and the centroids are fitted on
 BOUNDS_STREAM = 0xB0DD5  # reweight: the sample its loss quantiles come from
 SENSITIVITY_STREAM = 0x5E25171  # sensitivity sampling's logistic noise
+PRESENCE_STREAM = 0x9E5E7CE  # reweight's PRESENCE groups
 
 
 def uniform01(id_hash: np.ndarray, seed: int, stream: int) -> np.ndarray:

@@ -143,29 +143,45 @@ def classifier_scores(model, x, y, exact_grand: bool) -> dict[str, np.ndarray]:
 
 def classifier_grad_norms(model, x, y):
     """‖∇_θ loss‖₂ over all of the classifier's parameters, exactly, for each example, in closed
-    form (Goodfellow 2015, "Efficient per-example gradient computations"): with e = p − onehot(y)
-    at the output and δ = (W₂ᵀe) ⊙ 1[h > 0] at the hidden layer, each layer's weight gradient is
-    an outer product, so ‖∇W₂‖² + ‖∇b₂‖² = ‖e‖²(‖h‖² + 1) and ‖∇W₁‖² + ‖∇b₁‖² = ‖δ‖²(‖x‖² + 1).
-    The same numbers as per-example autograd (tested), without a (batch × 640k) gradient tensor:
-    ~100x faster at 10,000 buckets."""
+    form (Goodfellow 2015, "Efficient per-example gradient computations"): see
+    ``classifier_layer_squares``. The same numbers as per-example autograd (tested), without a
+    (batch × 640k) gradient tensor: ~100x faster at 10,000 buckets."""
+    torch = _torch()
+    first, last = classifier_layer_squares(model, x, y)
+    return torch.sqrt(first + last)
+
+
+def classifier_layer_squares(model, x, y):
+    """(‖∇ first layer‖², ‖∇ last layer‖²) of each example's loss, weights and bias together. With
+    e = p − onehot(y) at the output and δ = (W₂ᵀe) ⊙ 1[h > 0] at the hidden layer, each layer's
+    weight gradient is an outer product, so ‖∇W₂‖² + ‖∇b₂‖² = ‖e‖²(‖h‖² + 1) and
+    ‖∇W₁‖² + ‖∇b₁‖² = ‖δ‖²(‖x‖² + 1)."""
     torch = _torch()
     with torch.no_grad():
         logits, h = model(x)
         e = _label_errors(logits, y)
         delta = (e @ model.out.weight) * (h > 0).to(e.dtype)
-        squares = (e * e).sum(-1) * ((h * h).sum(-1) + 1.0) + (delta * delta).sum(-1) * ((x * x).sum(-1) + 1.0)
-        return torch.sqrt(squares)
+        last = (e * e).sum(-1) * ((h * h).sum(-1) + 1.0)
+        first = (delta * delta).sum(-1) * ((x * x).sum(-1) + 1.0)
+        return first, last
 
 
 def per_example_grad_norms(model, example_loss, batch: tuple) -> np.ndarray:
-    """‖∇_θ example_loss(θ, *example)‖₂ over all parameters, exactly, for each example of a batch
-    (per-sample gradients with torch.func: vmap over the batch of grad of one example's loss)."""
+    """‖∇_θ example_loss(θ, *example)‖₂ over all parameters, exactly, for each example of a batch."""
+    return np.sqrt(per_example_grad_squares(model, example_loss, batch))
+
+
+def per_example_grad_squares(model, example_loss, batch: tuple, prefix: str = "") -> np.ndarray:
+    """‖∇ example_loss(θ, *example)‖² over the parameters whose names start with ``prefix`` (all
+    by default), exactly, for each example of a batch (per-sample gradients with torch.func: vmap
+    over the batch of grad of one example's loss; the other parameters are held fixed)."""
     torch = _torch()
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in model.named_parameters() if k.startswith(prefix)}
+    if not params:
+        raise ValueError(f"the model has no parameters named {prefix}*")
     grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, *([0] * len(batch))))(params, *batch)
     n = batch[0].shape[0]
-    squares = sum((g.reshape(n, -1) ** 2).sum(1) for g in grads.values())
-    return _np(torch.sqrt(squares).detach())
+    return _np(sum((g.reshape(n, -1) ** 2).sum(1) for g in grads.values()).detach())
 
 
 # ---- the causal LM --------------------------------------------------------------------------
@@ -274,19 +290,50 @@ def lm_scores(model, x, mask, exact_grand: bool) -> dict[str, np.ndarray]:
         last = torch.linalg.matrix_norm(_head_grads(err, h, w))
     out = {"loss": _np(loss), "el2n": _np(el2n), "grand_last_layer": _np(last)}
     if exact_grand:
-
-        def example_loss(params, xi, mi):
-            o = torch.func.functional_call(model, params, (xi[None],), {"attention_mask": _additive_mask(mi[None])})
-            token_losses = torch.nn.functional.cross_entropy(o.logits[0, :-1], xi[1:], reduction="none")
-            wi = mi[1:]
-            return (token_losses * wi).sum() / wi.sum().clamp(min=1)
-
-        out["grand"] = per_example_grad_norms(model, example_loss, (x, mask))
+        out["grand"] = per_example_grad_norms(model, _lm_example_loss(model), (x, mask))
     empty = _np(n == 0)
     for v in out.values():
         v[empty] = np.nan
     out["perplexity"] = np.exp(out["loss"])
     return out
+
+
+def _lm_example_loss(model):
+    """One example's mean token loss as a function of (some of) the parameters, for torch.func."""
+    torch = _torch()
+
+    def example_loss(params, xi, mi):
+        o = torch.func.functional_call(model, params, (xi[None],), {"attention_mask": _additive_mask(mi[None])})
+        token_losses = torch.nn.functional.cross_entropy(o.logits[0, :-1], xi[1:], reduction="none")
+        wi = mi[1:]
+        return (token_losses * wi).sum() / wi.sum().clamp(min=1)
+
+    return example_loss
+
+
+INFLUENCE_LAYERS = ("first", "last", "all")
+LM_FIRST_LAYER = "transformer.h.0."  # GPT-2's first transformer block
+
+
+def layer_grad_squares(model, batch, labelled: bool, layers: str) -> np.ndarray:
+    """‖∇ℓ‖² of each example's loss over the chosen layers: ``last`` the output layer (from the
+    forward pass), ``first`` the first layer (the classifier's hidden layer, the causal LM's first
+    transformer block: PRESENCE's choice), ``all`` every parameter."""
+    if layers not in INFLUENCE_LAYERS:
+        raise ValueError(f"unknown influence layers {layers!r}; one of {INFLUENCE_LAYERS}")
+    if layers == "last":
+        g = last_layer_grads(model, batch, labelled)
+        return _np((g.reshape(len(g), -1) ** 2).sum(1))
+    batch = on_device(model, *batch)
+    if labelled:
+        first, last = classifier_layer_squares(model, *batch)
+        return _np(first if layers == "first" else first + last)
+    x, mask = batch
+    squares = per_example_grad_squares(
+        model, _lm_example_loss(model), (x, mask), LM_FIRST_LAYER if layers == "first" else ""
+    )
+    squares[_np(mask[:, 1:].sum(1) == 0)] = 0.0  # no next token: no gradient
+    return squares
 
 
 # ---- influence: last-layer gradients ------------------------------------------------------

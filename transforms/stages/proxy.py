@@ -47,6 +47,7 @@ from beamsift.transforms.chain.seeded import PROXY_SAMPLE_STREAM
 from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.featurize import features_from_arrow, hashed_ngram_features
 from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT, input_field, output_column
+from beamsift.transforms.models import INFLUENCE_LAYERS
 from beamsift.transforms.selectors.core import SelectionError
 from beamsift.transforms.stages.base import Context, Stage, setting
 
@@ -83,7 +84,10 @@ class ProxySettings:
     heads: int = setting(4, "causal LM: attention heads")
     context: int = setting(256, "causal LM: tokens per document; longer ones are truncated (counted)", at_least=1)
     grand: bool = setting(False, "also the exact GraNd over all parameters (per-example gradients; slower)")
-    self_influence: bool = setting(False, "also TracIn self-influence over the epochs' checkpoints (last layer)")
+    self_influence: bool = setting(False, "also TracIn self-influence over the epochs' checkpoints")
+    influence_layers: str = setting(
+        "last", "the layers self_influence sums ||grad||^2 over: first (PRESENCE), last, all", choices=INFLUENCE_LAYERS
+    )
     target_influence: bool = setting(False, "also the alignment with the target's mean gradient (last layer)")
     threads: int = setting(0, "torch threads per worker; 0: all cores")
     # From the rest of the config:
@@ -530,8 +534,7 @@ class ScoreWithModels(ShardStageFn):
         if self.settings.self_influence:
             total = 0.0
             for model, lr in loaded.checkpoints:
-                g = models.last_layer_grads(model, batch, labelled)
-                total = total + lr * (g.reshape(len(g), -1) ** 2).sum(1).cpu().numpy()
+                total = total + lr * models.layer_grad_squares(model, batch, labelled, self.settings.influence_layers)
             out["self_influence"] = total / max(len(loaded.proxies), 1)
         if self.settings.target_influence:
             out["target_influence"] = np.mean(
@@ -698,6 +701,8 @@ def build_model_stage(ctx: Context, name: str, shards, excess: bool):
 def _check(cfg, name, available, fail) -> None:
     if cfg["proxy.target_influence"] and cfg["target.path"] is None:
         fail("target.path", "set 'target.path': proxy.target_influence aligns with the target's gradient")
+    if cfg["proxy.influence_layers"] != "last" and not cfg["proxy.self_influence"]:
+        fail("proxy.influence_layers", "proxy.influence_layers is for self_influence: set 'proxy.self_influence: true'")
 
 
 STAGE = Stage(

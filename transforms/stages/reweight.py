@@ -15,6 +15,10 @@ written times the number of documents so that they average 1: what a trainer's w
 takes, and what ``select.method: weighted`` resamples by. The paper's group is a training
 batch, with its min and max; over a corpus the bounds are robust quantiles (``reweight.bounds``,
 default the 1st and 99th percentiles), estimated on a seeded sample of the losses.
+
+``strategy: presence`` weighs by self-influence instead, within seeded groups (PRESENCE,
+Thakkar et al. 2023; ``presence.py``): there ``temperature`` is the paper's τ, a factor, not a
+divisor, and its sign chooses the phase.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import BOUNDS_STREAM
 from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
+from beamsift.transforms.stages.presence import ReweightBySelfInfluence
 
-STRATEGIES = ("linupper", "upper", "mid", "extremes")
+LOSS_STRATEGIES = ("linupper", "upper", "mid", "extremes")
+STRATEGIES = LOSS_STRATEGIES + ("presence",)
 COLUMNS = (("weight", "double"),)
 BOUNDS_SAMPLE = 20000
 
@@ -49,7 +55,7 @@ def preference(losses: np.ndarray, low: float, high: float, strategy: str, delta
         return 1 - h**2 / delta**2
     if strategy == "extremes":
         return np.abs(h)
-    raise ValueError(f"unknown reweighting strategy {strategy!r}; one of {STRATEGIES}")
+    raise ValueError(f"unknown loss reweighting strategy {strategy!r}; one of {LOSS_STRATEGIES}")
 
 
 def softmax_weights(f: np.ndarray, temperature: float) -> np.ndarray:
@@ -149,19 +155,42 @@ def _normaliser(total: tuple) -> tuple:
 
 @dataclass(frozen=True)
 class ReweightSettings:
-    column: str = setting("loss", "the loss column an earlier stage writes (proxy or excess_loss)")
-    strategy: str = setting("linupper", "linupper (the paper's best), upper, mid or extremes", choices=STRATEGIES)
-    temperature: float = setting(1.0, "r in softmax(f(h) / r): lower = sharper weights", above=0)
+    column: str | None = setting(
+        None, "the column weighed: null = loss (an earlier proxy or excess_loss), self_influence for presence"
+    )
+    strategy: str = setting(
+        "linupper", "linupper (the paper's best), upper, mid, extremes; presence (self-influence)", choices=STRATEGIES
+    )
+    temperature: float = setting(
+        1.0, "loss strategies: r in softmax(f(h) / r), > 0; presence: tau in softmax(tau * s), sign = phase"
+    )
     bounds: list = setting([0.01, 0.99], "the loss quantiles that map to -1 and +1")
+    group_size: int = setting(64, "presence: documents per seeded group (the paper's microbatch)", at_least=2)
+
+
+def weighed_column(cfg) -> str:
+    if cfg["reweight.column"] is not None:
+        return cfg["reweight.column"]
+    return "self_influence" if cfg["reweight.strategy"] == "presence" else "loss"
 
 
 def _check(cfg, name, available, fail) -> None:
-    if cfg["reweight.column"] not in available:
+    column = weighed_column(cfg)
+    presence = cfg["reweight.strategy"] == "presence"
+    if column not in available:
+        before = "a proxy with self_influence: true" if presence else "a proxy or excess_loss stage"
         fail(
             "reweight.column",
-            f"reweight.column {cfg['reweight.column']!r} is not a column of an earlier stage: "
-            f"one of {available} (put a proxy or excess_loss stage before it)",
+            f"reweight.column {column!r} is not a column of an earlier stage: one of {available} "
+            f"(put {before} before it)",
         )
+    temperature = cfg["reweight.temperature"]
+    if presence and (temperature == 0 or not math.isfinite(temperature)):
+        fail("reweight.temperature", f"reweight.temperature is PRESENCE's tau: finite and not 0, got {temperature}")
+    if not presence and not temperature > 0:
+        fail("reweight.temperature", f"'reweight.temperature' must be > 0, got {temperature}")
+    if not presence and "reweight.group_size" in cfg.given:
+        fail("reweight.group_size", "reweight.group_size is for strategy: presence (loss strategies weigh the corpus)")
     bounds = cfg["reweight.bounds"]
     if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not 0 <= bounds[0] < bounds[1] <= 1:
         fail("reweight.bounds", f"'reweight.bounds' must be two quantiles [low, high] in [0, 1], got {bounds}")
@@ -169,22 +198,33 @@ def _check(cfg, name, available, fail) -> None:
 
 def _build(ctx: Context, name: str, shards):
     cfg = ctx.cfg
-    stage = ReweightByLoss(
-        name,
-        ctx.chain,
-        cfg["reweight.column"],
-        cfg["reweight.strategy"],
-        float(cfg["reweight.temperature"]),
-        tuple(cfg["reweight.bounds"]),
-        ctx.seed,
-        ctx.progress_dir,
-    )
+    if cfg["reweight.strategy"] == "presence":
+        stage = ReweightBySelfInfluence(
+            name,
+            ctx.chain,
+            weighed_column(cfg),
+            float(cfg["reweight.temperature"]),
+            int(cfg["reweight.group_size"]),
+            ctx.seed,
+            ctx.progress_dir,
+        )
+    else:
+        stage = ReweightByLoss(
+            name,
+            ctx.chain,
+            weighed_column(cfg),
+            cfg["reweight.strategy"],
+            float(cfg["reweight.temperature"]),
+            tuple(cfg["reweight.bounds"]),
+            ctx.seed,
+            ctx.progress_dir,
+        )
     return shards | "Stage_" + name >> stage
 
 
 STAGE = Stage(
     kind="reweight",
-    summary="loss-based sample weights for weighted training (Sow et al. 2025)",
+    summary="sample weights for weighted training: by loss (Sow et al. 2025) or self-influence (PRESENCE)",
     settings=ReweightSettings,
     columns=fixed_columns(*COLUMNS),
     all_columns=tuple(c for c, _ in COLUMNS),

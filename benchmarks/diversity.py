@@ -11,7 +11,10 @@ k-means cost in the pipeline against plain scikit-learn / transformers on the sa
      select] (same pick, checked id for id) to know the clusters of its pick;
    - (b) DSIR + cluster-balanced: [dsir, embed (svd), cluster, select], ``select.method: balanced``,
      ``select.column: dsir_key`` (importance resampling within each cluster), one row per quota;
-   - (c) sensitivity sampling: the same chain, ``select.method: sensitivity``.
+   - (c) sensitivity sampling: the same chain, ``select.method: sensitivity``;
+   - (d) Quad: [dsir, embed, cluster, proxy, select], ``select.method: quad`` with the proxy and
+     bandit settings of ``configs/quad.yaml`` (the dsir stage only for the KL and the
+     eligibility: Quad does not read its scores); the documents its bandit scored are printed.
 
    Per run: the KL of the pick's n-grams to the target's, the KL reduction against the random
    baseline of the same size, the clusters and source domains the pick covers, and the largest
@@ -57,6 +60,21 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "dsir.yaml")
+
+
+# configs/quad.yaml's proxy and bandit, on the chain above (a block: a twentieth of the budget).
+QUAD = {
+    "stages": "[dsir, embed, cluster, proxy, select]",
+    "proxy.seeds": 1,
+    "proxy.sample": 1000,
+    "proxy.epochs": 8,
+    "proxy.batch_size": 16,
+    "proxy.vocab_size": 2000,
+    "proxy.dim": 64,
+    "proxy.context": 128,
+    "select.method": "quad",
+    "select.quad_clusters": 4,
+}
 
 
 def beamsift(out: str, sets: dict) -> tuple[dict, float]:
@@ -128,6 +146,8 @@ def quality(args, pool: str, tmp: str, n_docs: int) -> None:
         )
     if not args.skip_sensitivity:
         runs["sens"] = ("(c) sensitivity", {**chain, "select.method": "sensitivity"})
+    if not args.skip_quad:
+        runs["quad"] = ("(d) Quad", {**chain, **QUAD})
     results = {}
     for name, (label, sets) in runs.items():
         out = os.path.join(tmp, name)
@@ -145,7 +165,7 @@ def quality(args, pool: str, tmp: str, n_docs: int) -> None:
     )
     head = (
         f"   {'method':<34}{'KL sel':>8}{'KL red.':>9}{'% way':>7}{'manifest red.':>15}{'clusters':>10}"
-        f"{'domains':>9}{'largest domain':>22}{'lw/ngram':>10}{'s':>6}"
+        f"{'domains':>9}{'largest domain':>22}{'lw/ngram':>10}{'s':>6}{'scored':>8}"
     )
     print(head)
     print("   " + "-" * (len(head) - 3))
@@ -157,6 +177,7 @@ def quality(args, pool: str, tmp: str, n_docs: int) -> None:
         print(
             f"   {label:<34}{kl['target_vs_selected']:>8.4f}{red:>9.4f}{red / kl_random:>7.0%}"
             f"{kl['reduction']:>15.4f}{clusters:>10}{s['domains']:>9}{largest:>22}{s['mean_lw']:>10.3f}{wall:>6.1f}"
+            f"{manifest['quad']['documents_scored'] if 'quad' in manifest else '-':>8}"
         )
     # Checks.
     import duckdb
@@ -365,6 +386,7 @@ def main() -> None:
     ap.add_argument("--encoder-docs", type=int, default=500, help="documents for the MiniLM throughput")
     ap.add_argument("--skip-encoder", action="store_true", help="skip the MiniLM throughput")
     ap.add_argument("--skip-sensitivity", action="store_true", help="skip (c), sensitivity sampling")
+    ap.add_argument("--skip-quad", action="store_true", help="skip (d), Quad")
     ap.add_argument("--pool", default=os.path.join(ROOT, "data", "pool.jsonl.gz"))
     ap.add_argument("--target", default=os.path.join(ROOT, "data", "target.jsonl"))
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")

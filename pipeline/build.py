@@ -173,6 +173,8 @@ def _report(summary: dict, finishers: list, out: str, *values) -> dict:
     report = {"counts": summary["counts"], "stages": summary.get("stages", {})}
     if "clusters" in summary:
         report["clusters"] = summary["clusters"]
+    if "quad" in summary:  # what the quad selector's bandit did
+        report["quad"] = summary["quad"]
     if "training" in summary:  # {stage: [how each of its models trained]}
         report["training"] = summary["training"]
     if "spread" in summary:  # {stage: {ranking column: its spread over the running}}

@@ -77,6 +77,7 @@ def selection_manifest(cfg, summary: dict, facts: RunFacts) -> dict:
             else {}
         ),
         **({"clusters": summary["clusters"]} if "clusters" in summary else {}),
+        **({"quad": summary["quad"]} if "quad" in summary else {}),
         "timings": {"total_s": round(finished - facts.started, 3)},
         "versions": versions("apache-beam", "pyarrow", "numpy", "duckdb"),
     }

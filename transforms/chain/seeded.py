@@ -19,6 +19,8 @@ EMBED_SAMPLE_STREAM = 0xC1A57  # the samples the SVD and the centroids are fitte
 BOUNDS_STREAM = 0xB0DD5  # reweight: the sample its loss quantiles come from
 SENSITIVITY_STREAM = 0x5E25171  # sensitivity sampling's logistic noise
 PRESENCE_STREAM = 0x9E5E7CE  # reweight's PRESENCE groups
+QUAD_BLOCK_STREAM = 0x0AD0B1  # Quad: a document's block in its cluster
+QUAD_PROBE_STREAM = 0x0AD9B0  # Quad: the order within a block (the probes are its first)
 
 
 def uniform01(id_hash: np.ndarray, seed: int, stream: int) -> np.ndarray:

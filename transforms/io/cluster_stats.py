@@ -116,21 +116,34 @@ class _SumClusters(beam.CombineFn):
         return rows
 
 
+# Columns a selector adds to clusters/ (the quad selector's bandit), with their types.
+EXTRA_TYPES = {
+    "quad_score": pa.float64(),
+    "quad_reward": pa.float64(),
+    "quad_probed": pa.int64(),
+    "quad_chosen": pa.int64(),
+}
+
+
 def cluster_table(rows: list[dict], columns: list[str], ids: pa.DataType | None = None) -> pa.Table:
     """The rows as a table; ``examples`` is a list of ``ids``, the type of the run's ``id`` (text if not given)."""
+    extra = [name for name in EXTRA_TYPES if any(name in r for r in rows)]
     fields = [
         pa.field("cluster", pa.int64()),
         pa.field("size", pa.int64()),
         pa.field("selected", pa.int64()),
         pa.field("duplicates", pa.int64()),
         *(pa.field(f"mean_{c}", pa.float64()) for c in columns),
+        *(pa.field(name, EXTRA_TYPES[name]) for name in extra),
         pa.field("examples", pa.list_(ids or pa.string())),
     ]
     schema = pa.schema(fields)
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in fields} for r in rows], schema=schema)
 
 
-def _write(rows: list[dict], out: str, columns: list[str], fields=()) -> dict:
+def _write(rows: list[dict], out: str, columns: list[str], fields=(), extra=None) -> dict:
+    if extra:  # a selector's columns, by cluster
+        rows = [{**r, **extra.get(r["cluster"], {})} for r in rows]
     ids = id_type(fields)
     if not pa.types.is_integer(ids):  # text ids, or ids of mixed types that the run writes as text
         rows = [{**r, "examples": [str(e) for e in r["examples"]]} for r in rows]
@@ -142,9 +155,10 @@ class ClusterStatistics(beam.PTransform):
     """The final shards -> the per-cluster rows, written under ``out``; yields {"clusters": rows}
     for the manifest. ``fields``: the unified field types (a side input), for the id's type."""
 
-    def __init__(self, chain, select_stage: str, out: str, fields=(), skip=()):
+    def __init__(self, chain, select_stage: str, out: str, fields=(), skip=(), extra=None):
         super().__init__()
         self.chain, self.select_stage, self.out, self.fields = chain, select_stage, out, fields
+        self.extra = extra  # a side input: a selector's columns by cluster (or None)
         self.columns = mean_columns(chain, select_stage, skip)
 
     def expand(self, shards):
@@ -152,5 +166,5 @@ class ClusterStatistics(beam.PTransform):
             shards
             | "ClusterPartials" >> beam.ParDo(_ClusterPartials(self.chain, self.select_stage, self.columns))
             | "SumClusters" >> beam.CombineGlobally(_SumClusters())
-            | "WriteClusters" >> beam.Map(_write, self.out, self.columns, self.fields)
+            | "WriteClusters" >> beam.Map(_write, self.out, self.columns, self.fields, self.extra)
         )

@@ -166,6 +166,7 @@ class Context:
     fields: Any = None  # side input: the unified field types of the input
     fitted_dsir: Any = None  # dsir.model: the saved counts to apply
     target_rejected: Any = None  # the target's reject records (counted by the stage that uses it)
+    cluster_extra: Any = None  # side input: more columns of clusters/ ({cluster: {column: value}})
     _reject_reasons: Any = None
     _target_texts: Any = None
 

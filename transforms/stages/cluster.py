@@ -238,7 +238,9 @@ def _statistics(ctx: Context, shards):
     """After the chain: each cluster's size, selection and mean scores (the clusters/ table)."""
     from beamsift.transforms.stages import cluster_stats_skip  # the registry, which lists this module
 
-    statistics = ClusterStatistics(ctx.chain, ctx.cfg["stages"][-1], ctx.out, ctx.fields, cluster_stats_skip())
+    statistics = ClusterStatistics(
+        ctx.chain, ctx.cfg["stages"][-1], ctx.out, ctx.fields, cluster_stats_skip(), ctx.cluster_extra
+    )
     return shards | "ClusterStatistics" >> statistics
 
 

@@ -112,7 +112,8 @@ def settings_of(cfg, model: str | None = None) -> ProxySettings:
     keys = {f.name: cfg[f"proxy.{f.name}"] for f in fields(ProxySettings) if "doc" in f.metadata}
     return ProxySettings(
         **{**keys, "model": model if model is not None else cfg["proxy.model"]},
-        train_only=cfg.train_only,
+        # With the quad selector the proxy only trains: Quad scores its probes, never the pool.
+        train_only=cfg.train_only or cfg["select.method"] == "quad",
         max_ngram=cfg["featurize.max_ngram"],
         label_column=output_column(label) if label is not None else None,
         num_buckets=cfg["featurize.buckets"],
@@ -583,6 +584,33 @@ class ScoreWithModels(ShardStageFn):
                 total = g if total is None else total + g
             grads.append(total / max(len(target), 1))
         return grads
+
+
+class ProbeInfluence:
+    """The target influence of given texts under a stage's saved causal LMs (the quad selector's
+    probes): the proxy's ``target_influence``, for these texts only. Picklable; the models load
+    once per worker process."""
+
+    def __init__(self, name, chain, settings: ProxySettings, folder: str):
+        settings = replace(settings, target_influence=True, self_influence=False, grand=False, train_only=False)
+        self.scorer = ScoreWithModels(name, chain, settings)
+        self.at = ModelsAt(folder, f"probes:{folder}")
+
+    def of(self, texts: list[str], target: list) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
+        scorer, settings = self.scorer, self.scorer.settings
+        loaded = scorer._models(self.at)
+        if loaded.target_grads is None:
+            loaded.target_grads = scorer._target_grads(loaded, target)
+        ids, _ = models.encode(loaded.tokenizer, texts, settings.context)
+
+        def run(idx):
+            return scorer._influence(loaded, models.pad([ids[i] for i in idx]))
+
+        values = _in_batches(run, len(ids), 16)["target_influence"]
+        values[[len(i) < 2 for i in ids]] = np.nan  # no next token: no gradient
+        return values
 
 
 def _mean(per_model: list[dict]) -> dict:

@@ -9,9 +9,10 @@ import functools
 from dataclasses import dataclass
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from beamsift.transforms.io.write import SumSummaries
-from beamsift.transforms.selectors import balanced, sensitivity
+from beamsift.transforms.selectors import balanced, quad, sensitivity
 from beamsift.transforms.selectors.core import explain_running
 from beamsift.transforms.selectors.cut import METHODS, Cut, CutStage
 from beamsift.transforms.stages.base import Context, Stage, setting
@@ -24,8 +25,8 @@ RANKED = ("top", "bottom", "band", "threshold", "weighted")
 class SelectSettings:
     method: str = setting(
         "importance",
-        "importance, top, bottom, band, threshold, weighted, balanced, sensitivity or all",
-        choices=(*METHODS, "balanced", "sensitivity"),
+        "importance, top, bottom, band, threshold, weighted, balanced, sensitivity, quad or all",
+        choices=(*METHODS, "balanced", "sensitivity", "quad"),
     )
     quota: str = setting(
         "proportional",
@@ -41,10 +42,23 @@ class SelectSettings:
     offset: float = setting(0, "band: skip this many (or this share) of the highest first", at_least=0)
     min: float | None = setting(None, "threshold: keep values >= min")
     max: float | None = setting(None, "threshold: keep values <= max")
+    quad_block: int | None = setting(None, "quad: documents a block (null: a twentieth of the budget)", at_least=1)
+    quad_clusters: int = setting(50, "quad: clusters probed a round (the top by Cluster Score)", at_least=1)
+    quad_probes: int = setting(10, "quad: documents scored to probe a block", at_least=1)
+    quad_alpha: float = setting(1e-4, "quad: alpha, the weight of exploration in the Cluster Score", at_least=0)
+    quad_delta: float = setting(
+        0.2, "quad: a reward is shared with the clusters whose centroids are this near", at_least=0
+    )
+    quad_offset: float = setting(0.002, "quad: a block's reward is its probes' mean influence less this")
+    quad_rounds: int = setting(200, "quad: at most this many rounds", at_least=1)
+
+
+QUAD_KEYS = ("quad_block", "quad_clusters", "quad_probes", "quad_alpha", "quad_delta", "quad_offset", "quad_rounds")
 
 
 def _columns(cfg, name):
-    return SELECT_COLUMNS + (sensitivity.COLUMNS if cfg["select.method"] == "sensitivity" else ())
+    extra = {"sensitivity": sensitivity.COLUMNS, "quad": quad.COLUMNS}.get(cfg["select.method"], ())
+    return SELECT_COLUMNS + extra
 
 
 def select_cut(cfg) -> Cut:
@@ -108,6 +122,25 @@ def _check(cfg, name, available, fail) -> None:
         )
     if method == "threshold" and cfg["select.min"] is None and cfg["select.max"] is None:
         fail("select.min", "select.method 'threshold' needs select.min and/or select.max")
+    if method != "quad":
+        for key in QUAD_KEYS:
+            if f"select.{key}" in cfg.given:
+                fail(f"select.{key}", f"select.{key} goes with select.method 'quad'")
+    else:
+        _check_quad(cfg, kinds, fail)
+
+
+def _check_quad(cfg, kinds, fail) -> None:
+    if "cluster" not in kinds:
+        fail("select.method", "select.method 'quad' needs a cluster stage before the selector (its arms)")
+    if "proxy" not in kinds:
+        fail("select.method", "select.method 'quad' needs a proxy stage before the selector (the model it probes with)")
+    if cfg["input.label_field"] is not None:
+        fail("input.label_field", "select.method 'quad' probes with a causal LM proxy: remove input.label_field")
+    if cfg["target.path"] is None:
+        fail("target.path", "select.method 'quad' rewards influence on the target: set 'target.path'")
+    if cfg["select.quad_delta"] <= 0:
+        fail("select.quad_delta", "select.quad_delta must be > 0 (0 shares no reward, as a tiny value would not)")
 
 
 def _build(ctx: Context, name: str, shards):
@@ -130,9 +163,41 @@ def _build(ctx: Context, name: str, shards):
         )
     elif method == "sensitivity":
         selector = sensitivity.SensitivitySampling(name, ctx.chain, k, fraction, ctx.seed, ctx.progress_dir, *explain)
+    elif method == "quad":
+        return _build_quad(ctx, name, shards, explain)
     else:
         selector = CutStage(name, select_cut(cfg), "select", ctx.chain, ctx.seed, ctx.progress_dir, *explain)
     return shards | "Stage_" + name >> selector
+
+
+def _build_quad(ctx: Context, name: str, shards, explain):
+    from beamsift.transforms.stages import stage_kind
+    from beamsift.transforms.stages.cluster import CENTROIDS_FILE
+    from beamsift.transforms.stages.proxy import ProbeInfluence, settings_of
+
+    cfg = ctx.cfg
+    stages = cfg["stages"]
+    proxy_stage = [s for s in stages if stage_kind(s) == "proxy"][-1]
+    cluster_stage = [s for s in stages if stage_kind(s) == "cluster"][-1]
+    models = ctx.given("proxy.model") or FileSystems.join(ctx.artifacts, proxy_stage)
+    centroids = ctx.given("cluster.model") or FileSystems.join(ctx.artifacts, cluster_stage, CENTROIDS_FILE)
+    influence = ProbeInfluence(proxy_stage, ctx.chain, settings_of(cfg, model=models), models)
+    params = quad.QuadParams(
+        per_round=cfg["select.quad_clusters"],
+        probes=cfg["select.quad_probes"],
+        alpha=float(cfg["select.quad_alpha"]),
+        delta=float(cfg["select.quad_delta"]),
+        offset=float(cfg["select.quad_offset"]),
+        rounds=cfg["select.quad_rounds"],
+    )
+    selector = quad.QuadSelection(
+        name, ctx.chain, cfg["select.k"], cfg["select.fraction"], cfg["select.quad_block"], params, influence,
+        centroids, ctx.seed, ctx.progress_dir, *explain, target=ctx.target_texts(),
+    )  # fmt: skip
+    result = shards | "Stage_" + name >> selector
+    ctx.cluster_extra = AsSingleton(selector.bandit | "QuadClusters" >> beam.Map(lambda r: r["clusters"]))
+    ctx.summaries.append(selector.bandit | "QuadSummary" >> beam.Map(lambda r: {"quad": r["summary"]}))
+    return result
 
 
 def _explain(min_tokens, total, rejects, prior: dict) -> str:
@@ -141,10 +206,11 @@ def _explain(min_tokens, total, rejects, prior: dict) -> str:
 
 STAGE = Stage(
     kind="select",
-    summary="pick the budget: importance resampling, top/bottom/band/threshold, weighted, balanced, sensitivity",
+    summary="pick the budget: importance resampling, top/bottom/band/threshold, weighted, balanced, sensitivity, quad",
     settings=SelectSettings,
     columns=_columns,
-    all_columns=("selected", *(c for c, _ in sensitivity.COLUMNS)),
+    all_columns=("selected", *(c for c, _ in sensitivity.COLUMNS), *(c for c, _ in quad.COLUMNS)),
+    needs_target=lambda cfg: cfg["select.method"] == "quad",
     check=_check,
     build=_build,
 )

@@ -173,8 +173,9 @@ def _report(summary: dict, finishers: list, out: str, *values) -> dict:
     report = {"counts": summary["counts"], "stages": summary.get("stages", {})}
     if "clusters" in summary:
         report["clusters"] = summary["clusters"]
-    if "quad" in summary:  # what the quad selector's bandit did
-        report["quad"] = summary["quad"]
+    for key in ("quad", "perplexity_correlations"):  # what a selector's bandit, a stage's domains did
+        if key in summary:
+            report[key] = summary[key]
     if "training" in summary:  # {stage: [how each of its models trained]}
         report["training"] = summary["training"]
     if "spread" in summary:  # {stage: {ranking column: its spread over the running}}

@@ -412,7 +412,21 @@ def summary_text(manifest: dict) -> str:
             f"  clusters        {len(sizes):>10,}  {min(sizes):,} to {max(sizes):,} documents each; "
             f"the selection draws on {covered} of them (clusters/)"
         )
+    pc = manifest.get("perplexity_correlations")
+    if pc:
+        lines.append(
+            f"  domains         {pc['domains']:>10,}  weighed by perplexity correlations; {pc['included']} included "
+            "(domains/)"
+        )
+    if manifest.get("quad"):
+        q = manifest["quad"]
+        lines.append(
+            f"  quad            {q['rounds']:>10,}  rounds; {q['blocks_probed']} blocks probed, {q['blocks_chosen']} "
+            f"chosen, {q['blocks_filled']} filled; {q['documents_scored']:,} documents scored"
+        )
     clusters = "clusters/ (one row per cluster), " if "clusters" in manifest else ""
+    if pc:
+        clusters += "domains/ (one row per domain), "
     lines += [
         f"  outputs         {out}/  selected/ (documents), scores/ (every document's scores), {clusters}rejected/, "
         "manifest.json",

@@ -77,7 +77,7 @@ def selection_manifest(cfg, summary: dict, facts: RunFacts) -> dict:
             else {}
         ),
         **({"clusters": summary["clusters"]} if "clusters" in summary else {}),
-        **({"quad": summary["quad"]} if "quad" in summary else {}),
+        **{key: summary[key] for key in ("quad", "perplexity_correlations") if key in summary},
         "timings": {"total_s": round(finished - facts.started, 3)},
         "versions": versions("apache-beam", "pyarrow", "numpy", "duckdb"),
     }

@@ -35,7 +35,7 @@ from apache_beam.io.filesystems import FileSystems
 MANIFEST = "manifest.json"
 MARKER = "_beamsift_output"
 STAGING = "_staging"
-OUTPUT_DIRS = ("selected", "scores", "rejected", "clusters", "artifacts")
+OUTPUT_DIRS = ("selected", "scores", "rejected", "clusters", "domains", "artifacts")
 OWN_ENTRIES = frozenset(OUTPUT_DIRS) | {MANIFEST, MARKER, STAGING}
 TMP_TAG = ".beamsift-tmp-"
 PUBLISHING = ".publishing"

@@ -35,6 +35,14 @@ def test_quotas_by_a_cluster_score():
     assert quotas({0: 10, 1: 2, 2: 100}, 12, "score", {0: 2.0, 1: 1.0, 2: 1.0}) == {0: 7, 1: 2, 2: 3}
     # A zero score gets nothing while others can take the budget.
     assert quotas({0: 10, 1: 10}, 5, "score", {0: 0.0, 1: 3.0}) == {0: 0, 1: 5}
+    # ... nor when a full cluster leaves part of the budget to share again (perplexity
+    # correlations' domain weights: zero for the excluded domains): 42 wanted of 3 in cluster 0.
+    assert quotas({0: 3, 1: 100, 2: 50, 3: 50}, 60, "score", {0: 0.7, 1: 0.3, 2: 0.0, 3: 0.0}) == {
+        0: 3,
+        1: 57,
+        2: 0,
+        3: 0,
+    }
     with pytest.raises(SelectionError, match="cluster 1 has -0.5"):
         quotas({0: 10, 1: 10}, 5, "score", {0: 1.0, 1: -0.5})
 

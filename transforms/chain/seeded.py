@@ -21,6 +21,8 @@ SENSITIVITY_STREAM = 0x5E25171  # sensitivity sampling's logistic noise
 PRESENCE_STREAM = 0x9E5E7CE  # reweight's PRESENCE groups
 QUAD_BLOCK_STREAM = 0x0AD0B1  # Quad: a document's block in its cluster
 QUAD_PROBE_STREAM = 0x0AD9B0  # Quad: the order within a block (the probes are its first)
+PC_SAMPLE_STREAM = 0x9C5A3  # perplexity correlations: each domain's scored sample
+PC_CLASSIFIER_STREAM = 0x9CC1A5  # perplexity correlations: the include/exclude classifier's sample
 
 
 def uniform01(id_hash: np.ndarray, seed: int, stream: int) -> np.ndarray:

@@ -584,3 +584,27 @@ def load_model(path: str):
 
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="eager")
     return model.to(device()).eval()
+
+
+def train_small_lm(
+    texts: list[str], folder: str, seed: int, vocab_size: int = 500, dim: int = 32, epochs: int = 2, context: int = 128
+) -> None:
+    """A small causal LM (GPT-2, one layer) and its BPE trained on ``texts``, saved with
+    ``save_pretrained`` into ``folder`` (model and tokenizer together, the layout a hub model has):
+    the "existing LMs" that tests and benchmarks of perplexity correlations load like any other."""
+    torch = _torch()
+    quiet_transformers()
+    tok = train_tokenizer(texts, vocab_size)
+    ids, _ = encode(tok, texts, context)
+    ids = [i for i in ids if len(i) >= 2]
+    model = new_causal_lm(len(tok), 1, dim, 2, context, seed)
+
+    def loss_of(m, batch):
+        losses, w, *_ = lm_token_losses(m, *batch, hidden=False)
+        return (losses * w).sum() / w.sum().clamp(min=1)
+
+    settings = TrainSettings(epochs=epochs, batch_size=16, learning_rate=3e-3, patience=epochs)
+    model, _ = train(model, lambda idx: pad([ids[i] for i in idx]), len(ids), settings, seed, loss_of)
+    with torch.no_grad():
+        model.save_pretrained(folder)
+    tok.save_pretrained(folder)

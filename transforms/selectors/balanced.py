@@ -66,11 +66,13 @@ def quotas(sizes: dict[int, int], budget: int, rule: str, scores: dict[int, floa
         shares = {c: remaining * weight(c) / total for c in open_}
         given = {c: min(int(math.floor(shares[c])), sizes[c] - out[c]) for c in open_}
         left = remaining - sum(given.values())
-        # The largest remainders get one more, first cluster first on a tie.
+        # The largest remainders get one more, first cluster first on a tie; never a cluster whose
+        # share is 0 (a zero score), which would otherwise take one each while the rest of the
+        # budget waits for the next round.
         for c in sorted(open_, key=lambda c: (-(shares[c] - math.floor(shares[c])), c)):
             if left == 0:
                 break
-            if out[c] + given[c] < sizes[c]:
+            if out[c] + given[c] < sizes[c] and shares[c] > 0:
                 given[c] += 1
                 left -= 1
         for c in open_:
@@ -91,12 +93,12 @@ def _keys(chain, column, shard, id_hash, seed):
 class _ClusterSizes(beam.DoFn):
     """A shard -> {cluster: (documents in the running, Σ score, documents with a score)}."""
 
-    def __init__(self, stage, chain, score_column):
-        self.stage, self.chain, self.score_column = stage, chain, score_column
+    def __init__(self, stage, chain, score_column, group="cluster"):
+        self.stage, self.chain, self.score_column, self.group = stage, chain, score_column, group
 
     def process(self, item):
         shard, running = self.chain.running(self.stage, item)
-        clusters = self.chain.column("cluster", shard.name)
+        clusters = self.chain.column(self.group, shard.name)
         ok = running & ~np.isnan(clusters)
         scores = self.chain.column(self.score_column, shard.name) if self.score_column else np.zeros(len(ok))
         out = {}
@@ -112,15 +114,15 @@ class _KeysWithinClusters:
     """A shard -> the ranking keys of its documents in the running, per cluster, and the random
     baseline's keys of every valid document: what ``ExactRanks`` ranks."""
 
-    def __init__(self, stage, chain, column, seed):
-        self.stage, self.chain, self.column, self.seed = stage, chain, column, seed
+    def __init__(self, stage, chain, column, seed, group="cluster"):
+        self.stage, self.chain, self.column, self.seed, self.group = stage, chain, column, seed, group
 
     def keys(self, item) -> dict:
         shard = shard_of(item)
         reasons = self.chain.reasons(self.stage, shard)
         running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
-        clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
+        clusters = np.nan_to_num(self.chain.column(self.group, shard.name), nan=-1).astype(np.int64)
         keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
         out = {}
         for c in np.unique(clusters[running & (clusters >= 0)]).tolist():
@@ -142,15 +144,15 @@ def _cuts(found: dict, wanted: dict) -> dict:
 
 
 class ApplyBalanced(ShardStageFn):
-    def __init__(self, name, chain, column, seed, progress_dir=None):
+    def __init__(self, name, chain, column, seed, progress_dir=None, group="cluster"):
         super().__init__(name, chain, progress_dir)
-        self.column, self.seed = column, seed
+        self.column, self.seed, self.group = column, seed, group
         self.rank_column = column  # None: a random pick within each cluster
 
     def score(self, shard, reasons, cuts):
         running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
-        clusters = np.nan_to_num(self.chain.column("cluster", shard.name), nan=-1).astype(np.int64)
+        clusters = np.nan_to_num(self.chain.column(self.group, shard.name), nan=-1).astype(np.int64)
         keys = _keys(self.chain, self.column, shard, id_hash, self.seed)
         kept = np.zeros(len(reasons), dtype=bool)
         cuts = dict(cuts)
@@ -160,16 +162,31 @@ class ApplyBalanced(ShardStageFn):
             kept |= rows & at_or_above(keys, id_hash, threshold)
         missing = running & (keys == -np.inf)
         kept &= ~missing
-        reasons[running & ~kept & ~missing] = "below the cluster's quota"
+        reasons[running & ~kept & ~missing] = (
+            "below the cluster's quota" if self.group == "cluster" else f"below its {self.group}'s quota"
+        )
         reasons[missing] = f"no {self.column}"
         return {"selected": kept, "_in_random": in_random(reasons, id_hash, self.seed, random_cut)}, reasons
 
 
 class BalancedSelection(beam.PTransform):
     def __init__(
-        self, name, chain, column, k, fraction, rule, quota_column, seed, progress_dir=None, explain=None, context=()
+        self,
+        name,
+        chain,
+        column,
+        k,
+        fraction,
+        rule,
+        quota_column,
+        seed,
+        progress_dir=None,
+        explain=None,
+        context=(),
+        group="cluster",
     ):
         super().__init__()
+        self.group = group  # the integer column whose values are the groups
         self.name, self.chain, self.column, self.k, self.fraction = name, chain, column, k, fraction
         self.rule, self.seed, self.progress_dir = rule, seed, progress_dir
         self.quota_column = quota_column if rule == "score" else None
@@ -180,18 +197,19 @@ class BalancedSelection(beam.PTransform):
         budget = shards | "Budget" >> Budget(self.k, self.fraction, explain=self.explain, context=self.context)
         quota = beam.pvalue.AsSingleton(
             shards
-            | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain, self.quota_column))
+            | "ClusterSizes" >> beam.ParDo(_ClusterSizes(self.name, self.chain, self.quota_column, self.group))
             | "SumSizes" >> beam.CombineGlobally(Sum(start={}))
             | "Quotas" >> beam.Map(self._quotas, beam.pvalue.AsSingleton(budget))
         )
         wanted = quota.pvalue | "WantedRanks" >> beam.Map(_wanted)
         cuts = beam.pvalue.AsSingleton(
             shards
-            | "Rank" >> ExactRanks(_KeysWithinClusters(self.name, self.chain, self.column, self.seed), wanted)
+            | "Rank"
+            >> ExactRanks(_KeysWithinClusters(self.name, self.chain, self.column, self.seed, self.group), wanted)
             | "Cuts" >> beam.Map(_cuts, beam.pvalue.AsSingleton(wanted)),
             default_value={},
         )
-        fn = ApplyBalanced(self.name, self.chain, self.column, self.seed, self.progress_dir)
+        fn = ApplyBalanced(self.name, self.chain, self.column, self.seed, self.progress_dir, self.group)
         return shards | "Cut" >> ApplyStage(fn, cuts=cuts)
 
     def _quotas(self, stats, budget):

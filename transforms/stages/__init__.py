@@ -19,6 +19,7 @@ from beamsift.transforms.stages import (
     excess_loss,
     filter,
     minhash,
+    perplexity_correlations,
     proxy,
     reweight,
     select,
@@ -28,7 +29,20 @@ from beamsift.transforms.stages.base import Stage
 # In the order the docs list them; a chain orders them as its 'stages:' says.
 STAGES: dict[str, Stage] = {
     m.STAGE.kind: m.STAGE
-    for m in (dsir, doc_length, filter, proxy, excess_loss, reweight, embed, cluster, dedup, minhash, select)
+    for m in (
+        dsir,
+        doc_length,
+        filter,
+        proxy,
+        excess_loss,
+        reweight,
+        perplexity_correlations,
+        embed,
+        cluster,
+        dedup,
+        minhash,
+        select,
+    )
 }
 DEFAULT_STAGES = ["dsir", "select"]
 

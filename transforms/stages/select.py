@@ -36,6 +36,9 @@ class SelectSettings:
     quota_column: str | None = setting(
         None, "quota score: the column whose per-cluster mean (>= 0) each cluster's share follows"
     )
+    group_column: str | None = setting(
+        None, "balanced: the integer column whose values are the groups (e.g. pc_domain); null: cluster"
+    )
     column: str | None = setting(None, "the column it ranks by (importance: dsir_log_weight)")
     k: int | None = setting(None, "select exactly k documents", at_least=1)
     fraction: float | None = setting(None, "or this fraction of the eligible documents")
@@ -103,7 +106,13 @@ def _check(cfg, name, available, fail) -> None:
         fail("select.column", f"select.method {method!r} needs select.column: one of {available}")
     if column is not None and column not in available:
         fail("select.column", f"select.column {column!r} is not a column of an earlier stage: one of {available}")
-    if method in ("balanced", "sensitivity") and "cluster" not in kinds:
+    group = cfg["select.group_column"]
+    if group is not None and method != "balanced":
+        fail("select.group_column", "select.group_column goes with select.method 'balanced'")
+    if group is not None and group not in available:
+        what = f"select.group_column {group!r} is not a column of an earlier stage"
+        fail("select.group_column", f"{what}: one of {available}")
+    if (method == "sensitivity" or (method == "balanced" and group is None)) and "cluster" not in kinds:
         fail("select.method", f"select.method {method!r} needs a cluster stage before the selector")
     if method == "sensitivity" and "reweight" in kinds:
         fail(
@@ -159,7 +168,17 @@ def _build(ctx: Context, name: str, shards):
     if method == "balanced":
         column, rule, quota_column = cfg["select.column"], cfg["select.quota"], cfg["select.quota_column"]
         selector = balanced.BalancedSelection(
-            name, ctx.chain, column, k, fraction, rule, quota_column, ctx.seed, ctx.progress_dir, *explain
+            name,
+            ctx.chain,
+            column,
+            k,
+            fraction,
+            rule,
+            quota_column,
+            ctx.seed,
+            ctx.progress_dir,
+            *explain,
+            group=cfg["select.group_column"] or "cluster",
         )
     elif method == "sensitivity":
         selector = sensitivity.SensitivitySampling(name, ctx.chain, k, fraction, ctx.seed, ctx.progress_dir, *explain)

@@ -62,3 +62,32 @@ def test_an_interrupted_run_leaves_the_previous_result_in_the_bucket_as_it_was(s
     assert proc.returncode != 0, stderr
     assert _objects(s3, "out/interrupted/") == before
     assert [k for k in s3_keys(s3, "out/") if "beamsift-tmp-" in k] == []  # its unfinished folder removed
+
+
+def test_files_on_a_bucket_share_one_client_per_process(s3, monkeypatch):
+    """Beam's S3 filesystem would build a boto3 session and client (~0.4 s) for every file."""
+    import beamsift.transforms  # noqa: F401  (what every beamsift process imports first)
+    import botocore.session
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    created = []
+    real = botocore.session.Session.create_client
+
+    def counted(self, *args, **kwargs):
+        created.append(args)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(botocore.session.Session, "create_client", counted)
+    options = PipelineOptions(
+        [f"--s3_endpoint_url={s3['env']['AWS_ENDPOINT_URL']}", "--s3_region_name=eu-west-3",
+         "--s3_access_key_id=test", "--s3_secret_access_key=test"]
+    )  # fmt: skip
+    FileSystems.set_options(options)
+    for i in range(5):
+        with FileSystems.create(f"s3://{S3_BUCKET}/clients/{i}.txt") as f:
+            f.write(b"x")
+    assert all(FileSystems.exists(f"s3://{S3_BUCKET}/clients/{i}.txt") for i in range(5))
+    with FileSystems.open(f"s3://{S3_BUCKET}/clients/3.txt") as f:
+        assert f.read() == b"x"
+    assert len(created) == 1  # 11 file operations, one client (a new region: a new set of options)

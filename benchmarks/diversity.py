@@ -14,7 +14,8 @@ k-means cost in the pipeline against plain scikit-learn / transformers on the sa
    - (c) sensitivity sampling: the same chain, ``select.method: sensitivity``;
    - (d) Quad: [dsir, embed, cluster, proxy, select], ``select.method: quad`` with the proxy and
      bandit settings of ``configs/quad.yaml`` (the dsir stage only for the KL and the
-     eligibility: Quad does not read its scores); the documents its bandit scored are printed.
+     eligibility: Quad does not read its scores), and again with the authors' α and offset; the
+     documents its bandit scored are printed.
 
    Per run: the KL of the pick's n-grams to the target's, the KL reduction against the random
    baseline of the same size, the clusters and source domains the pick covers, and the largest
@@ -74,7 +75,11 @@ QUAD = {
     "proxy.context": 128,
     "select.method": "quad",
     "select.quad_clusters": 4,
+    "select.quad_alpha": 0.05,
+    "select.quad_offset": 0.08,
 }
+# The constants of the authors' code (alpha 1e-4, offset 0.002: the selector's defaults).
+QUAD_PAPER = {**QUAD, "select.quad_alpha": 0.0001, "select.quad_offset": 0.002}
 
 
 def beamsift(out: str, sets: dict) -> tuple[dict, float]:
@@ -147,7 +152,8 @@ def quality(args, pool: str, tmp: str, n_docs: int) -> None:
     if not args.skip_sensitivity:
         runs["sens"] = ("(c) sensitivity", {**chain, "select.method": "sensitivity"})
     if not args.skip_quad:
-        runs["quad"] = ("(d) Quad", {**chain, **QUAD})
+        runs["quad"] = ("(d) Quad (configs/quad.yaml)", {**chain, **QUAD})
+        runs["quad_paper"] = ("(d) Quad, alpha 1e-4, offset 0.002", {**chain, **QUAD_PAPER})
     results = {}
     for name, (label, sets) in runs.items():
         out = os.path.join(tmp, name)

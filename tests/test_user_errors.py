@@ -63,8 +63,10 @@ def pool_records():
         (
             "select=3",
             "--set select=3: 'select' is a section; set one of its keys: 'select.method', 'select.quota', "
-            "'select.quota_column', 'select.column', 'select.k', 'select.fraction', 'select.offset', "
-            "'select.min', 'select.max'",
+            "'select.quota_column', 'select.group_column', 'select.column', 'select.k', 'select.fraction', "
+            "'select.offset', 'select.min', 'select.max', 'select.quad_block', 'select.quad_clusters', "
+            "'select.quad_probes', 'select.quad_alpha', 'select.quad_delta', 'select.quad_offset', "
+            "'select.quad_rounds'",
         ),
         ("seed=abc", "--set seed=abc: config key 'seed' must be an integer, got text: 'abc'"),
         (

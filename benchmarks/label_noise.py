@@ -151,7 +151,9 @@ def main() -> None:
             seconds = run_el2n(path, out)
             rows = (
                 duckdb.connect()
-                .execute(f"SELECT id, el2n, grand, grand_last_layer, loss, self_influence FROM '{out}/scores/*.parquet'")  # noqa: E501
+                .execute(
+                    f"SELECT id, el2n, grand, grand_last_layer, loss, self_influence FROM '{out}/scores/*.parquet'"
+                )  # noqa: E501
                 .fetchall()
             )
             by_id = {r[0]: r[1:] for r in rows}

@@ -125,6 +125,7 @@ class LanguageModels:
 
 def _score(tok, model, texts: list[str], context: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
+    from beamsift.transforms.models import pad
 
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -135,12 +136,7 @@ def _score(tok, model, texts: list[str], context: int) -> tuple[np.ndarray, np.n
         end = offsets[-1][1] if offsets else 0
         nbytes.append(len(text[:end].encode("utf-8")))
         rows.append(([start] if start is not None else []) + list(ids))
-    longest = max(max(len(r) for r in rows), 2)
-    x = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest)
-    for i, r in enumerate(rows):
-        x[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    x, mask = pad(rows)
     with torch.no_grad():
         logits = model(input_ids=x, attention_mask=mask).logits[:, :-1]
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.seeded import QUAD_BLOCK_STREAM, QUAD_PROBE_STREAM, uniform01
 from beamsift.transforms.chain.staging import read_id_hashes, read_staging
 from beamsift.transforms.chain.sums import Sum
@@ -250,9 +250,9 @@ class _RunBandit(beam.DoFn):
     """One element -> the Bandit, probing with the proxy's models (``influence``: a
     proxy.ProbeInfluence, picklable, that loads them once)."""
 
-    def __init__(self, chain, table, influence, centroids_path, params: QuadParams, progress):
+    def __init__(self, chain, table, influence, centroids_path, params: QuadParams):
         self.chain, self.table, self.influence = chain, table, influence
-        self.centroids_path, self.params, self.progress = centroids_path, params, progress
+        self.centroids_path, self.params = centroids_path, params
 
     def process(self, _, sizes, budget, target=None):
         from beamsift.transforms.stages.cluster import load_centroids
@@ -332,8 +332,6 @@ class _Keys:
         self.stage, self.chain, self.seed, self.table = stage, chain, seed, table
 
     def keys(self, item) -> dict:
-        from beamsift.transforms.chain import shard_of
-
         shard = shard_of(item)
         reasons = self.chain.reasons(self.stage, shard)
         id_hash = read_id_hashes(shard.path)
@@ -412,7 +410,7 @@ class QuadSelection(beam.PTransform):
             default_value={},
         )
         side = [self.target] if self.target is not None else []
-        run = _RunBandit(self.chain, probes_table, self.influence, self.centroids_path, self.params, self.progress_dir)
+        run = _RunBandit(self.chain, probes_table, self.influence, self.centroids_path, self.params)
         result_pc = (
             budget_pc
             | "Bandit" >> beam.ParDo(run, sizes, budget, *side)

@@ -413,7 +413,12 @@ def summary_text(manifest: dict) -> str:
             f"the selection draws on {covered} of them (clusters/)"
         )
     pc = manifest.get("perplexity_correlations")
-    if pc:
+    if pc and pc.get("per_document"):
+        lines.append(
+            f"  documents       {pc['documents']:>10,}  weighed one by one by perplexity correlations (no domain "
+            f"field); {pc['included']:,} kept by the projection: {pc['budget_tokens']:,.0f} of {pc['tokens']:,} tokens"
+        )
+    elif pc:
         lines.append(
             f"  domains         {pc['domains']:>10,}  weighed by perplexity correlations; {pc['included']} included "
             "(domains/)"
@@ -425,7 +430,7 @@ def summary_text(manifest: dict) -> str:
             f"chosen, {q['blocks_filled']} filled; {q['documents_scored']:,} documents scored"
         )
     clusters = "clusters/ (one row per cluster), " if "clusters" in manifest else ""
-    if pc:
+    if pc and not pc.get("per_document"):
         clusters += "domains/ (one row per domain), "
     lines += [
         f"  outputs         {out}/  selected/ (documents), scores/ (every document's scores), {clusters}rejected/, "

@@ -78,3 +78,28 @@ def test_more_keys_than_the_sample_still_exact(monkeypatch):
 @pytest.mark.parametrize("parts", [[], [{"x": (np.array([]), np.array([], np.uint64))}]])
 def test_no_keys_no_ranks(parts):
     check_ranks(parts, {"x": [1]}, {})
+
+
+def test_weighted_ranks_match_a_running_total_over_a_plain_sort(monkeypatch):
+    # A rank is a total of weights (tokens): the first pair, best first, whose running total
+    # reaches it, and the total before it. Small brackets so that the boundary pairs fall inside.
+    monkeypatch.setattr(exact_rank, "SAMPLE_SIZE", 64)
+    monkeypatch.setattr(exact_rank, "MIN_SAMPLE_PER_SET", 64)
+    rng = np.random.default_rng(3)
+    n = 20_000
+    keys = np.round(rng.normal(size=n), 2)  # ties
+    hashes = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    weights = rng.integers(0, 50, size=n)  # zero weights too
+    order = np.lexsort((hashes, -keys))
+    totals = np.cumsum(weights[order])
+    ranks = [1, 7, int(totals[-1]) // 3, int(totals[5000]), int(totals[5000]) + 1, int(totals[-1])]
+    expected = {}
+    for r in ranks:
+        i = int(np.searchsorted(totals, r, "left"))
+        j = order[i]
+        expected[r] = (float(keys[j]), int(hashes[j]), int(totals[i] - weights[j]))
+    parts = [{"x": (k, h, w)} for k, h, w in zip(*(np.array_split(a, 9) for a in (keys, hashes, weights)))]
+    with TestPipeline(runner=TEST_RUNNER) as p:
+        wanted = p | "Wanted" >> beam.Create([{"x": [*ranks, int(totals[-1]) + 1]}])
+        out = p | beam.Create(parts, reshuffle=False) | ExactRanks(ArraysSource(), wanted, weighted=True)
+        assert_that(out, equal_to([{"x": expected}]))

@@ -127,3 +127,56 @@ def test_the_stage_weighs_the_domains_by_the_estimate_and_the_projection(tmp_pat
     mean_out = np.mean([r[3] for r in rows if not by_name[r[0]][8]])
     assert mean_in > mean_out
     assert manifest["perplexity_correlations"]["domains"] == len(domains)
+
+
+def test_without_a_domain_field_each_document_is_its_own_domain(tmp_path, three_lms):
+    """Every document scored by every model; its estimate from its own column; the projection with a
+    domain a document (a token-weighted cut, ties by id hash); the selection what it keeps."""
+    import duckdb
+    import pyarrow as pa
+    from beamsift.pipeline.config import load_config
+    from beamsift.pipeline.run import run_selection
+    from beamsift.transforms.featurize import hash_ids
+    from conftest import demo_records, make_config, write_jsonl
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", demo_records(120))
+    errors = [0.6, 0.2, 0.4]
+    cfg = make_config(
+        tmp_path,
+        pool,
+        pool,
+        stages=["perplexity_correlations", "select"],
+        perplexity_correlations={
+            "models": [{"path": p, "error": e} for p, e in zip(three_lms, errors)],
+            "domain_field": None,
+            "desired_fraction": 0.25,
+            "context": 64,
+        },
+        select={"method": "threshold", "column": "pc_weight", "min": 1.0e-300, "k": None},
+    )
+    manifest = run_selection(load_config(str(cfg)), overwrite=True)
+    rows = duckdb.connect().execute(
+        f"SELECT id, n_tokens, bpb_kjv, bpb_pydoc, bpb_sqlite, pc_estimate, pc_weight, pc_score, pc_domain, "
+        f"selected FROM '{tmp_path}/out/scores/*.parquet'"
+    ).fetchall()
+    assert len(rows) == 120 and all(r[2] is not None and r[8] is None for r in rows)
+    X = np.array([r[2:5] for r in rows]).T  # models × documents
+    est = spearmanr(X, np.array(errors))
+    np.testing.assert_allclose([r[5] for r in rows], est, rtol=1e-9)
+    # The projection over documents, best estimate first and ties by the smaller id hash.
+    hashes = np.asarray(hash_ids(pa.array([r[0] for r in rows])), np.uint64)
+    order = np.lexsort((hashes, -est))
+    tokens = np.array([max(r[1], 1) for r in rows], np.float64)
+    expected = np.empty(len(rows))
+    expected[order] = linear_projection(np.arange(len(rows), 0, -1), caps(tokens[order], 0.25))
+    np.testing.assert_allclose([r[6] for r in rows], expected, rtol=1e-9, atol=1e-15)
+    kept = expected > 0
+    assert sum(r[6] for r in rows) == pytest.approx(1.0)
+    boundary = tokens[order][kept[order]][-1]  # the last kept, best first: it takes the rest of 1
+    assert tokens[kept].sum() >= 0.25 * tokens.sum() > tokens[kept].sum() - boundary
+    assert [bool(r[9]) for r in rows] == list(kept)
+    assert np.mean([r[7] for r, k in zip(rows, kept) if k]) > np.mean([r[7] for r, k in zip(rows, kept) if not k])
+    report = manifest["perplexity_correlations"]
+    assert report["per_document"] and report["documents"] == 120 and report["tokens"] == tokens.sum()
+    assert report["included"] == kept.sum()
+    assert not (tmp_path / "out" / "domains").exists()

@@ -21,6 +21,11 @@ runner and for any split of the input.
 
 Keys are compared as 64-bit codes that sort best-first (``order_codes``): larger key first,
 -0.0 equal to 0.0, -inf last; the id hash breaks ties.
+
+**Weighted** ranks (``weighted=True``: each pair carries a non-negative integer weight, such as a
+document's tokens): rank r is the first pair, best first, at which the running total of the
+weights reaches r; the counts become sums of weights, and the answer also says the total of the
+pairs before it. With every weight 1 it is the plain rank.
 """
 
 from __future__ import annotations
@@ -80,10 +85,12 @@ def _smallest(codes, hashes, n, priority=None):
 
 
 def _coded(source, item, names):
-    """(name, codes, id hashes) of each of a shard's key sets that ``names`` holds and that is not empty."""
-    for name, (keys, hashes) in source.keys(item).items():
+    """(name, codes, id hashes, weights) of each of a shard's key sets that ``names`` holds and that
+    is not empty; the weights are 1 where the source gives none."""
+    for name, (keys, hashes, *weights) in source.keys(item).items():
         if name in names and len(keys):
-            yield name, order_codes(keys), np.asarray(hashes, np.uint64)
+            w = np.asarray(weights[0], np.int64) if weights else np.ones(len(keys), np.int64)
+            yield name, order_codes(keys), np.asarray(hashes, np.uint64), w
 
 
 class _Sample(beam.DoFn):
@@ -92,7 +99,7 @@ class _Sample(beam.DoFn):
 
     def process(self, item, wanted):
         n = sample_size(wanted)
-        yield {name: (*_smallest(codes, hashes, n), n) for name, codes, hashes in _coded(self.source, item, wanted)}
+        yield {name: (*_smallest(codes, hashes, n), n) for name, codes, hashes, _ in _coded(self.source, item, wanted)}
 
 
 class _KeepSample(beam.CombineFn):
@@ -129,9 +136,10 @@ class _Count(beam.DoFn):
 
     def process(self, item, bounds):
         out = {}
-        for name, codes, hashes in _coded(self.source, item, bounds):
+        for name, codes, hashes, weights in _coded(self.source, item, bounds):
             at = bracket_of(bounds[name], codes, hashes)
-            out[name] = np.bincount(at, minlength=len(bounds[name]) + 1).astype(np.int64)
+            out[name] = np.zeros(len(bounds[name]) + 1, np.int64)
+            np.add.at(out[name], at, weights)  # integer sums: exact however large
         yield out
 
 
@@ -155,11 +163,11 @@ class _Gather(beam.DoFn):
 
     def process(self, item, bounds, located):
         out = {}
-        for name, codes, hashes in _coded(self.source, item, located):
+        for name, codes, hashes, weights in _coded(self.source, item, located):
             at = bracket_of(bounds[name], codes, hashes)
             inside = np.isin(at, [j for j, _ in located[name].values()])
             if inside.any():
-                out[name] = (codes[inside], hashes[inside], at[inside])
+                out[name] = (codes[inside], hashes[inside], at[inside], weights[inside])
         yield out
 
 
@@ -185,16 +193,23 @@ class _Concatenate(beam.CombineFn):
         return {name: tuple(np.concatenate(cols) for cols in zip(*parts)) for name, parts in acc.items()}
 
 
-def answer(gathered: dict, located: dict) -> dict:
-    """{name: {rank: (key, id hash)}} from the gathered brackets."""
+def answer(gathered: dict, located: dict, weighted: bool = False) -> dict:
+    """{name: {rank: (key, id hash)}} from the gathered brackets; weighted: {rank: (key, id hash,
+    total weight of the pairs before it)}."""
     out = {}
     for name, ranks in located.items():
-        codes, hashes, at = gathered[name]
+        codes, hashes, at, weights = gathered[name]
         for rank, (j, above) in ranks.items():
-            inside = at == j
-            pairs = np.sort(_pairs(codes[inside], hashes[inside]))
-            best = pairs[rank - above - 1]
-            out.setdefault(name, {})[rank] = (key_of(int(best["c"])), int(best["h"]))
+            inside = np.flatnonzero(at == j)
+            pairs = _pairs(codes[inside], hashes[inside])
+            order = np.argsort(pairs)
+            totals = above + np.cumsum(weights[inside][order])
+            i = int(np.searchsorted(totals, rank, "left"))
+            best = pairs[order[i]]
+            found = (key_of(int(best["c"])), int(best["h"]))
+            if weighted:
+                found += (int(totals[i] - weights[inside][order[i]]),)
+            out.setdefault(name, {})[rank] = found
     return out
 
 
@@ -203,13 +218,16 @@ class ExactRanks(beam.PTransform):
     (1-based, best first) of each key set; a rank beyond a set's size is absent.
 
     ``source.keys(shard)`` -> {name: (keys, id hashes)}: a shard's keys of each set (a picklable
-    object; it is called once per pass). ``wanted``: a singleton, {name: [ranks]}.
+    object; it is called once per pass). ``wanted``: a singleton, {name: [ranks]}. ``weighted``:
+    the source gives (keys, id hashes, integer weights) and a rank is a total of weights; each
+    answer is (key, id hash, total weight before it).
     """
 
-    def __init__(self, source, wanted):
+    def __init__(self, source, wanted, weighted: bool = False):
         super().__init__()
         self.source = source
         self.wanted = wanted
+        self.weighted = weighted
 
     def expand(self, shards):
         wanted = beam.pvalue.AsSingleton(self.wanted)
@@ -229,5 +247,5 @@ class ExactRanks(beam.PTransform):
             shards
             | "GatherBrackets" >> beam.ParDo(_Gather(self.source), bounds, located)
             | "Concatenate" >> beam.CombineGlobally(_Concatenate())
-            | "Answer" >> beam.Map(answer, located)
+            | "Answer" >> beam.Map(answer, located, self.weighted)
         )

@@ -20,8 +20,9 @@ error. No training of an LM of our own.
   ``perplexity_correlations``).
 
 The per-domain table is one value (a row per domain): a domain field with more than a million
-values (a URL per document) is refused. ``domain_field`` is required: documents without a value
-for it are not weighed (their columns stay null).
+values (a URL per document) is refused. Documents without a value for ``domain_field`` are not
+weighed (their columns stay null). Without a ``domain_field`` each document is its own domain
+(``perplexity_documents``).
 """
 
 from __future__ import annotations
@@ -281,14 +282,19 @@ def _classifier_payload(chain, shard, rows, column: str) -> list:
 
 
 def train_include_classifier(sample: list, table: dict, num_buckets: int, seed: int) -> bytes | None:
-    """A bag-of-n-grams classifier of include (1) against exclude (0), pickled state; None where
-    every sampled document has the same label (nothing to learn: pc_score is that label)."""
+    """The classifier of a sample of (buckets, domain), labelled by whether the domain is included."""
+    return train_classifier([(b, int(table[d]["include"])) for _, _, (b, d) in sample if d in table], num_buckets, seed)
+
+
+def train_classifier(rows: list, num_buckets: int, seed: int) -> bytes | None:
+    """A bag-of-n-grams classifier of include (1) against exclude (0) from (buckets, label) rows,
+    pickled state; None where every row has the same label (nothing to learn: pc_score is that
+    label)."""
     import io
 
     import torch
     from beamsift.transforms import models
 
-    rows = [(b, int(table[d]["include"])) for _, _, (b, d) in sample if d in table]
     labels = {y for _, y in rows}
     if len(labels) < 2:
         return None
@@ -334,9 +340,6 @@ class ApplyPerplexityCorrelations(ShardStageFn):
         return self._model
 
     def score(self, shard, reasons, table, classifier, written):
-        import torch
-        from beamsift.transforms import models
-
         n = len(reasons)
         running = running_mask(reasons)
         out = {name: np.full(n, np.nan) for name, _ in self.chain.columns[self.name]}
@@ -348,22 +351,30 @@ class ApplyPerplexityCorrelations(ShardStageFn):
             out["pc_domain"][r] = row["index"]
             out["pc_estimate"][r] = row["estimate"]
             out["pc_weight"][r] = row["weight"]
-        model = self._classifier(classifier)
-        if rows and model is not None:
-            t = read_staging(shard.path, [N_TOKENS, BUCKETS]).take(np.asarray(rows))
-            f = features_from_arrow(t.column(BUCKETS), np.asarray(t.column(N_TOKENS).combine_chunks()))
-            scores = []
-            for start in range(0, len(rows), 256):
-                idx = range(start, min(start + 256, len(rows)))
-                x = models.dense_features([f.buckets[f.offsets[i] : f.offsets[i + 1]] for i in idx], self.num_buckets)
-                with torch.no_grad():
-                    scores.append(torch.softmax(model(x)[0], -1)[:, 1].numpy())
-            out["pc_score"][np.asarray(rows)] = np.concatenate(scores)
-        elif rows:  # one label for every sampled document: the score is that label
-            out["pc_score"][np.asarray(rows)] = [float(table[domains[r]]["include"]) for r in rows]
+        labels = [float(table[domains[r]]["include"]) for r in rows]
+        out["pc_score"][rows] = self.include_scores(shard, np.asarray(rows, np.int64), classifier, labels)
         self._sampled_bpb(shard, out, written)
         out["pc_domain"] = pa.array(out["pc_domain"], pa.int64(), mask=out["pc_domain"] < 0)
         return out, reasons
+
+    def include_scores(self, shard, rows: np.ndarray, classifier, labels) -> np.ndarray:
+        """P(include) of the shard's ``rows`` under the classifier; their own labels where there is
+        no classifier (every sampled document had the same label)."""
+        import torch
+        from beamsift.transforms import models
+
+        model = self._classifier(classifier)
+        if not len(rows) or model is None:
+            return np.asarray(labels, np.float64)
+        t = read_staging(shard.path, [N_TOKENS, BUCKETS]).take(rows)
+        f = features_from_arrow(t.column(BUCKETS), np.asarray(t.column(N_TOKENS).combine_chunks()))
+        scores = []
+        for start in range(0, len(rows), 256):
+            idx = range(start, min(start + 256, len(rows)))
+            x = models.dense_features([f.buckets[f.offsets[i] : f.offsets[i + 1]] for i in idx], self.num_buckets)
+            with torch.no_grad():
+                scores.append(torch.softmax(model(x)[0], -1)[:, 1].numpy())
+        return np.concatenate(scores)
 
     def _sampled_bpb(self, shard, out, written):
         path = self.chain.path(self.name + BPB_TABLE, shard.name)
@@ -471,8 +482,13 @@ def _check(cfg, name, available, fail) -> None:
     names = model_names([m for m in models if isinstance(m, dict) and "path" in m])
     if len(set(names)) != len(names):
         fail(f"{key}.models", f"{key}.models: two models are both named {sorted(names)}; give each a distinct name")
-    if cfg[f"{key}.domain_field"] is None:
-        fail(f"{key}.domain_field", f"set {key}.domain_field: the input field that names each document's domain")
+    if cfg[f"{key}.domain_field"] is None and cfg["select.group_column"] == "pc_domain":
+        fail(
+            "select.group_column",
+            f"{key}.domain_field is null, so each document is its own domain and pc_domain stays empty: "
+            "select the documents the projection keeps with select.method: threshold, select.column: "
+            "pc_weight, select.min: 1.0e-300 (any weight above 0), or set the domain field",
+        )
     fraction = desired_fraction(cfg)
     if fraction is None or not 0 < fraction <= 1:
         fail(
@@ -487,17 +503,15 @@ def _build(ctx: Context, name: str, shards):
         k: cfg[f"perplexity_correlations.{k}"]
         for k in ("models", "sample_per_domain", "estimator", "context", "classifier_sample")
     }
-    stage = WeighDomains(
-        name,
-        ctx.chain,
-        section,
-        output_column(cfg["perplexity_correlations.domain_field"]),
-        float(desired_fraction(cfg)),
-        ctx.out,
-        cfg["featurize.buckets"],
-        ctx.seed,
-        ctx.progress_dir,
-    )
+    fraction = float(desired_fraction(cfg))
+    field = cfg["perplexity_correlations.domain_field"]
+    if field is None:  # each document its own domain
+        from beamsift.transforms.stages.perplexity_documents import WeighDocuments
+
+        stage = WeighDocuments(name, ctx.chain, section, fraction, cfg["featurize.buckets"], ctx.seed, ctx.progress_dir)
+    else:
+        stage = WeighDomains(name, ctx.chain, section, output_column(field), fraction, ctx.out,
+                             cfg["featurize.buckets"], ctx.seed, ctx.progress_dir)  # fmt: skip
     result = shards | "Stage_" + name >> stage
     ctx.summaries.append(stage.report)
     return result

@@ -155,10 +155,14 @@ def test_without_a_domain_field_each_document_is_its_own_domain(tmp_path, three_
         select={"method": "threshold", "column": "pc_weight", "min": 1.0e-300, "k": None},
     )
     manifest = run_selection(load_config(str(cfg)), overwrite=True)
-    rows = duckdb.connect().execute(
-        f"SELECT id, n_tokens, bpb_kjv, bpb_pydoc, bpb_sqlite, pc_estimate, pc_weight, pc_score, pc_domain, "
-        f"selected FROM '{tmp_path}/out/scores/*.parquet'"
-    ).fetchall()
+    rows = (
+        duckdb.connect()
+        .execute(
+            f"SELECT id, n_tokens, bpb_kjv, bpb_pydoc, bpb_sqlite, pc_estimate, pc_weight, pc_score, pc_domain, "
+            f"selected FROM '{tmp_path}/out/scores/*.parquet'"
+        )
+        .fetchall()
+    )
     assert len(rows) == 120 and all(r[2] is not None and r[8] is None for r in rows)
     X = np.array([r[2:5] for r in rows]).T  # models × documents
     est = spearmanr(X, np.array(errors))

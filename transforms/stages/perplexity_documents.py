@@ -175,8 +175,8 @@ class ApplyPerDocument(ApplyPerplexityCorrelations):
         scored = _scored(self.chain, self.name, shard.name)
         orders = np.asarray(read_staging(shard.path, [ORDER]).column(0))
         rows = _positions(orders, np.asarray(scored.column(ORDER)))
-        est = np.asarray(scored.column(KEY_SET).to_numpy(zero_copy_only=False), np.float64)
-        kept, weight = kept_and_weights(est, np.asarray(scored.column("id_hash")), np.asarray(scored.column("tokens")), cut)
+        est = _estimates(scored)
+        kept, weight = _apply_cut(scored, cut)
         out["pc_estimate"][rows], out["pc_weight"][rows] = est, weight
         for m, name in enumerate(self.names):
             out[f"bpb_{name}"][rows] = np.asarray(scored.column(f"m{m}").to_numpy(zero_copy_only=False), np.float64)
@@ -186,10 +186,18 @@ class ApplyPerDocument(ApplyPerplexityCorrelations):
         return out, reasons
 
 
+def _estimates(scored: pa.Table) -> np.ndarray:
+    return np.asarray(scored.column(KEY_SET).to_numpy(zero_copy_only=False), np.float64)
+
+
+def _apply_cut(scored: pa.Table, cut: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``kept_and_weights`` of a shard's scored documents."""
+    hashes, tokens = np.asarray(scored.column("id_hash")), np.asarray(scored.column("tokens"))
+    return kept_and_weights(_estimates(scored), hashes, tokens, cut)
+
+
 def _kept(item, stage, chain, cut) -> int:
-    t = _scored(chain, stage, shard_of(item).name)
-    est = np.asarray(t.column(KEY_SET).to_numpy(zero_copy_only=False), np.float64)
-    return int(kept_and_weights(est, np.asarray(t.column("id_hash")), np.asarray(t.column("tokens")), cut)[0].sum())
+    return int(_apply_cut(_scored(chain, stage, shard_of(item).name), cut)[0].sum())
 
 
 def _report(kept: int, cut: dict) -> dict:
@@ -244,6 +252,6 @@ class WeighDocuments(beam.PTransform):
             >> SampleRunning(name, chain, s["classifier_sample"], self.seed, PC_CLASSIFIER_STREAM, payload, eligible)
             | "TrainClassifier" >> beam.Map(train_on_cut, cut, self.num_buckets, self.seed)
         )
-        fn = ApplyPerDocument(name, chain, None, model_names(s["models"]), self.num_buckets, self.seed, self.progress_dir)
+        names = model_names(s["models"])
+        fn = ApplyPerDocument(name, chain, None, names, self.num_buckets, self.seed, self.progress_dir)
         return shards | "Weigh" >> ApplyStage(fn, cut=cut, classifier=classifier)
-

@@ -184,3 +184,12 @@ def test_without_a_domain_field_each_document_is_its_own_domain(tmp_path, three_
     assert report["per_document"] and report["documents"] == 120 and report["tokens"] == tokens.sum()
     assert report["included"] == kept.sum()
     assert not (tmp_path / "out" / "domains").exists()
+    # The same cut on the multi-process runner with the input split into many shards.
+    from conftest import WORKERS
+
+    split = ["input.split_bytes=16384", "input.batch_size=16", f"output.dir={tmp_path / 'b'}"]
+    run_selection(load_config(str(cfg), split), beam_args=WORKERS)
+    query = "SELECT id, selected, round(pc_weight, 12), round(pc_score, 6) FROM '{}/scores/*.parquet' ORDER BY id"
+    db = duckdb.connect()
+    assert db.execute(query.format(tmp_path / "out")).fetchall() == db.execute(query.format(tmp_path / "b")).fetchall()
+    assert len(list((tmp_path / "b" / "scores").glob("*.parquet"))) > 1

@@ -129,8 +129,11 @@ def main() -> None:
                 "column": "pc_score",
             },
             "by pc_score": {"method": "top", "column": "pc_score"},
+            # No domain field: each document its own domain; keep what the projection keeps.
+            "per document": {"method": "threshold", "column": "pc_weight", "min": 1.0e-300},
         }
         runs = [("spearmanr", "by weight"), ("sign_cdf", "by weight"), ("spearmanr", "by pc_score")]
+        runs += [("spearmanr", "per document")]
         for estimator, how in runs:
             out = os.path.join(tmp, f"out-{estimator}-{how.replace(' ', '_')}")
             config = {
@@ -139,20 +142,27 @@ def main() -> None:
                 "stages": ["dsir", "perplexity_correlations", "select"],
                 "perplexity_correlations": {
                     "models": [{"path": m["path"], "name": m["name"], "error": m["error"]} for m in lms],
-                    "domain_field": "source",
+                    "domain_field": None if how == "per document" else "source",
+                    "desired_fraction": args.fraction,
                     "estimator": estimator,
                     "context": 128,
                 },
-                "select": {**selectors[how], "fraction": args.fraction},
+                "select": {**selectors[how], "fraction": None if how == "per document" else args.fraction},
                 "seed": 0,
                 "output": {"dir": out},
             }
             manifest, wall = run(config, tmp)
             import duckdb
 
-            rows = duckdb.sql(
-                f"SELECT domain, pc_estimate, pc_weight FROM '{out}/domains/*.parquet' ORDER BY pc_estimate DESC"
-            ).fetchall()
+            if how == "per document":  # no domains/: the sources' mean estimate and total weight
+                rows = duckdb.sql(
+                    f"SELECT source, avg(pc_estimate), sum(pc_weight) FROM '{out}/scores/*.parquet' "
+                    "WHERE pc_estimate IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"
+                ).fetchall()
+            else:
+                rows = duckdb.sql(
+                    f"SELECT domain, pc_estimate, pc_weight FROM '{out}/domains/*.parquet' ORDER BY pc_estimate DESC"
+                ).fetchall()
             picked = dict(duckdb.sql(f"SELECT source, count(*) FROM '{out}/selected/*.parquet' GROUP BY 1").fetchall())
             kl = manifest["dsir"]["kl"]
             print(

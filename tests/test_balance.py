@@ -124,3 +124,22 @@ def test_quota_by_a_cluster_score_end_to_end(tmp_path):
     stats = {c: (n, mean, picked) for c, n, mean, picked in rows.fetchall()}
     expected = quotas({c: v[0] for c, v in stats.items()}, 80, "score", {c: v[1] for c, v in stats.items()})
     assert {c: v[2] for c, v in stats.items()} == expected and sum(expected.values()) == 80
+
+
+def test_a_threshold_selection_is_compared_with_a_random_pick_of_its_own_size(tmp_path, small_corpus):
+    """A threshold keeps a number nobody chose in advance; its KL baseline is still a seeded random
+    pick of that many (the one a top-k selection of the same size draws), not an empty pick."""
+    runs = {}
+    for name, select in [
+        ("threshold", {"method": "threshold", "column": "dsir_log_weight", "min": 0.0, "k": None}),
+        ("top", {"method": "top", "column": "dsir_log_weight"}),
+    ]:
+        if name == "top":
+            select["k"] = runs["threshold"]["counts"]["selected"]
+        cfg = make_config(tmp_path / name, small_corpus["pool"], small_corpus["target"], stages=["dsir", "select"],
+                          select=select)  # fmt: skip
+        runs[name] = run_selection(load_config(str(cfg)), overwrite=True)
+    assert 0 < runs["threshold"]["counts"]["selected"] and runs["threshold"]["counts"]["not_selected"] > 0
+    kl = {name: m["dsir"]["kl"] for name, m in runs.items()}
+    assert kl["threshold"]["target_vs_random"] == pytest.approx(kl["top"]["target_vs_random"])
+    assert kl["threshold"]["target_vs_selected"] == pytest.approx(kl["top"]["target_vs_selected"])

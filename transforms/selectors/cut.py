@@ -163,6 +163,27 @@ class KeysForCut:
         return out
 
 
+class _RandomKeys:
+    """A shard -> the random baseline's keys of every valid document (an unranked selector's)."""
+
+    def __init__(self, stage: str, chain, seed: int):
+        self.stage, self.chain, self.seed = stage, chain, seed
+
+    def keys(self, item) -> dict:
+        shard = shard_of(item)
+        valid = valid_mask(self.chain.reasons(self.stage, shard))
+        id_hash = read_id_hashes(shard.path)[valid]
+        return {"random": (random_keys(id_hash, self.seed), id_hash)}
+
+
+def _kept_count(item, stage: str, cut: Cut, chain) -> int:
+    """How many of a shard's documents an unranked cut (a threshold, or all) keeps."""
+    shard, running = chain.running(stage, item)
+    if cut.method == "threshold":
+        running &= cut.in_range(chain.column(cut.column, shard.name))
+    return int(running.sum())
+
+
 def wanted_ranks(budget: tuple, random_baseline: bool) -> dict:
     """The ranks the cut needs, from the budget (running, skip, keep)."""
     _, skip, keep = budget
@@ -245,6 +266,18 @@ class CutStage(beam.PTransform):
             # From the budget, which always has one element: an impossible budget fails even on an
             # empty input, where there is nothing to rank.
             thresholds = budget | "CutRanks" >> beam.Map(lambda b, f: cut_thresholds(f, b), found)
+        elif select:  # a threshold or all: the KL baseline is a random pick of the kept size
+            kept = (
+                shards
+                | "KeptPerShard" >> beam.Map(_kept_count, self.name, cut, self.chain)
+                | "Kept" >> beam.CombineGlobally(sum)
+            )
+            wanted = kept | "WantedRandom" >> beam.Map(lambda n: {"random": [max(n, 1)]})
+            keys = _RandomKeys(self.name, self.chain, self.seed)
+            found = beam.pvalue.AsSingleton(shards | "Rank" >> ExactRanks(keys, wanted), default_value={})
+            thresholds = kept | "RandomRank" >> beam.Map(
+                lambda n, f: {"random": f.get("random", {}).get(max(n, 1))}, found
+            )
         else:
             thresholds = budget | "NoRanks" >> beam.Map(lambda b: {})
         fn = ApplyCutShard(self.name, self.chain, cut, self.role, self.seed, self.progress_dir)

@@ -3,6 +3,7 @@
     beamsift run CONFIG [--set dotted.key=value ...] [--overwrite] [--quiet] [-- BEAM_OPTIONS...]
     beamsift query OUTPUT_DIR "SQL" [--format table|csv|json|markdown] [--max-width N]
     beamsift train CONFIG [--set dotted.key=value ...] [--overwrite] [--quiet] [-- BEAM_OPTIONS...]
+    beamsift export OUTPUT_DIR (--to-hf PATH | --to-jsonl PATH) [--columns A,B] [--shard-docs N] [--gzip]
     beamsift init [PATH]
 
 Everything after ``--`` goes to Beam's PipelineOptions unchanged. Errors that are the user's to
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return _init(args)
         if args.command == "train":
             return _run(args, beam_args, train=True)
+        if args.command == "export":
+            return _export(args)
         return _query(args)
     except UserError as e:
         print(f"beamsift: error: {e}", file=sys.stderr)
@@ -145,11 +148,11 @@ the config:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from beamsift.pipeline import query
+    from beamsift.pipeline import export, query
 
     parser = argparse.ArgumentParser(prog="beamsift", description="Data selection for ML training on Apache Beam.")
     parser.add_argument("--version", action="version", version=f"beamsift {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,train,query,init}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,query,export,init}")
     run = sub.add_parser(
         "run",
         help="run a selection pipeline from a YAML config",
@@ -186,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     query.add_arguments(q)
+    export.add_arguments(sub.add_parser("export", help=export.HELP, description=export.HELP_DESCRIPTION))
     train = sub.add_parser(
         "train",
         help="train the models of a config's first model stage once, to reuse with proxy.model",
@@ -446,6 +450,15 @@ def _query(args) -> int:
     try:
         return main(args)
     except QueryError as e:
+        raise UserError(str(e)) from None
+
+
+def _export(args) -> int:
+    from beamsift.pipeline.export import ExportError, main
+
+    try:
+        return main(args)
+    except ExportError as e:
         raise UserError(str(e)) from None
 
 

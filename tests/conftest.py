@@ -155,7 +155,9 @@ def assert_same_result(got, expected) -> None:
         if pa.types.is_floating(expected.schema.field(column).type):
             a = np.array([np.nan if v is None else v for v in a], dtype=np.float64)
             b = np.array([np.nan if v is None else v for v in b], dtype=np.float64)
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9, equal_nan=True, err_msg=column)
+            # Trained models' floats move by ~1e-5 between CPUs (AVX2 against AVX-512 kernels) with
+            # the same seed and one thread; a change of method moves them far more.
+            np.testing.assert_allclose(a, b, rtol=5e-4, atol=1e-4, equal_nan=True, err_msg=column)
         else:
             assert a == b, column
 

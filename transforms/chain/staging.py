@@ -53,7 +53,10 @@ def shard_name(table: pa.Table) -> str:
 def write_parquet(table: pa.Table, path: str) -> None:
     """Write a table through Beam's FileSystems (local, gs://, s3:// alike)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    if table.num_rows:
+        pq.write_table(table, buffer, compression="zstd")
+    else:  # no row group at all: readers that size their batches by the first one (datasets) choke on 0 rows
+        pq.ParquetWriter(buffer, table.schema, compression="zstd").close()
     with FileSystems.create(path) as f:
         f.write(buffer.getvalue())
 

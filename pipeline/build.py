@@ -176,6 +176,8 @@ def _report(summary: dict, finishers: list, out: str, *values) -> dict:
     for key in ("quad", "perplexity_correlations"):  # what a selector's bandit, a stage's domains did
         if key in summary:
             report[key] = summary[key]
+    if "examples" in summary:  # {score column: its documents at both ends}, for examples/
+        report["examples"] = summary["examples"]
     if "training" in summary:  # {stage: [how each of its models trained]}
         report["training"] = summary["training"]
     if "spread" in summary:  # {stage: {ranking column: its spread over the running}}

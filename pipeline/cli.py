@@ -4,6 +4,7 @@
     beamsift query OUTPUT_DIR "SQL" [--format table|csv|json|markdown] [--max-width N]
     beamsift train CONFIG [--set dotted.key=value ...] [--overwrite] [--quiet] [-- BEAM_OPTIONS...]
     beamsift export OUTPUT_DIR (--to-hf PATH | --to-jsonl PATH) [--columns A,B] [--shard-docs N] [--gzip]
+    beamsift report OUTPUT_DIR [-o FILE]
     beamsift init [PATH]
 
 Everything after ``--`` goes to Beam's PipelineOptions unchanged. Errors that are the user's to
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, beam_args, train=True)
         if args.command == "export":
             return _export(args)
+        if args.command == "report":
+            return _report(args)
         return _query(args)
     except UserError as e:
         print(f"beamsift: error: {e}", file=sys.stderr)
@@ -148,11 +151,11 @@ the config:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from beamsift.pipeline import export, query
+    from beamsift.pipeline import export, query, report
 
     parser = argparse.ArgumentParser(prog="beamsift", description="Data selection for ML training on Apache Beam.")
     parser.add_argument("--version", action="version", version=f"beamsift {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,train,query,export,init}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,query,report,export,init}")
     run = sub.add_parser(
         "run",
         help="run a selection pipeline from a YAML config",
@@ -189,6 +192,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     query.add_arguments(q)
+    report.add_arguments(
+        sub.add_parser(
+            "report",
+            help="build report.html for an earlier output (local or in a bucket)",
+            description="Build OUTPUT_DIR/report.html again: the counts as a funnel, every score's histogram "
+            "with the selection marked, the selection's make-up by category and cluster, the documents at both "
+            "ends of every score, the time of each stage. One self-contained file.",
+        )
+    )
     export.add_arguments(sub.add_parser("export", help=export.HELP, description=export.HELP_DESCRIPTION))
     train = sub.add_parser(
         "train",
@@ -446,6 +458,16 @@ def summary_text(manifest: dict) -> str:
 
 def _query(args) -> int:
     from beamsift.pipeline.query import QueryError, main
+
+    try:
+        return main(args)
+    except QueryError as e:
+        raise UserError(str(e)) from None
+
+
+def _report(args) -> int:
+    from beamsift.pipeline.query import QueryError
+    from beamsift.pipeline.report import main
 
     try:
         return main(args)

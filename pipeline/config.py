@@ -69,6 +69,7 @@ SCHEMA: dict[str, Any] = {
             str,
             "where selected/, scores/, rejected/, artifacts/ and the manifest go",
         ),
+        "report": (True, bool, "write report.html (charts of the counts, scores and make-up) into output.dir"),
     },
     "beam": {
         "runner": ("FnApiRunner", str, "Beam runner; arguments after -- override it"),

@@ -28,6 +28,9 @@ from beamsift.pipeline.manifest import (
     train_manifest,
 )
 from beamsift.pipeline.output import MANIFEST, PendingOutput, files_under, remove_tree
+from beamsift.pipeline.report import REPORT, build_report
+from beamsift.transforms.chain.staging import write_parquet
+from beamsift.transforms.io.examples import EXAMPLES_FILE, examples_table
 from beamsift.transforms.io.schema import output_column
 
 
@@ -43,6 +46,10 @@ class FinishRun:
     def __call__(self, summary: dict, *_writes_done) -> str:
         with _signals_deferred():  # a Ctrl-C now would land between two renames
             manifest = self._manifest(summary)
+            if not self.cfg.train_only:
+                self._examples_and_report(summary, manifest)
+            # Every file of the result, so that a later --overwrite removes these and nothing else.
+            manifest["files"] = [f for f in files_under(self.folder) if f != MANIFEST]
             with FileSystems.create(FileSystems.join(self.folder, MANIFEST)) as f:
                 f.write(json.dumps(manifest, indent=2).encode())
             PendingOutput(self.out, self.folder).publish()
@@ -65,9 +72,23 @@ class FinishRun:
             + diagnostic_warnings(manifest)
             + ([] if cfg.train_only else result_warnings(manifest))
         )
-        # Every file of the result, so that a later --overwrite removes these and nothing else.
-        manifest["files"] = [f for f in files_under(self.folder) if f != MANIFEST]
         return manifest
+
+    def _examples_and_report(self, summary: dict, manifest: dict) -> None:
+        """examples/ (the documents at both ends of every score) and report.html. The report is
+        a view of the result, not part of it: where it cannot be built, the run still publishes,
+        and a warning says why (``beamsift report`` builds it later)."""
+        write_parquet(examples_table(summary.get("examples") or {}), FileSystems.join(self.folder, EXAMPLES_FILE))
+        if not self.cfg["output.report"]:
+            return
+        try:
+            page = build_report(self.folder, manifest, title=self.out)
+        except Exception as e:  # noqa: BLE001 - a chart that fails must not lose the run
+            manifest["warnings"].append(f"report.html was not written ({type(e).__name__}: {e}); "
+                                        f"`beamsift report {self.out}` builds it")  # fmt: skip
+            return
+        with FileSystems.create(FileSystems.join(self.folder, REPORT)) as f:
+            f.write(page.encode("utf-8"))
 
 
 @contextlib.contextmanager

@@ -35,8 +35,8 @@ from apache_beam.io.filesystems import FileSystems
 MANIFEST = "manifest.json"
 MARKER = "_beamsift_output"
 STAGING = "_staging"
-OUTPUT_DIRS = ("selected", "scores", "rejected", "clusters", "domains", "artifacts")
-OWN_ENTRIES = frozenset(OUTPUT_DIRS) | {MANIFEST, MARKER, STAGING}
+OUTPUT_DIRS = ("selected", "scores", "rejected", "clusters", "domains", "examples", "artifacts")
+OWN_ENTRIES = frozenset(OUTPUT_DIRS) | {MANIFEST, MARKER, STAGING, "report.html"}
 TMP_TAG = ".beamsift-tmp-"
 PUBLISHING = ".publishing"
 

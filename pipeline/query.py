@@ -104,17 +104,18 @@ def cut_note(max_width: int) -> str:
     return f"(cells longer than {max_width} characters were cut; --max-width 0 shows them whole)"
 
 
-def connect(out_dir: str) -> duckdb.DuckDBPyConnection:
+def connect(out_dir: str, require_manifest: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view over every folder of Parquet shards in ``out_dir``
     (``selected``, ``scores`` and ``rejected`` for a finished run): a local folder, or one on an
-    object store (``s3://``, ``gs://``)."""
+    object store (``s3://``, ``gs://``). ``require_manifest=False``: also a run's folder before
+    its manifest is written (the report, built in the job's last step)."""
     if "://" in out_dir and not out_dir.startswith("file://"):
-        return _connect_remote(out_dir)
+        return _connect_remote(out_dir, require_manifest)
     if not os.path.exists(out_dir):
         raise QueryError(f"{out_dir}: no such folder")
     if not os.path.isdir(out_dir):
         raise QueryError(f"{out_dir}: not a folder")
-    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
+    if require_manifest and not os.path.exists(os.path.join(out_dir, MANIFEST)):
         raise QueryError(f"{out_dir} has no {MANIFEST}: not the output of a finished beamsift run")
     con = duckdb.connect()
     try:
@@ -131,7 +132,7 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _connect_remote(out_dir: str) -> duckdb.DuckDBPyConnection:
+def _connect_remote(out_dir: str, require_manifest: bool = True) -> duckdb.DuckDBPyConnection:
     """The views of a result on an object store, read through Arrow's S3 and GCS filesystems
     (credentials, region and endpoint from the usual variables: AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL; Google's application default
@@ -148,7 +149,7 @@ def _connect_remote(out_dir: str) -> duckdb.DuckDBPyConnection:
     files = {e.path[len(root) + 1 :]: e for e in entries if e.type == pafs.FileType.File}
     if not files:
         raise QueryError(f"{out_dir}: no such folder")
-    if MANIFEST not in files:
+    if require_manifest and MANIFEST not in files:
         raise QueryError(f"{out_dir} has no {MANIFEST}: not the output of a finished beamsift run")
     folders: dict[str, list[str]] = {}
     for rel in sorted(files):

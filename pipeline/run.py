@@ -34,6 +34,7 @@ from beamsift.pipeline.output import (
     check_output_dir,
     is_local,
 )
+from beamsift.pipeline.report import REPORT, write_report
 from beamsift.pipeline.saved import check_saved_models, check_target_labels
 from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.io.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
@@ -169,6 +170,9 @@ def run_selection(
     manifest = _published_manifest(out, pending.run_id)
     add_metrics(manifest, _query_metrics(result), time.time() - started)
     _replace_manifest(out, manifest)
+    if REPORT in manifest.get("files", []):  # again, now with the stages' times the runner counted
+        with contextlib.suppress(Exception):  # the job's own report stays where this one fails
+            write_report(out, manifest)
     return manifest
 
 

@@ -19,6 +19,7 @@ from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.chain.staging import read_staging, write_parquet
 from beamsift.transforms.chain.sums import Sum
+from beamsift.transforms.io.examples import shard_extremes
 from beamsift.transforms.io.read import POSITION_BITS, REJECTED
 from beamsift.transforms.io.schema import (
     INTERNAL,
@@ -129,6 +130,8 @@ class WriteSelectionShards(MeteredDoFn):
             key = "not selected: " + r
             counts[key] = counts.get(key, 0) + 1
         summary = {"counts": counts}
+        floats = [f.name for f in _stage_fields(self.chain) if pa.types.is_floating(f.type)]
+        summary["examples"] = shard_extremes(scored, ~duplicate, floats, TEXT)
         if self.ngram_buckets is not None and "_in_random" in last.column_names:
             in_random = np.asarray(last.column("_in_random").to_numpy(zero_copy_only=False), dtype=bool)
             summary.update(selection_ngrams(table, selected, in_random, self.ngram_buckets))

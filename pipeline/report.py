@@ -396,29 +396,43 @@ def build_report(out_dir: str, manifest: dict | None = None, title: str | None =
         con.close()
 
 
-def _read(out_dir: str, name: str) -> bytes:
-    from apache_beam.io.filesystems import FileSystems
+def _remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
 
-    with FileSystems.open(FileSystems.join(out_dir, name)) as f:
+
+def _read(out_dir: str, name: str) -> bytes:
+    """A file of an output, local or on an object store (Arrow's filesystems: the endpoint and
+    keys from the usual environment variables, as ``beamsift query`` reads them)."""
+    if not _remote(out_dir):
+        with open(os.path.join(out_dir.removeprefix("file://"), name), "rb") as f:
+            return f.read()
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(out_dir.rstrip("/"))
+    with fs.open_input_stream(f"{root}/{name}", compression=None) as f:
         return f.read()
 
 
-def write_report(out_dir: str, manifest: dict | None = None) -> str:
-    """Build the report of a published output and put it in place at once (an object's upload
-    is atomic; a local file is renamed over the old). Returns its path."""
-    from apache_beam.io.filesystems import FileSystems
+def _write(out_dir: str, name: str, data: bytes) -> str:
+    """Put a file of an output in place at once: a local file renamed over the old; an object's
+    upload is atomic."""
+    if not _remote(out_dir):
+        path = os.path.join(out_dir.removeprefix("file://"), name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+        return path
+    import pyarrow.fs as pafs
 
-    page = build_report(out_dir, manifest).encode("utf-8")
-    path = FileSystems.join(out_dir, REPORT)
-    if "://" in out_dir and not out_dir.startswith("file://"):
-        with FileSystems.create(path) as f:
-            f.write(page)
-    else:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    return path
+    fs, root = pafs.FileSystem.from_uri(out_dir.rstrip("/"))
+    with fs.open_output_stream(f"{root}/{name}", compression=None) as f:
+        f.write(data)
+    return out_dir.rstrip("/") + "/" + name
+
+
+def write_report(out_dir: str, manifest: dict | None = None) -> str:
+    """Build the report of a published output and put it in place. Returns its path."""
+    return _write(out_dir, REPORT, build_report(out_dir, manifest).encode("utf-8"))
 
 
 def add_arguments(parser) -> None:
@@ -446,9 +460,7 @@ def main(args) -> int:
         return 0
     path = write_report(args.output_dir, manifest)
     if REPORT not in manifest.get("files", []):
-        from beamsift.pipeline.run import _replace_manifest
-
         manifest["files"] = sorted([*manifest.get("files", []), REPORT])
-        _replace_manifest(args.output_dir, manifest)
+        _write(args.output_dir, "manifest.json", json.dumps(manifest, indent=2).encode())
     print(f"beamsift: wrote {path}")
     return 0

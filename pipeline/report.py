@@ -199,9 +199,10 @@ h3{font-size:14px;margin:14px 0 4px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(500px,1fr));gap:12px}
 .panel{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:10px}
 img{max-width:100%} table{border-collapse:collapse;font-size:12px;background:#fff;width:100%}
-td,th{border:1px solid #e3e6ea;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+td,th{border:1px solid #e3e6ea;padding:3px 6px;text-align:left;vertical-align:top;white-space:nowrap}
 th{background:#eef1f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
-.text{color:#3b444d;max-width:640px} .note{color:#59636e;font-size:12px} .warn{color:#8a4b00}
+td.text{color:#3b444d;white-space:normal;overflow-wrap:anywhere;width:100%}
+.note{color:#59636e;font-size:12px} .warn{color:#8a4b00}
 """
 
 
@@ -209,13 +210,15 @@ def _e(v) -> str:
     return html.escape(str(v))
 
 
-def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), text: int | None = None) -> str:
+    """An HTML table; ``numeric`` columns right-aligned, the ``text`` column wrapped, the others not."""
+
+    def cell(i, c):
+        kind = " class='n'" if i in numeric else " class='text'" if i == text else ""
+        return f"<td{kind}>{_e(c)}</td>"
+
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td class='n'>{_e(c)}</td>" if i in numeric else f"<td>{_e(c)}</td>"
-                         for i, c in enumerate(r)) + "</tr>"
-        for r in rows
-    )  # fmt: skip
+    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -289,7 +292,8 @@ def build_html(con, manifest: dict, title: str) -> str:
     steps, reasons = _funnel(manifest)
     parts.append("<h2>From the records read to the selection</h2><div class='grid'><div class='panel'>")
     parts.append(funnel_chart(steps) + "</div><div class='panel'>")
-    parts.append(_table(["stage", "why documents left", "documents"], [[a, b, f"{n:,}"] for a, b, n in reasons], {2}))
+    rows = [[a, b, f"{n:,}"] for a, b, n in reasons]
+    parts.append(_table(["stage", "why documents left", "documents"], rows, {2}, text=1))
     parts.append("</div></div>")
     parts.append(_kl(manifest))
 
@@ -328,6 +332,7 @@ def build_html(con, manifest: dict, title: str) -> str:
                 ["cluster", "size", "selected", "duplicates", "nearest the centroid"],
                 [[c, f"{s:,}", f"{k:,}", f"{d:,}", ", ".join(map(str, (ex or [])[:5]))] for c, s, k, d, ex in shown],
                 {1, 2, 3},
+                text=4,
             )  # fmt: skip
         )
 
@@ -352,6 +357,7 @@ def build_html(con, manifest: dict, title: str) -> str:
                     _table(
                         ["end", "value", "id", "selected", "text (cut short)"],
                         [[f"{e} {k}", _fmt(v), i, "yes" if s else "", _short(t)] for _, e, k, v, i, s, t in rs],
+                        text=4,
                     )  # fmt: skip
                 )
 

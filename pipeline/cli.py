@@ -167,6 +167,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config (a template: `beamsift init`)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier beamsift result in output.dir")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="run even when output.dir already holds this run's result (same inputs, config and version)",
+    )
     run.add_argument("--quiet", action="store_true", help="print only the summary: no progress, no Beam logs")
     run.add_argument(
         "--progress",
@@ -257,7 +262,8 @@ def _run(args, beam_args, train: bool = False) -> int:
     try:
         with _workers_stderr_to(log_path if (args.quiet or show_progress) else None):
             wait = not getattr(args, "no_wait", False)
-            manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, progress=progress, wait=wait)
+            manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, progress=progress, wait=wait,
+                                     force=getattr(args, "force", False))  # fmt: skip
     except (InputError, OutputDirError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -278,6 +284,12 @@ def _run(args, beam_args, train: bool = False) -> int:
         if not keep_log:
             with contextlib.suppress(OSError):
                 os.remove(log_path)
+    if manifest.get("unchanged"):
+        print(
+            f"beamsift: {manifest['output']} already holds this run's result (the same inputs, config and beamsift "
+            f"version: fingerprint {manifest['fingerprint']}); nothing to do. --force runs it again"
+        )
+        return 0
     if manifest.get("dry_run"):
         print(
             f"beamsift: dry run: the job translated for {manifest['runner']} ({manifest['transforms']} transforms); "

@@ -37,6 +37,7 @@ class RunFacts:
     inputs: dict = field(default_factory=dict)  # {config key: [{path, modified, bytes}]}
     warnings: tuple = ()
     runner: dict = field(default_factory=dict)  # name, worker processes, who chose them
+    fingerprint: str = ""  # the inputs, the config and beamsift's version (``run.fingerprint``)
 
 
 def selection_manifest(cfg, summary: dict, facts: RunFacts) -> dict:
@@ -109,6 +110,7 @@ def header(cfg, facts: RunFacts, finished: float, command: str | None = None) ->
         "beamsift_version": version("beamsift"),
         **({"command": command} if command else {}),
         "run_id": facts.run_id,
+        "fingerprint": facts.fingerprint,
         "created": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
         "complete": True,
         "seed": cfg["seed"],

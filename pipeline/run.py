@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -57,8 +58,13 @@ def run_selection(
     beam_args: list[str] = (),
     progress=None,
     wait: bool = True,
+    force: bool = False,
 ) -> dict:
     """Run the pipeline that ``cfg`` describes; return the manifest (also written to disk).
+
+    A run whose fingerprint (``fingerprint``) equals the one of the result already in
+    ``output.dir`` does no work and returns ``{"unchanged": True, ...}``; ``force`` runs it
+    again (and replaces that result, as ``overwrite`` would).
 
     ``progress``: a callable ``(progress_dir, total_bytes) -> context manager`` that shows live
     progress from the files that the workers write into ``progress_dir`` (see
@@ -96,8 +102,14 @@ def run_selection(
             check_target_labels(cfg, target_files, saved)
         target_tasks = plan_read_tasks(target_files, cfg["input.split_bytes"])
         inputs["target.path"] = _read_paths(cfg["target.path"], target_files)
+    described = {key: _describe(paths) for key, paths in inputs.items()}
+    fp = fingerprint(cfg, described)
+    if launch != "dry_run" and not force:
+        published = _published_fingerprint(out)
+        if published == fp:
+            return {"unchanged": True, "output": out, "fingerprint": fp}
     if launch != "dry_run" or is_local(out):  # a dry run needs no credentials for the output's bucket
-        check_output_dir(out, overwrite, inputs)
+        check_output_dir(out, overwrite or force, inputs)
     if launch != "dry_run" and not is_local_runner(options):
         _check_workers_reach(options, {"output.dir": [out], **inputs})
     pool_tasks = plan_read_tasks(pool_files, cfg["input.split_bytes"])
@@ -113,9 +125,10 @@ def run_selection(
         started=started,
         beam_options=options.get_all_options(drop_default=True),
         input_files=len(pool_files),
-        inputs={key: _describe(paths) for key, paths in inputs.items()},
+        inputs=described,
         warnings=tuple(warnings),
         runner=_runner_report(options, workers),
+        fingerprint=fp,
     )
 
     def build(progress_dir):
@@ -413,13 +426,38 @@ def _shadowed_beside_config(cfg: Config, pattern: str, files) -> str | None:
     return os.path.abspath(other[0]) if other else None
 
 
+def fingerprint(cfg: Config, described: dict) -> str:
+    """What decides a run's result: the content of its inputs (every file's path, size and
+    modification time), the resolved config and beamsift's version. Not the runner: the result is
+    the same on every runner and for any number of workers."""
+    from importlib import metadata
+
+    config = {k: v for k, v in cfg.to_dict().items() if k != "beam"}
+    config["output"] = {k: v for k, v in config.get("output", {}).items() if k != "report"}
+    try:
+        version = metadata.version("beamsift")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    text = json.dumps({"inputs": described, "config": config, "beamsift": version}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _published_fingerprint(out: str) -> str | None:
+    """The fingerprint in ``out``'s manifest, if it holds a finished result."""
+    try:
+        with FileSystems.open(FileSystems.join(out, MANIFEST), compression_type="uncompressed") as f:
+            return json.loads(f.read()).get("fingerprint")
+    except Exception:  # noqa: BLE001 - no result there (or not a readable one): nothing to compare
+        return None
+
+
 def _describe(paths: list[str]) -> list[dict]:
     """What a run read, as absolute paths with sizes and modification times: enough to tell later
-    which files those were."""
+    which files those were (on an object store, as its listing gives them)."""
     out = []
     for path in paths:
         if not is_local(path):
-            out.append({"path": path})
+            out.append(_describe_remote(path))
             continue
         try:
             st = os.stat(path)
@@ -432,6 +470,19 @@ def _describe(paths: list[str]) -> list[dict]:
             entry["bytes"] = st.st_size
         out.append(entry)
     return out
+
+
+def _describe_remote(path: str) -> dict:
+    entry = {"path": path}
+    with contextlib.suppress(Exception):  # a folder (a dataset) or a store that does not say
+        meta = FileSystems.match([path])[0].metadata_list
+        if len(meta) == 1:
+            entry["bytes"] = meta[0].size_in_bytes
+            if meta[0].last_updated_in_seconds:
+                entry["modified"] = dt.datetime.fromtimestamp(
+                    meta[0].last_updated_in_seconds, dt.timezone.utc
+                ).isoformat()
+    return entry
 
 
 def _read_paths(pattern: str, files: list[tuple[str, str, int]]) -> list[str]:

@@ -77,7 +77,7 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
     tmp = tempfile.mkdtemp()  # the run's temp dir: left as it was found
     for sig, status, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "beamsift.pipeline.cli", "run", str(cfg), "--overwrite", "--quiet"],
+            [sys.executable, "-m", "beamsift.pipeline.cli", "run", str(cfg), "--force", "--quiet"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -134,6 +134,9 @@ def test_an_output_of_an_earlier_version_is_recognised_by_its_manifest(tmp_path,
     out = tmp_path / "out"
     run_cli("run", str(cfg))
     (out / output.MARKER).unlink()  # versions before the marker wrote only the manifest
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["fingerprint"]  # ... and no fingerprint
+    (out / "manifest.json").write_text(json.dumps(manifest))
     proc = run_cli("run", str(cfg), check=False)
     _refused(proc, "holds the result of an earlier run; pass --overwrite")
     run_cli("run", str(cfg), "--overwrite", "--set", "select.k=9")

@@ -41,7 +41,7 @@ def test_a_user_file_at_any_depth_of_an_old_output_is_refused_and_kept(tmp_path,
             (out / mine).parent.rmdir()
     # An empty folder of the user's counts too: it is not beamsift's to remove.
     (out / "artifacts" / "empty").mkdir()
-    _one_line_error(run_cli("run", str(cfg), "--overwrite", check=False), "holds artifacts/empty/")
+    _one_line_error(run_cli("run", str(cfg), "--force", check=False), "holds artifacts/empty/")
     (out / "artifacts" / "empty").rmdir()
     run_cli("run", str(cfg), "--overwrite", "--set", "select.k=7")
     assert json.loads((out / "manifest.json").read_text())["counts"]["selected"] == 7

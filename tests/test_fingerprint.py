@@ -1,0 +1,42 @@
+"""A run's fingerprint (its inputs' content, its resolved config, beamsift's version): the same
+command again does no work; a changed input, a changed key or --force runs again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import WORKERS, demo_records, make_config, run_cli, write_jsonl
+
+
+def _manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_an_unchanged_run_is_skipped_and_any_change_runs_again(tmp_path):
+    pool = write_jsonl(tmp_path / "pool.jsonl", demo_records(200))
+    cfg = make_config(tmp_path, pool, pool, select={"k": 20})
+    out = tmp_path / "out"
+    run_cli("run", str(cfg), "--quiet")
+    first = _manifest(out)
+    assert len(first["fingerprint"]) == 20
+
+    # The same command (on another runner, too: the result is the same on every runner): no work.
+    for extra in ([], ["--", *WORKERS]):
+        again = run_cli("run", str(cfg), "--quiet", *extra)
+        assert "already holds this run's result" in again.stdout and first["fingerprint"] in again.stdout
+        assert _manifest(out)["run_id"] == first["run_id"]
+
+    # --force runs it again, and gives the same fingerprint and ids.
+    run_cli("run", str(cfg), "--quiet", "--force")
+    forced = _manifest(out)
+    assert forced["run_id"] != first["run_id"] and forced["fingerprint"] == first["fingerprint"]
+
+    # A changed key, or an input with a new modification time: a new fingerprint, so the old
+    # result is an earlier run's (replaced only with --overwrite).
+    changed = run_cli("run", str(cfg), "--quiet", "--set", "seed=5", check=False)
+    assert changed.returncode == 2 and "--overwrite" in changed.stderr
+    os.utime(pool, (1_700_000_000, 1_700_000_000))
+    touched = run_cli("run", str(cfg), "--quiet", "--overwrite")
+    assert "already holds" not in touched.stdout
+    assert _manifest(out)["fingerprint"] != first["fingerprint"]

@@ -168,6 +168,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier beamsift result in output.dir")
     run.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the inputs, output.dir and saved models, estimate each stage's time from a sample "
+        "run of the first records, and stop: nothing is written to output.dir",
+    )
+    run.add_argument(
+        "--check-sample", type=int, default=500, metavar="N", help="--check: records of the sample run (500)"
+    )
+    run.add_argument(
         "--force",
         action="store_true",
         help="run even when output.dir already holds this run's result (same inputs, config and version)",
@@ -255,6 +264,13 @@ def _run(args, beam_args, train: bool = False) -> int:
     from beamsift.transforms.io.read import InputError
     from beamsift.transforms.stages.dsir import SelectionError
 
+    if getattr(args, "check", False):
+        from beamsift.pipeline.check import run_check
+
+        try:
+            return run_check(args, _runner_overrides(getattr(args, "runner_config", None)) + args.set, beam_args)
+        except (InputError, OutputDirError, SelectionError) as e:
+            raise UserError(str(e)) from None
     show_progress = args.progress if args.progress is not None else (not args.quiet and sys.stderr.isatty())
     progress = _progress_display if show_progress else None
     log_path = os.path.join(tempfile.gettempdir(), f"beamsift-{os.getpid()}.log")

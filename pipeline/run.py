@@ -59,12 +59,14 @@ def run_selection(
     progress=None,
     wait: bool = True,
     force: bool = False,
+    check_only: bool = False,
 ) -> dict:
     """Run the pipeline that ``cfg`` describes; return the manifest (also written to disk).
 
     A run whose fingerprint (``fingerprint``) equals the one of the result already in
     ``output.dir`` does no work and returns ``{"unchanged": True, ...}``; ``force`` runs it
-    again (and replaces that result, as ``overwrite`` would).
+    again (and replaces that result, as ``overwrite`` would). ``check_only``: make every check a
+    run makes before it starts, then return what was found (``beamsift run --check``).
 
     ``progress``: a callable ``(progress_dir, total_bytes) -> context manager`` that shows live
     progress from the files that the workers write into ``progress_dir`` (see
@@ -104,7 +106,7 @@ def run_selection(
         inputs["target.path"] = _read_paths(cfg["target.path"], target_files)
     described = {key: _describe(paths) for key, paths in inputs.items()}
     fp = fingerprint(cfg, described)
-    if launch != "dry_run" and not force:
+    if launch != "dry_run" and not force and not check_only:
         published = _published_fingerprint(out)
         if published == fp:
             return {"unchanged": True, "output": out, "fingerprint": fp}
@@ -112,6 +114,16 @@ def run_selection(
         check_output_dir(out, overwrite or force, inputs)
     if launch != "dry_run" and not is_local_runner(options):
         _check_workers_reach(options, {"output.dir": [out], **inputs})
+    if check_only:
+        return {
+            "checked": True,
+            "output": out,
+            "output_state": "earlier" if _published_fingerprint(out) is not None or _exists(out, MANIFEST) else "new",
+            "fingerprint": fp,
+            "files": pool_files,
+            "pool_files": len(pool_files),
+            "pool_bytes": sum(size for _, _, size in pool_files),
+        }
     pool_tasks = plan_read_tasks(pool_files, cfg["input.split_bytes"])
     workers = _local_workers(cfg, options, beam_args, pool_tasks)
     if workers:  # the machine's cores, where the user chose none
@@ -440,6 +452,13 @@ def fingerprint(cfg: Config, described: dict) -> str:
         version = "unknown"
     text = json.dumps({"inputs": described, "config": config, "beamsift": version}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _exists(folder: str, name: str) -> bool:
+    try:
+        return FileSystems.exists(FileSystems.join(folder, name))
+    except Exception:  # noqa: BLE001 - an unreachable folder was refused by the checks already
+        return False
 
 
 def _published_fingerprint(out: str) -> str | None:

@@ -40,3 +40,27 @@ def test_an_unchanged_run_is_skipped_and_any_change_runs_again(tmp_path):
     touched = run_cli("run", str(cfg), "--quiet", "--overwrite")
     assert "already holds" not in touched.stdout
     assert _manifest(out)["fingerprint"] != first["fingerprint"]
+
+
+def test_check_validates_estimates_from_a_sample_and_writes_nothing(tmp_path):
+    import tempfile
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", demo_records(400))
+    cfg = make_config(tmp_path, pool, pool, stages=["dsir", "embed", "cluster", "select"],
+                      cluster={"k": 8, "sample": 300}, select={"method": "balanced", "k": 100})  # fmt: skip
+    tmp = tempfile.mkdtemp()
+    proc = run_cli("run", str(cfg), "--check", "--check-sample", "120", env={"TMPDIR": tmp})
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("beamsift: check passed") and "new or empty" in lines[0]
+    assert any(line.split()[:2] == ["sample", "120"] for line in lines)
+    rates = {line.split()[0]: line for line in lines if "documents/s" in line}
+    assert {"featurize", "dsir", "embed", "cluster", "select"} <= set(rates)
+    assert "estimate" in lines[-2] and lines[-1].strip() == "nothing was written to output.dir"
+    assert not (tmp_path / "out").exists() and os.listdir(tmp) == []
+    # What a run would refuse, --check refuses, in one line.
+    bad = run_cli("run", str(cfg), "--check", "--set", "input.text_field=body", check=False)
+    assert bad.returncode == 2 and "input.text_field 'body'" in bad.stderr
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("the user's")
+    refused = run_cli("run", str(cfg), "--check", check=False)
+    assert refused.returncode == 2 and "mine.txt" in refused.stderr

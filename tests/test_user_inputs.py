@@ -215,3 +215,19 @@ def test_a_label_of_its_own_for_every_document_is_refused(tmp_path):
     assert message.startswith("input.label_field 'url': each of the proxy's 100 training documents has a label")
     assert message.endswith("a label must name a class that documents share")
     assert not (tmp_path / "out").exists()  # (shared labels train: tests/test_models.py)
+
+
+def test_a_hub_dataset_id_offline_is_one_clear_line(tmp_path):
+    """input.path: hf://OWNER/NAME loads through datasets where the hub can be reached; here it
+    cannot, and the run says so at once, with what to do instead."""
+    cfg = make_config(tmp_path, "hf://allenai/c4/en@validation", "hf://allenai/c4/en@validation")
+    proc = run_cli("run", str(cfg), check=False, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "beamsift: error: input.path hf://allenai/c4/en@validation: the HuggingFace hub is off (HF_HUB_OFFLINE / "
+        "HF_DATASETS_OFFLINE); load it where the hub can be reached (datasets.load_dataset(...).save_to_disk(PATH)) "
+        "and set input.path to PATH"
+    ]
+    bad = make_config(tmp_path / "b", "hf://c4", "hf://c4")
+    proc = run_cli("run", str(bad), check=False)
+    assert proc.returncode == 2 and "a hub dataset is hf://OWNER/NAME" in proc.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 from collections.abc import Iterator
@@ -103,6 +104,8 @@ def expand_input(pattern: str, fmt: str, key: str = "input.path") -> list[tuple[
     its Arrow files, in the order that ``state.json`` lists them. ``key`` names the config key
     in errors.
     """
+    if pattern.startswith(HUB_PREFIX):
+        return hub_dataset_files(pattern, key)
     folder = pattern.rstrip("/")
     state = posixpath.join(folder, "state.json")
     if fmt in ("auto", "hf") and FileSystems.exists(state):
@@ -129,6 +132,56 @@ def expand_input(pattern: str, fmt: str, key: str = "input.path") -> list[tuple[
         f = detect_format(path, key) if fmt == "auto" else fmt
         out.append((path, f, size))
     return out
+
+
+HUB_PREFIX = "hf://"
+_HUB_HINT = (
+    "load it where the hub can be reached (datasets.load_dataset(...).save_to_disk(PATH)) and set input.path to PATH"
+)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached from here, found at once (offline mode, no name resolution),
+    rather than after the hub client's retries; None where it may be."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or os.environ.get(
+        "HF_DATASETS_OFFLINE", ""
+    ).lower() in ("1", "true", "yes", "on"):
+        return "the HuggingFace hub is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"this machine cannot reach the HuggingFace hub ({host}: {e.strerror or e})"
+    return None
+
+
+def hub_dataset_files(pattern: str, key: str = "input.path") -> list[tuple[str, str, int]]:
+    """A dataset on the HuggingFace hub, ``hf://OWNER/NAME[/CONFIG][@SPLIT]`` (split ``train``
+    by default): ``datasets`` loads it into its cache (the hub's own loading, with its
+    credentials and cache), and the run reads the cache's Arrow files as a save_to_disk folder's.
+    Offline, or for a dataset the hub does not have, one line says so."""
+    spec = pattern[len(HUB_PREFIX) :].strip("/")
+    spec, _, split = spec.partition("@")
+    parts = spec.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise InputError(f"{key} {pattern}: a hub dataset is hf://OWNER/NAME, hf://OWNER/NAME/CONFIG, or either @SPLIT")
+    offline = _hub_unreachable()
+    if offline:
+        raise InputError(f"{key} {pattern}: {offline}; {_HUB_HINT}")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retries would bury the one line
+        ds = datasets.load_dataset("/".join(parts[:2]), parts[2] if len(parts) == 3 else None, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - unknown dataset, no access, lost connection: the hub's own words
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InputError(f"{key} {pattern}: the HuggingFace hub did not give it: {first}") from None
+    files = [f["filename"] for f in ds.cache_files]
+    return [(f, "hf", os.path.getsize(f)) for f in files]
 
 
 SAMPLE_RECORDS = 100

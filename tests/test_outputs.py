@@ -145,7 +145,7 @@ def test_progress_on_request_and_silence_with_quiet(tmp_path, small_corpus):
     assert re.search(r"read [\d,]+ .*\| dsir [\d,]+ .*\| select [\d,]+ .*\| written [\d,]+", shown.stderr), shown.stderr
     assert "written 600" in shown.stderr.replace(",", "")
     workers = ["--", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-    quiet = run_cli("run", str(cfg), "--overwrite", "--quiet", *workers)
+    quiet = run_cli("run", str(cfg), "--force", "--quiet", *workers)
     assert quiet.stderr == ""  # not Beam's logs, not the worker processes'
     assert quiet.stdout.startswith("beamsift: selected 50 of 600 input records")
 

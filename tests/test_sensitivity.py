@@ -110,3 +110,43 @@ def test_the_whole_running_and_an_empty_budget(tmp_path):
     assert weights == [(1.0,)]
     with pytest.raises(SelectionError, match="rounds to none"):
         run({"method": "sensitivity", "k": None, "fraction": 0.002})
+
+
+def _scale_by_suffix_sums(p: np.ndarray, k: int) -> float:
+    """λ with Σ min(1, λp) = k, by the loop over p sorted largest first, 1 − S_m taken as the sum
+    of the rest added smallest first (accurate where 1 − S_m is tiny)."""
+    top = np.sort(p)[::-1]
+    rest = np.cumsum(top[::-1])[::-1]  # rest[m] = Σ_{i ≥ m} top[i]
+    for m in range(min(k, len(top))):
+        if (k - m) * top[m] < rest[m]:
+            return (k - m) / rest[m]
+    return np.inf
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inclusion_scale_in_bounded_passes_equals_the_k_largest_in_one_place(seed):
+    """λ from two histograms and one sub-bin's values (what the selector holds) against the loop
+    over every value in one place: heavy tails (many documents certain), ties, any split."""
+    from beamsift.transforms.selectors import inclusion as search
+    from beamsift.transforms.selectors.inclusion import scale_in_passes
+
+    rng = np.random.default_rng(seed)
+    n = 30_000
+    s = np.concatenate([rng.pareto(1.2, n - 3000) + 1e-3, np.full(3000, 0.5)])  # a tail and a block of ties
+    p = s / s.sum()
+    parts = np.array_split(rng.permutation(p), 7)
+    for k in (1, 10, 300, 3_000, 15_000, 29_999, 30_000):
+        expected = _scale_by_suffix_sums(p, k) if k < n else np.inf
+        got = scale_in_passes(parts, k, n)
+        if np.isinf(expected):
+            assert np.isinf(got), k
+            continue
+        assert got == pytest.approx(expected, rel=1e-9), k
+        assert (got * p >= 1).sum() == (expected * p >= 1).sum(), k
+        # The selector's earlier rule (the k largest in one place, 1 − their sum) agrees but where
+        # 1 − S is tiny (k near n), where it loses digits.
+        assert got == pytest.approx(inclusion_scale(np.sort(p)[::-1][:k], k, n), rel=1e-4), k
+    # Some of those k have the boundary inside a bin: the sub-bins and the values were used.
+    hist = search.histogram(search.log_bins(p), p, search.LOG_BINS)
+    inside = [k for k in (10, 300, 3_000, 15_000) if search.scan(hist, k, 0, int(hist[1].sum()))[0] == "inside"]
+    assert inside

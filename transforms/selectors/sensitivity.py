@@ -25,6 +25,7 @@ import math
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from beamsift.transforms.chain import (
     ApplyStage,
     ShardStageFn,
@@ -34,16 +35,12 @@ from beamsift.transforms.chain import (
 from beamsift.transforms.chain.seeded import SENSITIVITY_STREAM, uniform01
 from beamsift.transforms.chain.staging import read_id_hashes
 from beamsift.transforms.chain.sums import Sum, fixed_point_sum
-from beamsift.transforms.selectors.core import (
-    Budget,
-    Candidates,
-    MergeCandidates,
-    at_or_above,
-    in_random,
-    random_candidates,
-)
+from beamsift.transforms.selectors import inclusion as search
+from beamsift.transforms.selectors.core import Budget, at_or_above, in_random, random_keys, valid_mask
+from beamsift.transforms.selectors.exact_rank import ExactRanks
 
 COLUMNS = (("sensitivity", "double"), ("weight", "double"))
+KEYS = ".keys"  # per shard: each document's Pareto key, what ExactRanks ranks
 
 
 def sensitivities(clusters: np.ndarray, d2: np.ndarray, stats: dict) -> np.ndarray:
@@ -128,29 +125,115 @@ def _costs(stats: dict) -> dict:
     return {c: (n, q / FIXED_POINT) for c, (n, q) in stats.items()}
 
 
-class _LargestProbabilities(_Read, beam.DoFn):
-    def process(self, item, stats, budget):
-        shard, _, clusters, d2 = self.read(item)
+class _Probabilities(_Read):
+    """p of a shard's documents that have one (with their id hashes), from the cluster costs."""
+
+    def probabilities(self, item, stats):
+        shard, reasons, clusters, d2 = self.read(item)
         p = sensitivities(clusters, d2, stats)
         ok = ~np.isnan(p)
-        yield {"p": Candidates.of(p[ok], read_id_hashes(shard.path)[ok], max(budget[2], 1))}
+        return shard, reasons, p, ok
 
 
-class _RankByKey(_Read, beam.DoFn):
+class _LogHistogram(_Probabilities, beam.DoFn):
+    def process(self, item, stats):
+        _, _, p, ok = self.probabilities(item, stats)
+        if ok.any():
+            yield search.histogram(search.log_bins(p[ok]), p[ok], search.LOG_BINS)
+
+
+class _SubHistogram(_Probabilities, beam.DoFn):
+    def process(self, item, stats, located, hist):
+        if located[0] != "inside":
+            return
+        _, _, p, ok = self.probabilities(item, stats)
+        b = located[1]
+        p = p[ok][search.log_bins(p[ok]) == b]
+        if len(p):
+            yield search.histogram(search.sub_bins(p, hist[3][b], hist[2][b]), p, search.SUB_BINS)
+
+
+class _BoundaryValues(_Probabilities, beam.DoFn):
+    """The distinct p of the one sub-bin that holds the boundary, with their counts."""
+
+    def process(self, item, stats, located, sub_located, hist):
+        if located[0] != "inside" or sub_located[0] != "inside":
+            return
+        _, _, p, ok = self.probabilities(item, stats)
+        b = located[1]
+        p = p[ok][search.log_bins(p[ok]) == b]
+        p = p[search.sub_bins(p, hist[3][b], hist[2][b]) == sub_located[1]]
+        if len(p):
+            values, counts = np.unique(p, return_counts=True)
+            yield dict(zip(values.tolist(), counts.tolist()))
+
+
+def _locate(hist, budget) -> tuple:
+    running, _, k = budget
+    if hist is None or k >= running:
+        return "lambda", math.inf
+    return search.scan(hist, k, 0, int(hist[1].sum()))
+
+
+def _locate_sub(sub, located, budget) -> tuple:
+    if located[0] != "inside":
+        return located
+    _, _, m, rest_fixed = located
+    return search.scan(sub, budget[2], m, rest_fixed)
+
+
+def _scale(values: dict, located, sub_located, budget) -> float:
+    """λ: found at a bin's start, or by finishing the loop over the boundary sub-bin's values."""
+    for found in (located, sub_located):
+        if found[0] == "lambda":
+            return found[1]
+    _, _, m, rest_fixed = sub_located
+    v = np.array(sorted(values), np.float64)
+    c = np.array([values[x] for x in sorted(values)], np.int64)
+    lam, m, rest_fixed = search.finish(v, c, budget[2], m, rest_fixed)
+    # Every value of the sub-bin certain (rounding at its edge): the boundary is right after it.
+    return search.lam_at(budget[2], m, rest_fixed) if lam is None else lam
+
+
+class _WriteKeys(_Probabilities, beam.DoFn):
+    """A shard -> itself, once its documents' Pareto keys are staged beside it (what is ranked)."""
+
     def __init__(self, stage, chain, seed):
         super().__init__(stage, chain)
         self.seed = seed
 
-    def process(self, item, stats, lam, budget):
-        shard, reasons, clusters, d2 = self.read(item)
+    def process(self, item, stats, lam):
+        shard, _, p, _ = self.probabilities(item, stats)
+        keys = pareto_keys(inclusion(p, lam), read_id_hashes(shard.path), self.seed)
+        self.chain.write(self.stage + KEYS, shard.name, pa.table({"key": pa.array(keys, pa.float64())}))
+        yield item
+
+
+class _Keys:
+    """ExactRanks' source: the pick's keys (documents with a p) and the random baseline's."""
+
+    def __init__(self, stage, chain, seed):
+        self.stage, self.chain, self.seed = stage, chain, seed
+
+    def keys(self, item) -> dict:
+        shard = shard_of(item)
+        reasons = self.chain.reasons(self.stage, shard)
         id_hash = read_id_hashes(shard.path)
-        keys = pareto_keys(inclusion(sensitivities(clusters, d2, stats), lam), id_hash, self.seed)
+        keys = np.asarray(self.chain.read(self.stage + KEYS, shard.name, ["key"]).column(0).combine_chunks())
         ok = keys > -np.inf
-        keep = max(budget[2], 1)
-        yield {
-            "pick": Candidates.of(keys[ok], id_hash[ok], keep),
-            "random": random_candidates(reasons, id_hash, self.seed, keep),
-        }
+        valid = valid_mask(reasons)
+        return {"pick": (keys[ok], id_hash[ok]), "random": (random_keys(id_hash[valid], self.seed), id_hash[valid])}
+
+
+def _wanted(budget) -> dict:
+    keep = max(budget[2], 1)
+    return {"pick": [keep], "random": [keep]}
+
+
+def _thresholds(found: dict, budget) -> tuple:
+    keep = max(budget[2], 1)
+    pick = found.get("pick", {}).get(keep) if budget[2] else None
+    return pick, found.get("random", {}).get(keep)
 
 
 class ApplySensitivity(ShardStageFn):
@@ -180,12 +263,6 @@ class ApplySensitivity(ShardStageFn):
         return columns, reasons, {"taken with certainty (weight 1)": certain} if certain else {}
 
 
-def _pick_threshold(merged: dict, budget: tuple) -> tuple:
-    """(the pick's cut, the random baseline's cut) from the merged candidates."""
-    keep = budget[2]
-    return merged["pick"].threshold(keep) if keep else None, merged["random"].threshold()
-
-
 class SensitivitySampling(beam.PTransform):
     """The selector ``select.method: sensitivity``: k documents (or a fraction of the running)."""
 
@@ -197,29 +274,39 @@ class SensitivitySampling(beam.PTransform):
 
     def expand(self, shards):
         # (documents in the running, 0, k): the same budget rule, and errors, as every selector.
-        budget = beam.pvalue.AsSingleton(
-            shards | "Budget" >> Budget(self.k, self.fraction, explain=self.explain, context=self.context)
-        )
+        budget_pc = shards | "Budget" >> Budget(self.k, self.fraction, explain=self.explain, context=self.context)
+        budget = beam.pvalue.AsSingleton(budget_pc)
         stats = beam.pvalue.AsSingleton(
             shards
             | "ClusterCosts" >> beam.ParDo(_ClusterCosts(self.name, self.chain))
             | "SumCosts" >> beam.CombineGlobally(Sum(start={}))
             | "Costs" >> beam.Map(_costs)
         )
+        # λ from two histograms and the values of one sub-bin (``selectors/inclusion.py``): never the k largest.
+        hist_pc = (
+            shards
+            | "LogHistogram" >> beam.ParDo(_LogHistogram(self.name, self.chain), stats)
+            | "MergeLogHistogram" >> beam.CombineGlobally(search.MergeHistograms())
+        )
+        hist = beam.pvalue.AsSingleton(hist_pc)
+        located = beam.pvalue.AsSingleton(hist_pc | "Locate" >> beam.Map(_locate, budget))
+        sub_located = beam.pvalue.AsSingleton(
+            shards
+            | "SubHistogram" >> beam.ParDo(_SubHistogram(self.name, self.chain), stats, located, hist)
+            | "MergeSubHistogram" >> beam.CombineGlobally(search.MergeHistograms())
+            | "LocateSub" >> beam.Map(_locate_sub, located, budget)
+        )
         lam = beam.pvalue.AsSingleton(
             shards
-            | "Largest" >> beam.ParDo(_LargestProbabilities(self.name, self.chain), stats, budget)
-            | "MergeLargest" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
-            | "Scale" >> beam.Map(lambda m, b: inclusion_scale(m["p"].keys, b[2], b[0]), budget),
-            default_value=math.inf,
+            | "BoundaryValues" >> beam.ParDo(_BoundaryValues(self.name, self.chain), stats, located, sub_located, hist)
+            | "MergeBoundaryValues" >> beam.CombineGlobally(Sum(start={}))
+            | "Scale" >> beam.Map(_scale, located, sub_located, budget)
         )
-        threshold = beam.pvalue.AsSingleton(
-            shards
-            | "Rank" >> beam.ParDo(_RankByKey(self.name, self.chain, self.seed), stats, lam, budget)
-            | "MergeRanks" >> beam.CombineGlobally(MergeCandidates()).without_defaults()
-            | "Cut"
-            >> beam.Map(lambda m, b: (m["pick"].threshold(b[2]) if b[2] else None, m["random"].threshold()), budget),
-            default_value=(None, None),
+        keyed = shards | "WriteKeys" >> beam.ParDo(_WriteKeys(self.name, self.chain, self.seed), stats, lam)
+        wanted = budget_pc | "WantedRanks" >> beam.Map(_wanted)
+        found = beam.pvalue.AsSingleton(
+            keyed | "Rank" >> ExactRanks(_Keys(self.name, self.chain, self.seed), wanted), default_value={}
         )
+        threshold = beam.pvalue.AsSingleton(budget_pc | "Cut" >> beam.Map(lambda b, f: _thresholds(f, b), found))
         fn = ApplySensitivity(self.name, self.chain, self.seed, self.progress_dir)
         return shards | "Pick" >> ApplyStage(fn, stats=stats, lam=lam, threshold=threshold)

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from beamsift.transforms.chain.seeded import gumbel
 from beamsift.transforms.featurize import NgramFeatures
-from beamsift.transforms.selectors.core import Candidates, top_k_order
+from beamsift.transforms.selectors.core import top_k_order
 from beamsift.transforms.stages.dsir import DsirModel, dsir_log_weights, kl_divergence, log_probs
 
 
@@ -67,19 +67,6 @@ def test_gumbel_top_1_samples_in_proportion_to_weights():
     log_w = np.log([1.0, 3.0])
     wins = sum(int(top_k_order(log_w + gumbel(hashes, seed), hashes, 1)[0]) for seed in range(4000))
     assert abs(wins / 4000 - 0.75) < 0.03
-
-
-def test_candidates_merge_is_the_global_top_k():
-    rng = np.random.default_rng(3)
-    keys = rng.normal(size=1000)
-    keys[10:20] = keys[5]  # ties, broken by id hash
-    hashes = rng.permutation(1000).astype(np.uint64)
-    parts = [Candidates.of(keys[i::7], hashes[i::7], 40) for i in range(7)]
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = merged.merge(part)
-    best = top_k_order(keys, hashes, 40)
-    np.testing.assert_array_equal(merged.hashes, hashes[best])
 
 
 def test_arrow_features_roundtrip():

@@ -2,17 +2,15 @@
 
 Every selector (the ranked cut, cluster-balanced, sensitivity) keeps ``select.k`` documents, or
 ``select.fraction`` of those in the running, and fails the same way, with the same words, when
-that cannot be done (``Budget``). None gathers the pool to rank it: each shard offers its best
-(key, id hash) pairs (``Candidates``), a combine merges them (``MergeCandidates``), and the pairs
-at the cut ranks decide every document (``at_or_above``); ties in a key are broken by the id
-hash. Each also draws the KL reduction's baseline: a seeded random pick of the same size from
-every valid document (``random_candidates``, ``in_random``).
+that cannot be done (``Budget``). None gathers the pool, or its best k, to rank it: the pairs
+at the cut ranks (``exact_rank.ExactRanks``) decide every document (``at_or_above``); ties in a
+key are broken by the id hash. Each also draws the KL reduction's baseline: a seeded random pick
+of the same size from every valid document (``random_keys``, ``in_random``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
@@ -38,61 +36,11 @@ def top_k_order(keys: np.ndarray, hashes: np.ndarray, k: int) -> np.ndarray:
     return idx[order[:k]]
 
 
-@dataclass(frozen=True)
-class Candidates:
-    """The k best (key, id hash) pairs of part of the pool, best first."""
-
-    k: int
-    keys: np.ndarray
-    hashes: np.ndarray
-
-    @staticmethod
-    def of(keys: np.ndarray, hashes: np.ndarray, k: int) -> Candidates:
-        idx = top_k_order(keys, hashes, k)
-        return Candidates(k, keys[idx], hashes[idx])
-
-    def merge(self, other: Candidates) -> Candidates:
-        return Candidates.of(
-            np.concatenate([self.keys, other.keys]),
-            np.concatenate([self.hashes, other.hashes]),
-            max(self.k, other.k),
-        )
-
-    def threshold(self, rank: int | None = None) -> tuple[float, int] | None:
-        """The (key, id hash) at ``rank`` (1-based; default k): an item ranks at or above it iff
-        it is at least as good. None where fewer items than that were ranked."""
-        rank = self.k if rank is None else rank
-        if rank < 1 or len(self.keys) < rank:
-            return None
-        return float(self.keys[rank - 1]), int(self.hashes[rank - 1])
-
-
 def at_or_above(keys: np.ndarray, hashes: np.ndarray, threshold: tuple[float, int] | None) -> np.ndarray:
     if threshold is None:
         return np.zeros(len(keys), dtype=bool)
     key, h = threshold
     return (keys > key) | ((keys == key) & (hashes <= np.uint64(h)))
-
-
-class MergeCandidates(beam.CombineFn):
-    """Per-shard candidate lists (a dict name -> Candidates) -> the global candidates of each."""
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, item):
-        for name, cands in item.items():
-            acc[name] = acc[name].merge(cands) if name in acc else cands
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for acc in accs:
-            self.add_input(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
 
 
 def ranks(k: int | None, fraction: float | None, offset: float, running: int) -> tuple[int, int]:
@@ -157,13 +105,6 @@ def valid_mask(reasons: np.ndarray) -> np.ndarray:
 def random_keys(id_hash: np.ndarray, seed: int) -> np.ndarray:
     """The KL baseline's keys: its pick of size k is the k largest (a seeded random pick)."""
     return gumbel(id_hash, seed, RANDOM_STREAM)
-
-
-def random_candidates(reasons: np.ndarray, id_hash: np.ndarray, seed: int, keep: int) -> Candidates:
-    """A shard's part of the KL baseline: a seeded random pick of ``keep`` from every valid
-    document (the paper's "random from the raw pool"), whatever the selector."""
-    valid = valid_mask(reasons)
-    return Candidates.of(random_keys(id_hash[valid], seed), id_hash[valid], max(keep, 1))
 
 
 def in_random(reasons: np.ndarray, id_hash: np.ndarray, seed: int, threshold) -> np.ndarray:

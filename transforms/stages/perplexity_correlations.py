@@ -38,6 +38,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
+from beamsift.transforms.chain.meter import Metered, MeteredDoFn, StageMeter
 from beamsift.transforms.chain.sampling import KeepSmallest, SampleRunning
 from beamsift.transforms.chain.seeded import PC_CLASSIFIER_STREAM, PC_SAMPLE_STREAM, uniform01
 from beamsift.transforms.chain.staging import read_id_hashes, read_staging, write_parquet
@@ -204,17 +205,24 @@ class _Loaded:
         self.models = models
 
 
-class _ScoreSample(beam.DoFn):
+class _ScoreSample(MeteredDoFn):
     """(domain, its sample) -> (domain, Σ nats per model, Σ bytes per model, [(shard, order, bpb per model)])."""
 
-    def __init__(self, lms: LanguageModels):
+    def __init__(self, lms: LanguageModels, stage: str):
         self.lms = lms
         self._shared = shared.Shared()  # one copy of the models per worker process
+        self.meter = StageMeter(stage)  # the stage's time includes the models' forward passes
 
     def setup(self):
+        super().setup()
         self.loaded = self._shared.acquire(lambda: _Loaded(self.lms.load()), tag=repr(self.lms.paths)).models
 
     def process(self, kv):
+        started = self.meter.start()
+        yield from self._score(kv)
+        self.meter.done(started)
+
+    def _score(self, kv):
         domain, sample = kv
         docs = [p for _, _, p in sample]
         nats, nbytes = self.lms.nats_and_bytes(self.loaded, [t for _, _, t in docs])
@@ -428,7 +436,7 @@ class WeighDomains(beam.PTransform):
             | "DomainSample"
             >> beam.ParDo(_DomainSample(self.name, self.chain, self.column, s["sample_per_domain"], self.seed))
             | "KeepDomainSample" >> beam.CombinePerKey(KeepSmallest(s["sample_per_domain"]))
-            | "BitsPerByte" >> beam.ParDo(_ScoreSample(lms))
+            | "BitsPerByte" >> beam.ParDo(_ScoreSample(lms, self.name))
         )
         table_pc = (
             scored
@@ -450,7 +458,8 @@ class WeighDomains(beam.PTransform):
             shards
             | "ClassifierSample"
             >> SampleRunning(self.name, self.chain, s["classifier_sample"], self.seed, PC_CLASSIFIER_STREAM, payload)
-            | "TrainClassifier" >> beam.Map(train_include_classifier, table, self.num_buckets, self.seed)
+            | "TrainClassifier"
+            >> beam.Map(Metered(self.name, train_include_classifier), table, self.num_buckets, self.seed)  # fmt: skip
         )
         fn = ApplyPerplexityCorrelations(self.name, self.chain, self.column, names, self.num_buckets, self.seed,
                                          self.progress_dir)  # fmt: skip

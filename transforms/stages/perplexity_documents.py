@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.utils import shared
 from beamsift.transforms.chain import ApplyStage, shard_of
+from beamsift.transforms.chain.meter import Metered, MeteredDoFn, StageMeter
 from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import PC_CLASSIFIER_STREAM
 from beamsift.transforms.chain.staging import read_id_hashes, read_staging
@@ -58,19 +59,26 @@ def _scored(chain, stage: str, shard_name: str) -> pa.Table:
     return chain.read(stage + DOCS_TABLE, shard_name)
 
 
-class _ScoreDocuments(beam.DoFn):
+class _ScoreDocuments(MeteredDoFn):
     """A shard -> the same shard, once every document of it in the running is scored by every
-    model (bits per byte) and has its estimate, staged beside it."""
+    model (bits per byte) and has its estimate, staged beside it (the stage's time: metered)."""
 
     def __init__(self, stage, chain, lms: LanguageModels, errors: list, estimator: str):
         self.stage, self.chain, self.lms = stage, chain, lms
         self.errors, self.estimator = np.asarray(errors, np.float64), estimator
         self._shared = shared.Shared()  # one copy of the models per worker process
+        self.meter = StageMeter(stage)
 
     def setup(self):
+        super().setup()
         self.loaded = self._shared.acquire(lambda: _Loaded(self.lms.load()), tag=repr(self.lms.paths)).models
 
     def process(self, item):
+        started = self.meter.start()
+        yield from self._score(item)
+        self.meter.done(started)
+
+    def _score(self, item):
         shard, running = self.chain.running(self.stage, item)
         rows = np.flatnonzero(running)
         table = read_staging(shard.path, [ORDER, TEXT, N_TOKENS]).take(rows)
@@ -250,7 +258,7 @@ class WeighDocuments(beam.PTransform):
             scored
             | "ClassifierSample"
             >> SampleRunning(name, chain, s["classifier_sample"], self.seed, PC_CLASSIFIER_STREAM, payload, eligible)
-            | "TrainClassifier" >> beam.Map(train_on_cut, cut, self.num_buckets, self.seed)
+            | "TrainClassifier" >> beam.Map(Metered(name, train_on_cut), cut, self.num_buckets, self.seed)
         )
         names = model_names(s["models"])
         fn = ApplyPerDocument(name, chain, None, names, self.num_buckets, self.seed, self.progress_dir)

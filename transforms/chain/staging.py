@@ -90,6 +90,21 @@ def read_id_hashes(path: str) -> np.ndarray:
     return np.asarray(read_staging(path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
 
 
+def read_orders(path: str) -> np.ndarray:
+    """A staged shard's ``_order`` column: each document's place in the input."""
+    return np.asarray(read_staging(path, [ORDER]).column(0).combine_chunks(), np.int64)
+
+
+def rows_of(orders: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The row of each of ``wanted`` in a shard whose rows have ``orders`` (every one is there):
+    what joins a table staged beside a shard, keyed by order, back to the shard's rows."""
+    orders, wanted = np.asarray(orders, np.int64), np.asarray(wanted, np.int64)
+    if np.all(orders[:-1] <= orders[1:]):  # staged in input order: no sort needed
+        return np.searchsorted(orders, wanted)
+    by_order = np.argsort(orders)
+    return by_order[np.searchsorted(orders[by_order], wanted)]
+
+
 def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
     """A staged shard, or only ``columns`` of it: the IPC file's footer says where each column's
     buffers are, and only those byte ranges are read (on an object store, only those are fetched),

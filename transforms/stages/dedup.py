@@ -38,7 +38,7 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
-from beamsift.transforms.chain.staging import read_staging, read_staging_batch, write_staging
+from beamsift.transforms.chain.staging import read_orders, read_staging, read_staging_batch, write_staging
 from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.featurize import hash_strings
 from beamsift.transforms.io.schema import ORDER, TEXT
@@ -288,7 +288,9 @@ class _ClusterShapes(beam.DoFn):
 
     def process(self, item, exact_done):
         shard, running = self.chain.running(self.stage, item)
-        exact, _ = read_drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(_orders(shard))
+        exact, _ = read_drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(
+            read_orders(shard.path)
+        )
         rows = running & ~exact
         clusters = self.chain.column("cluster", shard.name)
         vectors = embeddings(self.chain, shard.name).astype(np.float64)
@@ -366,10 +368,6 @@ def _members(refs) -> tuple:
     if not refs:
         return np.zeros(0), np.zeros(0, np.int64), [], np.zeros((0, 1), np.float16), []
     return np.concatenate(distance), np.concatenate(orders), ids, np.concatenate(vectors), shards
-
-
-def _orders(shard) -> np.ndarray:
-    return np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
 
 
 class _ClusterMembers(beam.DoFn):
@@ -541,7 +539,7 @@ def earlier_duplicate_of(chain, stage: str, shard: str, n: int) -> np.ndarray:
 
 class MarkDuplicates(ShardStageFn):
     def score(self, shard, reasons, written: int):
-        orders = _orders(shard)
+        orders = read_orders(shard.path)
         duplicate_of = earlier_duplicate_of(self.chain, self.name, shard.name, len(orders))
         dropped = read_drops(self.chain, self.name + DROPPED_TABLE, shard.name, written)
         hit, pos = dropped.lookup(orders)

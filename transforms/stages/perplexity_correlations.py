@@ -41,7 +41,7 @@ from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask
 from beamsift.transforms.chain.meter import Metered, MeteredDoFn, StageMeter
 from beamsift.transforms.chain.sampling import KeepSmallest, SampleRunning
 from beamsift.transforms.chain.seeded import PC_CLASSIFIER_STREAM, PC_SAMPLE_STREAM, uniform01
-from beamsift.transforms.chain.staging import read_id_hashes, read_staging, write_parquet
+from beamsift.transforms.chain.staging import read_id_hashes, read_orders, read_staging, rows_of, write_parquet
 from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, ORDER, TEXT, output_column
@@ -389,9 +389,7 @@ class ApplyPerplexityCorrelations(ShardStageFn):
         if not written or not FileSystems.exists(path):
             return
         t = read_staging(path)
-        orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
-        by_order = np.argsort(orders)
-        pos = by_order[np.searchsorted(orders[by_order], np.asarray(t.column(ORDER).combine_chunks(), np.int64))]
+        pos = rows_of(read_orders(shard.path), t.column(ORDER).combine_chunks())
         for m, name in enumerate(self.names):
             out[f"bpb_{name}"][pos] = np.asarray(t.column(f"m{m}").combine_chunks())
 

@@ -37,7 +37,7 @@ from beamsift.transforms.chain import ApplyStage, shard_of
 from beamsift.transforms.chain.meter import Metered, MeteredDoFn, StageMeter
 from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import PC_CLASSIFIER_STREAM
-from beamsift.transforms.chain.staging import read_id_hashes, read_staging
+from beamsift.transforms.chain.staging import read_id_hashes, read_orders, read_staging, rows_of
 from beamsift.transforms.featurize import features_from_arrow
 from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, ORDER, TEXT
 from beamsift.transforms.models.correlations import estimate
@@ -150,23 +150,17 @@ def _classifier_payload(chain, shard, rows, stage: str) -> list:
     t = read_staging(shard.path, [ORDER, N_TOKENS, BUCKETS]).take(rows)
     f = features_from_arrow(t.column(BUCKETS), np.asarray(t.column(N_TOKENS).combine_chunks()))
     scored = _scored(chain, stage, shard.name)
-    pos = _positions(np.asarray(scored.column(ORDER)), np.asarray(t.column(ORDER)))
+    pos = rows_of(np.asarray(scored.column(ORDER)), np.asarray(t.column(ORDER)))
     est, hashes = np.asarray(scored.column(KEY_SET))[pos], np.asarray(scored.column("id_hash"))[pos]
     return [(f.buckets[f.offsets[i] : f.offsets[i + 1]], (float(est[i]), int(hashes[i]))) for i in range(len(rows))]
 
 
 def _has_estimate(chain, shard, running, stage: str) -> np.ndarray:
     scored = _scored(chain, stage, shard.name)
-    orders = np.asarray(read_staging(shard.path, [ORDER]).column(0))
+    orders = read_orders(shard.path)
     out = np.zeros(len(orders), bool)
-    out[_positions(orders, np.asarray(scored.column(ORDER)))] = np.asarray(scored.column(KEY_SET).is_valid())
+    out[rows_of(orders, np.asarray(scored.column(ORDER)))] = np.asarray(scored.column(KEY_SET).is_valid())
     return out
-
-
-def _positions(orders: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Where each of ``wanted`` sits in ``orders`` (every one of them is there)."""
-    by_order = np.argsort(orders)
-    return by_order[np.searchsorted(orders[by_order], wanted)]
 
 
 def train_on_cut(sample: list, cut: dict, num_buckets: int, seed: int) -> bytes | None:
@@ -181,8 +175,8 @@ class ApplyPerDocument(ApplyPerplexityCorrelations):
         n = len(reasons)
         out = {name: np.full(n, np.nan) for name, _ in self.chain.columns[self.name]}
         scored = _scored(self.chain, self.name, shard.name)
-        orders = np.asarray(read_staging(shard.path, [ORDER]).column(0))
-        rows = _positions(orders, np.asarray(scored.column(ORDER)))
+        orders = read_orders(shard.path)
+        rows = rows_of(orders, np.asarray(scored.column(ORDER)))
         est = _estimates(scored)
         kept, weight = _apply_cut(scored, cut)
         out["pc_estimate"][rows], out["pc_weight"][rows] = est, weight

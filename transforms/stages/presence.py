@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.duplicate_ids import PartitionKeys
 from beamsift.transforms.chain.seeded import PRESENCE_STREAM
-from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.chain.staging import read_orders, read_staging, rows_of
 from beamsift.transforms.featurize import splitmix64
 from beamsift.transforms.io.schema import ID_HASH, ORDER
 
@@ -122,12 +122,7 @@ class WritePresenceWeights(ShardStageFn):
         path = self.chain.path(self.name + GROUPS_TABLE, shard.name)
         if written and FileSystems.exists(path):
             table = read_staging(path)
-            orders = np.asarray(read_staging(shard.path, [ORDER]).column(0).combine_chunks(), np.int64)
-            mine = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-            pos = np.searchsorted(orders, mine) if np.all(orders[:-1] <= orders[1:]) else None
-            if pos is None:  # staged rows not in _order order: map through a sort
-                by_order = np.argsort(orders)
-                pos = by_order[np.searchsorted(orders[by_order], mine)]
+            pos = rows_of(read_orders(shard.path), table.column(ORDER).combine_chunks())
             weight[pos] = np.asarray(table.column("weight").combine_chunks())
             weight[~running_mask(reasons)] = np.nan
         return {"weight": weight}, reasons

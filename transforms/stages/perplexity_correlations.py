@@ -154,6 +154,17 @@ def _domains_of(chain, shard, column: str) -> list:
     return [None if v is None else str(v) for v in values]
 
 
+def domain_index(chain, shard, column: str, mask: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(the rows where ``mask`` that have a domain, the distinct domains among them (sorted),
+    each such row's index into those): per-domain work as array operations, not a loop a row."""
+    values = _domains_of(chain, shard, column)
+    rows = np.asarray([r for r in np.flatnonzero(mask) if values[r] is not None], np.int64)
+    if not len(rows):
+        return rows, [], np.zeros(0, np.int64)
+    names, inverse = np.unique(np.array([values[r] for r in rows], dtype=str), return_inverse=True)
+    return rows, names.tolist(), inverse.astype(np.int64)
+
+
 class _DomainCounts(beam.DoFn):
     """A shard -> {domain: [documents, tokens]} over its documents in the running."""
 
@@ -162,16 +173,12 @@ class _DomainCounts(beam.DoFn):
 
     def process(self, item):
         shard, running = self.chain.running(self.stage, item)
-        domains = _domains_of(self.chain, shard, self.column)
-        tokens = np.asarray(read_staging(shard.path, [N_TOKENS]).column(0).combine_chunks(), np.int64)
-        out: dict = {}
-        for r in np.flatnonzero(running):
-            d = domains[r]
-            if d is None:
-                continue
-            acc = out.setdefault(d, np.zeros(2, np.int64))
-            acc += (1, tokens[r])
-        yield out
+        rows, names, inverse = domain_index(self.chain, shard, self.column, running)
+        tokens = np.asarray(read_staging(shard.path, [N_TOKENS]).column(0).combine_chunks(), np.int64)[rows]
+        documents = np.bincount(inverse, minlength=len(names))
+        total = np.zeros(len(names), np.int64)
+        np.add.at(total, inverse, tokens)
+        yield {d: np.array([documents[i], total[i]], np.int64) for i, d in enumerate(names)}
 
 
 class _DomainSample(beam.DoFn):
@@ -183,21 +190,24 @@ class _DomainSample(beam.DoFn):
 
     def process(self, item):
         shard, running = self.chain.running(self.stage, item)
-        domains = _domains_of(self.chain, shard, self.column)
+        rows, names, inverse = domain_index(self.chain, shard, self.column, running)
+        if not len(rows):
+            return
         id_hash = read_id_hashes(shard.path)
         keys = uniform01(id_hash, self.seed, PC_SAMPLE_STREAM)
-        by_domain: dict = {}
-        for r in np.flatnonzero(running):
-            if domains[r] is not None:
-                by_domain.setdefault(domains[r], []).append(r)
-        texts = orders = None
-        for d, rows in by_domain.items():
-            rows = np.asarray(rows)
-            rows = rows[np.lexsort((id_hash[rows], keys[rows]))[: self.n]]
-            if texts is None:
-                table = read_staging(shard.path, [ORDER, TEXT])
-                orders, texts = table.column(ORDER).to_pylist(), table.column(TEXT)
-            yield d, [(float(keys[r]), int(id_hash[r]), (shard.name, orders[r], texts[r].as_py())) for r in rows]
+        # Each domain's rows by (key, id hash); its first n are its sample.
+        order = np.lexsort((id_hash[rows], keys[rows], inverse))
+        rows, inverse = rows[order], inverse[order]
+        starts = np.flatnonzero(np.r_[True, inverse[1:] != inverse[:-1]])
+        ends = np.r_[starts[1:], len(rows)]
+        table = read_staging(shard.path, [ORDER, TEXT])
+        orders, texts = table.column(ORDER).to_pylist(), table.column(TEXT)
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            picked = rows[start : min(end, start + self.n)]
+            yield (
+                names[inverse[start]],
+                [(float(keys[r]), int(id_hash[r]), (shard.name, orders[r], texts[r].as_py())) for r in picked],
+            )
 
 
 class _Loaded:
@@ -352,15 +362,14 @@ class ApplyPerplexityCorrelations(ShardStageFn):
         running = running_mask(reasons)
         out = {name: np.full(n, np.nan) for name, _ in self.chain.columns[self.name]}
         out["pc_domain"] = np.full(n, -1, np.int64)
-        domains = _domains_of(self.chain, shard, self.column)
-        rows = [r for r in np.flatnonzero(running) if domains[r] in table]
-        for r in rows:
-            row = table[domains[r]]
-            out["pc_domain"][r] = row["index"]
-            out["pc_estimate"][r] = row["estimate"]
-            out["pc_weight"][r] = row["weight"]
-        labels = [float(table[domains[r]]["include"]) for r in rows]
-        out["pc_score"][rows] = self.include_scores(shard, np.asarray(rows, np.int64), classifier, labels)
+        rows, names, inverse = domain_index(self.chain, shard, self.column, running)
+        known = np.array([d in table for d in names], bool)
+        rows, inverse = rows[known[inverse]], inverse[known[inverse]]
+        for key, column in (("index", "pc_domain"), ("estimate", "pc_estimate"), ("weight", "pc_weight")):
+            per_domain = np.array([table[d][key] if d in table else 0 for d in names])
+            out[column][rows] = per_domain[inverse] if len(names) else per_domain
+        labels = np.array([float(table[d]["include"]) if d in table else 0.0 for d in names])[inverse]
+        out["pc_score"][rows] = self.include_scores(shard, rows, classifier, labels)
         self._sampled_bpb(shard, out, written)
         out["pc_domain"] = pa.array(out["pc_domain"], pa.int64(), mask=out["pc_domain"] < 0)
         return out, reasons

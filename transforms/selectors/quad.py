@@ -358,12 +358,15 @@ class ApplyQuad(ShardStageFn):
             kept &= at_or_above(keys, id_hash, cuts[QUAD])
         reasons[running & ~kept] = "not chosen by the bandit"
         influence = np.full(len(reasons), np.nan)
-        probed = result["probed_docs"]
+        probed = result["probed_docs"]  # {id hash: influence}: rounds × clusters × probes, never N
         if probed:
-            for i in np.flatnonzero(running):
-                v = probed.get(int(id_hash[i]))
-                if v is not None:
-                    influence[i] = v
+            hashes = np.fromiter(probed.keys(), np.uint64, len(probed))
+            values = np.fromiter(probed.values(), np.float64, len(probed))
+            order = np.argsort(hashes)
+            hashes, values = hashes[order], values[order]
+            pos = np.minimum(np.searchsorted(hashes, id_hash), len(hashes) - 1)
+            hit = running & (hashes[pos] == id_hash)
+            influence[hit] = values[pos[hit]]
         return {
             "selected": kept,
             "_in_random": in_random(reasons, id_hash, self.seed, cuts.get(RANDOM)),

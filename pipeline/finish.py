@@ -40,8 +40,9 @@ class FinishRun:
     A run that must not be published (``input.max_reject_share``, a file the user put into
     ``output.dir`` meanwhile) fails here with the reason, and ``output.dir`` stays as it was."""
 
-    def __init__(self, cfg, out: str, folder: str, staging: str, facts: RunFacts):
+    def __init__(self, cfg, out: str, folder: str, staging: str, facts: RunFacts, report: bool = True):
         self.cfg, self.out, self.folder, self.staging, self.facts = cfg, out, folder, staging, facts
+        self.report = report  # build report.html here (where no command waits to build it)
 
     def __call__(self, summary: dict, *_writes_done) -> str:
         with _signals_deferred():  # a Ctrl-C now would land between two renames
@@ -79,7 +80,7 @@ class FinishRun:
         a view of the result, not part of it: where it cannot be built, the run still publishes,
         and a warning says why (``beamsift report`` builds it later)."""
         write_parquet(examples_table(summary.get("examples") or {}), FileSystems.join(self.folder, EXAMPLES_FILE))
-        if not self.cfg["output.report"]:
+        if not (self.cfg["output.report"] and self.report):
             return
         try:
             page = build_report(self.folder, manifest, title=self.out)

@@ -145,7 +145,10 @@ def run_selection(
 
     def build(progress_dir):
         pipeline = beam.Pipeline(options=options)
-        finish = FinishRun(cfg, out, pending.path, staging, facts)
+        # The report: by the job itself where no command waits for it (or on a distributed
+        # runner), else by this command once the runner has counted the stages' times (once).
+        report_in_job = launch == "no_wait" or not is_local_runner(options)
+        finish = FinishRun(cfg, out, pending.path, staging, facts, report=report_in_job)
         pool_paths = [f[0] for f in pool_files]
         build_pipeline(
             pipeline,
@@ -194,10 +197,15 @@ def run_selection(
         raise
     manifest = _published_manifest(out, pending.run_id)
     add_metrics(manifest, _query_metrics(result), time.time() - started)
-    _replace_manifest(out, manifest)
-    if REPORT in manifest.get("files", []):  # again, now with the stages' times the runner counted
-        with contextlib.suppress(Exception):  # the job's own report stays where this one fails
+    if cfg["output.report"] and not cfg.train_only:  # with the stages' times the runner counted
+        try:
             write_report(out, manifest)
+            manifest["files"] = sorted({*manifest.get("files", []), REPORT})
+        except Exception as e:  # noqa: BLE001 - a chart that fails must not fail a published run
+            manifest.setdefault("warnings", []).append(
+                f"report.html was not written ({type(e).__name__}: {e}); `beamsift report {out}` builds it"
+            )
+    _replace_manifest(out, manifest)
     return manifest
 
 

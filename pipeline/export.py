@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from beamsift.pipeline.output import MANIFEST
+from beamsift.pipeline.query import whole_number
 
 EXPORT_MARKER = "beamsift_export.json"  # what the export holds and where it came from
 SELECTED = "selected"
@@ -56,23 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shard-docs",
-        type=_positive,
+        type=whole_number(1),
         default=100_000,
         metavar="N",
         help="JSONL: documents a shard (default: %(default)s)",
     )
     parser.add_argument("--gzip", action="store_true", help="JSONL: gzip each shard (.jsonl.gz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at PATH")
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
-    return n
 
 
 # ---- the source: selected/ of a finished run --------------------------------------------------

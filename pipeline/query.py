@@ -48,14 +48,22 @@ class QueryError(RuntimeError):
     """An error the user must fix; its message is complete (possibly several lines)."""
 
 
-def _max_width(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (never cut) or more, got {n}")
-    return n
+def whole_number(at_least: int, note: str = ""):
+    """An argparse type: a whole number of at least ``at_least`` (``note`` says what that one means)."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+        if n < at_least:
+            raise argparse.ArgumentTypeError(f"must be {at_least}{note} or more, got {n}")
+        return n
+
+    return parse
+
+
+_max_width = whole_number(0, " (never cut)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

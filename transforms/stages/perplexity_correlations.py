@@ -215,24 +215,32 @@ class _Loaded:
         self.models = models
 
 
-class _ScoreSample(MeteredDoFn):
-    """(domain, its sample) -> (domain, Σ nats per model, Σ bytes per model, [(shard, order, bpb per model)])."""
+class WithModels(MeteredDoFn):
+    """A DoFn that scores with the configured LMs: loaded once per worker process (``self.loaded``),
+    its work counted in the stage's time. A subclass implements ``score(element)``."""
 
     def __init__(self, lms: LanguageModels, stage: str):
         self.lms = lms
-        self._shared = shared.Shared()  # one copy of the models per worker process
-        self.meter = StageMeter(stage)  # the stage's time includes the models' forward passes
+        self._shared = shared.Shared()
+        self.meter = StageMeter(stage)
 
     def setup(self):
         super().setup()
         self.loaded = self._shared.acquire(lambda: _Loaded(self.lms.load()), tag=repr(self.lms.paths)).models
 
-    def process(self, kv):
+    def process(self, element):
         started = self.meter.start()
-        yield from self._score(kv)
+        yield from self.score(element)
         self.meter.done(started)
 
-    def _score(self, kv):
+    def score(self, element):
+        raise NotImplementedError
+
+
+class _ScoreSample(WithModels):
+    """(domain, its sample) -> (domain, Σ nats per model, Σ bytes per model, [(shard, order, bpb per model)])."""
+
+    def score(self, kv):
         domain, sample = kv
         docs = [p for _, _, p in sample]
         nats, nbytes = self.lms.nats_and_bytes(self.loaded, [t for _, _, t in docs])

@@ -32,9 +32,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.utils import shared
 from beamsift.transforms.chain import ApplyStage, shard_of
-from beamsift.transforms.chain.meter import Metered, MeteredDoFn, StageMeter
+from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import PC_CLASSIFIER_STREAM
 from beamsift.transforms.chain.staging import read_id_hashes, read_orders, read_staging, rows_of
@@ -46,7 +45,7 @@ from beamsift.transforms.stages.perplexity_correlations import (
     LN2,
     ApplyPerplexityCorrelations,
     LanguageModels,
-    _Loaded,
+    WithModels,
     model_names,
     train_classifier,
 )
@@ -59,26 +58,16 @@ def _scored(chain, stage: str, shard_name: str) -> pa.Table:
     return chain.read(stage + DOCS_TABLE, shard_name)
 
 
-class _ScoreDocuments(MeteredDoFn):
+class _ScoreDocuments(WithModels):
     """A shard -> the same shard, once every document of it in the running is scored by every
-    model (bits per byte) and has its estimate, staged beside it (the stage's time: metered)."""
+    model (bits per byte) and has its estimate, staged beside it."""
 
     def __init__(self, stage, chain, lms: LanguageModels, errors: list, estimator: str):
-        self.stage, self.chain, self.lms = stage, chain, lms
+        super().__init__(lms, stage)
+        self.stage, self.chain = stage, chain
         self.errors, self.estimator = np.asarray(errors, np.float64), estimator
-        self._shared = shared.Shared()  # one copy of the models per worker process
-        self.meter = StageMeter(stage)
 
-    def setup(self):
-        super().setup()
-        self.loaded = self._shared.acquire(lambda: _Loaded(self.lms.load()), tag=repr(self.lms.paths)).models
-
-    def process(self, item):
-        started = self.meter.start()
-        yield from self._score(item)
-        self.meter.done(started)
-
-    def _score(self, item):
+    def score(self, item):
         shard, running = self.chain.running(self.stage, item)
         rows = np.flatnonzero(running)
         table = read_staging(shard.path, [ORDER, TEXT, N_TOKENS]).take(rows)

@@ -25,10 +25,15 @@ PC_SAMPLE_STREAM = 0x9C5A3  # perplexity correlations: each domain's scored samp
 PC_CLASSIFIER_STREAM = 0x9CC1A5  # perplexity correlations: the include/exclude classifier's sample
 
 
+def seeded_bits(id_hash: np.ndarray, seed: int, stream: int) -> np.ndarray:
+    """64 random bits for each id, fixed by (seed, stream, id): every seeded draw starts here."""
+    key = splitmix64(np.array([(seed * 0x9E3779B1 + stream) & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
+    return splitmix64(np.asarray(id_hash, np.uint64) ^ key)
+
+
 def uniform01(id_hash: np.ndarray, seed: int, stream: int) -> np.ndarray:
     """A uniform number in (0, 1) for each id, fixed by (seed, stream, id)."""
-    key = splitmix64(np.array([(seed * 0x9E3779B1 + stream) & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
-    bits = splitmix64(np.asarray(id_hash, np.uint64) ^ key) >> np.uint64(11)
+    bits = seeded_bits(id_hash, seed, stream) >> np.uint64(11)
     return (bits.astype(np.float64) + 0.5) / float(1 << 53)
 
 

@@ -27,9 +27,8 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.duplicate_ids import PartitionKeys
-from beamsift.transforms.chain.seeded import PRESENCE_STREAM
+from beamsift.transforms.chain.seeded import PRESENCE_STREAM, seeded_bits
 from beamsift.transforms.chain.staging import read_orders, read_staging, rows_of
-from beamsift.transforms.featurize import splitmix64
 from beamsift.transforms.io.schema import ID_HASH, ORDER
 
 # ε in √(σ² + ε), relative to the group's mean square: it keeps a group of equal values finite
@@ -67,8 +66,8 @@ def grouped_weights(keys, orders, si, size: int, tau: float) -> np.ndarray:
 
 
 def seeded_keys(id_hash: np.ndarray, seed: int) -> np.ndarray:
-    key = splitmix64(np.array([(seed * 0x9E3779B1 + PRESENCE_STREAM) & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
-    return splitmix64(np.asarray(id_hash, np.uint64) ^ key)
+    """Each document's place in the seeded order its groups are cut from."""
+    return seeded_bits(id_hash, seed, PRESENCE_STREAM)
 
 
 class _SelfInfluenceKeys:

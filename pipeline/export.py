@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from beamsift.pipeline.output import MANIFEST
-from beamsift.pipeline.query import whole_number
+from beamsift.pipeline.query import arrow_filesystem, whole_number
 
 EXPORT_MARKER = "beamsift_export.json"  # what the export holds and where it came from
 SELECTED = "selected"
@@ -69,16 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- the source: selected/ of a finished run --------------------------------------------------
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path and not path.startswith("file://"):
-        return pafs.FileSystem.from_uri(path.rstrip("/"))
-    return pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file://"))
-
-
 def selected_files(out_dir: str) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem of ``out_dir`` and its ``selected/`` shards, in order."""
     try:
-        fs, root = _filesystem(out_dir)
+        fs, root = arrow_filesystem(out_dir)
         manifest = fs.get_file_info(f"{root}/{MANIFEST}")
         shards = fs.get_file_info(pafs.FileSelector(f"{root}/{SELECTED}", allow_not_found=True))
     except Exception as e:  # noqa: BLE001 - no such bucket, no credentials, no connection
@@ -143,6 +137,19 @@ def _check_destination(fs, path: str, overwrite: bool) -> None:
         raise ExportError(f"{path} holds files that are not a beamsift export; choose another path")
     if not overwrite:
         raise ExportError(f"{path} holds an earlier export; pass --overwrite to replace it")
+    # Replacing it removes it: only when it holds nothing but what that export wrote.
+    with fs.open_input_stream(f"{path}/{EXPORT_MARKER}") as f:
+        listed = set(json.loads(f.read()).get("files", [])) | {EXPORT_MARKER}
+    foreign = sorted(set(_files(fs, path)) - listed)
+    if foreign:
+        raise ExportError(f"{path} holds {', '.join(foreign[:3])}, which the earlier export did not write; choose "
+                          "another path or move them")  # fmt: skip
+
+
+def _files(fs, folder: str) -> list[str]:
+    """Every file under ``folder``, relative to it."""
+    entries = fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return sorted(e.path[len(folder) + 1 :] for e in entries if e.type == pafs.FileType.File)
 
 
 def _publish(fs, tmp: str, path: str) -> None:
@@ -158,17 +165,12 @@ def _publish(fs, tmp: str, path: str) -> None:
         return
     # Object stores have no rename of a folder: the new files are copied over the old, the marker
     # last, then the old export's files that the new one does not have are removed.
-    old = {i.path[len(path) :] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-           if i.type == pafs.FileType.File}  # fmt: skip
-    new = sorted(
-        (i.path[len(tmp) :] for i in fs.get_file_info(pafs.FileSelector(tmp, recursive=True))
-         if i.type == pafs.FileType.File),
-        key=lambda rel: rel.endswith(EXPORT_MARKER),
-    )  # fmt: skip
+    old = set(_files(fs, path))
+    new = sorted(_files(fs, tmp), key=lambda rel: rel == EXPORT_MARKER)
     for rel in new:
-        fs.copy_file(tmp + rel, path + rel)
+        fs.copy_file(f"{tmp}/{rel}", f"{path}/{rel}")
     for rel in sorted(old - set(new)):
-        fs.delete_file(path + rel)
+        fs.delete_file(f"{path}/{rel}")
     fs.delete_dir(tmp)
 
 
@@ -183,7 +185,7 @@ def _sibling(path: str) -> str:
 def to_jsonl(out_dir: str, dest: str, columns=None, shard_docs: int = 100_000, compress: bool = False,
              overwrite: bool = False) -> dict:  # fmt: skip
     """JSON Lines shards ``part-00000.jsonl[.gz]`` of at most ``shard_docs`` documents each."""
-    fs, path = _filesystem(dest)
+    fs, path = arrow_filesystem(dest)
     _check_destination(fs, path, overwrite)
     schema, batches = record_batches(out_dir, columns)
     tmp = _sibling(path)
@@ -234,7 +236,7 @@ def to_hf(out_dir: str, dest: str, columns=None, overwrite: bool = False) -> dic
 
     if "://" in dest and not dest.startswith("file://"):
         raise ExportError(f"--to-hf writes a local folder ({dest} is not one): export locally, then copy it")
-    fs, path = _filesystem(dest)
+    fs, path = arrow_filesystem(dest)
     _check_destination(fs, path, overwrite)
     schema, batches = record_batches(out_dir, columns)
     tmp = _sibling(path)
@@ -251,7 +253,8 @@ def to_hf(out_dir: str, dest: str, columns=None, overwrite: bool = False) -> dic
             dataset = datasets.Dataset.from_file(arrow_path, in_memory=False)
             dataset.save_to_disk(tmp)
             del dataset
-        info = {"format": "hf", "source": out_dir, "documents": rows, "columns": schema.names}
+        info = {"format": "hf", "source": out_dir, "documents": rows, "columns": schema.names,
+                "files": _files(fs, tmp)}  # fmt: skip
         with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
             json.dump(info, f, indent=1)
         _publish(fs, tmp, path)

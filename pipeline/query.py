@@ -140,6 +140,17 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def arrow_filesystem(path: str):
+    """(Arrow's filesystem of ``path``, the path within it): a local folder, or a bucket through
+    Arrow's S3 and GCS filesystems (credentials, region and endpoint from the usual variables).
+    What every command that reads or writes an output outside a pipeline goes through."""
+    import pyarrow.fs as pafs
+
+    if "://" in path and not path.startswith("file://"):
+        return pafs.FileSystem.from_uri(path.rstrip("/"))
+    return pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file://"))
+
+
 def _connect_remote(out_dir: str, require_manifest: bool = True) -> duckdb.DuckDBPyConnection:
     """The views of a result on an object store, read through Arrow's S3 and GCS filesystems
     (credentials, region and endpoint from the usual variables: AWS_ACCESS_KEY_ID,
@@ -150,7 +161,7 @@ def _connect_remote(out_dir: str, require_manifest: bool = True) -> duckdb.DuckD
     import pyarrow.fs as pafs
 
     try:
-        fs, root = pafs.FileSystem.from_uri(out_dir.rstrip("/"))
+        fs, root = arrow_filesystem(out_dir)
         entries = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except Exception as e:  # noqa: BLE001 - no such bucket, no credentials, no connection
         raise QueryError(f"{out_dir}: cannot list it: {str(e).strip().splitlines()[0]}") from None

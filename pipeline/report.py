@@ -19,7 +19,6 @@ import base64
 import html
 import io
 import json
-import os
 
 import duckdb
 
@@ -53,7 +52,10 @@ def histogram(con, column: str, bins: int = BINS) -> dict | None:
     """Counts of ``scores.column`` in equal-width bins, selected and not, with the edges; None
     where the column has no finite value."""
     c = _q(column)
-    lo, hi, n = con.execute(f"SELECT min({c}), max({c}), count({c}) FROM scores WHERE isfinite({c}::DOUBLE)").fetchone()
+    lo, hi, n, sel_lo, sel_hi = con.execute(
+        f"SELECT min({c}), max({c}), count({c}), min({c}) FILTER (WHERE selected), max({c}) FILTER (WHERE selected) "
+        f"FROM scores WHERE isfinite({c}::DOUBLE)"
+    ).fetchone()
     if not n:
         return None
     lo, hi = float(lo), float(hi)
@@ -66,14 +68,11 @@ def histogram(con, column: str, bins: int = BINS) -> dict | None:
     picked, rest = [0] * bins, [0] * bins
     for b, sel, count in rows:
         (picked if sel else rest)[int(b)] += count
-    sel_range = con.execute(
-        f"SELECT min({c}), max({c}) FROM scores WHERE selected AND isfinite({c}::DOUBLE)"
-    ).fetchone()
     return {
         "edges": [lo + i * width for i in range(bins + 1)],
         "selected": picked,
         "rest": rest,
-        "selected_range": sel_range if sel_range[0] is not None else None,
+        "selected_range": (sel_lo, sel_hi) if sel_lo is not None else None,
         "documents": n,
     }
 
@@ -402,37 +401,29 @@ def build_report(out_dir: str, manifest: dict | None = None, title: str | None =
         con.close()
 
 
-def _remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def _read(out_dir: str, name: str) -> bytes:
-    """A file of an output, local or on an object store (Arrow's filesystems: the endpoint and
-    keys from the usual environment variables, as ``beamsift query`` reads them)."""
-    if not _remote(out_dir):
-        with open(os.path.join(out_dir.removeprefix("file://"), name), "rb") as f:
-            return f.read()
-    import pyarrow.fs as pafs
+    """A file of an output, local or on an object store (``query.arrow_filesystem``)."""
+    from beamsift.pipeline.query import arrow_filesystem
 
-    fs, root = pafs.FileSystem.from_uri(out_dir.rstrip("/"))
+    fs, root = arrow_filesystem(out_dir)
     with fs.open_input_stream(f"{root}/{name}", compression=None) as f:
         return f.read()
 
 
 def _write(out_dir: str, name: str, data: bytes) -> str:
-    """Put a file of an output in place at once: a local file renamed over the old; an object's
-    upload is atomic."""
-    if not _remote(out_dir):
-        path = os.path.join(out_dir.removeprefix("file://"), name)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
-        return path
+    """Put a file of an output in place at once: on a local disk written beside it and renamed
+    over the old; an object's upload is atomic as it is."""
     import pyarrow.fs as pafs
+    from beamsift.pipeline.query import arrow_filesystem
 
-    fs, root = pafs.FileSystem.from_uri(out_dir.rstrip("/"))
-    with fs.open_output_stream(f"{root}/{name}", compression=None) as f:
+    fs, root = arrow_filesystem(out_dir)
+    target = f"{root}/{name}"
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with fs.open_output_stream(target + ".tmp" if local else target, compression=None) as f:
         f.write(data)
+    if local:
+        fs.move(target + ".tmp", target)
+        return target
     return out_dir.rstrip("/") + "/" + name
 
 

@@ -98,6 +98,12 @@ def test_export_never_replaces_what_is_not_an_earlier_export(weighted_run, tmp_p
     assert again.returncode == 2 and "--overwrite" in again.stderr
     run_cli("export", str(weighted_run["out"]), "--to-jsonl", str(dest), "--overwrite")
     assert sorted(p.name for p in dest.iterdir()) == ["beamsift_export.json", "part-00000.jsonl"]
+    # A file of the user's put into an earlier export: replacing it would remove that file.
+    (dest / "notes.md").write_text("mine")
+    kept = run_cli("export", str(weighted_run["out"]), "--to-jsonl", str(dest), "--overwrite", check=False)
+    assert kept.returncode == 2 and "notes.md, which the earlier export did not write" in kept.stderr
+    assert (dest / "notes.md").read_text() == "mine"
+    (dest / "notes.md").unlink()
     missing = run_cli("export", str(tmp_path / "nothing"), "--to-jsonl", str(tmp_path / "x"), check=False)
     assert missing.returncode == 2 and "no manifest.json" in missing.stderr
     bad = run_cli("export", str(weighted_run["out"]), "--to-jsonl", str(tmp_path / "y"), "--columns", "id,nope",

@@ -23,8 +23,6 @@ import tempfile
 from apache_beam.io.filesystems import FileSystems
 from beamsift.pipeline.config import load_config
 
-SAMPLE = 500
-
 
 def sample_pool(files: list[tuple[str, str, int]], n: int, folder: str) -> tuple[str, str, int] | None:
     """The pool's first ``n`` records in a file of ``folder``: (path, format, bytes they take in the
@@ -96,10 +94,10 @@ def sample_overrides(cfg, records: int) -> list[str]:
     return sets
 
 
-def run_check(args, overrides: list[str], beam_args: list[str]) -> int:
+def run_check(cfg, args, overrides: list[str], beam_args: list[str]) -> int:
+    """``cfg``: the config as ``run`` loaded it from ``args.config`` and ``overrides``."""
     from beamsift.pipeline.run import run_selection
 
-    cfg = load_config(args.config, overrides)
     checked = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, check_only=True)
     state = {"new": "new or empty", "earlier": "holds an earlier result"}.get(checked["output_state"], "")
     print(

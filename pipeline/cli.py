@@ -82,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return _init(args)
         if args.command == "train":
             return _run(args, beam_args, train=True)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "report":
-            return _report(args)
-        return _query(args)
+        return _command(args)  # query, report, export
     except UserError as e:
         print(f"beamsift: error: {e}", file=sys.stderr)
         return 2
@@ -174,7 +170,11 @@ def _parser() -> argparse.ArgumentParser:
         "run of the first records, and stop: nothing is written to output.dir",
     )
     run.add_argument(
-        "--check-sample", type=int, default=500, metavar="N", help="--check: records of the sample run (500)"
+        "--check-sample",
+        type=query.whole_number(1),
+        default=500,
+        metavar="N",
+        help="--check: records of the sample run (500)",
     )
     run.add_argument(
         "--force",
@@ -268,7 +268,7 @@ def _run(args, beam_args, train: bool = False) -> int:
         from beamsift.pipeline.check import run_check
 
         try:
-            return run_check(args, _runner_overrides(getattr(args, "runner_config", None)) + args.set, beam_args)
+            return run_check(cfg, args, _runner_overrides(getattr(args, "runner_config", None)) + args.set, beam_args)
         except (InputError, OutputDirError, SelectionError) as e:
             raise UserError(str(e)) from None
     show_progress = args.progress if args.progress is not None else (not args.quiet and sys.stderr.isatty())
@@ -484,31 +484,17 @@ def summary_text(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _query(args) -> int:
-    from beamsift.pipeline.query import QueryError, main
+def _command(args) -> int:
+    """``query``, ``report`` or ``export``: its module's ``main``, whose own error is the user's to fix."""
+    import importlib
 
-    try:
-        return main(args)
-    except QueryError as e:
-        raise UserError(str(e)) from None
-
-
-def _report(args) -> int:
+    from beamsift.pipeline.export import ExportError
     from beamsift.pipeline.query import QueryError
-    from beamsift.pipeline.report import main
 
+    main_of = importlib.import_module(f"beamsift.pipeline.{args.command}").main
     try:
-        return main(args)
-    except QueryError as e:
-        raise UserError(str(e)) from None
-
-
-def _export(args) -> int:
-    from beamsift.pipeline.export import ExportError, main
-
-    try:
-        return main(args)
-    except ExportError as e:
+        return main_of(args)
+    except (QueryError, ExportError) as e:
         raise UserError(str(e)) from None
 
 

@@ -104,7 +104,8 @@ def run_selection(
             check_target_labels(cfg, target_files, saved)
         target_tasks = plan_read_tasks(target_files, cfg["input.split_bytes"])
         inputs["target.path"] = _read_paths(cfg["target.path"], target_files)
-    described = {key: _describe(paths) for key, paths in inputs.items()}
+    # A glob's files are described from one listing of it, not a request a file.
+    described = {key: _describe(paths, cfg[key] if key.endswith(".path") else None) for key, paths in inputs.items()}
     fp = fingerprint(cfg, described)
     if launch != "dry_run" and not force and not check_only:
         published = _published_fingerprint(out)
@@ -118,7 +119,7 @@ def run_selection(
         return {
             "checked": True,
             "output": out,
-            "output_state": "earlier" if _published_fingerprint(out) is not None or _exists(out, MANIFEST) else "new",
+            "output_state": "earlier" if _exists(out, MANIFEST) else "new",
             "fingerprint": fp,
             "files": pool_files,
             "pool_files": len(pool_files),
@@ -478,13 +479,15 @@ def _published_fingerprint(out: str) -> str | None:
         return None
 
 
-def _describe(paths: list[str]) -> list[dict]:
+def _describe(paths: list[str], pattern: str | None = None) -> list[dict]:
     """What a run read, as absolute paths with sizes and modification times: enough to tell later
-    which files those were (on an object store, as its listing gives them)."""
+    which files those were (on an object store, as the listing of ``pattern``, or of each path,
+    gives them)."""
+    listed = _listing(pattern) if pattern and not all(is_local(p) for p in paths) else {}
     out = []
     for path in paths:
         if not is_local(path):
-            out.append(_describe_remote(path))
+            out.append(_describe_remote(path, listed))
             continue
         try:
             st = os.stat(path)
@@ -499,16 +502,20 @@ def _describe(paths: list[str]) -> list[dict]:
     return out
 
 
-def _describe_remote(path: str) -> dict:
+def _listing(pattern: str) -> dict:
+    """{path: its metadata} for the files ``pattern`` matches; {} where it cannot be listed."""
+    with contextlib.suppress(Exception):  # a folder (a dataset), or a store that does not say
+        return {m.path: m for m in FileSystems.match([pattern])[0].metadata_list}
+    return {}
+
+
+def _describe_remote(path: str, listed: dict) -> dict:
     entry = {"path": path}
-    with contextlib.suppress(Exception):  # a folder (a dataset) or a store that does not say
-        meta = FileSystems.match([path])[0].metadata_list
-        if len(meta) == 1:
-            entry["bytes"] = meta[0].size_in_bytes
-            if meta[0].last_updated_in_seconds:
-                entry["modified"] = dt.datetime.fromtimestamp(
-                    meta[0].last_updated_in_seconds, dt.timezone.utc
-                ).isoformat()
+    meta = listed.get(path) or _listing(path).get(path)
+    if meta is not None:
+        entry["bytes"] = meta.size_in_bytes
+        if meta.last_updated_in_seconds:
+            entry["modified"] = dt.datetime.fromtimestamp(meta.last_updated_in_seconds, dt.timezone.utc).isoformat()
     return entry
 
 

@@ -77,6 +77,10 @@ class Cut:
             keys = values
         return np.where(np.isnan(keys), -np.inf, keys)
 
+    def within(self, running: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        """What the cut keeps before any rank: the running, within [min, max] for a threshold."""
+        return running & self.in_range(values) if self.method == "threshold" else running.copy()
+
     def in_range(self, values: np.ndarray) -> np.ndarray:
         ok = ~np.isnan(values)
         if self.low is not None:
@@ -90,7 +94,7 @@ def apply_cut(
     cut: Cut, keys: np.ndarray, values: np.ndarray, id_hash: np.ndarray, running: np.ndarray, thresholds: dict
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, above) masks: kept in the cut; above = ranked better than the kept band (skipped)."""
-    kept = running & cut.in_range(values) if cut.method == "threshold" else running.copy()
+    kept = cut.within(running, values)
     above = np.zeros(len(keys), dtype=bool)
     if cut.ranked():
         upper, lower = thresholds.get("upper"), thresholds.get("lower")
@@ -150,38 +154,25 @@ class KeysForCut:
     def keys(self, item) -> dict:
         shard = shard_of(item)
         reasons = self.chain.reasons(self.stage, shard)
-        running = running_mask(reasons)
         id_hash = read_id_hashes(shard.path)
-        values = self.chain.column(self.cut.column, shard.name)
-        source = self.chain.column(self.cut.key_column, shard.name) if self.cut.key_column else values
-        keys = self.cut.keys(source, id_hash, self.seed)
-        rankable = running & self.cut.in_range(values) if self.cut.method == "threshold" else running
-        out = {"ranked": (keys[rankable], id_hash[rankable])}
+        out = {}
+        if self.cut.ranked():
+            values = self.chain.column(self.cut.column, shard.name)
+            source = self.chain.column(self.cut.key_column, shard.name) if self.cut.key_column else values
+            keys = self.cut.keys(source, id_hash, self.seed)
+            rankable = self.cut.within(running_mask(reasons), values)
+            out["ranked"] = (keys[rankable], id_hash[rankable])
         if self.random_baseline:
             valid = valid_mask(reasons)
             out["random"] = (random_keys(id_hash[valid], self.seed), id_hash[valid])
         return out
 
 
-class _RandomKeys:
-    """A shard -> the random baseline's keys of every valid document (an unranked selector's)."""
-
-    def __init__(self, stage: str, chain, seed: int):
-        self.stage, self.chain, self.seed = stage, chain, seed
-
-    def keys(self, item) -> dict:
-        shard = shard_of(item)
-        valid = valid_mask(self.chain.reasons(self.stage, shard))
-        id_hash = read_id_hashes(shard.path)[valid]
-        return {"random": (random_keys(id_hash, self.seed), id_hash)}
-
-
 def _kept_count(item, stage: str, cut: Cut, chain) -> int:
     """How many of a shard's documents an unranked cut (a threshold, or all) keeps."""
     shard, running = chain.running(stage, item)
-    if cut.method == "threshold":
-        running &= cut.in_range(chain.column(cut.column, shard.name))
-    return int(running.sum())
+    values = chain.column(cut.column, shard.name) if cut.method == "threshold" else None
+    return int(cut.within(running, values).sum())
 
 
 def wanted_ranks(budget: tuple, random_baseline: bool) -> dict:
@@ -273,7 +264,7 @@ class CutStage(beam.PTransform):
                 | "Kept" >> beam.CombineGlobally(sum)
             )
             wanted = kept | "WantedRandom" >> beam.Map(lambda n: {"random": [max(n, 1)]})
-            keys = _RandomKeys(self.name, self.chain, self.seed)
+            keys = KeysForCut(self.name, cut, self.chain, self.seed, random_baseline=True)
             found = beam.pvalue.AsSingleton(shards | "Rank" >> ExactRanks(keys, wanted), default_value={})
             thresholds = kept | "RandomRank" >> beam.Map(
                 lambda n, f: {"random": f.get("random", {}).get(max(n, 1))}, found

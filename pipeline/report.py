@@ -16,6 +16,7 @@ inlined as PNG.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -419,12 +420,27 @@ def _write(out_dir: str, name: str, data: bytes) -> str:
     fs, root = arrow_filesystem(out_dir)
     target = f"{root}/{name}"
     local = isinstance(fs, pafs.LocalFileSystem)
-    with fs.open_output_stream(target + ".tmp" if local else target, compression=None) as f:
-        f.write(data)
+    try:
+        with fs.open_output_stream(target + ".tmp" if local else target, compression=None) as f:
+            f.write(data)
+        if local:
+            fs.move(target + ".tmp", target)
+    except BaseException:
+        if local:  # nothing half-written left in the output for a later --overwrite to trip on
+            with contextlib.suppress(OSError):
+                fs.delete_file(target + ".tmp")
+        raise
     if local:
-        fs.move(target + ".tmp", target)
         return target
     return out_dir.rstrip("/") + "/" + name
+
+
+def _exists(out_dir: str, name: str) -> bool:
+    import pyarrow.fs as pafs
+    from beamsift.pipeline.query import arrow_filesystem
+
+    fs, root = arrow_filesystem(out_dir)
+    return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
 
 
 def write_report(out_dir: str, manifest: dict | None = None) -> str:
@@ -455,6 +471,10 @@ def main(args) -> int:
             f.write(build_report(args.output_dir, manifest))
         print(f"beamsift: wrote {args.output}")
         return 0
+    if REPORT not in manifest.get("files", []) and _exists(args.output_dir, REPORT):
+        raise QueryError(
+            f"{args.output_dir} holds a {REPORT} that beamsift did not write; write the report elsewhere with -o FILE"
+        )
     path = write_report(args.output_dir, manifest)
     if REPORT not in manifest.get("files", []):
         manifest["files"] = sorted([*manifest.get("files", []), REPORT])

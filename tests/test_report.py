@@ -118,6 +118,11 @@ def test_beamsift_report_rebuilds_it_and_a_later_overwrite_still_replaces_the_ou
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"].remove("report.html")  # an output from before reports
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "report.html").write_text("the user's own page")  # not in the manifest: not beamsift's
+    mine = run_cli("report", str(copy), check=False)
+    assert mine.returncode == 2 and "holds a report.html that beamsift did not write" in mine.stderr
+    assert (copy / "report.html").read_text() == "the user's own page"
+    (copy / "report.html").unlink()
     proc = run_cli("report", str(copy))
     assert "report.html" in proc.stdout and (copy / "report.html").exists()
     assert "report.html" in json.loads((copy / "manifest.json").read_text())["files"]

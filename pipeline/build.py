@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
 from beamsift.pipeline.config import Config
+from beamsift.pipeline.resume import effects_of, keep_stage, resume_stage, snapshot
 from beamsift.transforms.chain import STAGED, Chain, MarkDuplicateIds, spread_of
 from beamsift.transforms.chain.duplicate_ids import FindDuplicateIds, join_shards
 from beamsift.transforms.chain.meter import StageMeter
@@ -62,12 +63,14 @@ def build_pipeline(
     given_models: dict | None = None,
     finish=None,
     threads: int = 1,
+    resumed: tuple[str, ...] = (),
 ) -> None:
     """Add the run's transforms to ``p``; outputs go to ``out`` (the run's own new folder).
 
     ``finish``: the job's last step, called with the run's summary once everything else is
     written (``finish.py``: the manifest, then the folder published). ``threads``: the cores
-    each worker process may use for itself (``run.worker_threads``)."""
+    each worker process may use for itself (``run.worker_threads``). ``resumed``: the first stages,
+    finished by an interrupted run whose folder this one adopted."""
     buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
 
     # 1. Read, validate, featurize and stage the pool.
@@ -117,8 +120,17 @@ def build_pipeline(
         )
 
     # 3. The stages, in order; then what a stage does once the chain is done.
+    # A stage that an interrupted run finished is replayed from what it kept (``resume.py``);
+    # every other stage leaves a done mark for a run that may have to resume after it.
     for name in cfg["stages"]:
-        shards, summary = stage_of(name).build(ctx, name, shards)
+        if name in resumed:
+            shards, summary = resume_stage(ctx, name, shards)
+        else:
+            before = snapshot(ctx)
+            shards, summary = stage_of(name).build(ctx, name, shards)
+            effects = effects_of(ctx, before)
+            if effects is not None:
+                shards = keep_stage(ctx, name, shards, summary, effects)
         ctx.stage_summaries.append(summary)
     for name in cfg["stages"]:
         if stage_of(name).after_chain is not None:

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # leaves nothing there, so it goes to the user's cache folder (worker processes inherit this).
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "beamsift", "torchinductor"))
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
     if "--" in argv:
@@ -93,14 +95,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated) or _signals_received[-1:] == [signal.SIGTERM]
         what = "terminated" if terminated else "interrupted"
-        print(f"beamsift: {what}; nothing was published, and output.dir is as it was", file=sys.stderr)
-        return 143 if terminated else 130
+        kept = f"; {e.args[0]}" if e.args and isinstance(e.args[0], str) else ""
+        print(f"beamsift: {what}; nothing was published, and output.dir is as it was{kept}", file=sys.stderr)
+        status = 143 if terminated else 130
+        if as_program:
+            _exit_despite_lingering_threads(status)
+        return status
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 _signals_received: list[int] = []
+
+
+def _exit_despite_lingering_threads(status: int) -> None:
+    """Exit now if a thread would hold the interpreter's exit: Beam's state sampler thread, for
+    one, keeps running when an interrupt cuts a bundle short, and the command would never end."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if others:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _on_signal(signum, frame):
@@ -147,7 +163,7 @@ the config:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from beamsift.pipeline import export, query, report
+    from beamsift.pipeline import clean, export, query, report
 
     parser = argparse.ArgumentParser(prog="beamsift", description="Data selection for ML training on Apache Beam.")
     parser.add_argument("--version", action="version", version=f"beamsift {_version()}")
@@ -216,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     export.add_arguments(sub.add_parser("export", help=export.HELP, description=export.HELP_DESCRIPTION))
+    clean.add_arguments(sub.add_parser("clean", help=clean.HELP, description=clean.HELP_DESCRIPTION))
     train = sub.add_parser(
         "train",
         help="train the models of a config's first model stage once, to reuse with proxy.model",
@@ -275,18 +292,19 @@ def _run(args, beam_args, train: bool = False) -> int:
     progress = _progress_display if show_progress else None
     log_path = os.path.join(tempfile.gettempdir(), f"beamsift-{os.getpid()}.log")
     keep_log = False  # only where the error line points at it
+    kept: list[str] = []  # the line that says which finished stages a failed run kept
     try:
         with _workers_stderr_to(log_path if (args.quiet or show_progress) else None):
             wait = not getattr(args, "no_wait", False)
             manifest = run_selection(cfg, overwrite=args.overwrite, beam_args=beam_args, progress=progress, wait=wait,
-                                     force=getattr(args, "force", False))  # fmt: skip
+                                     force=getattr(args, "force", False), on_kept=kept.append)  # fmt: skip
     except (InputError, OutputDirError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
-        raise
+        raise KeyboardInterrupt(*kept) from None
     except Exception as e:  # noqa: BLE001
         if _signals_received:  # a signal that Beam re-raised as its own error
-            raise KeyboardInterrupt() from None
+            raise KeyboardInterrupt(*kept) from None
         # A SelectionError is raised on a worker; runners re-raise it wrapped with a traceback.
         message = find_error(e, SelectionError)
         if message is not None:
@@ -295,7 +313,8 @@ def _run(args, beam_args, train: bool = False) -> int:
             traceback.print_exc(file=f)
         keep_log = True
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        raise UserError(f"the run failed: {last[:300]} (the full traceback is in {log_path})") from None
+        also = f"; {kept[0]}" if kept else ""
+        raise UserError(f"the run failed: {last[:300]} (the full traceback is in {log_path}){also}") from None
     finally:
         if not keep_log:
             with contextlib.suppress(OSError):
@@ -424,7 +443,7 @@ def summary_text(manifest: dict) -> str:
     width = max([14, *(len(k) for k in c["not_selected_by_reason"]), *(len(k) for k in c["rejected_by_reason"])])
     lines = [
         f"beamsift: selected {c['selected']:,} of {c['input_records']:,} input records "
-        f"in {manifest['timings']['total_s']:.1f} s",
+        f"in {manifest['timings']['total_s']:.1f} s{_resumed_note(manifest)}",
         f"  {'selected':<{width + 2}}{c['selected']:>10,}",
         f"  {'not selected':<{width + 2}}{c['not_selected']:>10,}",
         *(f"    {k:<{width}}{v:>10,}" for k, v in c["not_selected_by_reason"].items()),
@@ -482,6 +501,13 @@ def summary_text(manifest: dict) -> str:
         f'  next            beamsift query {out} "SELECT reason, count(*) AS n FROM scores GROUP BY 1 ORDER BY n DESC"',
     ]
     return "\n".join(lines)
+
+
+def _resumed_note(manifest: dict) -> str:
+    stages = manifest.get("resumed", {}).get("stages")
+    if not stages:
+        return ""
+    return f" (resumed after {stages[-1]}: {len(stages)} finished stages kept by an interrupted run)"
 
 
 def _command(args) -> int:

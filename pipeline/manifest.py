@@ -38,6 +38,7 @@ class RunFacts:
     warnings: tuple = ()
     runner: dict = field(default_factory=dict)  # name, worker processes, who chose them
     fingerprint: str = ""  # the inputs, the config and beamsift's version (``run.fingerprint``)
+    resumed: tuple = ()  # the first stages, replayed from an interrupted run's folder
 
 
 def selection_manifest(cfg, summary: dict, facts: RunFacts) -> dict:
@@ -64,7 +65,7 @@ def selection_manifest(cfg, summary: dict, facts: RunFacts) -> dict:
             "rejected": sum(target_rejected.values()),
             "rejected_by_reason": target_rejected,
         },
-        "stages": stage_report(cfg, summary.get("stages", {})),
+        "stages": stage_report(cfg, summary.get("stages", {}), facts.resumed),
         **(
             {
                 "dsir": {
@@ -98,7 +99,7 @@ def train_manifest(cfg, summary: dict, facts: RunFacts, folder: str) -> dict:
             "apply_with": f"{stage}.model",
         },
         "input_records": None,
-        "stages": stage_report(cfg, summary.get("stages", {}))[:-1],
+        "stages": stage_report(cfg, summary.get("stages", {}), facts.resumed)[:-1],
         "timings": {"total_s": round(finished - facts.started, 3)},
         "versions": versions("apache-beam", "pyarrow", "numpy", "duckdb", "torch", "transformers"),
     }
@@ -119,11 +120,13 @@ def header(cfg, facts: RunFacts, finished: float, command: str | None = None) ->
         "beam_options": facts.beam_options,
         "runner": facts.runner,
         "input_files": facts.input_files,
+        **({"resumed": {"stages": list(facts.resumed)}} if facts.resumed else {}),
     }
 
 
-def stage_report(cfg, stages: dict) -> list[dict]:
-    """Per stage, in order: documents in, out, and taken out by reason."""
+def stage_report(cfg, stages: dict, resumed: tuple = ()) -> list[dict]:
+    """Per stage, in order: documents in, out, and taken out by reason; ``resumed``: those that an
+    interrupted run finished (no wall time of this run)."""
     report = []
     for name in cfg["stages"]:
         counts = dict(stages.get(name, {"in": 0, "out": 0}))
@@ -131,6 +134,8 @@ def stage_report(cfg, stages: dict) -> list[dict]:
         entry = {"name": name, "in": counts.pop("in", 0), "out": counts.pop("out", 0), "taken_out": counts}
         if notes:
             entry["notes"] = notes
+        if name in resumed:
+            entry["resumed"] = True
         report.append(entry)
     return report
 

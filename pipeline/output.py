@@ -196,6 +196,23 @@ class PendingOutput:
                 os.makedirs(self.path)
             except OSError as e:
                 raise OutputDirError(f"output.dir {self.out}: cannot create a folder beside it: {e.strerror}") from None
+        self._mark()
+
+    def adopt(self, keep: list[str]) -> None:
+        """Take over the folder an interrupted run kept (``self.path``): the marker now names this
+        process, and of what that run wrote only the files under the prefixes in ``keep`` stay."""
+        remove_abandoned_runs(self.out, keep=self.path)
+        self._mark()
+        stale = [f for f in files_under(self.path) if f != MARKER and not any(f.startswith(k) for k in keep)]
+        files = [FileSystems.join(self.path, f) for f in stale if not f.endswith("/")]
+        if files:
+            FileSystems.delete(files)
+        if is_local(self.path):  # the folders they leave empty
+            for dirpath, _, _ in sorted(os.walk(self.path), key=lambda w: -len(w[0])):
+                if dirpath != self.path and not os.listdir(dirpath):
+                    os.rmdir(dirpath)
+
+    def _mark(self) -> None:
         marker = {"written_by": "beamsift", "pid": os.getpid(), "host": socket.gethostname(), "created": time.time()}
         with FileSystems.create(FileSystems.join(self.path, MARKER)) as f:
             f.write(json.dumps(marker).encode())
@@ -289,59 +306,63 @@ def remove_tree(path: str) -> None:
         FileSystems.delete([FileSystems.join(path, f) for f in files])
 
 
-def remove_abandoned_runs(out: str) -> None:
-    """Remove the sibling folders of runs into ``out`` that were killed (no process, same host)."""
+def remove_abandoned_runs(out: str, keep: str | None = None) -> None:
+    """Remove the sibling folders of runs into ``out`` that were killed (no process, same host),
+    all but ``keep`` (the kept run that this one resumes)."""
+    for path, _ in abandoned_runs(out):
+        if path != keep:
+            remove_tree(path)
     if not is_local(out):
-        _remove_abandoned_remote(out)
         return
     parent, name = os.path.split(os.path.abspath(out))
     prefix = f".{name}{TMP_TAG}"
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return
-    for entry in entries:
-        if not entry.startswith(prefix):
-            continue
-        path = os.path.join(parent, entry)
-        if entry.endswith(PUBLISHING) or os.path.lexists(path + PUBLISHING):
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(parent):
+            path = os.path.join(parent, entry)
+            if not entry.startswith(prefix):
+                continue
             # A publish that was cut short or failed: its message named the folder; left to the
             # user, and the flag removed once the folder is gone.
             if entry.endswith(PUBLISHING) and not os.path.lexists(path[: -len(PUBLISHING)]):
                 with contextlib.suppress(OSError):
                     os.remove(path)
-            continue
-        try:
-            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-                marker = json.load(f)
-        except (OSError, ValueError):
             # An old result moved aside by a swap that was cut short: removed only if it is one.
-            if entry.endswith("-old") and os.path.isdir(path) and _is_beamsift_manifest(path):
+            elif entry.endswith("-old") and os.path.isdir(path) and _is_beamsift_manifest(path):
                 shutil.rmtree(path, ignore_errors=True)
-            continue
-        if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):
-            shutil.rmtree(path, ignore_errors=True)
 
 
-def _remove_abandoned_remote(out: str) -> None:
-    """The same on an object store: a sibling whose marker names this host and a dead process."""
-    parent, name = out.rstrip("/").rsplit("/", 1)
-    pattern = f"{parent}/.{name}{TMP_TAG}*/{MARKER}"
-    try:
-        markers = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-    except Exception:  # noqa: BLE001 - nothing there to list
-        return
-    for path in markers:
+def abandoned_runs(out: str) -> list[tuple[str, dict]]:
+    """The sibling folders of runs into ``out`` whose process is gone (their marker names this
+    host and a process that no longer runs), with their markers; never one being published."""
+    if is_local(out):
+        parent, name = os.path.split(os.path.abspath(out))
         try:
-            with FileSystems.open(path) as f:
+            entries = os.listdir(parent)
+        except OSError:
+            return []
+        prefix = f".{name}{TMP_TAG}"
+        folders = [
+            os.path.join(parent, e) for e in entries if e.startswith(prefix) and not e.endswith((PUBLISHING, "-old"))
+        ]
+        folders = [f for f in folders if os.path.isdir(f) and not os.path.lexists(f + PUBLISHING)]
+    else:
+        parent, name = out.rstrip("/").rsplit("/", 1)
+        try:
+            found = FileSystems.match([f"{parent}/.{name}{TMP_TAG}*/{MARKER}"])[0].metadata_list
+        except Exception:  # noqa: BLE001 - nothing there to list
+            return []
+        folders = [m.path[: -len(MARKER) - 1] for m in found]
+        folders = [f for f in folders if not FileSystems.exists(f + PUBLISHING)]
+    runs = []
+    for folder in folders:
+        try:
+            with FileSystems.open(FileSystems.join(folder, MARKER), compression_type="uncompressed") as f:
                 marker = json.loads(f.read())
-        except (OSError, ValueError):
-            continue
-        folder = path[: -len(MARKER) - 1]
-        if FileSystems.exists(folder + PUBLISHING):
+        except Exception:  # noqa: BLE001 - no marker: not a run folder of ours
             continue
         if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):
-            remove_tree(folder)
+            runs.append((folder, marker))
+    return runs
 
 
 def _alive(pid: int) -> bool:

@@ -365,8 +365,10 @@ def build_html(con, manifest: dict, title: str) -> str:
               if isinstance(t, dict) and "wall_s" in t]  # fmt: skip
     if stages:
         total = (manifest.get("timings") or {}).get("total_s")
+        resumed = (manifest.get("resumed") or {}).get("stages") or []
+        also = f"; resumed after {_e(resumed[-1])}, whose stages an interrupted run had finished" if resumed else ""
         parts.append(f"<h2>Time by stage</h2><div class='panel'>{timings_chart(stages)}"
-                     f"<div class='note'>the whole run: {total} s</div></div>")  # fmt: skip
+                     f"<div class='note'>the whole run: {total} s{also}</div></div>")  # fmt: skip
     if manifest.get("warnings"):
         parts.append(
             "<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in manifest["warnings"]) + "</ul>"

@@ -32,10 +32,12 @@ from beamsift.pipeline.output import (
     STAGING,
     OutputDirError,
     PendingOutput,
+    abandoned_runs,
     check_output_dir,
     is_local,
 )
 from beamsift.pipeline.report import REPORT, write_report
+from beamsift.pipeline.resume import DONE_FILE, describe_kept, finished_stages, read_run_file, write_run_file
 from beamsift.pipeline.saved import check_saved_models, check_target_labels
 from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.io.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
@@ -60,6 +62,7 @@ def run_selection(
     wait: bool = True,
     force: bool = False,
     check_only: bool = False,
+    on_kept=None,
 ) -> dict:
     """Run the pipeline that ``cfg`` describes; return the manifest (also written to disk).
 
@@ -71,6 +74,10 @@ def run_selection(
     ``progress``: a callable ``(progress_dir, total_bytes) -> context manager`` that shows live
     progress from the files that the workers write into ``progress_dir`` (see
     ``transforms/chain/meter.py``); None for no progress.
+
+    A run that fails or is interrupted after some stages finished keeps them beside ``output.dir``
+    (``resume.py``) and calls ``on_kept`` with a line that says so; the same run again resumes
+    after the last of them.
     """
     started = time.time()
     options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
@@ -131,7 +138,8 @@ def run_selection(
         beam_args = [*beam_args, "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
         options = PipelineOptions([f"--runner={cfg['beam.runner']}", *cfg["beam.options"], *beam_args])
 
-    pending = PendingOutput(out)
+    kept_path, resumed = (None, []) if launch == "dry_run" else _kept_run(out, fp, stages)
+    pending = PendingOutput(out, kept_path)
     staging = FileSystems.join(pending.path, STAGING)
     facts = RunFacts(
         run_id=pending.run_id,
@@ -142,6 +150,7 @@ def run_selection(
         warnings=tuple(warnings),
         runner=_runner_report(options, workers),
         fingerprint=fp,
+        resumed=tuple(resumed),
     )
 
     def build(progress_dir):
@@ -164,6 +173,7 @@ def run_selection(
             saved,
             finish,
             threads=worker_threads(options),
+            resumed=tuple(resumed),
         )
         return pipeline
 
@@ -177,7 +187,15 @@ def run_selection(
             "transforms": _leaf_transforms(pipeline),
             "output": out,
         }
-    pending.create()
+    if resumed:  # what the stages after the last finished one wrote goes; they run again
+        pending.adopt([f"{STAGING}/", *(f"artifacts/{name}/" for name in resumed)])
+        stale = [FileSystems.join(staging, name, DONE_FILE) for name in stages[len(resumed) :]]
+        stale = [path for path in stale if FileSystems.exists(path)]
+        if stale:
+            FileSystems.delete(stale)
+    else:
+        pending.create()
+    write_run_file(staging, fp, stages)
     try:
         with _progress_channel(progress, options, pool_tasks, cfg["stages"]) as progress_dir:
             pipeline = build(progress_dir)
@@ -193,7 +211,16 @@ def run_selection(
         # Once the job has begun to publish, its folder is no longer ours to remove; a job that
         # runs on a distributed runner goes on without this command and publishes on its own.
         if not pending.publishing() and (is_local_runner(options) or not isinstance(e, KeyboardInterrupt)):
-            pending.discard()
+            # Kept where the same command may well succeed (an interrupt, a crash), not where the
+            # config or the input must change first: that run has another fingerprint.
+            kept = [] if _is_user_error(e) else finished_stages(staging, stages)
+            if not kept:
+                pending.discard()
+            elif on_kept is not None:
+                on_kept(
+                    f"kept {describe_kept(kept, len(stages))} in {pending.path}: the same command resumes after "
+                    f"{kept[-1]}; `beamsift clean {out}` removes them"
+                )
         _raise_user_error(e)
         raise
     manifest = _published_manifest(out, pending.run_id)
@@ -316,6 +343,11 @@ def _job_id(result) -> str | None:
         if value:
             return str(value)
     return None
+
+
+def _is_user_error(e: BaseException) -> bool:
+    errors = (InputError, OutputDirError, SelectionError)
+    return isinstance(e, errors) or any(find_error(e, cls) is not None for cls in errors)
 
 
 def _raise_user_error(e: BaseException) -> None:
@@ -461,6 +493,19 @@ def fingerprint(cfg: Config, described: dict) -> str:
         version = "unknown"
     text = json.dumps({"inputs": described, "config": config, "beamsift": version}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _kept_run(out: str, fp: str, stages: list[str]) -> tuple[str | None, list[str]]:
+    """The folder an interrupted run of this very fingerprint kept beside ``out``, and the stages
+    it finished (the newest such run); (None, []) where there is none. Kept runs of another
+    fingerprint are stale: the run's start removes them with the other abandoned folders."""
+    for path, _ in sorted(abandoned_runs(out), key=lambda r: -float(r[1].get("created", 0))):
+        run = read_run_file(path)
+        if run and run.get("fingerprint") == fp and run.get("stages") == list(stages):
+            done = finished_stages(FileSystems.join(path, STAGING), stages)
+            if done:
+                return path, done
+    return None, []
 
 
 def _exists(folder: str, name: str) -> bool:

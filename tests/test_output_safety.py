@@ -92,8 +92,16 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == status
-        assert err.strip() == f"beamsift: {word}; nothing was published, and output.dir is as it was"
+        # Its stages had finished (it was writing the selection): they are kept for the same
+        # command to resume after, in its own folder beside the output, until `beamsift clean`.
+        kept = list(tmp_path.glob(".out.beamsift-tmp-*"))
+        assert err.strip() == (
+            f"beamsift: {word}; nothing was published, and output.dir is as it was; kept 2 of 2 stages "
+            f"(dsir, select) in {kept[0]}: the same command resumes after select; `beamsift clean {out}` removes them"
+        )
         assert tree_of(out) == before  # the previous result, byte for byte
+        cleaned = run_cli("clean", str(out))
+        assert cleaned.stdout.startswith(f"beamsift: removed {kept[0]} (kept after select; ")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "out"]  # no leftovers
         assert os.listdir(tmp) == []
         q = run_cli("query", str(out), "SELECT count(*) AS n FROM selected")

@@ -198,12 +198,12 @@ class PendingOutput:
                 raise OutputDirError(f"output.dir {self.out}: cannot create a folder beside it: {e.strerror}") from None
         self._mark()
 
-    def adopt(self, keep: list[str]) -> None:
+    def adopt(self, drop: list[str]) -> None:
         """Take over the folder an interrupted run kept (``self.path``): the marker now names this
-        process, and of what that run wrote only the files under the prefixes in ``keep`` stay."""
+        process, and what that run wrote under the prefixes in ``drop`` goes."""
         remove_abandoned_runs(self.out, keep=self.path)
         self._mark()
-        stale = [f for f in files_under(self.path) if f != MARKER and not any(f.startswith(k) for k in keep)]
+        stale = [f for f in files_under(self.path) if any(f.startswith(d) for d in drop)]
         files = [FileSystems.join(self.path, f) for f in stale if not f.endswith("/")]
         if files:
             FileSystems.delete(files)

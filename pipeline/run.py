@@ -187,8 +187,11 @@ def run_selection(
             "transforms": _leaf_transforms(pipeline),
             "output": out,
         }
-    if resumed:  # what the stages after the last finished one wrote goes; they run again
-        pending.adopt([f"{STAGING}/", *(f"artifacts/{name}/" for name in resumed)])
+    if resumed:
+        # What the writers after the chain wrote goes (a batch of rejects is named by its first
+        # record, and batches differ from run to run); the stages' own files stay: a finished
+        # stage's are replayed, an unfinished one writes the same names again.
+        pending.adopt(["selected/", "scores/", "rejected/", "clusters/", "examples/", MANIFEST, REPORT])
         stale = [FileSystems.join(staging, name, DONE_FILE) for name in stages[len(resumed) :]]
         stale = [path for path in stale if FileSystems.exists(path)]
         if stale:

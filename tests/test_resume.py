@@ -81,6 +81,9 @@ def test_an_interrupted_run_resumes_after_its_last_finished_stage_with_the_unint
     assert manifest["resumed"]["stages"] == ["dsir", "filter", "embed", "cluster", "dedup", "proxy"]
     assert [s["name"] for s in manifest["stages"] if s.get("resumed")] == manifest["resumed"]["stages"]
     assert (out / model).stat().st_mtime_ns == trained  # the proxy was not trained again
+    # Every model a finished stage saved is published with the result, and listed as beamsift's.
+    assert sorted(manifest["files"]) == [f for f in output.files_under(str(out)) if f != "manifest.json"]
+    assert {model, "artifacts/cluster/centroids.npy", "artifacts/cluster/basis.npy"} <= set(manifest["files"])
     assert manifest["counts"]["accounted_for"] and manifest["counts"]["input_records"] == POOL_DOCS
     # The ids and scores an uninterrupted run gives (recorded by test_golden's run of this config).
     assert_same_result(_scores(out), pq.read_table(GOLDEN / "quality_diversity.parquet"))

@@ -58,7 +58,7 @@ def result(out: str):
     import duckdb
 
     con = duckdb.connect()
-    return con.sql(f"SELECT * EXCLUDE (text) FROM read_parquet('{out}/scores/*.parquet') ORDER BY id").fetchall()
+    return con.sql(f"SELECT * FROM read_parquet('{out}/scores/*.parquet') ORDER BY id").fetchall()
 
 
 def main() -> None:

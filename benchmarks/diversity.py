@@ -84,7 +84,7 @@ QUAD_PAPER = {**QUAD, "select.quad_alpha": 0.0001, "select.quad_offset": 0.002}
 
 def beamsift(out: str, sets: dict) -> tuple[dict, float]:
     """``beamsift run configs/dsir.yaml --set ...`` into ``out``: (manifest, wall seconds)."""
-    cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", CONFIG, "--quiet", "--no-progress", "--overwrite"]
+    cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", CONFIG, "--quiet", "--no-progress", "--force"]
     for key, value in {**sets, "output.dir": out}.items():
         cmd += ["--set", f"{key}={value}"]
     started = time.time()

@@ -88,7 +88,7 @@ def main() -> None:
         ["--", "--direct_running_mode=multi_processing", f"--direct_num_workers={args.workers}"] if args.workers else []
     )
     common = [
-        sys.executable, "-m", "beamsift.pipeline.cli", "run", "--quiet", "--no-progress", "--overwrite",
+        sys.executable, "-m", "beamsift.pipeline.cli", "run", "--quiet", "--no-progress", "--force",
         "--set", f"input.path={corpus}", "--set", "input.split_bytes=8000000",
     ]  # fmt: skip
     runs = {

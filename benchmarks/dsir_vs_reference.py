@@ -276,6 +276,7 @@ def main() -> None:
         "--set",
         f"output.dir={out}",
         "--overwrite",
+        "--force",  # the same command again is a run again, not "already holds this result"
         "--quiet",
         *(["--", *args.beamsift_flags.split()] if args.beamsift_flags else []),
     ]

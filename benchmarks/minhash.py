@@ -268,7 +268,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", str(ROOT / "configs" / "minhash.yaml")]
         for s in [f"input.path={data}/*.jsonl", "input.id_field=id", f"output.dir={out}", *sets]:
             cmd += ["--set", s]
-        seconds = timed([*cmd, "--overwrite", "--quiet"], work / "beamsift.log")
+        seconds = timed([*cmd, "--force", "--quiet"], work / "beamsift.log")
         results["beamsift"] = (seconds, *beamsift_links(out))
         tokenizers = [] if args.skip_datatrove else [t for t in args.datatrove_tokenizer.split(",") if t]
         if tokenizers:

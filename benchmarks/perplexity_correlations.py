@@ -80,7 +80,7 @@ def run(config: dict, folder: str) -> tuple[dict, float]:
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     started = time.time()
-    cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", path, "--quiet", "--no-progress", "--overwrite"]
+    cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", path, "--quiet", "--no-progress", "--force"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"beamsift run failed:\n{done.stdout}{done.stderr}")

@@ -74,7 +74,7 @@ def config_file(name: str, tmp: Path) -> tuple[Path, list[str]]:
 def run_one(name: str, corpus: Path, n: int, mode: str, tmp: Path) -> dict:
     path, sets = config_file(name, tmp)
     out = tmp / f"out-{name}-{mode}"
-    cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", "--quiet", "--no-progress", "--overwrite", str(path)]
+    cmd = [sys.executable, "-m", "beamsift.pipeline.cli", "run", "--quiet", "--no-progress", "--force", str(path)]
     for s in [f"input.path={corpus}", f"output.dir={out}", *sets]:
         cmd += ["--set", s]
     wall, rss, rss_one = timed([*cmd, "--", *MODES[mode]], tmp / f"{name}-{mode}.log")
@@ -116,7 +116,7 @@ def side_input_sizes(name: str, corpus: Path, tmp: Path) -> dict:
     cfg = load_config(str(path), [f"input.path={corpus}", f"output.dir={tmp / 'side-out'}", *sets])
     beam.pvalue.AsSideInput.__init__ = measured
     try:
-        run_selection(cfg, overwrite=True, beam_args=["--direct_running_mode=in_memory"])
+        run_selection(cfg, force=True, beam_args=["--direct_running_mode=in_memory"])
     finally:
         beam.pvalue.AsSideInput.__init__ = original
     sizes: dict[str, int] = {}

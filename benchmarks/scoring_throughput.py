@@ -34,7 +34,7 @@ def beamsift(config: dict, d: str, name: str) -> dict:
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     subprocess.run(
-        [sys.executable, "-m", "beamsift.pipeline.cli", "run", path, "--quiet", "--overwrite"],
+        [sys.executable, "-m", "beamsift.pipeline.cli", "run", path, "--quiet", "--force"],
         check=True,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

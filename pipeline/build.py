@@ -24,10 +24,11 @@ from beamsift.transforms.chain import STAGED, Chain, MarkDuplicateIds, spread_of
 from beamsift.transforms.chain.duplicate_ids import FindDuplicateIds, join_shards
 from beamsift.transforms.chain.meter import StageMeter
 from beamsift.transforms.chain.staging import WriteStagingShards
+from beamsift.transforms.chain.sums import SumSummaries
 from beamsift.transforms.featurize import FeaturizeHashedNgrams
 from beamsift.transforms.io.read import InputSpec, ReadDocuments, ReadTask
 from beamsift.transforms.io.schema import UnifyFieldTypes
-from beamsift.transforms.io.write import SumSummaries, WriteRejectedShard, WriteSelectionShards
+from beamsift.transforms.io.write import WriteRejectedShard, WriteSelectionShards
 from beamsift.transforms.stages import stage_of
 from beamsift.transforms.stages.base import Context
 from beamsift.transforms.stages.dsir import MODEL_FILE, CountNgrams, SumNgramTotals

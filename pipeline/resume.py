@@ -28,7 +28,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from beamsift.transforms.chain import REASON, StageShard, running_mask, shard_of
 from beamsift.transforms.chain.staging import read_staging
-from beamsift.transforms.io.write import SumSummaries
 
 RUN_FILE = "_run.json"  # in _staging: the fingerprint and stages of the run that wrote it
 DONE_FILE = "_done.pkl"  # in _staging/<stage>/: the stage finished, and what it gave the run
@@ -82,6 +81,10 @@ def keep_stage(ctx, name: str, shards, summary, effects: dict):
     released to the next stage only once the mark is written. That order makes the marks
     appear as the stages finish (a runner is free to run a branch that nothing waits for last)
     and all of them before the run publishes."""
+    # Here, not at the top: a worker imports this module for the functions below, before the
+    # writers' module (which imports every stage, one of which imports it back).
+    from beamsift.transforms.chain.sums import SumSummaries
+
     folder = FileSystems.join(ctx.chain.staging_dir, name)
     label = f"Keep_{name}"
     saved = [

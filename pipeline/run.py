@@ -222,7 +222,7 @@ def run_selection(
             elif on_kept is not None:
                 on_kept(
                     f"kept {describe_kept(kept, len(stages))} in {pending.path}: the same command resumes after "
-                    f"{kept[-1]}; `beamsift clean {out}` removes them"
+                    f"{kept[-1]}; `beamsift clean {out}` removes what was kept"
                 )
         _raise_user_error(e)
         raise

@@ -97,7 +97,8 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
         kept = list(tmp_path.glob(".out.beamsift-tmp-*"))
         assert err.strip() == (
             f"beamsift: {word}; nothing was published, and output.dir is as it was; kept 2 of 2 stages "
-            f"(dsir, select) in {kept[0]}: the same command resumes after select; `beamsift clean {out}` removes them"
+            f"(dsir, select) in {kept[0]}: the same command resumes after select; "
+            f"`beamsift clean {out}` removes what was kept"
         )
         assert tree_of(out) == before  # the previous result, byte for byte
         cleaned = run_cli("clean", str(out))

@@ -44,3 +44,30 @@ def test_regular_install_imports_beamsift(tmp_path):
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
     ).stdout
     assert out.strip().startswith(str(target))
+
+
+FIRST_IMPORT = """
+import importlib, sys
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "beamsift" or m.startswith("beamsift.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        failed.append(f"{name}: {e}")
+print("\\n".join(failed))
+"""
+
+
+def test_every_module_imports_as_the_first_beamsift_module_of_a_process():
+    """A worker imports the module of whatever it unpickles first (a combine's class, a stage's
+    DoFn), before any other of ours: no module may need another to have been imported before it
+    (an import cycle that the driver's order hides failed only on a fresh worker)."""
+    modules = sorted(
+        "beamsift." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for folder in ("pipeline", "transforms")
+        for p in (ROOT / folder).rglob("*.py")
+    )
+    done = subprocess.run([sys.executable, "-c", FIRST_IMPORT, *modules], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", done.stdout

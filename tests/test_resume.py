@@ -20,6 +20,7 @@ from conftest import (
     ROOT,
     TARGET_DOCS,
     TEXT_COLUMNS,
+    WORKERS,
     assert_same_result,
     demo_records,
     make_config,
@@ -69,7 +70,8 @@ def test_an_interrupted_run_resumes_after_its_last_finished_stage_with_the_unint
     assert len(kept) == 1
     assert err.strip() == (
         "beamsift: interrupted; nothing was published, and output.dir is as it was; kept 6 of 8 stages "
-        f"(dsir … proxy) in {kept[0]}: the same command resumes after proxy; `beamsift clean {out}` removes them"
+        f"(dsir … proxy) in {kept[0]}: the same command resumes after proxy; "
+        f"`beamsift clean {out}` removes what was kept"
     )
     model = "artifacts/proxy/proxy-0/model.safetensors"
     trained = (kept[0] / model).stat().st_mtime_ns
@@ -89,6 +91,22 @@ def test_an_interrupted_run_resumes_after_its_last_finished_stage_with_the_unint
     assert_same_result(_scores(out), pq.read_table(GOLDEN / "quality_diversity.parquet"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pool.jsonl", "target.jsonl"]
     assert "_staging" not in os.listdir(out)
+
+
+def test_a_run_resumes_on_another_runner_with_the_same_result(tmp_path):
+    """Kept by the in-process runner, resumed by two worker processes (the fingerprint leaves the
+    runner out: the result is the same on every runner)."""
+    pool = write_jsonl(tmp_path / "pool.jsonl", demo_records(POOL_DOCS))
+    target = write_jsonl(tmp_path / "target.jsonl", target_records(TARGET_DOCS))
+    out = tmp_path / "out"
+    args = ["run", "configs/demo.yaml", *small_overrides("demo", pool, target, out), "--quiet"]
+    status, err = _interrupt_once_done(args, out, "dsir")
+    assert status == 130 and "the same command resumes after dsir" in err
+
+    resumed = run_cli(*args, "--", *WORKERS)
+    assert "(resumed after dsir: 1 finished stages kept by an interrupted run)" in resumed.stdout
+    assert json.loads((out / "manifest.json").read_text())["runner"]["workers"] == 2
+    assert_same_result(_scores(out), pq.read_table(GOLDEN / "demo.parquet"))
 
 
 def _kept_folder(tmp_path, pid: int, fingerprint: str):

@@ -60,3 +60,11 @@ class Sum(beam.CombineFn):
 
     def extract_output(self, acc):
         return self.finish(acc) if self.finish is not None else acc
+
+
+class SumSummaries(Sum):
+    """Add up summary dicts: numbers and count vectors are summed, nested dicts key by key; the
+    result always has ``counts``."""
+
+    def __init__(self):
+        super().__init__(start={"counts": {}})

@@ -18,7 +18,6 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.chain.staging import read_staging, write_parquet
-from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.io.examples import shard_extremes
 from beamsift.transforms.io.read import POSITION_BITS, REJECTED
 from beamsift.transforms.io.schema import (
@@ -189,11 +188,3 @@ class WriteRejectedShard(beam.DoFn):
                 continue  # counted where it was found (WriteSelectionShards)
             counts[key] = counts.get(key, 0) + 1
         yield {"counts": counts}
-
-
-class SumSummaries(Sum):
-    """Add up summary dicts: numbers and count vectors are summed, nested dicts key by key; the
-    result always has ``counts``."""
-
-    def __init__(self):
-        super().__init__(start={"counts": {}})

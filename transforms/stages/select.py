@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
-from beamsift.transforms.io.write import SumSummaries
+from beamsift.transforms.chain.sums import SumSummaries
 from beamsift.transforms.selectors import balanced, quad, sensitivity
 from beamsift.transforms.selectors.core import explain_running
 from beamsift.transforms.selectors.cut import METHODS, Cut, CutStage

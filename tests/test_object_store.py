@@ -96,3 +96,37 @@ def test_files_on_a_bucket_share_one_client_per_process(s3, monkeypatch):
     with FileSystems.open(f"s3://{S3_BUCKET}/clients/3.txt") as f:
         assert f.read() == b"x"
     assert len(created) == 1  # 11 file operations, one client (a new region: a new set of options)
+
+
+def test_a_run_interrupted_in_a_bucket_resumes_there_with_the_recorded_result(s3, monkeypatch):
+    import pyarrow.parquet as pq
+    from beamsift.pipeline.query import connect
+    from conftest import TEXT_COLUMNS, assert_same_result, small_overrides
+
+    out = f"s3://{S3_BUCKET}/out/resumed"
+    args = ["run", "configs/demo.yaml", *small_overrides("demo", f"{IN}/pool.jsonl", f"{IN}/target.jsonl", out),
+            "--quiet", "--", *WORKERS]  # fmt: skip
+    env = {**os.environ, **s3["env"]}
+    proc = subprocess.Popen([sys.executable, "-m", "beamsift.pipeline.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    while not any(k.endswith("/_staging/dsir/_done.pkl") for k in s3_keys(s3, "out/.resumed")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before dsir finished"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "the same command resumes after dsir" in stderr.decode()
+    assert s3_keys(s3, "out/resumed/") == []  # nothing published
+
+    again = run_cli(*args, env=s3["env"])
+    assert "(resumed after dsir: 1 finished stages kept by an interrupted run)" in again.stdout
+    manifest = json.loads(_objects(s3, "out/resumed/manifest.json")["out/resumed/manifest.json"])
+    assert s3_keys(s3, "out/resumed/") == sorted(f"out/resumed/{f}" for f in [*manifest["files"], "manifest.json"])
+    assert s3_keys(s3, "out/.resumed") == []  # the kept prefix became the result
+    for key, value in s3["env"].items():
+        monkeypatch.setenv(key, value)
+    con = connect(out)
+    table = con.sql("SELECT * FROM scores ORDER BY id").to_arrow_table()
+    con.close()
+    table = table.select([c for c in table.column_names if c not in TEXT_COLUMNS])
+    assert_same_result(table, pq.read_table(ROOT / "tests" / "golden" / "demo.parquet"))

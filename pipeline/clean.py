@@ -19,7 +19,7 @@ HELP = "remove the finished stages that interrupted runs into an output folder k
 HELP_DESCRIPTION = (
     "Remove the folders that failed or interrupted runs into OUTPUT_DIR kept beside it (their finished "
     "stages, for the same command to resume after), and what killed runs left there. The output itself, "
-    "a run still going and anything beamsift did not write stay."
+    "a run still going (a job on Dataflow or Flink included) and anything beamsift did not write stay."
 )
 
 
@@ -31,10 +31,19 @@ def main(args: argparse.Namespace) -> int:
     out = args.output_dir.rstrip("/") or args.output_dir
     if not is_local(out):  # boto3 and Google's libraries take the endpoint and keys from the environment
         FileSystems.set_options(PipelineOptions([]))
-    runs = abandoned_runs(out)
+    try:
+        runs = abandoned_runs(out)
+        _remove(runs)
+    except Exception as e:  # noqa: BLE001 - an unreachable bucket, a permission: the user's to fix
+        from beamsift.pipeline.query import QueryError
+
+        raise QueryError(f"{out}: cannot clean beside it: {type(e).__name__}: {e}") from None
     if not runs:
         print(f"beamsift: nothing to clean beside {out}")
-        return 0
+    return 0
+
+
+def _remove(runs: list) -> None:
     for path, _ in runs:
         run = read_run_file(path) or {}
         stages = finished_stages(FileSystems.join(path, "_staging"), run.get("stages", []))
@@ -42,7 +51,6 @@ def main(args: argparse.Namespace) -> int:
         size = _size(path)
         remove_tree(path)
         print(f"beamsift: removed {path} ({kept}; {size / 1e6:,.1f} MB)")
-    return 0
 
 
 def _size(path: str) -> int:

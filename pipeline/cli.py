@@ -507,7 +507,8 @@ def _resumed_note(manifest: dict) -> str:
     stages = manifest.get("resumed", {}).get("stages")
     if not stages:
         return ""
-    return f" (resumed after {stages[-1]}: {len(stages)} finished stages kept by an interrupted run)"
+    kept = f"{len(stages)} finished stages" if len(stages) > 1 else "its first stage"
+    return f" (resumed after {stages[-1]}: {kept} kept by an interrupted run)"
 
 
 def _command(args) -> int:

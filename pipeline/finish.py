@@ -29,6 +29,7 @@ from beamsift.pipeline.manifest import (
 )
 from beamsift.pipeline.output import MANIFEST, PendingOutput, files_under, remove_tree
 from beamsift.pipeline.report import REPORT, build_report
+from beamsift.pipeline.resume import RUN_FILE
 from beamsift.transforms.chain.staging import write_parquet
 from beamsift.transforms.io.examples import EXAMPLES_FILE, examples_table
 from beamsift.transforms.io.schema import output_column
@@ -58,6 +59,9 @@ class FinishRun:
 
     def _manifest(self, summary: dict) -> dict:
         cfg = self.cfg
+        # The run file first: a removal cut short leaves no folder that looks resumable.
+        if FileSystems.exists(FileSystems.join(self.staging, RUN_FILE)):
+            FileSystems.delete([FileSystems.join(self.staging, RUN_FILE)])
         remove_tree(self.staging)
         if cfg.train_only:
             manifest = train_manifest(cfg, summary, self.facts, self.folder)

@@ -188,15 +188,17 @@ class PendingOutput:
         # removes it (a half-done copy on an object store keeps the complete new result there).
         self.flag = self.path + PUBLISHING
 
-    def create(self) -> None:
-        """Make the folder and write the marker first: whatever happens next, it is ours."""
+    def create(self, detached: bool = False) -> None:
+        """Make the folder and write the marker first: whatever happens next, it is ours.
+        ``detached``: the job runs elsewhere (Dataflow, Flink) and may write here after this
+        process is gone, so that no later run takes the folder for abandoned."""
         remove_abandoned_runs(self.out)
         if is_local(self.path):
             try:
                 os.makedirs(self.path)
             except OSError as e:
                 raise OutputDirError(f"output.dir {self.out}: cannot create a folder beside it: {e.strerror}") from None
-        self._mark()
+        self._mark(detached)
 
     def adopt(self, drop: list[str]) -> None:
         """Take over the folder an interrupted run kept (``self.path``): the marker now names this
@@ -212,8 +214,10 @@ class PendingOutput:
                 if dirpath != self.path and not os.listdir(dirpath):
                     os.rmdir(dirpath)
 
-    def _mark(self) -> None:
+    def _mark(self, detached: bool = False) -> None:
         marker = {"written_by": "beamsift", "pid": os.getpid(), "host": socket.gethostname(), "created": time.time()}
+        if detached:
+            marker["detached"] = True
         with FileSystems.create(FileSystems.join(self.path, MARKER)) as f:
             f.write(json.dumps(marker).encode())
 
@@ -333,7 +337,8 @@ def remove_abandoned_runs(out: str, keep: str | None = None) -> None:
 
 def abandoned_runs(out: str) -> list[tuple[str, dict]]:
     """The sibling folders of runs into ``out`` whose process is gone (their marker names this
-    host and a process that no longer runs), with their markers; never one being published."""
+    host and a process that no longer runs), with their markers; never one being published, nor
+    one of a job that runs on its own (``create(detached=True)``)."""
     if is_local(out):
         parent, name = os.path.split(os.path.abspath(out))
         try:
@@ -359,6 +364,8 @@ def abandoned_runs(out: str) -> list[tuple[str, dict]]:
             with FileSystems.open(FileSystems.join(folder, MARKER), compression_type="uncompressed") as f:
                 marker = json.loads(f.read())
         except Exception:  # noqa: BLE001 - no marker: not a run folder of ours
+            continue
+        if marker.get("detached"):  # a Dataflow or Flink job's: it may still be writing
             continue
         if marker.get("host") == socket.gethostname() and not _alive(int(marker.get("pid", 0))):
             runs.append((folder, marker))

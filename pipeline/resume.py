@@ -18,8 +18,10 @@ written), which also accounts for every input record again.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import os
 import pickle
 
 import apache_beam as beam
@@ -148,8 +150,20 @@ def _resumed_shard(item, chain, stage: str) -> StageShard:
 
 
 def save_pickle(value, path: str) -> str:
-    with FileSystems.create(path) as f:
-        f.write(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    """Whole or not at all: on a local disk into a temporary file, then renamed (an object's
+    upload is atomic already), so that an interrupt never leaves half a mark that looks done."""
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    if FileSystems.get_filesystem(path).scheme() not in (None, "file"):
+        with FileSystems.create(path) as f:
+            f.write(data)
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path
 
 
@@ -161,9 +175,27 @@ def load_pickle(path: str):
 # ---- the driver's side: which stages a kept folder holds -------------------------------------
 
 
-def write_run_file(staging: str, fingerprint: str, stages: list[str]) -> None:
+def write_run_file(staging: str, fingerprint: str, stages: list[str], resumable: bool) -> None:
+    """``resumable``: the job runs inside this command, so that its folder is done with once the
+    command is; a job handed to Dataflow or Flink may still be writing there when it is gone."""
+    run = {"fingerprint": fingerprint, "stages": list(stages), "code": code_version(), "resumable": resumable}
     with FileSystems.create(FileSystems.join(staging, RUN_FILE)) as f:
-        f.write(json.dumps({"fingerprint": fingerprint, "stages": list(stages)}).encode())
+        f.write(json.dumps(run).encode())
+
+
+def code_version() -> str:
+    """A hash of beamsift's own source: an edited checkout (an editable install keeps its version
+    number) must not resume from what other code wrote."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder in ("pipeline", "transforms"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+            dirnames.sort()
+            for name in sorted(f for f in filenames if f.endswith(".py")):
+                digest.update(name.encode())
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def read_run_file(folder: str) -> dict | None:
@@ -178,17 +210,12 @@ def finished_stages(staging: str, stages: list[str]) -> list[str]:
     """The stages, from the first, whose done marks are in ``staging`` (the prefix a run resumes after)."""
     done = []
     for name in stages:
-        if not _exists(FileSystems.join(staging, name, DONE_FILE)):
+        try:  # a mark that cannot be read ends the prefix: that stage runs again
+            load_pickle(FileSystems.join(staging, name, DONE_FILE))
+        except Exception:  # noqa: BLE001
             break
         done.append(name)
     return done
-
-
-def _exists(path: str) -> bool:
-    try:
-        return FileSystems.exists(path)
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def describe_kept(stages: list[str], total: int) -> str:

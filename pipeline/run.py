@@ -37,7 +37,14 @@ from beamsift.pipeline.output import (
     is_local,
 )
 from beamsift.pipeline.report import REPORT, write_report
-from beamsift.pipeline.resume import DONE_FILE, describe_kept, finished_stages, read_run_file, write_run_file
+from beamsift.pipeline.resume import (
+    DONE_FILE,
+    code_version,
+    describe_kept,
+    finished_stages,
+    read_run_file,
+    write_run_file,
+)
 from beamsift.pipeline.saved import check_saved_models, check_target_labels
 from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.io.read import InputError, check_fields, expand_input, max_records, plan_read_tasks
@@ -197,8 +204,8 @@ def run_selection(
         if stale:
             FileSystems.delete(stale)
     else:
-        pending.create()
-    write_run_file(staging, fp, stages)
+        pending.create(detached=not (launch == "wait" and is_local_runner(options)))
+    write_run_file(staging, fp, stages, resumable=launch == "wait" and is_local_runner(options))
     try:
         with _progress_channel(progress, options, pool_tasks, cfg["stages"]) as progress_dir:
             pipeline = build(progress_dir)
@@ -503,8 +510,9 @@ def _kept_run(out: str, fp: str, stages: list[str]) -> tuple[str | None, list[st
     it finished (the newest such run); (None, []) where there is none. Kept runs of another
     fingerprint are stale: the run's start removes them with the other abandoned folders."""
     for path, _ in sorted(abandoned_runs(out), key=lambda r: -float(r[1].get("created", 0))):
-        run = read_run_file(path)
-        if run and run.get("fingerprint") == fp and run.get("stages") == list(stages):
+        run = read_run_file(path) or {}
+        same = run.get("fingerprint") == fp and run.get("stages") == list(stages) and run.get("code") == code_version()
+        if same and run.get("resumable"):
             done = finished_stages(FileSystems.join(path, STAGING), stages)
             if done:
                 return path, done

@@ -119,7 +119,7 @@ def test_a_run_interrupted_in_a_bucket_resumes_there_with_the_recorded_result(s3
     assert s3_keys(s3, "out/resumed/") == []  # nothing published
 
     again = run_cli(*args, env=s3["env"])
-    assert "(resumed after dsir: 1 finished stages kept by an interrupted run)" in again.stdout
+    assert "(resumed after dsir: its first stage kept by an interrupted run)" in again.stdout
     manifest = json.loads(_objects(s3, "out/resumed/manifest.json")["out/resumed/manifest.json"])
     assert s3_keys(s3, "out/resumed/") == sorted(f"out/resumed/{f}" for f in [*manifest["files"], "manifest.json"])
     assert s3_keys(s3, "out/.resumed") == []  # the kept prefix became the result

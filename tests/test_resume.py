@@ -104,7 +104,7 @@ def test_a_run_resumes_on_another_runner_with_the_same_result(tmp_path):
     assert status == 130 and "the same command resumes after dsir" in err
 
     resumed = run_cli(*args, "--", *WORKERS)
-    assert "(resumed after dsir: 1 finished stages kept by an interrupted run)" in resumed.stdout
+    assert "(resumed after dsir: its first stage kept by an interrupted run)" in resumed.stdout
     assert json.loads((out / "manifest.json").read_text())["runner"]["workers"] == 2
     assert_same_result(_scores(out), pq.read_table(GOLDEN / "demo.parquet"))
 
@@ -139,14 +139,25 @@ def test_a_run_of_another_fingerprint_starts_afresh_and_removes_what_was_kept(tm
 def test_clean_removes_what_interrupted_runs_kept_and_nothing_else(tmp_path):
     kept = _kept_folder(tmp_path, _dead_pid(), "0" * 20)
     going = _kept_folder(tmp_path, os.getpid(), "1" * 20)  # a run that is still going: not touched
+    # A job handed to Dataflow or Flink may write after its launching command is gone: not touched.
+    detached = _kept_folder(tmp_path, _dead_pid(), "2" * 20)
+    marker = json.loads((detached / output.MARKER).read_text())
+    (detached / output.MARKER).write_text(json.dumps({**marker, "detached": True}))
+    # Cut short while its first mark was written: nothing of it counts as finished.
+    torn = _kept_folder(tmp_path, _dead_pid(), "3" * 20)
+    mark = torn / "_staging" / "dsir" / "_done.pkl"
+    mark.write_bytes(mark.read_bytes()[:5])
     foreign = tmp_path / f".out{output.TMP_TAG}not-ours"  # the same shape, without beamsift's marker
     foreign.mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("the user's")
 
     proc = run_cli("clean", str(tmp_path / "out"))
-    assert proc.stdout.startswith(f"beamsift: removed {kept} (kept after dsir; ")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([going.name, foreign.name, "out"])
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    assert any(line.startswith(f"beamsift: removed {kept} (kept after dsir; ") for line in lines)
+    assert any(line.startswith(f"beamsift: removed {torn} (left by a killed run; ") for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([going.name, detached.name, foreign.name, "out"])
     assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
     again = run_cli("clean", str(tmp_path / "out"))
     assert again.stdout.strip() == f"beamsift: nothing to clean beside {tmp_path / 'out'}"

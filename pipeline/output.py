@@ -298,6 +298,28 @@ def _copy_over(new: str, out: str) -> None:
     remove_tree(new)
 
 
+def write_whole(path: str, data: bytes) -> None:
+    """Write a file whole or not at all: on a local disk into a temporary file beside it, synced,
+    then renamed over ``path`` (nothing half-written is left where it fails); an object's upload
+    is atomic as it is."""
+    if not is_local(path):
+        with FileSystems.create(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def remove_tree(path: str) -> None:
     """Remove a folder that beamsift made (its run folder, its staging)."""
     if is_local(path):

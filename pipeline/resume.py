@@ -25,11 +25,11 @@ import os
 import pickle
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
-from beamsift.transforms.chain import REASON, StageShard, running_mask, shard_of
-from beamsift.transforms.chain.staging import read_staging
+from beamsift.pipeline.output import write_whole
+from beamsift.transforms.chain import StageShard, running_mask, shard_of
+from beamsift.transforms.chain.sums import SumSummaries
 
 RUN_FILE = "_run.json"  # in _staging: the fingerprint and stages of the run that wrote it
 DONE_FILE = "_done.pkl"  # in _staging/<stage>/: the stage finished, and what it gave the run
@@ -83,10 +83,6 @@ def keep_stage(ctx, name: str, shards, summary, effects: dict):
     released to the next stage only once the mark is written. That order makes the marks
     appear as the stages finish (a runner is free to run a branch that nothing waits for last)
     and all of them before the run publishes."""
-    # Here, not at the top: a worker imports this module for the functions below, before the
-    # writers' module (which imports every stage, one of which imports it back).
-    from beamsift.transforms.chain.sums import SumSummaries
-
     folder = FileSystems.join(ctx.chain.staging_dir, name)
     label = f"Keep_{name}"
     saved = [
@@ -145,25 +141,14 @@ def resume_stage(ctx, name: str, shards):
 
 def _resumed_shard(item, chain, stage: str) -> StageShard:
     shard = shard_of(item)
-    reasons = np.asarray(read_staging(chain.path(stage, shard.name), [REASON]).column(REASON).to_pylist(), object)
-    return StageShard(shard, int(running_mask(reasons).sum()), getattr(item, "duplicates", 0))
+    running = running_mask(chain.reasons_after(stage, shard))
+    return StageShard(shard, int(running.sum()), getattr(item, "duplicates", 0))
 
 
 def save_pickle(value, path: str) -> str:
     """Whole or not at all: on a local disk into a temporary file, then renamed (an object's
     upload is atomic already), so that an interrupt never leaves half a mark that looks done."""
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    if FileSystems.get_filesystem(path).scheme() not in (None, "file"):
-        with FileSystems.create(path) as f:
-            f.write(data)
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_whole(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     return path
 
 

@@ -35,10 +35,10 @@ from beamsift.pipeline.output import (
     abandoned_runs,
     check_output_dir,
     is_local,
+    write_whole,
 )
 from beamsift.pipeline.report import REPORT, write_report
 from beamsift.pipeline.resume import (
-    DONE_FILE,
     code_version,
     describe_kept,
     finished_stages,
@@ -198,11 +198,9 @@ def run_selection(
         # What the writers after the chain wrote goes (a batch of rejects is named by its first
         # record, and batches differ from run to run); the stages' own files stay: a finished
         # stage's are replayed, an unfinished one writes the same names again.
+        # No stage after the last finished one has a mark: a stage starts only once the one
+        # before it has written its own (``resume.keep_stage``).
         pending.adopt(["selected/", "scores/", "rejected/", "clusters/", "examples/", MANIFEST, REPORT])
-        stale = [FileSystems.join(staging, name, DONE_FILE) for name in stages[len(resumed) :]]
-        stale = [path for path in stale if FileSystems.exists(path)]
-        if stale:
-            FileSystems.delete(stale)
     else:
         pending.create(detached=not (launch == "wait" and is_local_runner(options)))
     write_run_file(staging, fp, stages, resumable=launch == "wait" and is_local_runner(options))
@@ -401,16 +399,7 @@ def _published_manifest(out: str, run_id: str) -> dict:
 
 def _replace_manifest(out: str, manifest: dict) -> None:
     """The manifest again, with what the runner counted: one file replaced at once."""
-    data = json.dumps(manifest, indent=2).encode()
-    path = FileSystems.join(out, MANIFEST)
-    if is_local(out):
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:  # an object's upload is atomic
-        with FileSystems.create(path) as f:
-            f.write(data)
+    write_whole(FileSystems.join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
 # Beam's S3 options and the environment variables that boto3 reads when an option is not given.
@@ -509,9 +498,10 @@ def _kept_run(out: str, fp: str, stages: list[str]) -> tuple[str | None, list[st
     """The folder an interrupted run of this very fingerprint kept beside ``out``, and the stages
     it finished (the newest such run); (None, []) where there is none. Kept runs of another
     fingerprint are stale: the run's start removes them with the other abandoned folders."""
+    code = code_version()
     for path, _ in sorted(abandoned_runs(out), key=lambda r: -float(r[1].get("created", 0))):
         run = read_run_file(path) or {}
-        same = run.get("fingerprint") == fp and run.get("stages") == list(stages) and run.get("code") == code_version()
+        same = run.get("fingerprint") == fp and run.get("stages") == list(stages) and run.get("code") == code
         if same and run.get("resumable"):
             done = finished_stages(FileSystems.join(path, STAGING), stages)
             if done:

@@ -77,7 +77,11 @@ class Chain:
 
     def reasons(self, stage: str, shard: ShardRef) -> np.ndarray:
         """Why each document of ``shard`` is out of the running before ``stage`` (None: in it)."""
-        table = self.read(self.before(stage), shard.name, [REASON])
+        return self.reasons_after(self.before(stage), shard)
+
+    def reasons_after(self, stage: str, shard: ShardRef) -> np.ndarray:
+        """Why each document of ``shard`` is out of the running after ``stage`` (None: in it)."""
+        table = self.read(stage, shard.name, [REASON])
         return np.asarray(table.column(REASON).to_pylist(), dtype=object)
 
     def running(self, stage: str, item) -> tuple[ShardRef, np.ndarray]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,19 +71,21 @@ def main() -> None:
     base, resumed = os.path.join(work, "uninterrupted"), os.path.join(work, "resumed")
     load = os.getloadavg()[0]
 
-    baseline, _ = timed(beamsift("run", args.config, "--set", f"output.dir={base}", "--quiet"))
-    print(f"uninterrupted: {baseline:.1f} s")
-    cmd = beamsift("run", args.config, "--set", f"output.dir={resumed}", "--quiet")
-    until = interrupted(cmd, resumed, args.after)
-    print(f"interrupted after {args.after}: {until:.1f} s")
-    resume, proc = timed(cmd)
-    print(f"resumed: {resume:.1f} s  ({proc.stdout.splitlines()[0]})")
-    same = result(base) == result(resumed)
-    print(
-        f"resume / uninterrupted: {resume / baseline:.2f}  (target < 0.60); same ids and scores: {same}; "
-        f"load average at the start {load:.2f}"
-    )
-    subprocess.run(["rm", "-rf", work], check=False)
+    try:
+        baseline, _ = timed(beamsift("run", args.config, "--set", f"output.dir={base}", "--quiet"))
+        print(f"uninterrupted: {baseline:.1f} s")
+        cmd = beamsift("run", args.config, "--set", f"output.dir={resumed}", "--quiet")
+        until = interrupted(cmd, resumed, args.after)
+        print(f"interrupted after {args.after}: {until:.1f} s")
+        resume, proc = timed(cmd)
+        print(f"resumed: {resume:.1f} s  ({proc.stdout.splitlines()[0]})")
+        same = result(base) == result(resumed)
+        print(
+            f"resume / uninterrupted: {resume / baseline:.2f}  (target < 0.60); same ids and scores: {same}; "
+            f"load average at the start {load:.2f}"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the benchmark's own temporary folder
 
 
 if __name__ == "__main__":

@@ -267,7 +267,10 @@ def test_train_once_then_apply_gives_the_same_scores(tmp_path):
     q = "SELECT id, el2n, selected FROM '{}/out/scores/*.parquet' ORDER BY id"
     a = duckdb.connect().execute(q.format(tmp_path / "direct")).fetchall()
     b = duckdb.connect().execute(q.format(tmp_path / "apply")).fetchall()
-    assert a == b
+    # The same weights give the same scores up to float32 rounding: training scores its pool in
+    # other batches than applying does, and a matmul's sums may round in another order.
+    assert [(i, s) for i, _, s in a] == [(i, s) for i, _, s in b]
+    assert [e for _, e, _ in a] == pytest.approx([e for _, e, _ in b], rel=1e-5, abs=1e-6)
     missing = run_cli("run", str(applied), "--set", f"proxy.model={tmp_path}/none", "--overwrite", check=False)
     assert missing.returncode == 2 and missing.stderr.startswith(
         f"beamsift: error: proxy.model {tmp_path}/none: no such"

@@ -9,19 +9,18 @@ kind, the documents at both ends of every score, and the time of each stage.
 Every run writes it into its output folder (the job's last step, before publishing), and
 ``beamsift report DIR`` builds it again for any earlier output, local or in a bucket. The
 numbers come from the manifest and from DuckDB over the output's Parquet views, aggregated
-there (a histogram is a GROUP BY, never the column loaded whole); the charts are matplotlib's,
-inlined as PNG.
+there (a histogram is a GROUP BY, never the column loaded whole); the charts are inline SVG
+(``charts.py``).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import html
-import io
 import json
 
 import duckdb
+from beamsift.pipeline import charts
 
 REPORT = "report.html"
 BINS = 40
@@ -95,93 +94,31 @@ def composition(con, column: str) -> list[tuple[str, int, int]] | None:
 # ---- the charts ---------------------------------------------------------------------------------
 
 
-def _figure(width=6.4, height=2.6):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
-    ax.spines[["top", "right"]].set_visible(False)
-    return plt, fig, ax
-
-
-def _png(plt, fig) -> str:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f'<img alt="chart" src="data:image/png;base64,{data}">'
-
-
 def funnel_chart(steps: list[tuple[str, int, str]]) -> str:
-    plt, fig, ax = _figure(6.4, 0.45 * len(steps) + 0.8)
-    names = [s[0] for s in steps][::-1]
-    values = [s[1] for s in steps][::-1]
-    colors = [s[2] for s in steps][::-1]
-    bars = ax.barh(names, values, color=colors)
-    ax.bar_label(bars, labels=[f"{v:,}" for v in values], padding=3, fontsize=8)
-    ax.set_xlabel("documents")
-    ax.set_xlim(0, max(values + [1]) * 1.15)
-    return _png(plt, fig)
+    return charts.bar_chart([(name, n, color) for name, n, color in steps], "documents")
 
 
 def histogram_chart(column: str, h: dict, cut: bool) -> str:
-    plt, fig, ax = _figure()
-    edges = h["edges"]
-    width = edges[1] - edges[0]
-    left = edges[:-1]
-    ax.bar(left, h["rest"], width=width, align="edge", color=REST, label="not selected")
-    ax.bar(left, h["selected"], width=width, align="edge", color=SELECTED, alpha=0.85, label="selected",
-           bottom=h["rest"])  # fmt: skip
-    if cut and h["selected_range"]:
-        lo, hi = h["selected_range"]
-        for x in (lo, hi):  # the lowest and the highest selected value
-            ax.axvline(x, color="#222", linestyle="--", linewidth=1)
-        ax.text(lo, ax.get_ylim()[1] * 0.95, " cut", fontsize=8, va="top")
-    if max(h["rest"] + h["selected"]) > 50 * max(1, sorted(h["rest"] + h["selected"])[-len(edges) // 4]):
-        ax.set_yscale("log")
-    ax.set_xlabel(column)
-    ax.set_ylabel("documents")
-    ax.legend(fontsize=8, frameon=False)
-    return _png(plt, fig)
+    return charts.histogram_chart(
+        h["edges"], h["rest"], h["selected"], column, (SELECTED, REST),
+        cut=tuple(h["selected_range"]) if cut and h["selected_range"] else None,
+    )  # fmt: skip
 
 
 def composition_chart(column: str, rows: list[tuple[str, int, int]]) -> str:
-    plt, fig, ax = _figure(6.4, 0.32 * len(rows) + 1.0)
     pool = sum(n for _, n, _ in rows) or 1
     picked = sum(s for _, _, s in rows) or 1
-    names = [v for v, _, _ in rows][::-1]
-    y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], [n / pool for _, n, _ in rows][::-1], height=0.4, color=REST, label="pool")
-    ax.barh([i - 0.2 for i in y], [s / picked for _, _, s in rows][::-1], height=0.4, color=SELECTED,
-            label="selection")  # fmt: skip
-    ax.set_yticks(list(y), names, fontsize=8)
-    ax.set_xlabel(f"share of documents by {column}")
-    ax.legend(fontsize=8, frameon=False)
-    return _png(plt, fig)
+    shares = [(v, n / pool, s / picked) for v, n, s in rows]
+    return charts.paired_bar_chart(shares, f"share of documents by {column}", ("pool", "selection"), (REST, SELECTED))
 
 
 def clusters_chart(rows: list[tuple]) -> str:
-    plt, fig, ax = _figure(6.4, 2.8)
-    x = range(len(rows))
-    ax.bar(x, [r[1] for r in rows], color=REST, label="size")
-    ax.bar(x, [r[2] for r in rows], color=SELECTED, label="selected")
-    ax.set_xticks(list(x), [str(r[0]) for r in rows], fontsize=7)
-    ax.set_xlabel("cluster (largest first)")
-    ax.set_ylabel("documents")
-    ax.legend(fontsize=8, frameon=False)
-    return _png(plt, fig)
+    columns = [(str(r[0]), r[1], r[2]) for r in rows]
+    return charts.column_chart(columns, "cluster (largest first)", ("size", "selected"), (REST, SELECTED))
 
 
 def timings_chart(stages: list[tuple[str, float]]) -> str:
-    plt, fig, ax = _figure(6.4, 0.35 * len(stages) + 0.8)
-    bars = ax.barh([s for s, _ in stages][::-1], [t for _, t in stages][::-1], color=SELECTED)
-    ax.bar_label(bars, labels=[f"{t:.1f} s" for _, t in stages][::-1], padding=3, fontsize=8)
-    ax.set_xlabel("wall time (s)")
-    ax.set_xlim(0, max([t for _, t in stages] + [0.1]) * 1.2)
-    return _png(plt, fig)
+    return charts.bar_chart([(s, t, SELECTED) for s, t in stages], "wall time (s)", [f"{t:.1f} s" for _, t in stages])
 
 
 # ---- the page -----------------------------------------------------------------------------------

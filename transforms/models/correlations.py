@@ -24,7 +24,6 @@ is a reference, not a dependency).
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 ESTIMATORS = ("spearmanr", "sign_cdf")
 
@@ -41,6 +40,8 @@ def _check(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def spearmanr(X, y) -> np.ndarray:
     """Spearman's ρ of each column of X with y (average ranks for ties; 0 for a constant column)."""
     X, y = _check(X, y)
+    from scipy.stats import rankdata  # here: scipy.stats costs 0.5 s to import, every CLI run
+
     rx = rankdata(X, axis=0)
     ry = rankdata(y)
     rx = rx - rx.mean(axis=0)
@@ -53,6 +54,8 @@ def sign_cdf(X, y) -> np.ndarray:
     """(2 / (N(N−1))) Σ_{i<j} sign(y_j − y_i) (F(x_j) − F(x_i)) per column, F = rank / N."""
     X, y = _check(X, y)
     n = len(y)
+    from scipy.stats import rankdata
+
     F = rankdata(X, axis=0, method="max") / n  # the empirical CDF at each value
     i, j = np.triu_indices(n, k=1)
     s = np.sign(y[j] - y[i])

@@ -84,9 +84,10 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
             text=True,
             env={**os.environ, "TMPDIR": tmp},
         )
-        # Wait until the new run is writing its selected/ shards, then interrupt it.
+        # Wait until the new run's last stage has finished (its done mark: the writers start
+        # after it), then interrupt it: well before it publishes, however fast the writers are.
         deadline = time.time() + 60
-        while time.time() < deadline and not list(tmp_path.glob(".out.beamsift-tmp-*/selected/*.parquet")):
+        while time.time() < deadline and not list(tmp_path.glob(".out.beamsift-tmp-*/_staging/select/_done.pkl")):
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         proc.send_signal(sig)

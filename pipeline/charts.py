@@ -80,15 +80,26 @@ def _short(s, width: float) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def _x_axis(left, right, y, lo, hi, label, xs) -> list[str]:
-    """A horizontal axis at y with its ticks and grid lines up to the top of the plot (y0 in xs)."""
-    x_of, top = xs
+def _x_axis(left, right, y, lo, hi, label, x_of, top) -> list[str]:
+    """A horizontal axis at y with its ticks, and grid lines from each tick up to ``top``."""
     out = [f"<line x1='{left}' y1='{y}' x2='{right}' y2='{y}' stroke='{AXIS}'/>"]
     for t in ticks(lo, hi):
         x = x_of(t)
         out.append(f"<line x1='{x:.1f}' y1='{top}' x2='{x:.1f}' y2='{y}' stroke='{GRID}'/>")
         out.append(_text(x, y + 13, number(t), "middle", fill=AXIS))
     out.append(_text((left + right) / 2, y + 29, label, "middle", fill=AXIS))
+    return out
+
+
+def _y_axis(left, right, top, bottom, values, y_of, label) -> list[str]:
+    """Grid lines across the plot at ``values`` with their labels, and the axis's title turned."""
+    out = []
+    for t in values:
+        y = y_of(t)
+        out.append(f"<line x1='{left}' y1='{y:.1f}' x2='{right}' y2='{y:.1f}' stroke='{GRID}'/>")
+        out.append(_text(left - 5, y + 4, number(t), "end", fill=AXIS))
+    middle = (top + bottom) / 2
+    out.append(_text(14, middle, label, "middle", fill=AXIS, transform=f"rotate(-90 14 {middle:.0f})"))
     return out
 
 
@@ -101,7 +112,7 @@ def bar_chart(rows: list[tuple[str, float, str]], xlabel: str, value_labels: lis
     bottom = top + row * len(rows)
     hi = max([r[1] for r in rows] + [0]) or 1
     x_of = lambda v: left + (right - left) * v / hi  # noqa: E731
-    body = _x_axis(left, right, bottom, 0, hi, xlabel, (x_of, top))
+    body = _x_axis(left, right, bottom, 0, hi, xlabel, x_of, top)
     labels = value_labels or [number(r[1]) for r in rows]
     for i, ((name, value, color), text) in enumerate(zip(rows, labels)):
         y = top + i * row
@@ -137,14 +148,8 @@ def histogram_chart(
     e0, e1 = edges[0], edges[-1]
     span = (e1 - e0) or 1
     x_of = lambda v: left + (right - left) * (v - e0) / span  # noqa: E731
-    body = []
-    for t in y_ticks:
-        y = y_of(t)
-        body.append(f"<line x1='{left}' y1='{y:.1f}' x2='{right}' y2='{y:.1f}' stroke='{GRID}'/>")
-        body.append(_text(left - 5, y + 4, number(t), "end", fill=AXIS))
-    body.append(_text(14, (top + bottom) / 2, "documents" + (" (log)" if log else ""), "middle", fill=AXIS,
-                      transform=f"rotate(-90 14 {(top + bottom) / 2:.0f})"))  # fmt: skip
-    body += _x_axis(left, right, bottom, e0, e1, xlabel, (x_of, bottom))
+    body = _y_axis(left, right, top, bottom, y_ticks, y_of, "documents" + (" (log)" if log else ""))
+    body += _x_axis(left, right, bottom, e0, e1, xlabel, x_of, bottom)
     for a, b, r, s in zip(edges[:-1], edges[1:], rest, selected):
         x, w = x_of(a), max(x_of(b) - x_of(a) - 0.5, 0.5)
         if r:
@@ -170,7 +175,7 @@ def paired_bar_chart(rows: list[tuple[str, float, float]], xlabel: str, names: t
     bottom = top + row * len(rows)
     hi = max([max(a, b) for _, a, b in rows] + [0]) or 1
     x_of = lambda v: left + (right - left) * v / hi  # noqa: E731
-    body = _x_axis(left, right, bottom, 0, hi, xlabel, (x_of, top))
+    body = _x_axis(left, right, bottom, 0, hi, xlabel, x_of, top)
     for i, (name, a, b) in enumerate(rows):
         y = top + i * row
         body.append(_text(left - 6, y + row / 2 + 4, _short(name, left - 6), "end"))
@@ -188,14 +193,8 @@ def column_chart(rows: list[tuple[str, float, float]], xlabel: str, names: tuple
     hi = max([r[1] for r in rows] + [1]) * 1.05
     y_of = lambda v: bottom - (bottom - top) * v / hi  # noqa: E731
     step = (right - left) / max(1, len(rows))
-    body = []
-    for t in ticks(0, hi):
-        y = y_of(t)
-        body.append(f"<line x1='{left}' y1='{y:.1f}' x2='{right}' y2='{y:.1f}' stroke='{GRID}'/>")
-        body.append(_text(left - 5, y + 4, number(t), "end", fill=AXIS))
+    body = _y_axis(left, right, top, bottom, ticks(0, hi), y_of, "documents")
     body.append(f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='{AXIS}'/>")
-    body.append(_text(14, (top + bottom) / 2, "documents", "middle", fill=AXIS,
-                      transform=f"rotate(-90 14 {(top + bottom) / 2:.0f})"))  # fmt: skip
     for i, (name, whole, part) in enumerate(rows):
         x = left + i * step
         body.append(_rect(x + step * 0.1, y_of(whole), step * 0.8, bottom - y_of(whole), colors[0]))

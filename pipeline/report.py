@@ -95,7 +95,7 @@ def composition(con, column: str) -> list[tuple[str, int, int]] | None:
 
 
 def funnel_chart(steps: list[tuple[str, int, str]]) -> str:
-    return charts.bar_chart([(name, n, color) for name, n, color in steps], "documents")
+    return charts.bar_chart(steps, "documents")
 
 
 def histogram_chart(column: str, h: dict, cut: bool) -> str:

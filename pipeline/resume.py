@@ -18,6 +18,7 @@ written), which also accounts for every input record again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -168,9 +169,11 @@ def write_run_file(staging: str, fingerprint: str, stages: list[str], resumable:
         f.write(json.dumps(run).encode())
 
 
+@functools.cache
 def code_version() -> str:
     """A hash of beamsift's own source: an edited checkout (an editable install keeps its version
-    number) must not resume from what other code wrote."""
+    number) must not resume from what other code wrote. Computed once a process: the run file and
+    the lookup of a kept run both need it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256()
     for folder in ("pipeline", "transforms"):

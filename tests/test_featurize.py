@@ -1,3 +1,4 @@
+import random
 import re
 import subprocess
 import sys
@@ -28,6 +29,23 @@ def test_tokens_match_nltk_wordpunct_on_real_text():
         # Same token -> same hash, different token -> different hash, within the document.
         want = hash_strings(pa.array(expected, pa.string())) if expected else np.zeros(0, np.uint64)
         np.testing.assert_array_equal(got, want)
+
+
+def test_tokens_match_wordpunct_on_every_kind_of_character():
+    # Python's \w (letters, numbers of every script, "_"; not combining marks), its Unicode
+    # white space, lower-casing that Arrow does otherwise (İ -> i + combining dot, final Σ -> ς),
+    # characters of 1 to 4 UTF-8 bytes, and white space at the ends and in runs.
+    kinds = list("aZ_09 .,;-\t\n") + [
+        *"éÉ\u0301\u093f\u0915\u0e34\u0e01½²Ⅰªʰ\u3000\xa0\u2003日。😀𐐀İΣΟẞ\x00\x1c\u200b٠"
+    ]
+    rng = random.Random(7)
+    texts = ["".join(rng.choice(kinds) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
+    texts += ["ΟΔΟΣ. ΣΑΣ", "İstanbul İ", " edge ", "a\u3000\u3000b  "]
+    hashes, offsets = token_hashes(pa.array(texts))
+    for i, text in enumerate(texts):
+        expected = WORDPUNCT.findall(text.lower())
+        want = hash_strings(pa.array(expected, pa.string())) if expected else np.zeros(0, np.uint64)
+        np.testing.assert_array_equal(hashes[offsets[i] : offsets[i + 1]], want, err_msg=repr(text))
 
 
 def test_hand_checkable_ngram_counts():

@@ -76,12 +76,16 @@ def test_the_local_runner_takes_the_machines_cores_for_a_large_input_unless_told
     from beamsift.pipeline.config import load_config
 
     monkeypatch.setattr(run.os, "cpu_count", lambda: 4)
-    large, small = [SimpleNamespace(nbytes=run.AUTO_WORKERS_MIN_BYTES)], [SimpleNamespace(nbytes=1 << 20)]
+    large, small = [SimpleNamespace(nbytes=run.AUTO_WORKERS_FEATURIZE_BYTES)], [SimpleNamespace(nbytes=1 << 20)]
     dsir = load_config("configs/dsir.yaml")
     options = PipelineOptions(["--runner=FnApiRunner"])
     assert run._local_workers(dsir, options, [], large) == 4
     assert run._local_workers(dsir, options, [], small) == 0  # a second process would cost more than it saves
     assert run._local_workers(dsir, options, ["--direct_num_workers=1"], large) == 0  # the user's choice
     assert run._local_workers(load_config("configs/el2n.yaml"), options, [], large) == 0  # torch uses the cores
+    # DSIR featurizes on threads in one process: more processes pay off on a larger input only.
+    medium = [SimpleNamespace(nbytes=run.AUTO_WORKERS_FEATURIZE_BYTES // 8)]
+    assert run._local_workers(dsir, options, [], medium) == 0
+    assert run._local_workers(load_config("configs/minhash.yaml"), options, [], medium) == 4
     dataflow = PipelineOptions(["--runner=DataflowRunner"])
     assert run._local_workers(dsir, dataflow, [], large) == 0

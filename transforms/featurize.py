@@ -16,6 +16,7 @@ sequence, and a subset's distribution is a bincount over the subset's sequences.
 
 from __future__ import annotations
 
+import functools
 import re
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,9 +27,9 @@ import pyarrow.compute as pc
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
 
-# nltk's WordPunctTokenizer: runs of word characters, or runs of other non-space characters.
-_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
-_ASCII_WORDPUNCT = r"([A-Za-z0-9_]+|[^A-Za-z0-9_\s]+)"
+# nltk's WordPunctTokenizer is \w+|[^\w\s]+: runs of word characters, or runs of other
+# non-space characters.
+_WORD = re.compile(r"\w+")
 
 _POLY = np.uint64(0x100000001B3)  # FNV prime: odd, so multiplication is invertible mod 2^64
 _BIGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
@@ -50,28 +51,37 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
     h = splitmix64(len ^ Σ_i (b_i + 1)·P^i mod 2^64) over the UTF-8 bytes b_i. Stable across
     processes, machines and runs (Python's ``hash`` is salted per process, so it cannot be used).
     """
+    data, offsets = _string_bytes(strings)
+    return _hash_segments(data, offsets)
+
+
+def _string_bytes(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes of an Arrow string array and its offsets into them (from 0), zero-copy."""
     strings = pc.cast(strings, pa.large_string()) if strings.type != pa.large_string() else strings
     if isinstance(strings, pa.ChunkedArray):
         strings = strings.combine_chunks()
     n = len(strings)
     if n == 0:
-        return np.zeros(0, dtype=np.uint64)
+        return np.zeros(0, np.uint8), np.zeros(1, np.int64)
     buffers = strings.buffers()
     offsets = np.frombuffer(buffers[1], dtype=np.int64)[strings.offset : strings.offset + n + 1]
     data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    return data[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def _hash_segments(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``hash_strings`` of the byte strings ``data[offsets[i]:offsets[i+1]]``."""
     lengths = np.diff(offsets)
-    start, stop = int(offsets[0]), int(offsets[-1])
     out = lengths.astype(np.uint64)
-    if stop > start:
+    if len(data):
         nonempty = lengths > 0
-        byte_values = data[start:stop].astype(np.uint64) + np.uint64(1)
+        starts = offsets[:-1]
         # Position of each byte inside its string, for the polynomial's power.
-        token_of_byte = np.repeat(np.arange(n), lengths)
-        position = np.arange(stop - start) - (offsets[:-1] - start)[token_of_byte]
+        position = np.arange(len(data)) - np.repeat(starts, lengths)
         powers = _powers(int(lengths.max()))
         with np.errstate(over="ignore"):
-            terms = byte_values * powers[position]
-            sums = np.add.reduceat(terms, (offsets[:-1] - start)[nonempty])
+            terms = (data.astype(np.uint64) + np.uint64(1)) * powers[position]
+            sums = np.add.reduceat(terms, starts[nonempty])
         out[nonempty] ^= sums
     return splitmix64(out)
 
@@ -92,14 +102,17 @@ def _powers(n: int) -> np.ndarray:
 def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of the lower-cased WordPunct tokens of each text, and each text's token offsets.
 
-    Splitting on white space is one Arrow kernel; only the distinct white-space words that mix
-    word and punctuation characters ("end.", "f(x)") go through the WordPunct regex, once per
-    batch. Tokens are never Python objects.
+    Splitting on white space is one Arrow kernel, and the batch's distinct white-space words
+    are tokenised once each: WordPunct cuts a white-space word wherever it turns from word
+    characters (\\w) to others or back, so the tokens' bounds come from one vectorised pass over
+    the words' bytes, classified by code point, and each token is hashed where it lies. Tokens
+    are never Python objects.
     """
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     # ASCII splitting is ~2x faster and the same for ASCII text; other text may hold Unicode
-    # spaces (NBSP, em space) that Python's \s, and so WordPunct, splits on.
+    # spaces (NBSP, em space) that Python's \s, and so WordPunct, splits on. (Arrow's Unicode
+    # white space and Python's are the same set of code points.)
     if pc.all(pc.string_is_ascii(texts)).as_py() is not False:
         words = pc.ascii_split_whitespace(texts)
     else:
@@ -110,35 +123,22 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.combine_chunks()
     # Lower-case the distinct words, not the text: the same tokens, a fraction of the work.
-    # ("The" and "the" stay two entries, with the same hash.)
-    vocab = pc.utf8_lower(encoded.dictionary)
-    # A white-space word of only word characters (\w: letters, digits, underscore) is one
-    # WordPunct token; the others (mostly "word," or "f(x)") are split below.
-    single = pc.utf8_is_alnum(pc.replace_substring(vocab, "_", "a"))
-    single = np.asarray(single.to_numpy(zero_copy_only=False), dtype=bool)
-
-    # Words that mix word and other characters ("end.", "f(x)") are split into their tokens:
-    # ASCII ones by an Arrow regex kernel, the rest by Python's regex (Unicode \w and \s).
-    ascii_word = np.asarray(pc.string_is_ascii(vocab).to_numpy(zero_copy_only=False), dtype=bool)
-    groups = [
-        (np.flatnonzero(~single & ascii_word), _split_ascii_words),
-        (np.flatnonzero(~single & ~ascii_word), _split_mixed_words),
-    ]
-    pieces_per_word = np.ones(len(vocab), dtype=np.int64)
-    split = []
-    for idx, splitter in groups:
-        pieces, counts = splitter(vocab.take(pa.array(idx)))
-        pieces_per_word[idx] = counts
-        split.append((idx, pieces))
-    # Token hashes of each vocabulary word, laid out word after word.
-    first_piece = np.zeros(len(vocab) + 1, dtype=np.int64)
-    np.cumsum(pieces_per_word, out=first_piece[1:])
-    piece_hash = np.empty(first_piece[-1], dtype=np.uint64)
-    single_idx = np.flatnonzero(single)
-    piece_hash[first_piece[single_idx]] = hash_strings(vocab.take(pa.array(single_idx)))
-    for idx, pieces in split:
-        if len(idx):
-            piece_hash[_ranges(first_piece[idx], pieces_per_word[idx])] = hash_strings(pieces)
+    # ("The" and "the" stay two entries, with the same hashes.)
+    data, vocab_offsets = _string_bytes(_lower(encoded.dictionary))
+    # A token starts at each word's first byte and wherever the class (word character or
+    # not) changes; a character's continuation bytes share its class, so no cut falls
+    # inside a character.
+    is_word = _word_bytes(data)
+    cut = np.empty(len(data), dtype=bool)
+    if len(data):
+        cut[0] = True
+        np.not_equal(is_word[1:], is_word[:-1], out=cut[1:])
+        cut[vocab_offsets[:-1][np.diff(vocab_offsets) > 0]] = True  # (Arrow's split can give "")
+    piece_offsets = np.append(np.flatnonzero(cut), len(data))
+    piece_hash = _hash_segments(data, piece_offsets)
+    # Tokens of each vocabulary word, laid out word after word.
+    first_piece = np.searchsorted(piece_offsets, vocab_offsets)
+    pieces_per_word = np.diff(first_piece)
     # Expand every word occurrence to its tokens.
     word_vocab_idx = np.asarray(encoded.indices, dtype=np.int64)
     counts = pieces_per_word[word_vocab_idx]
@@ -148,31 +148,56 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return hashes, token_end[word_offsets]
 
 
-def _split_ascii_words(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """As ``_split_mixed_words`` for ASCII words, where \\w is [A-Za-z0-9_]: all in Arrow."""
-    if len(words) == 0:
-        return pa.array([], pa.large_string()), np.zeros(0, np.int64)
-    spaced = pc.replace_substring_regex(words, pattern=_ASCII_WORDPUNCT, replacement=r"\1 ")
-    tokens = pc.ascii_split_whitespace(pc.ascii_rtrim_whitespace(spaced))
-    return tokens.flatten(), np.asarray(pc.list_value_length(tokens), dtype=np.int64)
+def _lower(words: pa.Array) -> pa.Array:
+    """``str.lower()`` of each word, as the reference lower-cases. ASCII words in Arrow; the
+    others in Python, because Arrow's Unicode lower-casing is not Python's: "İ" becomes "i"
+    (Python: "i̇", two characters), a word-final "Σ" becomes "σ" (Python: "ς"), and Arrow's
+    Unicode tables are newer than some Pythons'. Only the batch's distinct words go through it."""
+    other = pc.invert(pc.string_is_ascii(words))
+    lowered = pc.ascii_lower(words)
+    if not pc.any(other).as_py():
+        return lowered
+    fixed = [w.lower() for w in words.filter(other).to_pylist()]
+    return pc.replace_with_mask(lowered, other, pa.array(fixed, lowered.type))
 
 
-def _split_mixed_words(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """WordPunct tokens of words that mix word and other characters, and the count per word.
+_ASCII_WORD = np.array([bool(_WORD.fullmatch(chr(c))) for c in range(128)] + [False] * 128)
 
-    One regex pass over all the words joined by a separator token, instead of a call per word.
-    """
-    if len(words) == 0:
-        return pa.array([], pa.large_string()), np.zeros(0, np.int64)
-    # NUL cannot occur inside a white-space word here (it is stripped below), and alone between
-    # spaces it is its own token: the word boundaries.
-    joined = " \x00 ".join(pc.replace_substring(words, "\x00", "").to_pylist())
-    tokens = pa.array(_WORDPUNCT.findall(joined), pa.large_string())
-    is_sep = np.asarray(pc.equal(tokens, "\x00").to_numpy(zero_copy_only=False), dtype=bool)
-    sep_at = np.flatnonzero(is_sep)
-    bounds = np.concatenate([[-1], sep_at, [len(tokens)]])
-    counts = np.diff(bounds) - 1
-    return tokens.filter(pa.array(~is_sep)), counts
+
+@functools.cache
+def _word_code_points() -> np.ndarray:
+    """``table[c]``: whether code point c is a word character (\\w) to Python's ``re``, as
+    WordPunct's pattern sees it (Unicode letters and numbers, and "_"). Made once per process
+    (0.1 s) from the pattern itself, so it follows the running Python's Unicode tables."""
+    table = np.zeros(0x110000, dtype=bool)
+    for run in _WORD.finditer("".join(map(chr, range(0x110000)))):
+        table[run.start() : run.end()] = True
+    return table
+
+
+def _word_bytes(data: np.ndarray) -> np.ndarray:
+    """Whether each byte of valid UTF-8 ``data`` belongs to a word character (\\w)."""
+    is_word = _ASCII_WORD[data]  # False for every byte of a longer character, set below
+    high = np.flatnonzero(data >= 0x80)
+    if len(high) == 0:
+        return is_word
+    # Decode the code point at each character's lead byte (0b11xxxxxx) from the bytes after it.
+    is_lead = data[high] >= 0xC0
+    at = high[is_lead]
+
+    def byte(k):  # clipped at the end: only a shorter character reads past it, and ignores it
+        return np.take(data, at + k, mode="clip").astype(np.int32)
+
+    b0 = byte(0)
+    b1, b2, b3 = byte(1) & 0x3F, byte(2) & 0x3F, byte(3) & 0x3F
+    code = np.where(
+        b0 < 0xE0,
+        ((b0 & 0x1F) << 6) | b1,
+        np.where(b0 < 0xF0, ((b0 & 0x0F) << 12) | (b1 << 6) | b2, ((b0 & 0x07) << 18) | (b1 << 12) | (b2 << 6) | b3),
+    )
+    # A continuation byte follows its lead byte among the high bytes: it takes the lead's class.
+    is_word[high] = _word_code_points()[code][np.cumsum(is_lead) - 1]
+    return is_word
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -269,7 +294,7 @@ def _hashed_ngram_features(texts: pa.Array, num_buckets: int, max_ngram: int) ->
 def bucket_counts(features: NgramFeatures, num_buckets: int, rows: np.ndarray | None = None) -> np.ndarray:
     """Total count of each bucket over the documents (all, or those where ``rows`` is True)."""
     buckets = features.buckets
-    if rows is not None:
+    if rows is not None and not rows.all():
         chosen = np.flatnonzero(rows)
         # Gather the chosen documents' ranges: cheap when few are chosen (a selection).
         buckets = buckets[_ranges(features.offsets[chosen], features.n_ngrams[chosen])]

@@ -526,7 +526,9 @@ class ReadDocumentBatches(MeteredDoFn):
         text = parsed.column(text_field)
         if text.type != pa.string() or text.null_count:
             return None
-        if not pc.all(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)).as_py():
+        # Empty or only white space (Arrow's and Python's white space are the same set): the
+        # predicate stops at a text's first other character, where trimming copies every text.
+        if pc.any(pc.utf8_is_space(text)).as_py() or pc.min(pc.binary_length(text)).as_py() == 0:
             return None
         if id_field is not None:
             if id_field not in names:
@@ -698,10 +700,14 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
             base = task.start - 1 + len(f.readline())
         buffer, eof = b"", False
         while True:
-            while not eof and buffer.count(b"\n") < max_lines:
+            # Count the lines of each chunk once, as it comes (not the growing buffer again).
+            chunks, lines = [buffer], buffer.count(b"\n")
+            while not eof and lines < max_lines:
                 data = f.read(chunk)
                 eof = not data
-                buffer += data
+                chunks.append(data)
+                lines += data.count(b"\n")
+            buffer = b"".join(chunks) if len(chunks) > 1 else buffer
             if not buffer:
                 return
             newlines = np.flatnonzero(np.frombuffer(buffer, np.uint8) == ord("\n"))[:max_lines]

@@ -1,0 +1,52 @@
+"""The per-class answer to Beam's "does this DoFn use state or timers" is Beam's own answer."""
+
+import apache_beam as beam
+from apache_beam.coders import VarIntCoder
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import userstate
+from apache_beam.transforms.timeutil import TimeDomain
+from beamsift.pipeline import beam_costs
+
+
+class _Plain(beam.DoFn):
+    def process(self, x):
+        yield x
+
+
+class _Stateful(beam.DoFn):
+    COUNT = userstate.ReadModifyWriteStateSpec("count", VarIntCoder())
+    FLUSH = userstate.TimerSpec("flush", TimeDomain.WATERMARK)
+
+    def process(self, kv, count=beam.DoFn.StateParam(COUNT), flush=beam.DoFn.TimerParam(FLUSH)):  # noqa: B008 (Beam's way)
+        seen = (count.read() or 0) + 1
+        count.write(seen)
+        yield kv[0], seen
+
+    @userstate.on_timer(FLUSH)
+    def flush(self):
+        return []
+
+
+class _Borrowing(beam.DoFn):
+    """Holds a bound method of a stateful DoFn: its answer is not its class's alone."""
+
+    def __init__(self, other):
+        self.other_process = other.process
+
+
+def test_per_class_answers_are_beams_own():
+    beam_costs.keep_dofn_specs_per_class()
+    for dofn in (_Plain(), _Stateful(), _Stateful(), _Borrowing(_Stateful()), _Borrowing(_Plain())):
+        assert userstate.get_dofn_specs(dofn) == beam_costs._BEAMS_OWN(dofn), type(dofn).__name__
+    state, timers = userstate.get_dofn_specs(_Stateful())
+    assert {s.name for s in state} == {"count"} and len(timers) == 1
+    assert userstate.get_dofn_specs(_Borrowing(_Stateful()))[0]  # not the (empty) answer of its class
+    assert not userstate.get_dofn_specs(_Borrowing(_Plain()))[0]
+
+
+def test_a_stateful_pipeline_still_runs_with_its_state():
+    beam_costs.keep_dofn_specs_per_class()
+    with beam.Pipeline() as p:
+        counts = p | beam.Create([("a", 1), ("a", 2), ("b", 3)]) | beam.ParDo(_Stateful())
+        assert_that(counts | beam.combiners.Count.PerKey(), equal_to([("a", 2), ("b", 1)]))
+        assert_that(counts | "Max" >> beam.CombinePerKey(max), equal_to([("a", 2), ("b", 1)]), label="max")

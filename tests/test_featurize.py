@@ -40,7 +40,7 @@ def test_tokens_match_wordpunct_on_every_kind_of_character():
     ]
     rng = random.Random(7)
     texts = ["".join(rng.choice(kinds) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
-    texts += ["ΟΔΟΣ. ΣΑΣ", "İstanbul İ", " edge ", "a\u3000\u3000b  "]
+    texts += ["ΟΔΟΣ. ΣΑΣ", "ΣΑΣ.ΚΑ", "İstanbul İ", " edge ", "a\u3000\u3000b  ", "a\x1cb c\x1f", "x\xa0y"]
     hashes, offsets = token_hashes(pa.array(texts))
     for i, text in enumerate(texts):
         expected = WORDPUNCT.findall(text.lower())
@@ -85,3 +85,14 @@ def test_threaded_featurization_gives_the_same_features():
     np.testing.assert_array_equal(threaded.offsets, alone.offsets)
     np.testing.assert_array_equal(threaded.n_tokens, alone.n_tokens)
     assert len(alone.offsets) == 5001 and alone.n_tokens.min() > 0
+
+
+def test_code_point_kinds_are_pythons_own_regex_classes():
+    from beamsift.transforms.featurize import _code_point_kinds
+
+    every = "".join(map(chr, range(0x110000)))
+    for pattern, kind in ((r"\w", 1), (r"\s", 2)):
+        expected = np.zeros(0x110000, dtype=bool)
+        for run in re.finditer(pattern + "+", every):
+            expected[run.start() : run.end()] = True
+        np.testing.assert_array_equal(_code_point_kinds() == kind, expected, err_msg=pattern)

@@ -15,6 +15,7 @@ file instead of adding a second copy.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -65,10 +66,14 @@ def write_staging(table: pa.Table, path: str) -> None:
     """Staging shards are Arrow IPC files: written once and read three times soon after, they
     need no Parquet encoding (measured per 4,096 documents: 1.4 ms to write and ~0 to read
     uncompressed, 14 ms and 2 ms with lz4, against 45 ms and 12-23 ms a read for Parquet)."""
-    sink = pa.BufferOutputStream()
     # On local disk the shard stays in the page cache: compressing costs more than it saves.
-    local = FileSystems.get_filesystem(path).scheme() in (None, "file")
-    options = pa.ipc.IpcWriteOptions(compression=None if local else "lz4")
+    scheme = FileSystems.get_filesystem(path).scheme()
+    options = pa.ipc.IpcWriteOptions(compression=None if scheme in (None, "file") else "lz4")
+    if scheme is None and os.path.isdir(os.path.dirname(path) or "."):  # a plain local path: straight to the file
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+            writer.write_table(table)
+        return
+    sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     with FileSystems.create(path) as f:

@@ -170,7 +170,7 @@ class CountNgrams:
 
     def __call__(self, table, rows: np.ndarray | None = None) -> NgramTotals:
         n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
-        features = features_from_arrow(table.column(BUCKETS), n_tokens)
+        features = features_from_arrow(table.column(BUCKETS), n_tokens, dtype=None)
         keep = np.ones(len(n_tokens), dtype=bool) if rows is None else rows
         eligible = keep & (n_tokens >= self.min_tokens)
         return NgramTotals(
@@ -262,7 +262,7 @@ class ScoreDsirShard(ShardStageFn):
         table = read_staging(shard.path, columns=[ID_HASH, N_TOKENS, BUCKETS])
         n_tokens = np.asarray(table.column(N_TOKENS).combine_chunks())
         id_hash = np.asarray(table.column(ID_HASH).combine_chunks(), dtype=np.uint64)
-        features = features_from_arrow(table.column(BUCKETS), n_tokens)
+        features = features_from_arrow(table.column(BUCKETS), n_tokens, dtype=None)
         log_w, resampled = model.scores(features)
         running = running_mask(reasons)
         reasons[running & ~model.eligible_mask(n_tokens)] = TOO_SHORT
@@ -276,7 +276,7 @@ class ScoreDsirShard(ShardStageFn):
 def selection_ngrams(staged, selected: np.ndarray, in_random: np.ndarray, num_buckets: int) -> dict:
     """The hashed n-gram counts of a shard's selected and random-baseline documents (KL reduction)."""
     n_tokens = np.asarray(staged.column(N_TOKENS).combine_chunks())
-    features = features_from_arrow(staged.column(BUCKETS), n_tokens)
+    features = features_from_arrow(staged.column(BUCKETS), n_tokens, dtype=None)
     return {
         "selected_ngrams": bucket_counts(features, num_buckets, rows=selected),
         "random_ngrams": bucket_counts(features, num_buckets, rows=in_random),

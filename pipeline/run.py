@@ -262,10 +262,11 @@ def _submission_tempdir():
 # Below this much input a second process costs more to start than it saves.
 AUTO_WORKERS_MIN_BYTES = 64 << 20
 # A chain whose only heavy work is featurizing (DSIR and filters) already spreads it over the
-# cores in one process (threads), so more processes pay off only on a larger input: 512 MB
-# shared by the cores. Measured on 2 cores (DSIR, end to end, one process : two): 123 MB
-# 5.6-6.3 s : 6.5 s; 246 MB 8.4-8.6 s : 8.2-8.7 s; 493 MB 13.3-13.7 s : 11.4-11.5 s.
-AUTO_WORKERS_FEATURIZE_BYTES = 512 << 20
+# cores in one process (a pool featurizes while the bundle's thread reads and stages), so more
+# processes pay off only on a larger input: 1 GB shared by the cores. Measured on 2 cores (DSIR,
+# end to end, one process : two): 123 MB 5.5 s : 6.5 s; 246 MB 7.1-7.3 s : 8.0-8.3 s;
+# 493 MB 10.7-11.0 s : 10.7-10.8 s.
+AUTO_WORKERS_FEATURIZE_BYTES = 1 << 30
 _FEATURIZE_ONLY = {"dsir", "select", "filter", "doc_length"}
 AUTO_WORKERS_MAX = 8
 _WORKER_OPTIONS = ("direct_running_mode", "direct_num_workers")

@@ -16,14 +16,17 @@ sequence, and a subset's distribution is a bincount over the subset's sequences.
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.transforms.window import GlobalWindows
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
 
@@ -333,8 +336,13 @@ class FeaturizeHashedNgrams(MeteredDoFn):
 
     ``threads``: how many of the worker's cores featurize a batch (the chunks of a batch run on
     a thread pool). A worker process per core (Dataflow's default, the local multi-process runner)
-    wants 1; one process on a machine of n cores, n.
+    wants 1; one process on a machine of n cores, n. With more than one, a batch is featurized in
+    the background while the bundle's thread reads and parses the next and stages the one
+    before (that work is single-threaded: overlapped, a 60,000-document multilingual DSIR run's
+    read took 3.6 s -> 2.1 s on 2 cores); at most ``AHEAD`` batches wait.
     """
+
+    AHEAD = 2
 
     def __init__(self, num_buckets: int, max_ngram: int, meter: StageMeter | None = None, threads: int = 1):
         self.num_buckets = num_buckets
@@ -345,19 +353,48 @@ class FeaturizeHashedNgrams(MeteredDoFn):
     def setup(self):
         super().setup()
         self.executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        # The batches' own thread (it waits on the chunks' pool: one pool for both could deadlock).
+        self.background = ThreadPoolExecutor(1) if self.threads > 1 else None
 
-    def teardown(self):
-        if self.executor is not None:
-            self.executor.shutdown(wait=False)
+    def start_bundle(self):
+        self.pending = collections.deque()
 
     def process(self, table: pa.Table):
-        started = self.meter.start()
+        if self.background is None:
+            started = self.meter.start()
+            table = self._featurize(table)
+            self.meter.done(started, docs=table.num_rows)
+            yield table
+            return
+        self.pending.append(self.background.submit(self._timed, table))
+        while self.pending and (len(self.pending) > self.AHEAD or self.pending[0].done()):
+            yield self._collect(self.pending.popleft())
+
+    def finish_bundle(self):
+        while self.pending:
+            yield GlobalWindows.windowed_value(self._collect(self.pending.popleft()))
+        super().finish_bundle()
+
+    def teardown(self):
+        for pool in (self.executor, self.background):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _featurize(self, table: pa.Table) -> pa.Table:
         features = hashed_ngram_features(table.column(TEXT), self.num_buckets, self.max_ngram, self.executor)
         table = table.append_column(ID_HASH, pa.array(hash_ids(table.column("id"))))
         table = table.append_column(N_TOKENS, pa.array(features.n_tokens.astype(np.int32)))
-        table = table.append_column(BUCKETS, features_to_arrow(features, self.num_buckets))
-        self.meter.done(started, docs=table.num_rows)
-        yield table
+        return table.append_column(BUCKETS, features_to_arrow(features, self.num_buckets))
+
+    def _timed(self, table: pa.Table):
+        started = time.time()
+        table = self._featurize(table)
+        return table, started, time.time()
+
+    def _collect(self, future) -> pa.Table:
+        table, started, ended = future.result()
+        self.meter.record(started, ended, docs=table.num_rows)
+        return table
 
 
 def hash_ids(ids) -> np.ndarray:

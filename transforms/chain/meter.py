@@ -51,10 +51,18 @@ class StageMeter:
     def done(self, started: float, docs: int = 0, nbytes: int = 0, busy: bool = True) -> None:
         """``busy=False`` where the unit's time includes other stages' (a reader that yields its
         batches to the stages fused after it)."""
-        now = time.time()
-        self._end.update(int(now * 1000))
+        self._finish(started, time.time(), docs, nbytes, busy)
+
+    def record(self, started: float, ended: float, docs: int = 0) -> None:
+        """A unit of work timed on another thread (a DoFn's own pool): Beam counts metrics only on
+        the bundle's thread, so the times travel back and are recorded there."""
+        self._start.update(int(started * 1000))
+        self._finish(started, ended, docs, 0, True)
+
+    def _finish(self, started: float, ended: float, docs: int, nbytes: int, busy: bool) -> None:
+        self._end.update(int(ended * 1000))
         if busy:
-            self._busy.inc(int((now - started) * 1000))
+            self._busy.inc(int((ended - started) * 1000))
         if docs:
             self._docs.inc(docs)
         self.progress(docs, nbytes)

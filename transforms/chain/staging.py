@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -69,9 +70,13 @@ def write_staging(table: pa.Table, path: str) -> None:
     # On local disk the shard stays in the page cache: compressing costs more than it saves.
     scheme = FileSystems.get_filesystem(path).scheme()
     options = pa.ipc.IpcWriteOptions(compression=None if scheme in (None, "file") else "lz4")
-    if scheme is None and os.path.isdir(os.path.dirname(path) or "."):  # a plain local path: straight to the file
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+    if scheme is None and os.path.isdir(os.path.dirname(path) or "."):  # a plain local path: straight to a file
+        # A new file renamed into place: a retried bundle's rewrite never changes the bytes under
+        # a reader that has the shard memory-mapped (``_open``).
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
             writer.write_table(table)
+        os.replace(tmp, path)
         return
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema, options=options) as writer:
@@ -83,8 +88,7 @@ def write_staging(table: pa.Table, path: str) -> None:
 def read_staging_batch(path: str, index: int) -> pa.RecordBatch:
     """One record batch of a staging file written with several (``write_staging`` of a table
     made of batches): only that batch's bytes are read."""
-    local = FileSystems.get_filesystem(path).scheme() in (None, "file")
-    with pa.OSFile(path) if local else pa.PythonFile(FileSystems.open(path), mode="r") as source:
+    with _open(path) as source:
         batch = pa.ipc.open_file(source).get_batch(index)
     _counted(path, pa.Table.from_batches([batch]))
     return batch
@@ -114,8 +118,7 @@ def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
     """A staged shard, or only ``columns`` of it: the IPC file's footer says where each column's
     buffers are, and only those byte ranges are read (on an object store, only those are fetched),
     so a stage that scores n-grams never reads the texts."""
-    local = FileSystems.get_filesystem(path).scheme() in (None, "file")
-    with pa.OSFile(path) if local else pa.PythonFile(FileSystems.open(path), mode="r") as source:
+    with _open(path) as source:
         if columns is None:
             return _counted(path, pa.ipc.open_file(source).read_all())
         schema = pa.ipc.open_file(source).schema
@@ -126,6 +129,18 @@ def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
         options = pa.ipc.IpcReadOptions(included_fields=wanted)
         table = pa.ipc.open_file(source, options=options).read_all()
     return _counted(path, table.select(columns))
+
+
+def _open(path: str):
+    """A staging shard to read: memory-mapped where it is a local file, so that reading a column
+    copies nothing and a row filter copies only the rows it keeps (the page cache holds the
+    shard); through Beam's FileSystems elsewhere."""
+    scheme = FileSystems.get_filesystem(path).scheme()
+    if scheme is None:
+        return pa.memory_map(path)
+    if scheme == "file":
+        return pa.OSFile(path)
+    return pa.PythonFile(FileSystems.open(path), mode="r")
 
 
 def _counted(path: str, table: pa.Table) -> pa.Table:

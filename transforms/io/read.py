@@ -689,41 +689,49 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
     """(block, starts, ends, positions) for up to ``max_lines`` lines at a time of a task's range.
 
     ``block[starts[i]:ends[i]]`` is a line (without its newline); ``positions`` are the lines'
-    byte offsets in the (decompressed) file. Line ends are found with numpy, not a Python loop.
-    A range owns the lines that start in it, as Beam's own text source does: a range that does
-    not start at 0 skips the line in progress, which the range before it owns.
+    byte offsets in the (decompressed) file. Line ends are found by ``bytes.find`` (memchr: a
+    call per line, where a numpy pass over every byte took 4x as long on 2.5 KB lines), and
+    reading stops at the range's end. A range owns the lines that start in it, as Beam's own
+    text source does: a range that does not start at 0 skips the line in progress, which the
+    range before it owns.
     """
     with FileSystems.open(task.path, compression_type=_compression(task.path)) as f:
         base = task.start  # file position of buffer[0]
         if task.start > 0:
             f.seek(task.start - 1)
             base = task.start - 1 + len(f.readline())
-        buffer, eof = b"", False
+        buffer, eof = bytearray(), False
         while True:
-            # Count the lines of each chunk once, as it comes (not the growing buffer again).
-            chunks, lines = [buffer], buffer.count(b"\n")
-            while not eof and lines < max_lines:
-                data = f.read(chunk)
-                eof = not data
-                chunks.append(data)
-                lines += data.count(b"\n")
-            buffer = b"".join(chunks) if len(chunks) > 1 else buffer
+            # This range's lines end at the first newline at or after its stop.
+            limit = None if task.stop is None else task.stop - base
+            ends, pos = [], 0
+            while len(ends) < max_lines and (limit is None or pos < limit):
+                end = buffer.find(b"\n", pos)
+                if end >= 0:
+                    ends.append(end)
+                    pos = end + 1
+                elif eof:
+                    break
+                else:
+                    data = f.read(chunk)
+                    eof = not data
+                    buffer += data
             if not buffer:
                 return
-            newlines = np.flatnonzero(np.frombuffer(buffer, np.uint8) == ord("\n"))[:max_lines]
-            if len(newlines) == 0:  # the last line, without a newline
-                newlines = np.array([len(buffer)])
+            if not ends:  # the last line, without a newline
+                ends = [len(buffer)]
+            newlines = np.asarray(ends, dtype=np.int64)
             starts = np.concatenate([[0], newlines[:-1] + 1])
             positions = base + starts
             owned = positions < task.stop if task.stop is not None else np.ones(len(starts), bool)
             n = int(owned.sum())
             if n:
-                end = int(newlines[n - 1])
-                yield buffer[:end], starts[:n], newlines[:n], positions[:n]
-            if n < len(starts):
+                yield bytes(buffer[: int(newlines[n - 1])]), starts[:n], newlines[:n], positions[:n]
+            if n < len(starts) or (limit is not None and pos >= limit):
                 return
             consumed = int(newlines[-1]) + 1
-            buffer, base = buffer[consumed:], base + consumed
+            del buffer[:consumed]
+            base += consumed
 
 
 def _iter_arrow_file(task: ReadTask, batch_size: int):

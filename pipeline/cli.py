@@ -477,16 +477,17 @@ def summary_text(manifest: dict) -> str:
             "0 = no better than random, higher is better)"
         )
     runner = manifest.get("runner", {})
-    if runner.get("workers_chosen_by") == "beamsift" and runner.get("workers", 1) > 1:
-        lines.append(
-            f"  runner          {runner['name']}, {runner['workers']} worker processes (this machine's cores; "
-            "-- --direct_num_workers=1 for one)"
-        )
-    elif runner.get("workers_chosen_by") == "beamsift" and runner.get("threads", 1) > 1:
-        lines.append(
-            f"  runner          {runner['name']}, one process featurizing on {runner['threads']} threads (this "
-            "machine's cores; a larger input gets a process per core)"
-        )
+    if runner.get("workers_chosen_by") == "beamsift":
+        if runner.get("workers", 1) > 1:
+            lines.append(
+                f"  runner          {runner['name']}, {runner['workers']} worker processes (this machine's cores; "
+                "-- --direct_num_workers=1 for one)"
+            )
+        elif runner.get("threads", 1) > 1:
+            lines.append(
+                f"  runner          {runner['name']}, one process featurizing on {runner['threads']} threads (this "
+                "machine's cores; a larger input gets a process per core)"
+            )
     lines += training_lines(manifest)
     lines += [f"  WARNING: {w}" for w in manifest.get("warnings", [])]
     if manifest.get("clusters"):

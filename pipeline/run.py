@@ -155,7 +155,7 @@ def run_selection(
         input_files=len(pool_files),
         inputs=described,
         warnings=tuple(warnings),
-        runner=_runner_report(options, chosen_by_user=bool(_named_options(cfg, beam_args) & set(_WORKER_OPTIONS))),
+        runner=_runner_report(options, chosen_by_user=_user_chose_workers(cfg, beam_args)),
         fingerprint=fp,
         resumed=tuple(resumed),
     )
@@ -277,7 +277,7 @@ def _local_workers(cfg: Config, options: PipelineOptions, beam_args, tasks) -> i
     8), for an input large enough to gain from them, when the user named no runner mode. Chains
     with model stages keep one process, whose torch already uses every core (two would compete)."""
     cores = os.cpu_count() or 1
-    if _runner_name(options) not in IN_PROCESS_RUNNERS or _named_options(cfg, beam_args) & set(_WORKER_OPTIONS):
+    if _runner_name(options) not in IN_PROCESS_RUNNERS or _user_chose_workers(cfg, beam_args):
         return 0
     kinds = {stage_kind(n) for n in cfg["stages"]}
     models = bool(kinds & {"proxy", "excess_loss"}) or ("embed" in kinds and cfg["embed.method"] == "model")
@@ -289,10 +289,11 @@ def _local_workers(cfg: Config, options: PipelineOptions, beam_args, tasks) -> i
     return min(cores, AUTO_WORKERS_MAX)
 
 
-def _named_options(cfg: Config, beam_args) -> set[str]:
-    """The Beam options the user named. As written: an option set to its default
-    (--direct_num_workers=1) is a choice too."""
-    return {a.lstrip("-").split("=", 1)[0] for a in [*cfg["beam.options"], *beam_args] if a.startswith("--")}
+def _user_chose_workers(cfg: Config, beam_args) -> bool:
+    """Whether the user named the local runner's mode or workers. As written: an option set to
+    its default (--direct_num_workers=1) is a choice too."""
+    named = {a.lstrip("-").split("=", 1)[0] for a in [*cfg["beam.options"], *beam_args] if a.startswith("--")}
+    return bool(named & set(_WORKER_OPTIONS))
 
 
 def _local_processes(options: PipelineOptions) -> int:

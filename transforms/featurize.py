@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import re
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
 
 # nltk's WordPunctTokenizer is \w+|[^\w\s]+: runs of word characters, or runs of other
 # non-space characters.
-_WORD = re.compile(r"\w+")
 
 _POLY = np.uint64(0x100000001B3)  # FNV prime: odd, so multiplication is invertible mod 2^64
 _BIGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)
@@ -178,18 +176,17 @@ def _code_point_kinds() -> np.ndarray:
     return table.astype(np.int8)
 
 
-_SPACE_RUN = re.compile(r"\s+")
-_ASCII_KINDS = np.array(
-    [_WORDCHAR if _WORD.fullmatch(chr(c)) else _SPACE if _SPACE_RUN.fullmatch(chr(c)) else _OTHER for c in range(128)]
-    + [_OTHER] * 128,
-    dtype=np.int8,
-)
+@functools.cache
+def _single_byte_kinds() -> np.ndarray:
+    """The kind of each byte value as a character of its own: ASCII's from the table, and
+    "other" for the bytes of longer characters (``_byte_kinds`` sets those)."""
+    return np.concatenate([_code_point_kinds()[:128], np.full(128, _OTHER, dtype=np.int8)])
 
 
 def _byte_kinds(data: np.ndarray) -> np.ndarray:
     """The kind (word character, white space, other) of the character each byte of valid UTF-8
     ``data`` belongs to."""
-    kind = _ASCII_KINDS[data]  # "other" for every byte of a longer character, set below
+    kind = _single_byte_kinds()[data]  # "other" for every byte of a longer character, set below
     high = np.flatnonzero(data >= 0x80)
     if len(high) == 0:
         return kind
@@ -361,10 +358,7 @@ class FeaturizeHashedNgrams(MeteredDoFn):
 
     def process(self, table: pa.Table):
         if self.background is None:
-            started = self.meter.start()
-            table = self._featurize(table)
-            self.meter.done(started, docs=table.num_rows)
-            yield table
+            yield self._recorded(*self._timed(table))
             return
         self.pending.append(self.background.submit(self._timed, table))
         while self.pending and (len(self.pending) > self.AHEAD or self.pending[0].done()):
@@ -392,7 +386,9 @@ class FeaturizeHashedNgrams(MeteredDoFn):
         return table, started, time.time()
 
     def _collect(self, future) -> pa.Table:
-        table, started, ended = future.result()
+        return self._recorded(*future.result())
+
+    def _recorded(self, table: pa.Table, started: float, ended: float) -> pa.Table:
         self.meter.record(started, ended, docs=table.num_rows)
         return table
 

@@ -69,7 +69,7 @@ def write_staging(table: pa.Table, path: str) -> None:
     uncompressed, 14 ms and 2 ms with lz4, against 45 ms and 12-23 ms a read for Parquet)."""
     # On local disk the shard stays in the page cache: compressing costs more than it saves.
     scheme = FileSystems.get_filesystem(path).scheme()
-    options = pa.ipc.IpcWriteOptions(compression=None if scheme in (None, "file") else "lz4")
+    options = pa.ipc.IpcWriteOptions(compression=None if scheme is None else "lz4")
     if scheme is None and os.path.isdir(os.path.dirname(path) or "."):  # a plain local path: straight to a file
         # A new file renamed into place: a retried bundle's rewrite never changes the bytes under
         # a reader that has the shard memory-mapped (``_open``).
@@ -135,11 +135,8 @@ def _open(path: str):
     """A staging shard to read: memory-mapped where it is a local file, so that reading a column
     copies nothing and a row filter copies only the rows it keeps (the page cache holds the
     shard); through Beam's FileSystems elsewhere."""
-    scheme = FileSystems.get_filesystem(path).scheme()
-    if scheme is None:
+    if FileSystems.get_filesystem(path).scheme() is None:  # Beam's local file system
         return pa.memory_map(path)
-    if scheme == "file":
-        return pa.OSFile(path)
     return pa.PythonFile(FileSystems.open(path), mode="r")
 
 

@@ -720,14 +720,11 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
                 return
             if not ends:  # the last line, without a newline
                 ends = [len(buffer)]
+            # Every line here starts before the range's stop: the search ends at the first that does not.
             newlines = np.asarray(ends, dtype=np.int64)
             starts = np.concatenate([[0], newlines[:-1] + 1])
-            positions = base + starts
-            owned = positions < task.stop if task.stop is not None else np.ones(len(starts), bool)
-            n = int(owned.sum())
-            if n:
-                yield bytes(buffer[: int(newlines[n - 1])]), starts[:n], newlines[:n], positions[:n]
-            if n < len(starts) or (limit is not None and pos >= limit):
+            yield bytes(buffer[: int(newlines[-1])]), starts, newlines, base + starts
+            if limit is not None and pos >= limit:
                 return
             consumed = int(newlines[-1]) + 1
             del buffer[:consumed]

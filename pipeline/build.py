@@ -18,7 +18,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 from apache_beam.transforms.combiners import TupleCombineFn
-from beamsift.pipeline.beam_costs import keep_dofn_specs_per_class
+from beamsift.pipeline.beam_costs import keep_dofn_specs_per_class, keep_option_views
 from beamsift.pipeline.config import Config
 from beamsift.pipeline.resume import effects_of, keep_stage, resume_stage, snapshot
 from beamsift.transforms.chain import STAGED, Chain, MarkDuplicateIds, spread_of
@@ -74,6 +74,7 @@ def build_pipeline(
     each worker process may use for itself (``run.worker_threads``). ``resumed``: the first stages,
     finished by an interrupted run whose folder this one adopted."""
     keep_dofn_specs_per_class()
+    keep_option_views()
     buckets, max_ngram = cfg["featurize.buckets"], cfg["featurize.max_ngram"]
 
     # 1. Read, validate, featurize and stage the pool.

@@ -15,6 +15,7 @@ Ctrl-C exits with 130 and SIGTERM with 143, after removing what the run had writ
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
@@ -557,5 +558,19 @@ def _quiet_logs(quiet: bool) -> None:
         handler.addFilter(_DropReportedErrors())
 
 
+def entry() -> None:
+    """The ``beamsift`` command: ``main()``, then a quick exit. Python's own exit tears down every
+    module and frees every object one at a time (0.3-0.5 s after a run that held 500 MB); the
+    kernel frees a process's memory at once. The exit handlers still run (temporary folders,
+    logging), and a thread still at work (none, after any command) gets the usual exit."""
+    code = main()
+    if threading.active_count() > 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -50,3 +50,20 @@ def test_a_stateful_pipeline_still_runs_with_its_state():
         counts = p | beam.Create([("a", 1), ("a", 2), ("b", 3)]) | beam.ParDo(_Stateful())
         assert_that(counts | beam.combiners.Count.PerKey(), equal_to([("a", 2), ("b", 1)]))
         assert_that(counts | "Max" >> beam.CombinePerKey(max), equal_to([("a", 2), ("b", 1)]), label="max")
+
+
+def test_kept_option_views_read_and_write_the_same_values():
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+    beam_costs.keep_option_views()
+    options = PipelineOptions(["--direct_num_workers=3"])
+    direct = options.view_as(DirectOptions)
+    assert options.view_as(DirectOptions) is direct and direct.direct_num_workers == 3
+    options.view_as(StandardOptions).runner = "DirectRunner"
+    assert options.view_as(StandardOptions).runner == "DirectRunner"
+    assert beam_costs._BEAMS_VIEW_AS(options, StandardOptions).runner == "DirectRunner"  # Beam's own view
+    assert direct.view_as(StandardOptions).runner == "DirectRunner"  # a view of a view
+    fresh = PipelineOptions([])
+    assert fresh.view_as(DirectOptions) is not direct and fresh.view_as(DirectOptions).direct_num_workers == 1
+    with beam.Pipeline(options=options.view_as(StandardOptions).view_as(PipelineOptions)) as p:
+        assert_that(p | beam.Create([1, 2]) | beam.Map(lambda x: x * 2), equal_to([2, 4]))

@@ -6,7 +6,11 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from beamsift.transforms.featurize import (
+    CHUNK_DOCS,
+    compiled_kernels,
+    compiled_token_hashes,
     hash_strings,
     hashed_ngram_features,
     token_hashes,
@@ -14,9 +18,12 @@ from beamsift.transforms.featurize import (
 from conftest import demo_records
 
 WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+# The two tokenisers: numpy's passes, and the compiled loop (with numpy for "İ" and "Σ").
+TOKENISERS = pytest.mark.parametrize("token_hashes", [token_hashes, compiled_token_hashes], ids=["numpy", "compiled"])
 
 
-def test_tokens_match_nltk_wordpunct_on_real_text():
+@TOKENISERS
+def test_tokens_match_nltk_wordpunct_on_real_text(token_hashes):
     texts = [r["text"] for r in demo_records(400)] + [
         "Ünïcode—dash “quotes” f(x)=1; a_b",
         "日本語 テキスト。",
@@ -31,7 +38,8 @@ def test_tokens_match_nltk_wordpunct_on_real_text():
         np.testing.assert_array_equal(got, want)
 
 
-def test_tokens_match_wordpunct_on_every_kind_of_character():
+@TOKENISERS
+def test_tokens_match_wordpunct_on_every_kind_of_character(token_hashes):
     # Python's \w (letters, numbers of every script, "_"; not combining marks), its Unicode
     # white space, lower-casing that Arrow does otherwise (İ -> i + combining dot, final Σ -> ς),
     # characters of 1 to 4 UTF-8 bytes, and white space at the ends and in runs.
@@ -96,3 +104,41 @@ def test_code_point_kinds_are_pythons_own_regex_classes():
         for run in re.finditer(pattern + "+", every):
             expected[run.start() : run.end()] = True
         np.testing.assert_array_equal(_code_point_kinds() == kind, expected, err_msg=pattern)
+
+
+def test_the_compiled_kernels_load():
+    # Where numba cannot load them the numpy path serves alone: right, but 4-5x slower.
+    assert compiled_kernels() is not None
+
+
+def test_lower_case_table_is_pythons_str_lower():
+    from beamsift.transforms.featurize import _SPECIAL, _code_point_kinds, _lower_tables
+
+    lowered, kind = _lower_tables()
+    for c in range(0x110000):
+        if 0xD800 <= c < 0xE000:
+            continue
+        low = chr(c).lower()
+        if c in _SPECIAL or len(low) != 1:
+            assert lowered[c] == -1, hex(c)
+        else:
+            assert lowered[c] == ord(low), hex(c)
+            assert kind[c] == _code_point_kinds()[ord(low)], hex(c)
+    assert sorted(np.flatnonzero(lowered < 0)) == sorted(_SPECIAL)  # "İ" and "Σ", no others
+
+
+def test_compiled_and_numpy_features_agree_bit_for_bit():
+    from beamsift.transforms.featurize import _compiled_ngram_features, _numpy_ngram_features
+
+    rng = random.Random(11)
+    words = [r["text"] for r in demo_records(300)] + ["ΣΑΣ ΟΔΟΣ", "İi", "日本語。", "😀x", "\u3000", ""]
+    texts = pa.array([" ".join(rng.choice(words) for _ in range(rng.randint(0, 3))) for _ in range(3 * CHUNK_DOCS)])
+    for max_ngram, buckets in ((1, 7), (2, 65536), (3, 1 << 20)):
+        want = _numpy_ngram_features(texts, buckets, max_ngram)
+        got = _compiled_ngram_features(compiled_kernels(), texts, buckets, max_ngram)
+        for field in ("buckets", "offsets", "n_tokens"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        # A batch of more than a chunk takes the compiled path: the same features.
+        whole = hashed_ngram_features(texts, buckets, max_ngram)
+        np.testing.assert_array_equal(whole.buckets, want.buckets)
+        np.testing.assert_array_equal(whole.offsets, want.offsets)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.transforms.window import GlobalWindows
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
-from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT
+from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, TEXT, one_array
 
 # nltk's WordPunctTokenizer is \w+|[^\w\s]+: runs of word characters, or runs of other
 # non-space characters.
@@ -60,8 +60,7 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
 def _string_bytes(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The UTF-8 bytes of an Arrow string array and its offsets into them (from 0), zero-copy."""
     strings = pc.cast(strings, pa.large_string()) if strings.type != pa.large_string() else strings
-    if isinstance(strings, pa.ChunkedArray):
-        strings = strings.combine_chunks()
+    strings = one_array(strings)
     n = len(strings)
     if n == 0:
         return np.zeros(0, np.uint8), np.zeros(1, np.int64)
@@ -112,8 +111,7 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     UTF-8 never puts an ASCII byte inside a longer character, so the ASCII split is safe for
     any text, and ~2x as fast as Arrow's Unicode one. Tokens are never Python objects.
     """
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
+    texts = one_array(texts)
     words = pc.ascii_split_whitespace(texts)
     word_offsets = np.asarray(words.offsets, dtype=np.int64)
     word_offsets = word_offsets - word_offsets[0]
@@ -299,17 +297,30 @@ def compiled_kernels():
     """``ngram_kernels``, loaded and warm in this process (once); None where numba cannot load
     them (said once in the log: the numpy path featurizes alone)."""
     try:
+        import numba.np.linalg
         from beamsift.transforms import ngram_kernels
 
         # The first call loads the machine code that numba cached on disk (or compiles it,
-        # ~2 s, once a machine): made here, with the argument types of every later call.
-        data = np.frombuffer(b"Warm up, once.", dtype=np.uint8)
-        hashes, offsets, _ = _compiled_token_hashes(ngram_kernels, data, np.array([0, len(data)], np.int64))
-        ngram_kernels.ngram_buckets_compiled(hashes, offsets, 2, 16)
+        # ~2 s, once a machine): made here, with the argument types of every later call. On it
+        # numba loads its numpy support, which looks for a BLAS by importing scipy.linalg
+        # (0.15 s) where scipy is installed; the kernels use none, so it is told there is none.
+        ensure_blas = getattr(numba.np.linalg, "ensure_blas", None)
+        numba.np.linalg.ensure_blas = _no_blas
+        try:
+            data = np.frombuffer(b"Warm up, once.", dtype=np.uint8)
+            hashes, offsets, _ = _compiled_token_hashes(ngram_kernels, data, np.array([0, len(data)], np.int64))
+            ngram_kernels.ngram_buckets_compiled(hashes, offsets, 2, 16)
+        finally:
+            if ensure_blas is not None:
+                numba.np.linalg.ensure_blas = ensure_blas
         return ngram_kernels
     except Exception as e:
         logging.getLogger(__name__).warning("the compiled n-gram kernels cannot load (%s); featurizing with numpy", e)
         return None
+
+
+def _no_blas():
+    raise ImportError("no BLAS: beamsift's compiled kernels need none")
 
 
 def _compiled_token_hashes(kernels, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -324,8 +335,7 @@ def compiled_token_hashes(texts: pa.Array, kernels=None) -> tuple[np.ndarray, np
     """``token_hashes`` in one compiled pass (``ngram_kernels``); a document holding "İ" or "Σ"
     is tokenised the numpy way, whose lower-casing is Python's own."""
     kernels = kernels or compiled_kernels()
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
+    texts = one_array(texts)
     data, offsets = _string_bytes(texts)
     hashes, token_offsets, special = _compiled_token_hashes(kernels, data, offsets)
     if not special.any():
@@ -402,8 +412,7 @@ def features_to_arrow(features: NgramFeatures, num_buckets: int) -> pa.ListArray
 def features_from_arrow(column: pa.ChunkedArray | pa.Array, n_tokens: np.ndarray, dtype=np.int64) -> NgramFeatures:
     """``dtype=None`` keeps the stored bucket ids (uint16 up to 65,536 buckets) without a copy:
     enough to count and to index with, where nothing else is done with them."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+    column = one_array(column)
     offsets = np.asarray(column.offsets, dtype=np.int64)
     buckets = np.asarray(column.values)[offsets[0] : offsets[-1]]
     if dtype is not None:

@@ -119,15 +119,19 @@ def read_staging(path: str, columns: list[str] | None = None) -> pa.Table:
     buffers are, and only those byte ranges are read (on an object store, only those are fetched),
     so a stage that scores n-grams never reads the texts."""
     with _open(path) as source:
+        reader = pa.ipc.open_file(source)
         if columns is None:
-            return _counted(path, pa.ipc.open_file(source).read_all())
-        schema = pa.ipc.open_file(source).schema
+            return _counted(path, reader.read_all())
+        schema = reader.schema
         missing = [c for c in columns if schema.get_field_index(c) < 0]
         if missing:
             raise KeyError(f"{path} has no column {missing[0]!r}")
-        wanted = sorted({schema.get_field_index(c) for c in columns})
-        options = pa.ipc.IpcReadOptions(included_fields=wanted)
-        table = pa.ipc.open_file(source, options=options).read_all()
+        if isinstance(source, pa.MemoryMappedFile):  # the columns not asked for are never touched
+            table = reader.read_all()
+        else:
+            wanted = sorted({schema.get_field_index(c) for c in columns})
+            options = pa.ipc.IpcReadOptions(included_fields=wanted)
+            table = pa.ipc.open_file(source, options=options).read_all()
     return _counted(path, table.select(columns))
 
 

@@ -49,27 +49,35 @@ def shard_extremes(table: pa.Table, keep: np.ndarray, columns: list[str], text_c
                    n: int = EXAMPLES) -> dict:  # fmt: skip
     """{column: Extremes} of a shard's documents where ``keep``, for each float column."""
     out = {}
-    ids = None
+    selected = np.asarray(table.column("selected").to_numpy(zero_copy_only=False), bool)
+    text = table.column(text_column)
+
+    def ids_of(rows):
+        return np.array([str(v) for v in table.column("id").take(pa.array(rows)).to_pylist()])
+
     for name in columns:
         values = np.asarray(table.column(name).to_numpy(zero_copy_only=False), np.float64)
         rows = np.flatnonzero(keep & np.isfinite(values))
         if not len(rows):
             continue
-        if ids is None:
-            ids = np.array([str(v) for v in table.column("id").to_pylist()])
-            selected = np.asarray(table.column("selected").to_numpy(zero_copy_only=False), bool)
-            text = table.column(text_column)
-        top = rows[np.lexsort((ids[rows], -values[rows]))[:n]]
-        bottom = rows[np.lexsort((ids[rows], values[rows]))[:n]]
+        top, bottom = _smallest(rows, -values, n, ids_of), _smallest(rows, values, n, ids_of)
         entries = [
-            [
-                (float(values[r]), str(ids[r]), bool(selected[r]), (text[int(r)].as_py() or "")[:TEXT_CHARS])
-                for r in side
-            ]
+            [(float(values[r]), i, bool(selected[r]), (text[int(r)].as_py() or "")[:TEXT_CHARS]) for r, i in side]
             for side in (top, bottom)
         ]
         out[name] = Extremes(n, *entries)
     return out
+
+
+def _smallest(rows: np.ndarray, keys: np.ndarray, n: int, ids_of) -> list:
+    """[(row, id)] of the n rows with the smallest (key, id): the ids (Python strings) are made
+    only for the rows whose key is within the n smallest, ties included."""
+    if len(rows) > n:
+        nth = np.partition(keys[rows], n - 1)[n - 1]
+        rows = rows[keys[rows] <= nth]
+    ids = ids_of(rows)
+    order = np.lexsort((ids, keys[rows]))[:n]
+    return list(zip(rows[order].tolist(), ids[order].tolist()))
 
 
 def _cut(text: str | None) -> str:

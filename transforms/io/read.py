@@ -723,7 +723,9 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
             # Every line here starts before the range's stop: the search ends at the first that does not.
             newlines = np.asarray(ends, dtype=np.int64)
             starts = np.concatenate([[0], newlines[:-1] + 1])
-            yield bytes(buffer[: int(newlines[-1])]), starts, newlines, base + starts
+            with memoryview(buffer) as view:  # one copy of the lines (buffer[:n] would be a second)
+                block = bytes(view[: int(newlines[-1])])
+            yield block, starts, newlines, base + starts
             if limit is not None and pos >= limit:
                 return
             consumed = int(newlines[-1]) + 1

@@ -8,6 +8,7 @@ reduction) that the run combines into the manifest.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 
@@ -15,7 +16,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain
+from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain, reason_values
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
 from beamsift.transforms.chain.staging import read_staging, write_parquet
 from beamsift.transforms.io.examples import shard_extremes
@@ -92,9 +93,9 @@ class WriteSelectionShards(MeteredDoFn):
         started = self.meter.start()
         table = read_staging(shard.path)
         last = self.chain.read(self.chain.stages[-1], shard.name)
-        reasons = np.asarray(last.column(REASON).to_pylist(), dtype=object)
+        reasons = reason_values(last.column(REASON))
         selected = np.asarray(last.column("selected").to_numpy(zero_copy_only=False), dtype=bool)
-        duplicate = np.array([r == DUPLICATE for r in reasons], dtype=bool)
+        duplicate = np.equal(reasons, DUPLICATE)
         scored = table
         # Each stage's file read once, for all the columns it gives.
         by_stage: dict[str, list[str]] = {}
@@ -125,9 +126,8 @@ class WriteSelectionShards(MeteredDoFn):
         counts = {"selected": int(selected.sum())}
         if duplicate.any():
             counts["rejected: duplicate id"] = int(duplicate.sum())
-        for r in reasons[~duplicate & ~selected]:
-            key = "not selected: " + r
-            counts[key] = counts.get(key, 0) + 1
+        for r, n in collections.Counter(reasons[~duplicate & ~selected].tolist()).items():
+            counts["not selected: " + r] = n
         summary = {"counts": counts}
         floats = [f.name for f in _stage_fields(self.chain) if pa.types.is_floating(f.type)]
         summary["examples"] = shard_extremes(scored, ~duplicate, floats, TEXT)

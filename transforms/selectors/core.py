@@ -99,7 +99,7 @@ class Budget(beam.PTransform):
 
 def valid_mask(reasons: np.ndarray) -> np.ndarray:
     """The documents the KL baseline draws from: every valid one (repeats of an id are not)."""
-    return np.array([r != DUPLICATE for r in reasons], dtype=bool)
+    return np.not_equal(np.asarray(reasons, dtype=object), DUPLICATE)
 
 
 def random_keys(id_hash: np.ndarray, seed: int) -> np.ndarray:

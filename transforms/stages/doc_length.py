@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.compute as pc
 from beamsift.transforms.chain import ApplyStage, ShardStageFn
 from beamsift.transforms.chain.staging import read_staging
-from beamsift.transforms.io.schema import TEXT
+from beamsift.transforms.io.schema import TEXT, one_array
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns
 
 COLUMNS = (("n_chars", "int64"), ("mean_word_length", "double"))
@@ -39,7 +39,7 @@ class MeasureLengthShard(ShardStageFn):
     """A shard -> the lengths of every document (in the running or not: a length is a fact)."""
 
     def score(self, shard, reasons):
-        texts = read_staging(shard.path, [TEXT]).column(TEXT).combine_chunks()
+        texts = one_array(read_staging(shard.path, [TEXT]).column(TEXT))
         return length_columns(texts), reasons
 
 

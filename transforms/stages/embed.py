@@ -33,7 +33,7 @@ from beamsift.transforms.chain.seeded import EMBED_SAMPLE_STREAM
 from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.featurize import NgramFeatures, features_from_arrow
-from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT
+from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT, one_array
 from beamsift.transforms.models.encoder import encode, load_encoder, resolve_encoder, trained_length
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
 
@@ -251,7 +251,7 @@ class EmbedDocuments(beam.PTransform):
 
 def embeddings(chain, shard_name: str) -> np.ndarray:
     """The (n, dim) embeddings an embed stage wrote for a shard."""
-    column = chain.read(chain.producer(EMBEDDING), shard_name, [EMBEDDING]).column(0).combine_chunks()
+    column = one_array(chain.read(chain.producer(EMBEDDING), shard_name, [EMBEDDING]).column(0))
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 

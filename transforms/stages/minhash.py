@@ -36,7 +36,7 @@ from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.featurize import hash_strings, splitmix64
-from beamsift.transforms.io.schema import ORDER, TEXT
+from beamsift.transforms.io.schema import ORDER, TEXT, one_array
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
 from beamsift.transforms.stages.dedup import (
     DROPPED_TABLE,
@@ -217,7 +217,7 @@ class _BandKeys:
         s = self.settings
         table = read_staging(shard.path, [ORDER, TEXT])
         rows = np.flatnonzero(running)
-        texts = table.column(TEXT).combine_chunks().take(pa.array(rows))
+        texts = one_array(table.column(TEXT)).take(pa.array(rows))
         shingles, offsets = shingle_hashes(texts, s.ngram, s.unit)
         sigs = signatures(shingles, offsets, *permutations(s.bands * s.rows, self.seed))
         has = np.diff(offsets) > 0  # a text with nothing left after normalising repeats nothing

@@ -9,6 +9,7 @@ import apache_beam as beam
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -17,6 +18,7 @@ from beamsift.pipeline.run import run_selection
 from beamsift.transforms.stages.dedup import (
     ResolvePointers,
     normalise_text,
+    normalised_hashes,
     normalised_text_hash,
     parts_of,
     plan_splits,
@@ -111,6 +113,24 @@ def test_exact_normalisation_keeps_every_script():
     # é composed or decomposed, full-width letters: the same text.
     nfkc = normalised_text_hash(pa.array(["e\u0301t\u00e9 ＡＢＣ", "\u00e9t\u00e9 abc"]))
     assert nfkc[0] == nfkc[1]
+
+
+@pytest.mark.parametrize("alphabet", ["ascii", "every kind"])
+def test_compiled_normalised_hashes_are_arrows(alphabet):
+    # The compiled loop against Arrow's own normalisation and hash_strings of its result, on
+    # characters of 1 to 4 bytes, NFKC's cases (decomposed é, full-width forms, ligatures),
+    # Unicode white space and separators, controls, symbols, and texts left empty.
+    kinds = list("aZ_09 .,;-!?\t\n\r\x0b\x0c$^`~")
+    if alphabet == "every kind":
+        kinds += [*"éÉ\u0301\u093f\u0915\u0e34½²Ⅰªʰ\u3000\xa0\u2003\u2028\u0085日。😀𐐀İΣẞ\x00\x1c\u200bＡ！ﬁ€٠"]
+    rng = random.Random(5)
+    texts = ["".join(rng.choice(kinds) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
+    texts += ["", "  ", "...", "Hello,  World!", "e\u0301t\u00e9 ＡＢＣ", "\u00e9t\u00e9 abc"]
+    texts = pa.array(texts)
+    hashes, lengths = normalised_hashes(texts)
+    np.testing.assert_array_equal(hashes, normalised_text_hash(texts))
+    np.testing.assert_array_equal(lengths, pc.binary_length(normalise_text(texts)).to_numpy())
+    assert (lengths == 0).any() and (lengths > 0).any()
 
 
 def _near_copy(text: str, rng: random.Random) -> str:

@@ -53,11 +53,11 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
     h = splitmix64(len ^ Σ_i (b_i + 1)·P^i mod 2^64) over the UTF-8 bytes b_i. Stable across
     processes, machines and runs (Python's ``hash`` is salted per process, so it cannot be used).
     """
-    data, offsets = _string_bytes(strings)
+    data, offsets = string_bytes(strings)
     return _hash_segments(data, offsets)
 
 
-def _string_bytes(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def string_bytes(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The UTF-8 bytes of an Arrow string array and its offsets into them (from 0), zero-copy."""
     strings = pc.cast(strings, pa.large_string()) if strings.type != pa.large_string() else strings
     strings = one_array(strings)
@@ -120,7 +120,7 @@ def token_hashes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         encoded = encoded.combine_chunks()
     # Lower-case the distinct words, not the text: the same tokens, a fraction of the work.
     # ("The" and "the" stay two entries, with the same hashes.)
-    data, vocab_offsets = _string_bytes(_lower(encoded.dictionary))
+    data, vocab_offsets = string_bytes(_lower(encoded.dictionary))
     # A run starts at each word's first byte and wherever the class (word, space, other)
     # changes; a character's continuation bytes share its class, so no cut falls inside one.
     kind = _byte_kinds(data)
@@ -336,7 +336,7 @@ def compiled_token_hashes(texts: pa.Array, kernels=None) -> tuple[np.ndarray, np
     is tokenised the numpy way, whose lower-casing is Python's own."""
     kernels = kernels or compiled_kernels()
     texts = one_array(texts)
-    data, offsets = _string_bytes(texts)
+    data, offsets = string_bytes(texts)
     hashes, token_offsets, special = _compiled_token_hashes(kernels, data, offsets)
     if not special.any():
         return hashes, token_offsets

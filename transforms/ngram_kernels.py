@@ -1,4 +1,5 @@
-"""WordPunct tokens and hashed n-grams in one compiled pass over a batch's UTF-8 bytes.
+"""Compiled loops over a batch's UTF-8 bytes: WordPunct tokens and hashed n-grams in one pass,
+and the hash of each text as the exact-duplicate test normalises it.
 
 The numpy path (``featurize.token_hashes``) tokenises with ~20 vectorised passes over the
 batch: a split, a dictionary of the distinct words, their bytes' kinds, runs, hashes, and a
@@ -13,6 +14,10 @@ character): the same tokens, the same hashes, the same buckets, so models saved 
 Python's ``str.lower`` maps every code point to one code point except two: "İ" (U+0130) becomes
 two ("i" and a combining dot) and "Σ" (U+03A3) becomes "ς" or "σ" depending on its neighbours. A
 document holding either is marked, and the caller featurizes it the numpy way.
+
+``normalised_hashes_compiled`` is ``dedup.normalise_text`` (lower case, punctuation and symbols
+out, runs of white space as one space, trimmed) and ``hash_strings`` of the result in one loop,
+without making the normalised strings; its tables come from Arrow's own kernels, so the two agree.
 """
 
 from __future__ import annotations
@@ -140,3 +145,72 @@ def ngram_buckets_compiled(token_hash, doc_tokens, max_ngram, num_buckets):
                 buckets[j] = np.int64(((h >> shift) * width) >> shift)
                 j += 1
     return buckets, offsets
+
+
+_DROP, _KEEP, _BLANK = 0, 1, 2  # dedup's classes: punctuation and symbols, kept, white space
+
+
+@numba.njit(nogil=True, cache=True)
+def normalised_hashes_compiled(data, offsets, lowered, klass):
+    """(hashes, lengths): for each text ``data[offsets[i]:offsets[i+1]]`` (valid UTF-8, already
+    NFKC), ``hash_strings`` of its normalised form and that form's length in bytes. A code point
+    c is lower-cased to ``lowered[c]`` and, by ``klass[c]``, dropped, kept or white space."""
+    n_docs = len(offsets) - 1
+    hashes = np.empty(n_docs, dtype=np.uint64)
+    lengths = np.zeros(n_docs, dtype=np.int64)
+    one = np.uint64(1)
+    for d in range(n_docs):
+        i = offsets[d]
+        end = offsets[d + 1]
+        total = np.uint64(0)
+        power = one
+        length = 0
+        blank = False  # white space seen since the last kept character (one space, if more follows)
+        while i < end:
+            b = np.int64(data[i])
+            if b < 0x80:
+                cp = b
+                i += 1
+            elif b < 0xE0:
+                cp = ((b & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
+                i += 2
+            elif b < 0xF0:
+                cp = ((b & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F)
+                i += 3
+            else:
+                cp = (
+                    ((b & 0x07) << 18)
+                    | ((np.int64(data[i + 1]) & 0x3F) << 12)
+                    | ((np.int64(data[i + 2]) & 0x3F) << 6)
+                    | (np.int64(data[i + 3]) & 0x3F)
+                )
+                i += 4
+            k = klass[cp]
+            if k == _DROP:
+                continue
+            if k == _BLANK:
+                blank = length > 0  # none before the first kept character: trimmed
+                continue
+            if blank:
+                total += (np.uint64(0x20) + one) * power
+                power *= _POLY
+                length += 1
+                blank = False
+            low = np.int64(lowered[cp])
+            if low < 0x80:
+                width, lead = 1, low
+            elif low < 0x800:
+                width, lead = 2, 0xC0 | (low >> 6)
+            elif low < 0x10000:
+                width, lead = 3, 0xE0 | (low >> 12)
+            else:
+                width, lead = 4, 0xF0 | (low >> 18)
+            total += (np.uint64(lead) + one) * power
+            power *= _POLY
+            for j in range(width - 2, -1, -1):
+                total += (np.uint64(0x80 | ((low >> (6 * j)) & 0x3F)) + one) * power
+                power *= _POLY
+            length += width
+        hashes[d] = _splitmix64(np.uint64(length) ^ total)
+        lengths[d] = length
+    return hashes, lengths

@@ -27,6 +27,7 @@ cluster of n documents on one worker: ``cluster.k`` bounds n.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -40,8 +41,8 @@ from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.staging import read_orders, read_staging, read_staging_batch, write_staging
 from beamsift.transforms.chain.sums import Sum
-from beamsift.transforms.featurize import hash_strings
-from beamsift.transforms.io.schema import ORDER, TEXT
+from beamsift.transforms.featurize import compiled_kernels, hash_strings, string_bytes
+from beamsift.transforms.io.schema import ORDER, TEXT, one_array
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
 from beamsift.transforms.stages.cluster import NEXT_CLUSTER
 from beamsift.transforms.stages.embed import (
@@ -73,6 +74,78 @@ def normalise_text(texts):
 def normalised_text_hash(texts) -> np.ndarray:
     """A hash of each text after ``normalise_text``."""
     return hash_strings(normalise_text(texts))
+
+
+def normalised_hashes(texts) -> tuple[np.ndarray, np.ndarray]:
+    """(``normalised_text_hash``, the normalised text's length in bytes) of each text, by the
+    compiled loop (``ngram_kernels``): 10x faster than Arrow's Unicode regexes, and the
+    normalised texts are never made. Texts with characters beyond ASCII go through Arrow's NFKC
+    first; the loop's tables come from Arrow's kernels themselves. Without numba: Arrow's way."""
+    texts = one_array(texts)
+    kernels = compiled_kernels()
+    if kernels is None:
+        normalised = normalise_text(texts)
+        return hash_strings(normalised), pc.binary_length(normalised).to_numpy(zero_copy_only=False).astype(np.int64)
+    ascii_only = pc.string_is_ascii(texts)
+    if not pc.all(ascii_only).as_py():
+        wide = pc.invert(ascii_only)
+        texts = pc.replace_with_mask(texts, wide, pc.utf8_normalize(texts.filter(wide), "NFKC"))
+        lowered, klass = _normalise_tables()
+    else:
+        lowered, klass = _normalise_tables(ascii_only=True)
+    data, offsets = string_bytes(texts)
+    data = data.view()
+    data.flags.writeable = False  # the argument types of every call (numba compiles once)
+    return kernels.normalised_hashes_compiled(data, np.array(offsets, dtype=np.int64), lowered, klass)
+
+
+def _code_point_strings(code_points: np.ndarray) -> pa.Array:
+    """An Arrow string array of one character per code point (no surrogates), built in numpy."""
+    cp = code_points.astype(np.int64)
+    width = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+    offsets = np.zeros(len(cp) + 1, dtype=np.int32)
+    np.cumsum(width, out=offsets[1:])
+    data = np.zeros(offsets[-1], dtype=np.uint8)
+    start = offsets[:-1]
+    lead = np.select([width == 1, width == 2, width == 3], [cp, 0xC0 | (cp >> 6), 0xE0 | (cp >> 12)], 0xF0 | (cp >> 18))
+    data[start] = lead
+    for j in range(1, 4):  # continuation bytes, most significant first
+        has = width > j
+        data[start[has] + j] = 0x80 | ((cp[has] >> (6 * (width[has] - 1 - j))) & 0x3F)
+    return pa.StringArray.from_buffers(len(cp), pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+@functools.cache
+def _normalise_tables(ascii_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(lowered, class) of every code point as ``normalise_text``'s Arrow kernels treat it: the
+    code point ``utf8_lower`` makes of it, and whether the punctuation pattern drops it (0), it
+    stays (1) or the white space pattern matches it (2). Asked of Arrow for all 1.1M code points
+    at once (~0.3 s, once a process, and only where a text goes beyond ASCII; else for ASCII's)."""
+    size = 0x80 if ascii_only else 0x110000
+    code_points = np.flatnonzero((np.arange(size) < 0xD800) | (np.arange(size) >= 0xE000))
+    lowered_text = pc.utf8_lower(_code_point_strings(code_points))
+    data, offsets = string_bytes(lowered_text)
+    lengths = np.diff(offsets)
+    lead = np.zeros(len(code_points), dtype=np.int64)
+    one = lengths > 0
+    lead[one] = data[offsets[:-1][one]]
+    lowered = np.full(size, 0x20, dtype=np.int32)  # surrogates: never in valid UTF-8
+    decoded = lead.copy()
+    for width, mask in ((2, 0x1F), (3, 0x0F), (4, 0x07)):
+        at = lengths == width
+        decoded[at] = lead[at] & mask
+        for j in range(1, width):
+            decoded[at] = (decoded[at] << 6) | (data[offsets[:-1][at] + j] & 0x3F)
+    lowered[code_points] = decoded
+    klass = np.full(size, _DROP, dtype=np.int8)
+    kept = pc.binary_length(pc.replace_substring_regex(lowered_text, PUNCTUATION, "")).to_numpy() > 0
+    blank = pc.binary_length(pc.replace_substring_regex(lowered_text, _SPACE, "")).to_numpy() == 0
+    klass[code_points[kept]] = _KEEP
+    klass[code_points[kept & blank & (lengths > 0)]] = _BLANK
+    return lowered, klass
+
+
+_DROP, _KEEP, _BLANK = 0, 1, 2  # ngram_kernels' classes
 
 
 @dataclass(frozen=True)
@@ -228,14 +301,12 @@ class _ExactKeys:
     def __call__(self, item):
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id", TEXT])
-        normalised = normalise_text(table.column(TEXT))
-        hashes = hash_strings(normalised)
+        hashes, lengths = normalised_hashes(table.column(TEXT))
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-        ids = table.column("id").to_pylist()
         # A text with nothing left after normalising (only symbols or punctuation) repeats nothing.
-        empty = np.asarray(pc.equal(pc.utf8_length(normalised), 0).to_numpy(zero_copy_only=False))
-        rows = np.flatnonzero(running & ~empty)
-        return hashes[rows], orders[rows], shard.name, np.asarray([str(ids[r]) for r in rows], object)
+        rows = np.flatnonzero(running & (lengths > 0))
+        ids = table.column("id").take(pa.array(rows)).to_pylist()
+        return hashes[rows], orders[rows], shard.name, np.asarray([str(i) for i in ids], object)
 
 
 def _semdedup_group(kv, epsilon: float, stage: str, max_group: int) -> list:

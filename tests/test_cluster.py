@@ -44,6 +44,25 @@ def test_tfidf_embedding_by_hand():
     np.testing.assert_allclose(tfidf_embeddings(f, idf, proj), rows / np.linalg.norm(rows, axis=1)[:, None], rtol=1e-5)
 
 
+def test_document_frequencies_by_hand_and_against_a_unique_per_document():
+    from beamsift.transforms.featurize import compiled_kernels
+
+    kernels = compiled_kernels()
+    # The documents of the test above, and a third not in the running: df = (1, 2, 0, 1).
+    buckets, offsets = np.array([0, 0, 1, 1, 3, 2, 2]), np.array([0, 3, 5, 7])
+    running = np.array([True, True, False])
+    assert kernels.document_frequencies_compiled(buckets, offsets, running, 4).tolist() == [1, 2, 0, 1]
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 50, 400)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    buckets = rng.integers(0, 64, offsets[-1])
+    running = rng.random(400) < 0.7
+    want = np.zeros(64, np.int64)
+    for d in np.flatnonzero(running):
+        want[np.unique(buckets[offsets[d] : offsets[d + 1]])] += 1
+    np.testing.assert_array_equal(kernels.document_frequencies_compiled(buckets, offsets, running, 64), want)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("cluster")

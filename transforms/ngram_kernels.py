@@ -214,3 +214,20 @@ def normalised_hashes_compiled(data, offsets, lowered, klass):
         hashes[d] = _splitmix64(np.uint64(length) ^ total)
         lengths[d] = length
     return hashes, lengths
+
+
+@numba.njit(nogil=True, cache=True)
+def document_frequencies_compiled(buckets, offsets, running, num_buckets):
+    """How many of the documents where ``running`` hold each bucket (at least once): a bucket
+    counts for a document the first time it is met there (``last`` remembers where it was)."""
+    df = np.zeros(num_buckets, dtype=np.int64)
+    last = np.full(num_buckets, -1, dtype=np.int64)
+    for d in range(len(offsets) - 1):
+        if not running[d]:
+            continue
+        for j in range(offsets[d], offsets[d + 1]):
+            b = buckets[j]
+            if last[b] != d:
+                last[b] = d
+                df[b] += 1
+    return df

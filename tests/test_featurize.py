@@ -142,3 +142,17 @@ def test_compiled_and_numpy_features_agree_bit_for_bit():
         whole = hashed_ngram_features(texts, buckets, max_ngram)
         np.testing.assert_array_equal(whole.buckets, want.buckets)
         np.testing.assert_array_equal(whole.offsets, want.offsets)
+
+
+def test_bucket_counts_compiled_are_bincounts():
+    from beamsift.transforms.featurize import NgramFeatures, bucket_counts
+
+    compiled_kernels()  # loaded: bucket_counts takes the compiled loop
+    rng = np.random.default_rng(2)
+    for dtype in (np.uint16, np.uint32, np.int64):
+        buckets = rng.integers(0, 1000, 5000).astype(dtype)
+        offsets = np.array([0, 1000, 1000, 5000])
+        f = NgramFeatures(buckets, offsets, np.array([10, 0, 40]))
+        np.testing.assert_array_equal(bucket_counts(f, 1000), np.bincount(buckets, minlength=1000))
+        rows = np.array([False, True, True])
+        np.testing.assert_array_equal(bucket_counts(f, 1000, rows), np.bincount(buckets[1000:], minlength=1000))

@@ -231,3 +231,12 @@ def document_frequencies_compiled(buckets, offsets, running, num_buckets):
                 last[b] = d
                 df[b] += 1
     return df
+
+
+@numba.njit(nogil=True, cache=True)
+def bucket_counts_compiled(buckets, num_buckets):
+    """``np.bincount(buckets, minlength=num_buckets)`` without widening the ids to 64 bits first."""
+    counts = np.zeros(num_buckets, dtype=np.int64)
+    for b in buckets:
+        counts[b] += 1
+    return counts

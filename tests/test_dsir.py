@@ -89,3 +89,20 @@ def test_log_weights_of_documents_without_ngrams_are_zero():
     np.testing.assert_allclose(dsir_log_weights(f, np.array([10.0, 1.0])), [0, 2, 0, 10, 0])
     empty = NgramFeatures(np.zeros(0, np.int64), np.zeros(3, np.int64), np.zeros(2, np.int64))
     np.testing.assert_array_equal(dsir_log_weights(empty, np.array([1.0])), [0, 0])
+
+
+def test_compiled_log_weights_are_numpys_sums_bit_for_bit():
+    from beamsift.transforms.featurize import compiled_kernels
+
+    compiled_kernels()  # loaded: dsir_log_weights takes the compiled loop
+    rng = np.random.default_rng(4)
+    lengths = np.concatenate([np.arange(300), rng.integers(0, 3000, 200)])  # across 8, 128 and their halves
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    log_ratio = rng.standard_normal(65536) * 3
+    for dtype in (np.uint16, np.int64):
+        buckets = rng.integers(0, 65536, offsets[-1]).astype(dtype)
+        f = NgramFeatures(buckets, offsets, lengths)
+        values = log_ratio[buckets]
+        want = np.add.reduceat(values, np.minimum(offsets[:-1], len(values) - 1))
+        want[lengths == 0] = 0.0
+        np.testing.assert_array_equal(dsir_log_weights(f, log_ratio), want)

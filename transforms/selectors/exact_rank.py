@@ -138,8 +138,11 @@ class _Count(beam.DoFn):
         out = {}
         for name, codes, hashes, weights in _coded(self.source, item, bounds):
             at = bracket_of(bounds[name], codes, hashes)
-            out[name] = np.zeros(len(bounds[name]) + 1, np.int64)
-            np.add.at(out[name], at, weights)  # integer sums: exact however large
+            if np.all(weights == 1):  # counts (np.add.at is ~10x slower than a bincount)
+                out[name] = np.bincount(at, minlength=len(bounds[name]) + 1).astype(np.int64)
+            else:
+                out[name] = np.zeros(len(bounds[name]) + 1, np.int64)
+                np.add.at(out[name], at, weights)  # integer sums: exact however large
         yield out
 
 

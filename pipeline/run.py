@@ -605,7 +605,7 @@ def _check_k_possible(cfg: Config, pool_files) -> None:
     k = cfg["select.k"]
     if k is None:
         return
-    bound = max_records(pool_files, cfg["input.txt_mode"])
+    bound = max_records(pool_files, cfg["input.txt_mode"], enough=k)  # k or more: no need to count on
     if bound is not None and k > bound:
         raise InputError(
             f"select.k={k} is more than the input holds: {cfg['input.path']} has at most {bound:,} records; "

@@ -338,8 +338,11 @@ def first_values(files: list[tuple[str, str, int]], field: str) -> tuple[list, s
     return [r.get(field) for r in records], f"the first {len(records)} records of {path}"
 
 
-def max_records(files: list[tuple[str, str, int]], txt_mode: str, max_bytes: int = 256 << 20) -> int | None:
-    """An upper bound of the records in ``files`` where one is cheap to know, else None.
+def max_records(
+    files: list[tuple[str, str, int]], txt_mode: str, max_bytes: int = 256 << 20, enough: int | None = None
+) -> int | None:
+    """An upper bound of the records in ``files`` where one is cheap to know, else None; or, once
+    the count reaches ``enough``, that count (the bound is at least that: the scan stops there).
 
     Parquet footers give row counts; uncompressed line files are counted by their newlines (a
     blank line is not a record, so lines bound records) when they are small enough to scan.
@@ -347,6 +350,8 @@ def max_records(files: list[tuple[str, str, int]], txt_mode: str, max_bytes: int
     total = 0
     scanned = 0
     for path, fmt, size in files:
+        if enough is not None and total >= enough:
+            return total
         if fmt == "txt" and txt_mode == "file":
             total += 1
         elif fmt == "parquet":
@@ -362,6 +367,8 @@ def max_records(files: list[tuple[str, str, int]], txt_mode: str, max_bytes: int
                 while chunk := f.read(8 << 20):
                     lines += chunk.count(b"\n")
                     last = chunk[-1:]
+                    if enough is not None and total + lines >= enough:
+                        return total + lines
                 total += lines + (last != b"\n")
         else:
             return None

@@ -38,6 +38,45 @@ def _splitmix64(x):
     return z ^ (z >> np.uint64(31))
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _decode(data, i):
+    """(the code point of the valid UTF-8 character at data[i], the index after it)."""
+    b = np.int64(data[i])
+    if b < 0x80:
+        return b, i + 1
+    if b < 0xE0:
+        return ((b & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F), i + 2
+    if b < 0xF0:
+        return ((b & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F), i + 3
+    return (
+        ((b & 0x07) << 18)
+        | ((np.int64(data[i + 1]) & 0x3F) << 12)
+        | ((np.int64(data[i + 2]) & 0x3F) << 6)
+        | (np.int64(data[i + 3]) & 0x3F)
+    ), i + 4
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _fold(cp, total, power, length):
+    """(total, power, length) after folding code point cp's UTF-8 bytes into the polynomial hash
+    (``featurize.hash_strings``: Σ (byte + 1)·P^position) of the bytes so far."""
+    one = np.uint64(1)
+    if cp < 0x80:
+        width, lead = 1, cp
+    elif cp < 0x800:
+        width, lead = 2, 0xC0 | (cp >> 6)
+    elif cp < 0x10000:
+        width, lead = 3, 0xE0 | (cp >> 12)
+    else:
+        width, lead = 4, 0xF0 | (cp >> 18)
+    total += (np.uint64(lead) + one) * power
+    power *= _POLY
+    for j in range(width - 2, -1, -1):
+        total += (np.uint64(0x80 | ((cp >> (6 * j)) & 0x3F)) + one) * power
+        power *= _POLY
+    return total, power, length + width
+
+
 @numba.njit(nogil=True, cache=True)
 def token_hashes_compiled(data, offsets, lowered, kind):
     """(hashes, token offsets per document, special) of the documents ``data[offsets[i]:
@@ -60,24 +99,7 @@ def token_hashes_compiled(data, offsets, lowered, kind):
         power = one
         length = 0
         while i < end:
-            b = np.int64(data[i])
-            if b < 0x80:
-                cp = b
-                i += 1
-            elif b < 0xE0:
-                cp = ((b & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
-                i += 2
-            elif b < 0xF0:
-                cp = ((b & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F)
-                i += 3
-            else:
-                cp = (
-                    ((b & 0x07) << 18)
-                    | ((np.int64(data[i + 1]) & 0x3F) << 12)
-                    | ((np.int64(data[i + 2]) & 0x3F) << 6)
-                    | (np.int64(data[i + 3]) & 0x3F)
-                )
-                i += 4
+            cp, i = _decode(data, i)
             low = np.int64(lowered[cp])
             if low < 0:
                 special[d] = True
@@ -94,20 +116,7 @@ def token_hashes_compiled(data, offsets, lowered, kind):
             if k == _SPACE:
                 continue
             # The lowered code point's UTF-8 bytes, folded into the polynomial hash.
-            if low < 0x80:
-                width, lead = 1, low
-            elif low < 0x800:
-                width, lead = 2, 0xC0 | (low >> 6)
-            elif low < 0x10000:
-                width, lead = 3, 0xE0 | (low >> 12)
-            else:
-                width, lead = 4, 0xF0 | (low >> 18)
-            total += (np.uint64(lead) + one) * power
-            power *= _POLY
-            for k in range(width - 2, -1, -1):
-                total += (np.uint64(0x80 | ((low >> (6 * k)) & 0x3F)) + one) * power
-                power *= _POLY
-            length += width
+            total, power, length = _fold(low, total, power, length)
         if open_kind != _SPACE:
             hashes[t] = _splitmix64(np.uint64(length) ^ total)
             t += 1
@@ -167,24 +176,7 @@ def normalised_hashes_compiled(data, offsets, lowered, klass):
         length = 0
         blank = False  # white space seen since the last kept character (one space, if more follows)
         while i < end:
-            b = np.int64(data[i])
-            if b < 0x80:
-                cp = b
-                i += 1
-            elif b < 0xE0:
-                cp = ((b & 0x1F) << 6) | (np.int64(data[i + 1]) & 0x3F)
-                i += 2
-            elif b < 0xF0:
-                cp = ((b & 0x0F) << 12) | ((np.int64(data[i + 1]) & 0x3F) << 6) | (np.int64(data[i + 2]) & 0x3F)
-                i += 3
-            else:
-                cp = (
-                    ((b & 0x07) << 18)
-                    | ((np.int64(data[i + 1]) & 0x3F) << 12)
-                    | ((np.int64(data[i + 2]) & 0x3F) << 6)
-                    | (np.int64(data[i + 3]) & 0x3F)
-                )
-                i += 4
+            cp, i = _decode(data, i)
             k = klass[cp]
             if k == _DROP:
                 continue
@@ -192,25 +184,10 @@ def normalised_hashes_compiled(data, offsets, lowered, klass):
                 blank = length > 0  # none before the first kept character: trimmed
                 continue
             if blank:
-                total += (np.uint64(0x20) + one) * power
-                power *= _POLY
-                length += 1
+                total, power, length = _fold(0x20, total, power, length)
                 blank = False
             low = np.int64(lowered[cp])
-            if low < 0x80:
-                width, lead = 1, low
-            elif low < 0x800:
-                width, lead = 2, 0xC0 | (low >> 6)
-            elif low < 0x10000:
-                width, lead = 3, 0xE0 | (low >> 12)
-            else:
-                width, lead = 4, 0xF0 | (low >> 18)
-            total += (np.uint64(lead) + one) * power
-            power *= _POLY
-            for j in range(width - 2, -1, -1):
-                total += (np.uint64(0x80 | ((low >> (6 * j)) & 0x3F)) + one) * power
-                power *= _POLY
-            length += width
+            total, power, length = _fold(low, total, power, length)
         hashes[d] = _splitmix64(np.uint64(length) ^ total)
         lengths[d] = length
     return hashes, lengths

@@ -202,6 +202,21 @@ def _single_byte_kinds() -> np.ndarray:
     return np.concatenate([_code_point_kinds()[:128], np.full(128, _OTHER, dtype=np.int8)])
 
 
+def code_points_at(data: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The code point of the character of valid UTF-8 ``data`` that starts at each of ``at``."""
+
+    def byte(k):  # clipped at the end: only a shorter character reads past it, and ignores it
+        return np.take(data, at + k, mode="clip").astype(np.int32)
+
+    b0 = byte(0)
+    b1, b2, b3 = byte(1) & 0x3F, byte(2) & 0x3F, byte(3) & 0x3F
+    return np.select(
+        [b0 < 0x80, b0 < 0xE0, b0 < 0xF0],
+        [b0, ((b0 & 0x1F) << 6) | b1, ((b0 & 0x0F) << 12) | (b1 << 6) | b2],
+        ((b0 & 0x07) << 18) | (b1 << 12) | (b2 << 6) | b3,
+    )
+
+
 def _byte_kinds(data: np.ndarray) -> np.ndarray:
     """The kind (word character, white space, other) of the character each byte of valid UTF-8
     ``data`` belongs to."""
@@ -211,18 +226,7 @@ def _byte_kinds(data: np.ndarray) -> np.ndarray:
         return kind
     # Decode the code point at each character's lead byte (0b11xxxxxx) from the bytes after it.
     is_lead = data[high] >= 0xC0
-    at = high[is_lead]
-
-    def byte(k):  # clipped at the end: only a shorter character reads past it, and ignores it
-        return np.take(data, at + k, mode="clip").astype(np.int32)
-
-    b0 = byte(0)
-    b1, b2, b3 = byte(1) & 0x3F, byte(2) & 0x3F, byte(3) & 0x3F
-    code = np.where(
-        b0 < 0xE0,
-        ((b0 & 0x1F) << 6) | b1,
-        np.where(b0 < 0xF0, ((b0 & 0x0F) << 12) | (b1 << 6) | b2, ((b0 & 0x07) << 18) | (b1 << 12) | (b2 << 6) | b3),
-    )
+    code = code_points_at(data, high[is_lead])
     # A continuation byte follows its lead byte among the high bytes: it takes the lead's kind.
     kind[high] = _code_point_kinds()[code][np.cumsum(is_lead) - 1]
     return kind
@@ -329,12 +333,17 @@ def _no_blas():
     raise ImportError("no BLAS: beamsift's compiled kernels need none")
 
 
-def _compiled_token_hashes(kernels, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    lowered, kind = _lower_tables()
-    # The same argument types on every call, or numba compiles the kernel again for new ones.
+def kernel_text(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's UTF-8 bytes (read-only) and int64 offsets, as every compiled text loop takes
+    them: the same argument types on every call, or numba compiles the loop again for new ones."""
     data = data.view()
     data.flags.writeable = False
-    return kernels.token_hashes_compiled(data, np.array(offsets, dtype=np.int64), lowered, kind)
+    return data, np.array(offsets, dtype=np.int64)
+
+
+def _compiled_token_hashes(kernels, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lowered, kind = _lower_tables()
+    return kernels.token_hashes_compiled(*kernel_text(data, offsets), lowered, kind)
 
 
 def compiled_token_hashes(texts: pa.Array, kernels=None) -> tuple[np.ndarray, np.ndarray]:

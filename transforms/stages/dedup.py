@@ -41,7 +41,7 @@ from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.staging import read_orders, read_staging, read_staging_batch, write_staging
 from beamsift.transforms.chain.sums import Sum
-from beamsift.transforms.featurize import compiled_kernels, hash_strings, string_bytes
+from beamsift.transforms.featurize import code_points_at, compiled_kernels, hash_strings, kernel_text, string_bytes
 from beamsift.transforms.io.schema import ORDER, TEXT, one_array
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
 from beamsift.transforms.stages.cluster import NEXT_CLUSTER
@@ -93,10 +93,7 @@ def normalised_hashes(texts) -> tuple[np.ndarray, np.ndarray]:
         lowered, klass = _normalise_tables()
     else:
         lowered, klass = _normalise_tables(ascii_only=True)
-    data, offsets = string_bytes(texts)
-    data = data.view()
-    data.flags.writeable = False  # the argument types of every call (numba compiles once)
-    return kernels.normalised_hashes_compiled(data, np.array(offsets, dtype=np.int64), lowered, klass)
+    return kernels.normalised_hashes_compiled(*kernel_text(*string_bytes(texts)), lowered, klass)
 
 
 def _code_point_strings(code_points: np.ndarray) -> pa.Array:
@@ -126,17 +123,9 @@ def _normalise_tables(ascii_only: bool = False) -> tuple[np.ndarray, np.ndarray]
     lowered_text = pc.utf8_lower(_code_point_strings(code_points))
     data, offsets = string_bytes(lowered_text)
     lengths = np.diff(offsets)
-    lead = np.zeros(len(code_points), dtype=np.int64)
-    one = lengths > 0
-    lead[one] = data[offsets[:-1][one]]
-    lowered = np.full(size, 0x20, dtype=np.int32)  # surrogates: never in valid UTF-8
-    decoded = lead.copy()
-    for width, mask in ((2, 0x1F), (3, 0x0F), (4, 0x07)):
-        at = lengths == width
-        decoded[at] = lead[at] & mask
-        for j in range(1, width):
-            decoded[at] = (decoded[at] << 6) | (data[offsets[:-1][at] + j] & 0x3F)
-    lowered[code_points] = decoded
+    one = lengths > 0  # each lower case is one code point, or none (dropped below)
+    lowered = np.full(size, 0x20, dtype=np.int32)  # surrogates, and the one without: never read
+    lowered[code_points[one]] = code_points_at(data, offsets[:-1][one])
     klass = np.full(size, _DROP, dtype=np.int8)
     kept = pc.binary_length(pc.replace_substring_regex(lowered_text, PUNCTUATION, "")).to_numpy() > 0
     blank = pc.binary_length(pc.replace_substring_regex(lowered_text, _SPACE, "")).to_numpy() == 0

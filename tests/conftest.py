@@ -105,6 +105,36 @@ def run_cli(*args: str, check: bool = True, cwd=ROOT, env: dict | None = None) -
     return proc
 
 
+def start_held(args: list[str], at: str, held, env: dict | None = None) -> subprocess.Popen:
+    """Start `beamsift ARGS` held at ``at`` by tests/hold/sitecustomize.py ("done:<stage>": just
+    after that stage's done mark; "publish": just before the result is published), and return it
+    once it is held there: a signal sent now interrupts it at that point, however fast it runs.
+    ``held``: a file the hold writes (outside the run's folders and its temp dir)."""
+    hook = os.pathsep.join(p for p in (str(ROOT / "tests" / "hold"), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "beamsift.pipeline.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            **(env or {}),
+            "PYTHONPATH": hook,
+            "BEAMSIFT_TEST_HOLD": at,
+            "BEAMSIFT_TEST_HELD": str(held),
+        },
+    )
+    deadline = time.time() + 300
+    while not os.path.exists(held):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"the run was never held at {at} (exit {proc.returncode}):\n{out}\n{err}")
+        time.sleep(0.01)
+    return proc
+
+
 # ---- the shipped configs, small: the golden test and the runs on object stores ----
 
 POOL_DOCS, TARGET_DOCS = 700, 150

@@ -6,6 +6,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import userstate
 from apache_beam.transforms.timeutil import TimeDomain
 from beamsift.pipeline import beam_costs
+from conftest import TEST_RUNNER
 
 
 class _Plain(beam.DoFn):
@@ -46,7 +47,7 @@ def test_per_class_answers_are_beams_own():
 
 def test_a_stateful_pipeline_still_runs_with_its_state():
     beam_costs.keep_dofn_specs_per_class()
-    with beam.Pipeline() as p:
+    with beam.Pipeline(TEST_RUNNER) as p:
         counts = p | beam.Create([("a", 1), ("a", 2), ("b", 3)]) | beam.ParDo(_Stateful())
         assert_that(counts | beam.combiners.Count.PerKey(), equal_to([("a", 2), ("b", 1)]))
         assert_that(counts | "Max" >> beam.CombinePerKey(max), equal_to([("a", 2), ("b", 1)]), label="max")
@@ -59,10 +60,10 @@ def test_kept_option_views_read_and_write_the_same_values():
     options = PipelineOptions(["--direct_num_workers=3"])
     direct = options.view_as(DirectOptions)
     assert options.view_as(DirectOptions) is direct and direct.direct_num_workers == 3
-    options.view_as(StandardOptions).runner = "DirectRunner"
-    assert options.view_as(StandardOptions).runner == "DirectRunner"
-    assert beam_costs._BEAMS_VIEW_AS(options, StandardOptions).runner == "DirectRunner"  # Beam's own view
-    assert direct.view_as(StandardOptions).runner == "DirectRunner"  # a view of a view
+    options.view_as(StandardOptions).runner = TEST_RUNNER
+    assert options.view_as(StandardOptions).runner == TEST_RUNNER
+    assert beam_costs._BEAMS_VIEW_AS(options, StandardOptions).runner == TEST_RUNNER  # Beam's own view
+    assert direct.view_as(StandardOptions).runner == TEST_RUNNER  # a view of a view
     fresh = PipelineOptions([])
     assert fresh.view_as(DirectOptions) is not direct and fresh.view_as(DirectOptions).direct_num_workers == 1
     with beam.Pipeline(options=options.view_as(StandardOptions).view_as(PipelineOptions)) as p:

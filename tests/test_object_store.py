@@ -5,13 +5,9 @@ leaves the previous result in the bucket as it was. On a real S3 server on loopb
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
-from conftest import ROOT, S3_BUCKET, WORKERS, run_cli, s3_keys
+from conftest import ROOT, S3_BUCKET, WORKERS, run_cli, s3_keys, start_held
 
 IN = f"s3://{S3_BUCKET}/in"
 SMALL_PROXY = ["--set", "proxy.sample=200", "--set", "proxy.epochs=1", "--set", "proxy.vocab_size=300",
@@ -39,31 +35,22 @@ def test_models_trained_into_a_bucket_are_applied_from_it_and_query_reads_the_re
     assert proc.returncode == 2 and proc.stderr.strip() == f"beamsift: error: s3://{S3_BUCKET}/out/none: no such folder"
 
 
-def test_an_interrupted_run_leaves_the_previous_result_in_the_bucket_as_it_was(s3):
+def test_an_interrupted_run_leaves_the_previous_result_in_the_bucket_as_it_was(s3, tmp_path):
     out = f"s3://{S3_BUCKET}/out/interrupted"
     args = ["run", "configs/demo.yaml", "--set", f"input.path={IN}/pool.jsonl", "--set",
             f"target.path={IN}/target.jsonl", "--set", f"output.dir={out}", "--quiet"]  # fmt: skip
     run_cli(*args, "--set", "select.k=30", env=s3["env"])
     before = _objects(s3, "out/interrupted/")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "beamsift.pipeline.cli", *args, "--set", "select.k=40", "--overwrite", "--", *WORKERS],
-        cwd=ROOT,
-        env={**os.environ, **s3["env"]},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    # Interrupted once the new run writes: its staged shards are in its folder beside the old one.
-    deadline = time.time() + 120
-    while not any("beamsift-tmp-" in k and "/_staging/" in k for k in s3_keys(s3, "out/")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
-        time.sleep(0.05)
+    # Held with every file of the new result in the bucket, just before it would be published.
+    held = tmp_path / "held"
+    proc = start_held([*args, "--set", "select.k=40", "--overwrite", "--", *WORKERS], "publish", held, env=s3["env"])
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0, stderr
     assert _objects(s3, "out/interrupted/") == before
     # Its unfinished folder is removed, or kept for the same command to resume after the stages
     # that finished, until `beamsift clean` (which leaves the result as it is).
-    if "kept " in stderr.decode():
+    if "kept " in stderr:
         run_cli("clean", out, env=s3["env"])
     assert [k for k in s3_keys(s3, "out/") if "beamsift-tmp-" in k] == []
     assert _objects(s3, "out/interrupted/") == before
@@ -98,7 +85,7 @@ def test_files_on_a_bucket_share_one_client_per_process(s3, monkeypatch):
     assert len(created) == 1  # 11 file operations, one client (a new region: a new set of options)
 
 
-def test_a_run_interrupted_in_a_bucket_resumes_there_with_the_recorded_result(s3, monkeypatch):
+def test_a_run_interrupted_in_a_bucket_resumes_there_with_the_recorded_result(s3, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
     from beamsift.pipeline.query import connect
     from conftest import TEXT_COLUMNS, assert_same_result, small_overrides
@@ -106,16 +93,10 @@ def test_a_run_interrupted_in_a_bucket_resumes_there_with_the_recorded_result(s3
     out = f"s3://{S3_BUCKET}/out/resumed"
     args = ["run", "configs/demo.yaml", *small_overrides("demo", f"{IN}/pool.jsonl", f"{IN}/target.jsonl", out),
             "--quiet", "--", *WORKERS]  # fmt: skip
-    env = {**os.environ, **s3["env"]}
-    proc = subprocess.Popen([sys.executable, "-m", "beamsift.pipeline.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.time() + 120
-    while not any(k.endswith("/_staging/dsir/_done.pkl") for k in s3_keys(s3, "out/.resumed")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before dsir finished"
-        time.sleep(0.02)
+    proc = start_held(args, "done:dsir", tmp_path / "held", env=s3["env"])
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "the same command resumes after dsir" in stderr.decode()
+    assert proc.returncode == 130 and "the same command resumes after dsir" in stderr
     assert s3_keys(s3, "out/resumed/") == []  # nothing published
 
     again = run_cli(*args, env=s3["env"])

@@ -10,11 +10,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 from beamsift.pipeline import output
-from conftest import ROOT, make_config, run_cli, tree_of, write_jsonl
+from conftest import make_config, run_cli, start_held, tree_of, write_jsonl
 
 
 def _refused(proc, *fragments):
@@ -76,24 +75,14 @@ def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small
     before = tree_of(out)
     tmp = tempfile.mkdtemp()  # the run's temp dir: left as it was found
     for sig, status, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "beamsift.pipeline.cli", "run", str(cfg), "--force", "--quiet"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "TMPDIR": tmp},
-        )
-        # Wait until the new run's last stage has finished (its done mark: the writers start
-        # after it), then interrupt it: well before it publishes, however fast the writers are.
-        deadline = time.time() + 60
-        while time.time() < deadline and not list(tmp_path.glob(".out.beamsift-tmp-*/_staging/select/_done.pkl")):
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
+        # Held with every file of the new result written, just before it would be published.
+        held = tmp_path.parent / f"{tmp_path.name}.held"
+        proc = start_held(["run", str(cfg), "--force", "--quiet"], "publish", held, env={"TMPDIR": tmp})
+        held.unlink()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == status
-        # Its stages had finished (it was writing the selection): they are kept for the same
+        # Its stages had finished (it was about to publish): they are kept for the same
         # command to resume after, in its own folder beside the output, until `beamsift clean`.
         kept = list(tmp_path.glob(".out.beamsift-tmp-*"))
         assert err.strip() == (

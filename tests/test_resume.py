@@ -26,6 +26,7 @@ from conftest import (
     make_config,
     run_cli,
     small_overrides,
+    start_held,
     target_records,
     write_jsonl,
 )
@@ -34,19 +35,9 @@ GOLDEN = ROOT / "tests" / "golden"
 
 
 def _interrupt_once_done(args: list[str], out, stage: str) -> tuple[int, str]:
-    """Run `beamsift ARGS` and interrupt it (SIGINT) as soon as ``stage`` has finished."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "beamsift.pipeline.cli", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    pattern = f".{out.name}{output.TMP_TAG}*/_staging/{stage}/_done.pkl"
-    deadline = time.time() + 300
-    while not list(out.parent.glob(pattern)):
-        assert proc.poll() is None and time.time() < deadline, f"the run ended before {stage} finished"
-        time.sleep(0.005)
+    """Run `beamsift ARGS` and interrupt it (SIGINT) just after ``stage`` has finished."""
+    held = out.parent.parent / f"{out.parent.name}.held"
+    proc = start_held(args, f"done:{stage}", held)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err

@@ -205,7 +205,7 @@ def run_selection(
         pending.create(detached=not (launch == "wait" and is_local_runner(options)))
     write_run_file(staging, fp, stages, resumable=launch == "wait" and is_local_runner(options))
     try:
-        with _progress_channel(progress, options, pool_tasks, cfg["stages"]) as progress_dir:
+        with _progress_channel(progress, options, pool_tasks, cfg["stages"]) as progress_dir, _math_threads(options):
             pipeline = build(progress_dir)
             with _submission_tempdir() if not is_local_runner(options) else contextlib.nullcontext():
                 result = pipeline.run()
@@ -243,6 +243,32 @@ def run_selection(
             )
     _replace_manifest(out, manifest)
     return manifest
+
+
+# The thread pools of numpy's BLAS, OpenMP (scikit-learn's k-means) and MKL, each sized to every
+# core by default in every process.
+MATH_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _math_threads(options: PipelineOptions):
+    """Worker processes of a local runner size their math thread pools to their share of the
+    cores (``worker_threads``), unless the user set them: two workers with a pool of every core
+    each spin 4 threads on 2 cores, and SemDeDup's block products took 1.8x as long (100k documents,
+    2 workers). Each worker reads the variables when it starts (they inherit this process's
+    environment); this process has read them already, and they are restored after the run."""
+    if _local_processes(options) < 2:
+        yield
+        return
+    threads = str(worker_threads(options))
+    previous = {name: os.environ.get(name) for name in MATH_THREAD_VARIABLES}
+    os.environ.update({name: threads for name, value in previous.items() if value is None})
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 @contextlib.contextmanager

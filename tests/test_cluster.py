@@ -10,10 +10,11 @@ import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.featurize import hashed_ngram_features
-from beamsift.transforms.stages.cluster import assign, load_centroids
+from beamsift.transforms.stages.cluster import assign, fit_centroids, load_centroids
 from beamsift.transforms.stages.embed import projection, smooth_idf, tfidf_embeddings
 from conftest import demo_records, make_config, write_jsonl
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 
 def _predict(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -30,6 +31,20 @@ def test_assignment_is_scikit_learns_predict():
     nearest, distance = assign(vectors, centroids)
     np.testing.assert_array_equal(nearest, _predict(centroids, vectors))
     np.testing.assert_allclose(distance, np.linalg.norm(vectors - centroids[nearest], axis=1), rtol=1e-5)
+
+
+def test_the_centroids_do_not_depend_on_the_threads_of_the_machine():
+    """scikit-learn's k-means adds its OpenMP threads' partial sums in the order they finish:
+    fitted on however many threads the machine gives it, the same sample gave other centroids."""
+    rng = np.random.default_rng(0)
+    sample = [(i, 0, v) for i, v in enumerate(rng.normal(size=(3000, 16)).astype(np.float32))]
+    fitted = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            fitted.append(fit_centroids(sample, 16, 0, None))
+            raw = KMeans(n_clusters=16, random_state=0, n_init=3).fit(np.stack([v for _, _, v in sample]))
+        assert np.abs(raw.cluster_centers_ - fitted[-1]).max() < 1e-3  # scikit-learn's k-means, as it was
+    np.testing.assert_array_equal(fitted[0], fitted[1])
 
 
 def test_tfidf_embedding_by_hand():

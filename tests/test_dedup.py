@@ -17,6 +17,8 @@ from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.stages.dedup import (
     ResolvePointers,
+    greedy_near_duplicates,
+    head_width,
     normalise_text,
     normalised_hashes,
     normalised_text_hash,
@@ -47,6 +49,45 @@ def test_blocked_greedy_is_the_greedy():
     one = semdedup_cluster(items, 0.05, block=1)
     assert len(one) > 10
     assert semdedup_cluster(items, 0.05, block=7) == one == semdedup_cluster(items, 0.05, block=1000)
+
+
+def _plain_greedy(unit: np.ndarray, threshold: float):
+    """SemDeDup's greedy as defined: each row against every kept row before it."""
+    kept, dropped, targets = [], [], []
+    for i, row in enumerate(unit):
+        sims = unit[kept] @ row
+        if len(kept) and sims.max() > threshold:
+            dropped.append(i)
+            targets.append(kept[int(np.argmax(sims))])  # the most similar, the earliest on a tie
+        else:
+            kept.append(i)
+    return dropped, targets
+
+
+@pytest.mark.parametrize("shape", ["spread", "leading", "tight"])
+def test_the_bounded_greedy_is_the_plain_greedy(shape):
+    """The block products compare only the pairs whose Cauchy–Schwarz bound on r leading
+    coordinates passes the threshold: the same drops and pointers as every pair compared, for
+    energy spread evenly (a random projection: r about a quarter), held by the leading coordinates
+    (an SVD: r small), and a tight group whose typical cosine is high (r all, or the full product)."""
+    rng = np.random.default_rng(7)
+    dim = 128
+    base = rng.normal(size=(900, dim))
+    if shape == "leading":
+        base /= np.sqrt(np.arange(1, dim + 1))  # energy falls with the coordinate, as an SVD's
+    if shape == "tight":
+        base = 0.35 * base / np.linalg.norm(base, axis=1, keepdims=True) + rng.normal(size=dim)
+    # near-duplicates with cosines from ~0.86 to ~0.98 to their original, either side of 0.9
+    noise = rng.uniform(0.2, 0.6, size=(300, 1)) * np.linalg.norm(base[:300], axis=1, keepdims=True) / np.sqrt(dim)
+    near = base[:300] + noise * rng.normal(size=(300, dim))
+    vectors = np.concatenate([base, near])[rng.permutation(1200)]
+    unit = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    width = head_width(unit, 0.9, 0.1)
+    assert {"spread": 24 <= width <= 64, "leading": width <= 16, "tight": width == dim}[shape], width
+    dropped, targets = greedy_near_duplicates(unit, 0.9)
+    expected = _plain_greedy(unit, 0.9)
+    assert len(expected[0]) > 100
+    assert (dropped.tolist(), targets.tolist()) == expected
 
 
 def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():

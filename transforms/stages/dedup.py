@@ -191,7 +191,7 @@ def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 256)
     only the rows with a cosine above the threshold to some earlier row go through the sequential
     step, since a row with none is kept whatever was dropped before it."""
     n, dim = unit.shape
-    earlier = _KeptRows(n, dim, threshold)
+    earlier = _KeptRows(unit, threshold)
     kept = np.empty(n, np.int64)
     n_kept = 0
     dropped, targets = [], []
@@ -226,30 +226,38 @@ class _KeptRows:
     """The kept rows, and for a block of new rows the most similar kept one of each where the
     cosine exceeds the threshold.
 
-    Half the work of a full product: with x = (x₁, x₂) split into halves, x·y ≤ x₁·y₁ + ‖x₂‖‖y₂‖
-    (Cauchy–Schwarz) ≤ x₁·y₁ + ‖x₂‖·max‖y₂‖ over the kept rows y, so one product over the first
-    halves and a threshold per row bound every cosine; only the pairs over it are computed in
-    full. For unit vectors whose energy is spread over the dimensions, as a random projection's
-    is, x₁·y₁ ~ 0.1 and ‖x₂‖·max‖y₂‖ ~ 0.6 against a threshold of 0.85: almost no pair is. When
-    many are (a block of near-duplicates, or vectors with their energy in the first half), the
-    full product is taken instead. Exact either way: the bound only skips pairs that cannot count."""
+    A fraction of the work of a full product: with x = (x₁, x₂) split after its first r
+    coordinates, x·y ≤ x₁·y₁ + ‖x₂‖‖y₂‖ (Cauchy–Schwarz), which is one product of (x₁, ‖x₂‖) and
+    (y₁, ‖y₂‖): r + 1 columns instead of all of them bound every cosine, and only the pairs whose
+    bound passes the threshold are computed in full. The bound of an unrelated pair is about
+    (1 − e) + c·e, e the energy the first r coordinates hold and c the group's typical cosine, so r
+    is the fewest coordinates that leave it ``MARGIN`` under the threshold (``head_width``): a
+    quarter of a random projection's (energy spread evenly) at ε = 0.15, fewer for an SVD's
+    (energy in its first components). Where many pairs pass anyway (a block of near-duplicates)
+    the full product is taken instead. Exact either way: the bound only skips pairs that cannot
+    count."""
 
     SLACK = 1e-4  # float32 rounding of the bound: a pair within this of the threshold is computed
+    MARGIN = 0.1  # how far under the threshold an unrelated pair's bound should lie
     FULL_PRODUCT_AT = 32  # candidate pairs per row over which the full product is cheaper
 
-    def __init__(self, n: int, dim: int, threshold: float):
-        self.threshold, self.half = threshold, dim // 2
+    def __init__(self, unit: np.ndarray, threshold: float):
+        n, dim = unit.shape
+        self.threshold, self.r = threshold, head_width(unit, threshold, self.MARGIN)
         self.vectors = np.empty((n, dim), np.float32)  # contiguous: no gather per block
-        self.head = np.empty((n, self.half), np.float32)
-        self.max_tail = 0.0  # the largest ‖y₂‖ of a kept row
+        self.bounds = np.empty((n, self.r + 1), np.float32)  # (y₁, ‖y₂‖)
         self.n = 0
+
+    def _bounding(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.r + 1), np.float32)
+        out[:, : self.r] = rows[:, : self.r]
+        out[:, self.r] = np.linalg.norm(rows[:, self.r :], axis=1)
+        return out
 
     def add(self, rows: np.ndarray) -> None:
         end = self.n + len(rows)
         self.vectors[self.n : end] = rows
-        self.head[self.n : end] = rows[:, : self.half]
-        if len(rows):
-            self.max_tail = max(self.max_tail, float(np.linalg.norm(rows[:, self.half :], axis=1).max()))
+        self.bounds[self.n : end] = self._bounding(rows)
         self.n = end
 
     def most_similar(self, rows: np.ndarray):
@@ -259,12 +267,8 @@ class _KeptRows:
         best_sim = np.full(m, -np.inf, np.float32)
         if not self.n:
             return best, best_sim
-        head = rows[:, : self.half] @ self.head[: self.n].T
-        # x₁·y₁ over this, and only then, may x·y exceed the threshold
-        floor = self.threshold - self.SLACK - np.linalg.norm(rows[:, self.half :], axis=1) * self.max_tail
-        hot = np.flatnonzero(head.max(1) > floor)
-        r, k = np.nonzero(head[hot] > floor[hot, None])
-        r = hot[r]
+        bound = self._bounding(rows) @ self.bounds[: self.n].T  # ≥ each cosine
+        r, k = np.divmod(np.flatnonzero(bound > self.threshold - self.SLACK), self.n)
         if len(r) > self.FULL_PRODUCT_AT * m:
             sims = rows @ self.vectors[: self.n].T
             best = sims.argmax(1)
@@ -278,6 +282,23 @@ class _KeptRows:
             first = order[np.r_[True, r[order][1:] != r[order][:-1]]]
             best[r[first]], best_sim[r[first]] = k[first], sims[first]
         return best, best_sim
+
+
+def head_width(unit: np.ndarray, threshold: float, margin: float) -> int:
+    """The fewest leading coordinates r (a multiple of 8) for which the bound x₁·y₁ + ‖x₂‖‖y₂‖ of
+    a typical pair of these unit rows, (1 − e(r)) + ‖x̄₁(r)‖², lies ``margin`` under the
+    threshold: e(r) the mean energy of the first r coordinates, ‖x̄₁(r)‖² the mean product of two
+    rows' first r coordinates. All of them (an exact bound) where no r does."""
+    n, dim = unit.shape
+    if not n:
+        return dim
+    energy = np.cumsum(np.einsum("ij,ij->j", unit, unit, dtype=np.float64)) / n
+    mean = unit.mean(0, dtype=np.float64)
+    together = np.cumsum(mean * mean)
+    fits = np.flatnonzero(1 - energy + together <= threshold - margin)
+    if not len(fits):
+        return dim
+    return min(dim, int(-(-(fits[0] + 1) // 8) * 8))
 
 
 class _ExactKeys:

@@ -292,8 +292,9 @@ def head_width(unit: np.ndarray, threshold: float, margin: float) -> int:
     n, dim = unit.shape
     if not n:
         return dim
-    energy = np.cumsum(np.einsum("ij,ij->j", unit, unit, dtype=np.float64)) / n
-    mean = unit.mean(0, dtype=np.float64)
+    # In the rows' own float32 (an estimate; no float64 copy of the group)
+    energy = np.cumsum(np.einsum("ij,ij->j", unit, unit).astype(np.float64)) / n
+    mean = unit.sum(0).astype(np.float64) / n
     together = np.cumsum(mean * mean)
     fits = np.flatnonzero(1 - energy + together <= threshold - margin)
     if not len(fits):

@@ -198,7 +198,8 @@ def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 256)
     for start in range(0, n, block):
         rows = unit[start : start + block]
         m = len(rows)
-        best_prev, best_prev_sim = earlier.most_similar(rows)
+        bounding = earlier.bounding(rows)
+        best_prev, best_prev_sim = earlier.most_similar(rows, bounding)
         within = rows @ rows.T
         earlier_in_block = np.where(np.tri(m, k=-1, dtype=bool), within, -np.inf)
         candidate = (best_prev_sim > threshold) | (earlier_in_block.max(1, initial=-np.inf) > threshold)
@@ -216,7 +217,7 @@ def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 256)
                 dropped.append(start + i)
                 targets.append(target)
         rows_kept = np.flatnonzero(keep)
-        earlier.add(rows[rows_kept])
+        earlier.add(rows[rows_kept], None if bounding is None else bounding[rows_kept])
         kept[n_kept : n_kept + len(rows_kept)] = rows_kept + start
         n_kept += len(rows_kept)
     return np.asarray(dropped, np.int64), np.asarray(targets, np.int64)
@@ -233,9 +234,9 @@ class _KeptRows:
     (1 − e) + c·e, e the energy the first r coordinates hold and c the group's typical cosine, so r
     is the fewest coordinates that leave it ``MARGIN`` under the threshold (``head_width``): a
     quarter of a random projection's (energy spread evenly) at ε = 0.15, fewer for an SVD's
-    (energy in its first components). Where many pairs pass anyway (a block of near-duplicates)
-    the full product is taken instead. Exact either way: the bound only skips pairs that cannot
-    count."""
+    (energy in its first components). Where many pairs pass anyway (a block of near-duplicates),
+    or r is all of them (a tight group: the bound would be the product itself), the full product
+    is taken instead. Exact either way: the bound only skips pairs that cannot count."""
 
     SLACK = 1e-4  # float32 rounding of the bound: a pair within this of the threshold is computed
     MARGIN = 0.1  # how far under the threshold an unrelated pair's bound should lie
@@ -245,35 +246,39 @@ class _KeptRows:
         n, dim = unit.shape
         self.threshold, self.r = threshold, head_width(unit, threshold, self.MARGIN)
         self.vectors = np.empty((n, dim), np.float32)  # contiguous: no gather per block
-        self.bounds = np.empty((n, self.r + 1), np.float32)  # (y₁, ‖y₂‖)
+        # (y₁, ‖y₂‖) of each kept row; none where r is every coordinate
+        self.bounds = np.empty((n, self.r + 1), np.float32) if self.r < dim else None
         self.n = 0
 
-    def _bounding(self, rows: np.ndarray) -> np.ndarray:
+    def bounding(self, rows: np.ndarray) -> np.ndarray | None:
+        """(x₁, ‖x₂‖) of each row: computed once a block, for its comparison and for the rows it keeps."""
+        if self.bounds is None:
+            return None
         out = np.empty((len(rows), self.r + 1), np.float32)
         out[:, : self.r] = rows[:, : self.r]
         out[:, self.r] = np.linalg.norm(rows[:, self.r :], axis=1)
         return out
 
-    def add(self, rows: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, bounding: np.ndarray | None) -> None:
         end = self.n + len(rows)
         self.vectors[self.n : end] = rows
-        self.bounds[self.n : end] = self._bounding(rows)
+        if self.bounds is not None:
+            self.bounds[self.n : end] = bounding
         self.n = end
 
-    def most_similar(self, rows: np.ndarray):
+    def most_similar(self, rows: np.ndarray, bounding: np.ndarray | None):
         """(index of the most similar kept row, its cosine), -inf where none exceeds the threshold."""
         m = len(rows)
         best = np.zeros(m, np.int64)
         best_sim = np.full(m, -np.inf, np.float32)
         if not self.n:
             return best, best_sim
-        bound = self._bounding(rows) @ self.bounds[: self.n].T  # ≥ each cosine
+        if self.bounds is None:
+            return self._full_product(rows)
+        bound = bounding @ self.bounds[: self.n].T  # ≥ each cosine
         r, k = np.divmod(np.flatnonzero(bound > self.threshold - self.SLACK), self.n)
         if len(r) > self.FULL_PRODUCT_AT * m:
-            sims = rows @ self.vectors[: self.n].T
-            best = sims.argmax(1)
-            best_sim = sims[np.arange(m), best]
-            return best, np.where(best_sim > self.threshold, best_sim, -np.inf).astype(np.float32)
+            return self._full_product(rows)
         sims = np.einsum("ij,ij->i", rows[r], self.vectors[k])
         over = sims > self.threshold
         r, k, sims = r[over], k[over], sims[over]
@@ -282,6 +287,12 @@ class _KeptRows:
             first = order[np.r_[True, r[order][1:] != r[order][:-1]]]
             best[r[first]], best_sim[r[first]] = k[first], sims[first]
         return best, best_sim
+
+    def _full_product(self, rows: np.ndarray):
+        sims = rows @ self.vectors[: self.n].T
+        best = sims.argmax(1)
+        best_sim = sims[np.arange(len(rows)), best]
+        return best, np.where(best_sim > self.threshold, best_sim, -np.inf).astype(np.float32)
 
 
 def head_width(unit: np.ndarray, threshold: float, margin: float) -> int:

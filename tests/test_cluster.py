@@ -59,6 +59,33 @@ def test_tfidf_embedding_by_hand():
     np.testing.assert_allclose(tfidf_embeddings(f, idf, proj), rows / np.linalg.norm(rows, axis=1)[:, None], rtol=1e-5)
 
 
+def test_the_compiled_tfidf_columns_are_scipys_bit_for_bit():
+    # The kernel builds the CSC without scipy's sort; the embedding must not move by a bit, or
+    # every cluster and SemDeDup decision after it could.
+    import scipy.sparse as sp
+    from beamsift.transforms.featurize import NgramFeatures, compiled_kernels
+    from beamsift.transforms.stages.embed import tfidf
+
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(0, 300, 700)
+    lengths[3] = 0  # a document with no n-gram
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    buckets = rng.zipf(1.3, offsets[-1]) % 1000  # repeats within a document, as text has
+    f = NgramFeatures(buckets, offsets, lengths)
+    idf = (1 + rng.random(1000) * 5).astype(np.float32)
+    indptr, rows, counts = compiled_kernels().column_counts_compiled(buckets, offsets, 1000)
+    want = tfidf(f, idf).tocsc()
+    np.testing.assert_array_equal(indptr, want.indptr)
+    np.testing.assert_array_equal(rows, want.indices)
+    plain = sp.csr_matrix((np.ones(len(buckets)), buckets, offsets), shape=(700, 1000)).tocsc()
+    plain.sum_duplicates()
+    np.testing.assert_array_equal(counts, plain.data)
+    proj = projection(1000, 32, 0)
+    rowwise = (want @ proj).astype(np.float32)
+    norms = np.linalg.norm(rowwise, axis=1, keepdims=True)
+    np.testing.assert_array_equal(tfidf_embeddings(f, idf, proj), rowwise / np.where(norms > 0, norms, 1))
+
+
 def test_document_frequencies_by_hand_and_against_a_unique_per_document():
     from beamsift.transforms.featurize import compiled_kernels
 

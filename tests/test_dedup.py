@@ -156,16 +156,27 @@ def test_exact_normalisation_keeps_every_script():
     assert nfkc[0] == nfkc[1]
 
 
-@pytest.mark.parametrize("alphabet", ["ascii", "every kind"])
+@pytest.mark.parametrize("alphabet", ["ascii", "every kind", "normalisation"])
 def test_compiled_normalised_hashes_are_arrows(alphabet):
     # The compiled loop against Arrow's own normalisation and hash_strings of its result, on
     # characters of 1 to 4 bytes, NFKC's cases (decomposed é, full-width forms, ligatures),
-    # Unicode white space and separators, controls, symbols, and texts left empty.
+    # Unicode white space and separators, controls, symbols, and texts left empty. The loop
+    # normalises only the texts that hold a character normalisation may change: "normalisation"
+    # mixes what composes, decomposes or reorders (marks out of order, jamo, Indic vowel signs,
+    # kana and voicing marks, singletons) with 400 code points drawn from every plane.
     kinds = list("aZ_09 .,;-!?\t\n\r\x0b\x0c$^`~")
     if alphabet == "every kind":
         kinds += [*"éÉ\u0301\u093f\u0915\u0e34½²Ⅰªʰ\u3000\xa0\u2003\u2028\u0085日。😀𐐀İΣẞ\x00\x1c\u200bＡ！ﬁ€٠"]
+    if alphabet == "normalisation":
+        kinds += [*"eAa\u0301\u0316\u0327\u0344\u1100\u1161\u11a8\uac00\uac01\u0cc6\u0cc2\u0bc6\u0bbe\u0b47\u0b3e"]
+        kinds += [*"\u304b\u3099\u304c\u00c5\u212b\u2126\u1e0b\u0323\u00b4\u0f71\u0f72\u1e9b\u03d2\u0385\u2019\u201c"]
+        draw = random.Random(11)
+        drawn = (draw.randrange(0x80, draw.choice([0x3000, 0x30000])) for _ in range(400))
+        kinds += [chr(c) for c in drawn if not 0xD800 <= c < 0xE000]
     rng = random.Random(5)
     texts = ["".join(rng.choice(kinds) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
+    if alphabet == "normalisation":  # each case once on its own: reordered marks, composing pairs
+        texts += ["a\u0301\u0316 x", "\u1100\u1161", "\uac00\u11a8", "\u304b\u3099", "\u0cc6\u0cc2", "\u00c5 \u212b"]
     texts += ["", "  ", "...", "Hello,  World!", "e\u0301t\u00e9 ＡＢＣ", "\u00e9t\u00e9 abc"]
     texts = pa.array(texts)
     hashes, lengths = normalised_hashes(texts)

@@ -194,6 +194,26 @@ def normalised_hashes_compiled(data, offsets, lowered, klass):
 
 
 @numba.njit(nogil=True, cache=True)
+def texts_holding_compiled(data, offsets, table):
+    """Whether each text ``data[offsets[i]:offsets[i+1]]`` holds a code point c with ``table[c]``
+    (ASCII bytes are passed over undecoded)."""
+    n_docs = len(offsets) - 1
+    holds = np.zeros(n_docs, dtype=np.bool_)
+    for d in range(n_docs):
+        i = offsets[d]
+        end = offsets[d + 1]
+        while i < end:
+            if data[i] < 0x80:
+                i += 1
+                continue
+            cp, i = _decode(data, i)
+            if table[cp]:
+                holds[d] = True
+                break
+    return holds
+
+
+@numba.njit(nogil=True, cache=True)
 def document_frequencies_compiled(buckets, offsets, running, num_buckets):
     """How many of the documents where ``running`` hold each bucket (at least once): a bucket
     counts for a document the first time it is met there (``last`` remembers where it was)."""
@@ -208,6 +228,45 @@ def document_frequencies_compiled(buckets, offsets, running, num_buckets):
                 last[b] = d
                 df[b] += 1
     return df
+
+
+@numba.njit(nogil=True, cache=True)
+def column_counts_compiled(buckets, offsets, num_buckets):
+    """The documents' bucket counts as the columns of a sparse matrix (CSC): (indptr, rows,
+    counts), each column's rows ascending, what ``scipy.sparse`` makes with ``sum_duplicates``
+    and ``tocsc`` but with no sort: a bucket's first occurrence in a document takes a slot
+    (``last`` remembers where), later ones add to it; then one counting pass places the slots
+    by column, in document order."""
+    slots = len(buckets)
+    last = np.full(num_buckets, -1, dtype=np.int64)
+    slot = np.zeros(num_buckets, dtype=np.int64)
+    rows = np.empty(slots, dtype=np.int64)
+    cols = np.empty(slots, dtype=np.int64)
+    counts = np.empty(slots, dtype=np.float32)
+    k = 0
+    for d in range(len(offsets) - 1):
+        for j in range(offsets[d], offsets[d + 1]):
+            b = buckets[j]
+            if last[b] != d:
+                last[b] = d
+                slot[b] = k
+                rows[k], cols[k], counts[k] = d, b, 1.0
+                k += 1
+            else:
+                counts[slot[b]] += 1.0
+    indptr = np.zeros(num_buckets + 1, dtype=np.int64)
+    for q in range(k):
+        indptr[cols[q] + 1] += 1
+    for c in range(num_buckets):
+        indptr[c + 1] += indptr[c]
+    fill = indptr[:-1].copy()
+    out_rows = np.empty(k, dtype=np.int64)
+    out_counts = np.empty(k, dtype=np.float32)
+    for q in range(k):
+        at = fill[cols[q]]
+        fill[cols[q]] += 1
+        out_rows[at], out_counts[at] = rows[q], counts[q]
+    return indptr, out_rows, out_counts
 
 
 @numba.njit(nogil=True, cache=True)

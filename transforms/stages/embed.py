@@ -64,6 +64,21 @@ def tfidf(features, idf: np.ndarray):
     return counts
 
 
+def _tfidf_columns(features, idf: np.ndarray):
+    """``tfidf(features, idf).tocsc()``, the same matrix (the same entries in the same order),
+    from the compiled kernels where they are loaded: one pass and no sort (0.07 -> 0.02 s a
+    4,096-document shard; scipy sorts each row's buckets to sum the duplicates)."""
+    kernels = compiled_kernels()
+    if kernels is None:
+        return tfidf(features, idf).tocsc()
+    import scipy.sparse as sp
+
+    indptr, rows, counts = kernels.column_counts_compiled(features.buckets, features.offsets, len(idf))
+    buckets = np.repeat(np.arange(len(idf)), np.diff(indptr))
+    weights = (1 + np.log(counts)) * idf[buckets]
+    return sp.csc_matrix((weights, rows, indptr), shape=(len(features.offsets) - 1, len(idf)))
+
+
 def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray) -> np.ndarray:
     """Documents' hashed n-grams -> L2-normalised, reduced TF-IDF vectors (n, dim); ``proj`` is
     (num_buckets, dim): a random projection or the SVD's components, transposed."""
@@ -77,7 +92,7 @@ def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray) -> np.ndarray:
         # for the caches) is loaded once for every document of the block that holds its bucket,
         # not once per document; each output still adds its terms in bucket order, so the
         # vectors are the row-wise product's bit for bit (1.6x faster, measured per shard).
-        out[lo:hi] = tfidf(part, idf).tocsc() @ proj
+        out[lo:hi] = _tfidf_columns(part, idf) @ proj
 
     # scipy's sparse product runs on one core and lets go of the GIL: the rows are split over
     # threads (measured on 2 cores: 0.20 -> 0.11 s a 4,096-document shard; the same numbers).

@@ -94,6 +94,15 @@ def read_staging_batch(path: str, index: int) -> pa.RecordBatch:
     return batch
 
 
+def read_staging_rows(path: str, rows: np.ndarray) -> pa.RecordBatch:
+    """Some rows of a staging file of one record batch: on a local disk (memory-mapped) only
+    their pages are touched, and only their bytes are counted as read."""
+    with _open(path) as source:
+        batch = pa.ipc.open_file(source).get_batch(0).take(pa.array(rows))
+    _counted(path, pa.Table.from_batches([batch]))
+    return batch
+
+
 def read_id_hashes(path: str) -> np.ndarray:
     """A staged shard's id hashes (the key of every seeded draw)."""
     return np.asarray(read_staging(path, [ID_HASH]).column(0).combine_chunks(), np.uint64)

@@ -39,7 +39,13 @@ from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
-from beamsift.transforms.chain.staging import read_orders, read_staging, read_staging_batch, write_staging
+from beamsift.transforms.chain.staging import (
+    read_orders,
+    read_staging,
+    read_staging_batch,
+    read_staging_rows,
+    write_staging,
+)
 from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.featurize import code_points_at, compiled_kernels, hash_strings, kernel_text, string_bytes
 from beamsift.transforms.io.schema import ORDER, TEXT, one_array
@@ -487,7 +493,8 @@ def _members(refs) -> tuple:
     batch, shard) references."""
     distance, orders, ids, vectors, shards = [], [], [], [], []
     for path, index, shard in refs:
-        batch = read_staging_batch(path, index)
+        # A batch of the group's own, or the rows of the shard's one table that are in the group
+        batch = read_staging_batch(path, index) if isinstance(index, int) else read_staging_rows(path, index)
         n = batch.num_rows
         column = batch.column("vector")
         dim = column.type.byte_width // 2
@@ -538,16 +545,24 @@ class _ClusterMembers(beam.DoFn):
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
         groups = self._groups(shard, rows, clusters, probe, splits)
-        # The members go through staging, one record batch per group: the shuffle carries only
-        # (path, batch) references, so that a local runner, which holds a shuffle in memory, never
-        # holds every document's vector (1 KB each, twice with probes).
+        # The members go through staging: the shuffle carries only references, so that a local
+        # runner, which holds a shuffle in memory, never holds every document's vector (1 KB each,
+        # in up to four groups). On a local disk the shard's members are written once and a
+        # reference names its rows (a group reads just those pages of the memory-mapped file);
+        # on an object store, where a read is a download, each group gets a record batch of its
+        # own (its bytes alone are fetched), at the cost of writing a vector once per group.
         by_group: dict = {}
         for i, keys in enumerate(groups):
             for key in keys:
                 by_group.setdefault(key, []).append(i)
         order = sorted(by_group)
-        batches = [_member_batch(rows[by_group[key]], distance, orders, ids, vectors16) for key in order]
         path = self.chain.path(self.stage + MEMBERS_TABLE, shard.name)
+        if FileSystems.get_filesystem(path).scheme() is None:
+            write_staging(pa.Table.from_batches([_member_batch(rows, distance, orders, ids, vectors16)]), path)
+            for key in order:
+                yield key, (path, np.asarray(by_group[key], np.int32), shard.name)
+            return
+        batches = [_member_batch(rows[by_group[key]], distance, orders, ids, vectors16) for key in order]
         write_staging(pa.Table.from_batches(batches), path)
         for index, key in enumerate(order):
             yield key, (path, index, shard.name)

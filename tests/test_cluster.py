@@ -59,9 +59,9 @@ def test_tfidf_embedding_by_hand():
     np.testing.assert_allclose(tfidf_embeddings(f, idf, proj), rows / np.linalg.norm(rows, axis=1)[:, None], rtol=1e-5)
 
 
-def test_the_compiled_tfidf_columns_are_scipys_bit_for_bit():
-    # The kernel builds the CSC without scipy's sort; the embedding must not move by a bit, or
-    # every cluster and SemDeDup decision after it could.
+def test_the_tfidf_embedding_is_the_plain_product_bit_for_bit():
+    # The kernel builds the CSC without scipy's sort and the product goes tile by tile; the
+    # embedding must not move by a bit, or every cluster and SemDeDup decision after it could.
     import scipy.sparse as sp
     from beamsift.transforms.featurize import NgramFeatures, compiled_kernels
     from beamsift.transforms.stages.embed import tfidf
@@ -80,7 +80,7 @@ def test_the_compiled_tfidf_columns_are_scipys_bit_for_bit():
     plain = sp.csr_matrix((np.ones(len(buckets)), buckets, offsets), shape=(700, 1000)).tocsc()
     plain.sum_duplicates()
     np.testing.assert_array_equal(counts, plain.data)
-    proj = projection(1000, 32, 0)
+    proj = projection(1000, 80, 0)  # tiles of 32 columns: two whole, one part
     rowwise = (want @ proj).astype(np.float32)
     norms = np.linalg.norm(rowwise, axis=1, keepdims=True)
     np.testing.assert_array_equal(tfidf_embeddings(f, idf, proj), rowwise / np.where(norms > 0, norms, 1))

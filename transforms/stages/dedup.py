@@ -56,6 +56,7 @@ from beamsift.transforms.stages.embed import (
     embeddings,
     features_of,
     projection,
+    projection_tiles,
     smooth_idf,
     tfidf_embeddings,
 )
@@ -525,7 +526,8 @@ class _ClusterMembers(beam.DoFn):
             return embeddings(self.chain, shard.name)
         if self._proj is None:
             self._proj = projection(*self.tfidf)
-        return tfidf_embeddings(features_of(shard), smooth_idf(frequencies), self._proj)
+            self._tiles = projection_tiles(self._proj)
+        return tfidf_embeddings(features_of(shard), smooth_idf(frequencies), self._proj, self._tiles)
 
     def process(self, item, exact_done, splits, frequencies=None):
         shard, running = self.chain.running(self.stage, item)

@@ -36,6 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
@@ -473,8 +476,8 @@ def parts_of(vectors: np.ndarray, cluster: int, splits: dict, planes, probes: in
     return part, part ^ (1 << np.argmin(np.abs(margins), axis=1))
 
 
-def _member_batch(rows, distance, orders, ids, vectors16) -> pa.RecordBatch:
-    """The members of one group from one shard: what SemDeDup compares them by."""
+def _member_batch(rows, distance, orders, ids, vectors16, shard: str) -> pa.RecordBatch:
+    """The members from one shard: what SemDeDup compares them by, and where each comes from."""
     vectors = np.ascontiguousarray(vectors16[rows])
     width = vectors.shape[1] * vectors.itemsize
     return pa.record_batch(
@@ -485,16 +488,17 @@ def _member_batch(rows, distance, orders, ids, vectors16) -> pa.RecordBatch:
             "vector": pa.FixedSizeBinaryArray.from_buffers(
                 pa.binary(width), len(rows), [None, pa.py_buffer(vectors.tobytes())]
             ),
+            "shard": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), np.int32)), pa.array([shard])),
         }
     )
 
 
 def _members(refs) -> tuple:
     """A group's (distance, order, id, vector, shard) arrays (ids and shards lists) from its (path,
-    batch, shard) references."""
+    batch or rows) references."""
     distance, orders, ids, vectors, shards = [], [], [], [], []
-    for path, index, shard in refs:
-        # A batch of the group's own, or the rows of the shard's one table that are in the group
+    for path, index in refs:
+        # A batch of the group's own, or the rows of a file's one batch that are in the group
         batch = read_staging_batch(path, index) if isinstance(index, int) else read_staging_rows(path, index)
         n = batch.num_rows
         column = batch.column("vector")
@@ -504,7 +508,7 @@ def _members(refs) -> tuple:
         distance.append(batch.column("distance").to_numpy())
         orders.append(batch.column(ORDER).to_numpy())
         ids += batch.column("id").to_pylist()
-        shards += [shard] * n
+        shards += batch.column("shard").to_pylist()
     if not refs:
         return np.zeros(0), np.zeros(0, np.int64), [], np.zeros((0, 1), np.float16), []
     return np.concatenate(distance), np.concatenate(orders), ids, np.concatenate(vectors), shards
@@ -513,13 +517,25 @@ def _members(refs) -> tuple:
 class _ClusterMembers(beam.DoFn):
     """A shard -> ((cluster, part), document) for each document in the running and each group it
     is compared in: its own cluster and, with ``probes`` 2, the next nearest (in a split
-    cluster: its part and the part across the nearest hyperplane)."""
+    cluster: its part and the part across the nearest hyperplane).
+
+    The members go through staging: the shuffle carries only references, so that a local runner,
+    which holds a shuffle in memory, never holds every document's vector (1 KB each, in up to
+    four groups). The shards of a bundle are written together, ``FILE_DOCS`` documents a file, so
+    that a group reads a few files rather than one per shard (each read costs ~0.3 ms before its
+    first byte: 62,000 of them at 1M documents). On a local disk a file holds each member once
+    and a reference names its rows (a group touches just those pages of the memory-mapped file);
+    on an object store, where a read is a download, each group gets a record batch of its own (its
+    bytes alone are fetched), at the cost of writing a vector once per group it is in."""
+
+    FILE_DOCS = 32768  # documents held before their members are written (~35 MB)
 
     def __init__(self, stage, chain, probes: int = 2, tfidf: tuple | None = None, seed: int = 0):
         self.stage, self.chain, self.probes = stage, chain, probes
         self.tfidf = tfidf  # (num_buckets, dim, seed): compare on projected TF-IDF, not the embedding
         self.seed = seed
         self._proj = None
+        self._pending = []
 
     def _vectors(self, shard, frequencies):
         if self.tfidf is None:
@@ -528,6 +544,9 @@ class _ClusterMembers(beam.DoFn):
             self._proj = projection(*self.tfidf)
             self._tiles = projection_tiles(self._proj)
         return tfidf_embeddings(features_of(shard), smooth_idf(frequencies), self._proj, self._tiles)
+
+    def start_bundle(self):
+        self._pending = []  # [(shard name, its members' batch, {group: rows of the batch})]
 
     def process(self, item, exact_done, splits, frequencies=None):
         shard, running = self.chain.running(self.stage, item)
@@ -546,28 +565,44 @@ class _ClusterMembers(beam.DoFn):
         # move by ~1e-3, far inside ε; the greedy computes in float32.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
-        groups = self._groups(shard, rows, clusters, probe, splits)
-        # The members go through staging: the shuffle carries only references, so that a local
-        # runner, which holds a shuffle in memory, never holds every document's vector (1 KB each,
-        # in up to four groups). On a local disk the shard's members are written once and a
-        # reference names its rows (a group reads just those pages of the memory-mapped file);
-        # on an object store, where a read is a download, each group gets a record batch of its
-        # own (its bytes alone are fetched), at the cost of writing a vector once per group.
         by_group: dict = {}
-        for i, keys in enumerate(groups):
+        for i, keys in enumerate(self._groups(shard, rows, clusters, probe, splits)):
             for key in keys:
                 by_group.setdefault(key, []).append(i)
-        order = sorted(by_group)
-        path = self.chain.path(self.stage + MEMBERS_TABLE, shard.name)
-        if FileSystems.get_filesystem(path).scheme() is None:
-            write_staging(pa.Table.from_batches([_member_batch(rows, distance, orders, ids, vectors16)]), path)
-            for key in order:
-                yield key, (path, np.asarray(by_group[key], np.int32), shard.name)
+        batch = _member_batch(rows, distance, orders, ids, vectors16, shard.name)
+        self._pending.append((shard.name, batch, by_group))
+        if sum(b.num_rows for _, b, _ in self._pending) >= self.FILE_DOCS:
+            yield from self._write()
+
+    def finish_bundle(self):
+        for key, ref in self._write():
+            yield WindowedValue((key, ref), MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _write(self):
+        """The pending shards' members in one file -> (group, reference) of each group in it."""
+        if not self._pending:
             return
-        batches = [_member_batch(rows[by_group[key]], distance, orders, ids, vectors16) for key in order]
-        write_staging(pa.Table.from_batches(batches), path)
+        pending, self._pending = self._pending, []
+        path = self.chain.path(self.stage + MEMBERS_TABLE, pending[0][0])
+        members = pa.Table.from_batches([b for _, b, _ in pending]).combine_chunks()
+        rows: dict = {}
+        start = 0
+        for _, batch, by_group in pending:
+            for key, at in by_group.items():
+                rows.setdefault(key, []).append(np.asarray(at, np.int64) + start)
+            start += batch.num_rows
+        order = sorted(rows)
+        rows = {key: np.concatenate(rows[key]) for key in order}
+        if FileSystems.get_filesystem(path).scheme() is None:
+            write_staging(members, path)
+            for key in order:
+                yield key, (path, rows[key].astype(np.int32))
+            return
+        write_staging(
+            pa.Table.from_batches([members.take(rows[key]).combine_chunks().to_batches()[0] for key in order]), path
+        )
         for index, key in enumerate(order):
-            yield key, (path, index, shard.name)
+            yield key, (path, index)
 
     def _groups(self, shard, rows, clusters, probe, splits) -> list:
         """For each row, the (cluster, part) keys it is compared in, each once."""

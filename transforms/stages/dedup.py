@@ -507,11 +507,22 @@ def _members(refs) -> tuple:
         vectors.append(block.reshape(n, dim))
         distance.append(batch.column("distance").to_numpy())
         orders.append(batch.column(ORDER).to_numpy())
-        ids += batch.column("id").to_pylist()
-        shards += batch.column("shard").to_pylist()
+        ids.append(batch.column("id"))
+        shards.append(batch.column("shard"))
     if not refs:
         return np.zeros(0), np.zeros(0, np.int64), [], np.zeros((0, 1), np.float16), []
-    return np.concatenate(distance), np.concatenate(orders), ids, np.concatenate(vectors), shards
+    return np.concatenate(distance), np.concatenate(orders), _Values(ids), np.concatenate(vectors), _Values(shards)
+
+
+class _Values:
+    """A string column of a group, read one value at a time: only the kept and dropped documents'
+    are asked for (a few percent), so the rest never become Python strings (~1 us each)."""
+
+    def __init__(self, arrays: list):
+        self.array = pa.concat_arrays(arrays)
+
+    def __getitem__(self, row) -> str:
+        return self.array[int(row)].as_py()
 
 
 class _ClusterMembers(beam.DoFn):

@@ -576,10 +576,7 @@ class _ClusterMembers(beam.DoFn):
         # move by ~1e-3, far inside ε; the greedy computes in float32.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
-        by_group: dict = {}
-        for i, keys in enumerate(self._groups(shard, rows, clusters, probe, splits)):
-            for key in keys:
-                by_group.setdefault(key, []).append(i)
+        by_group = self._groups(shard, rows, clusters, probe, splits)
         batch = _member_batch(rows, distance, orders, ids, vectors16, shard.name)
         self._pending.append((shard.name, batch, by_group))
         if sum(b.num_rows for _, b, _ in self._pending) >= self.FILE_DOCS:
@@ -615,23 +612,28 @@ class _ClusterMembers(beam.DoFn):
         for index, key in enumerate(order):
             yield key, (path, index)
 
-    def _groups(self, shard, rows, clusters, probe, splits) -> list:
-        """For each row, the (cluster, part) keys it is compared in, each once."""
+    def _groups(self, shard, rows, clusters, probe, splits) -> dict:
+        """{(cluster, part): the indices into ``rows`` of its members, ascending}, each row in a
+        group once."""
         space = planes = None
         if splits:
             space = embeddings(self.chain, shard.name)[rows].astype(np.float64)
             planes = _hyperplanes(space.shape[1], max(b for b, _ in splits.values()), self.seed)
-        keys = [[] for _ in rows]
+        members = []  # (cluster, part, index) columns
         owners = [clusters[rows]] + ([probe[rows]] if probe is not None else [])
         for owner in owners:
             for c in np.unique(owner[~np.isnan(owner)]).astype(np.int64).tolist():
                 at = np.flatnonzero(owner == c)
                 part, across = parts_of(space[at] if space is not None else at, c, splits, planes, self.probes)
-                for j, p, q in zip(at.tolist(), part.tolist(), across.tolist()):
-                    for key in ((c, p), (c, q)) if q >= 0 else ((c, p),):
-                        if key not in keys[j]:
-                            keys[j].append(key)
-        return keys
+                two = across >= 0
+                members.append(np.stack([np.full(len(at), c), part, at], 1))
+                members.append(np.stack([np.full(int(two.sum()), c), across[two], at[two]], 1))
+        if not members:
+            return {}
+        members = np.unique(np.concatenate(members), axis=0)  # sorted by group, then index
+        starts = np.flatnonzero(np.r_[True, np.any(members[1:, :2] != members[:-1, :2], axis=1)])
+        ends = np.r_[starts[1:], len(members)]
+        return {(int(members[a, 0]), int(members[a, 1])): members[a:b, 2] for a, b in zip(starts, ends)}
 
 
 # ---- the dropped documents, joined back to their shards -------------------------------------

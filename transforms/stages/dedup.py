@@ -508,10 +508,12 @@ def _members(refs) -> tuple:
         distance.append(batch.column("distance").to_numpy())
         orders.append(batch.column(ORDER).to_numpy())
         ids.append(batch.column("id"))
-        shards.append(batch.column("shard"))
+        shard = batch.column("shard")  # a dictionary of a few names: one Python string each
+        shards.append(np.asarray(shard.dictionary.to_pylist(), object)[shard.indices.to_numpy()])
     if not refs:
         return np.zeros(0), np.zeros(0, np.int64), [], np.zeros((0, 1), np.float16), []
-    return np.concatenate(distance), np.concatenate(orders), _Values(ids), np.concatenate(vectors), _Values(shards)
+    vectors, shards = np.concatenate(vectors), np.concatenate(shards)
+    return np.concatenate(distance), np.concatenate(orders), _Values(ids), vectors, shards
 
 
 class _Values:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -105,6 +106,10 @@ def run_cli(*args: str, check: bool = True, cwd=ROOT, env: dict | None = None) -
     return proc
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_held(args: list[str], at: str, held, env: dict | None = None) -> subprocess.Popen:
     """Start `beamsift ARGS` held at ``at`` by tests/hold/sitecustomize.py ("done:<stage>": just
     after that stage's done mark; "publish": just before the result is published), and return it
@@ -113,6 +118,9 @@ def start_held(args: list[str], at: str, held, env: dict | None = None) -> subpr
     hook = os.pathsep.join(p for p in (str(ROOT / "tests" / "hold"), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "beamsift.pipeline.cli", *args],
+        # As from a terminal: a suite started in the background (`cmd &`, nohup) has SIGINT
+        # ignored, which its children inherit, and beamsift keeps an ignored SIGINT ignored.
+        preexec_fn=_sigint_as_from_a_terminal,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

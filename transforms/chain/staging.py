@@ -103,6 +103,18 @@ def read_staging_rows(path: str, rows: np.ndarray) -> pa.RecordBatch:
     return batch
 
 
+def read_staging_list(path: str, index: int) -> np.ndarray:
+    """The ``index``-th list of a staging file whose one column is a list of integers (an
+    index of rows): only that list's bytes are read."""
+    with _open(path) as source:
+        column = pa.ipc.open_file(source).get_batch(0).column(0)
+        start, stop = column.offsets[index].as_py(), column.offsets[index + 1].as_py()
+        values = column.values.slice(start, stop - start)
+        rows = np.array(values, copy=True)
+    _counted(path, pa.table({"rows": values}))
+    return rows
+
+
 def read_id_hashes(path: str) -> np.ndarray:
     """A staged shard's id hashes (the key of every seeded draw)."""
     return np.asarray(read_staging(path, [ID_HASH]).column(0).combine_chunks(), np.uint64)

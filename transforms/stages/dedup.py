@@ -46,6 +46,7 @@ from beamsift.transforms.chain.staging import (
     read_orders,
     read_staging,
     read_staging_batch,
+    read_staging_list,
     read_staging_rows,
     write_staging,
 )
@@ -412,6 +413,7 @@ def _exact_drops(kv):
 
 SPLIT_STREAM = 0x5D117  # the hyperplanes that split a large cluster
 MEMBERS_TABLE = ".members"  # _staging/<stage>.members/<shard>.arrow: a batch per group it is in
+ROWS_INDEX = ".rows"  # _staging/<stage>.members.rows/<shard>.arrow: on local disk, each group's rows
 EXACT_TABLE = ".exact"  # _staging/<stage>.exact/<shard>.arrow: the shard's exact duplicates
 DROPPED_TABLE = ".dropped"  # _staging/<stage>.dropped/<shard>.arrow: all its dropped documents
 POINTER_ROUNDS = 5  # pointer jumping: chains of up to 2**5 links end at a kept document
@@ -497,9 +499,12 @@ def _members(refs) -> tuple:
     """A group's (distance, order, id, vector, shard) arrays (ids and shards lists) from its (path,
     batch or rows) references."""
     distance, orders, ids, vectors, shards = [], [], [], [], []
-    for path, index in refs:
+    for path, index, index_path in refs:
         # A batch of the group's own, or the rows of a file's one batch that are in the group
-        batch = read_staging_batch(path, index) if isinstance(index, int) else read_staging_rows(path, index)
+        if index_path is None:
+            batch = read_staging_batch(path, index)
+        else:
+            batch = read_staging_rows(path, read_staging_list(index_path, index))
         n = batch.num_rows
         column = batch.column("vector")
         dim = column.type.byte_width // 2
@@ -537,7 +542,8 @@ class _ClusterMembers(beam.DoFn):
     four groups). The shards of a bundle are written together, ``FILE_DOCS`` documents a file, so
     that a group reads a few files rather than one per shard (each read costs ~0.3 ms before its
     first byte: 62,000 of them at 1M documents). On a local disk a file holds each member once
-    and a reference names its rows (a group touches just those pages of the memory-mapped file);
+    and a file beside it lists each group's rows (a group touches just those pages of the
+    memory-mapped file, and a reference is a few bytes, however large the group);
     on an object store, where a read is a download, each group gets a record batch of its own (its
     bytes alone are fetched), at the cost of writing a vector once per group it is in."""
 
@@ -604,15 +610,22 @@ class _ClusterMembers(beam.DoFn):
         order = sorted(rows)
         rows = {key: np.concatenate(rows[key]) for key in order}
         if FileSystems.get_filesystem(path).scheme() is None:
+            # The rows of each group go to a file beside the members, so the shuffle carries a
+            # few bytes a group and file, not 4 a membership (a local runner holds all of it).
+            index_path = self.chain.path(self.stage + MEMBERS_TABLE + ROWS_INDEX, pending[0][0])
+            counts = np.array([len(rows[key]) for key in order], np.int32)
+            offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+            values = pa.array(np.concatenate([rows[key] for key in order]).astype(np.int32))
+            write_staging(pa.table({"rows": pa.ListArray.from_arrays(offsets, values)}), index_path)
             write_staging(members, path)
-            for key in order:
-                yield key, (path, rows[key].astype(np.int32))
+            for index, key in enumerate(order):
+                yield key, (path, index, index_path)
             return
         write_staging(
             pa.Table.from_batches([members.take(rows[key]).combine_chunks().to_batches()[0] for key in order]), path
         )
         for index, key in enumerate(order):
-            yield key, (path, index)
+            yield key, (path, index, None)
 
     def _groups(self, shard, rows, clusters, probe, splits) -> dict:
         """{(cluster, part): the indices into ``rows`` of its members, ascending}, each row in a

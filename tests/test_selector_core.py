@@ -12,9 +12,12 @@ from apache_beam.testing.util import assert_that, equal_to
 from beamsift.transforms.chain import START, Chain, MarkDuplicateIds, StageShard
 from beamsift.transforms.chain.duplicate_ids import (
     DOCS_PER_PARTITION,
+    FILTER_BITS,
     DuplicateIds,
     FindDuplicateIds,
     FirstOccurrences,
+    RepeatedHashes,
+    at_repeated,
     join_shards,
     partitions_for,
 )
@@ -108,17 +111,46 @@ def _as_given(keys):
     return keys
 
 
+def _hashes_only(keys):
+    return keys[0]
+
+
+def _at(*positions):  # a 64-bit hash at a filter position (its top FILTER_BITS bits), low bits 1
+    return np.array([(p << (64 - FILTER_BITS)) | 1 for p in positions], np.uint64)
+
+
+def test_repeated_hashes_marks_the_positions_hit_twice_across_inputs_and_merges():
+    # Position 5 twice in one input, 7 in two inputs, 9 and 2**24 - 1 once each: 5 and 7 are
+    # marked, whether the inputs meet in one accumulator or in two merged.
+    fn = RepeatedHashes()
+    inputs = [_at(5, 5, 9), _at(7), _at(7, (1 << FILTER_BITS) - 1)]
+    one = fn.create_accumulator()
+    for h in inputs:
+        one = fn.add_input(one, h)
+    a = fn.add_input(fn.create_accumulator(), inputs[0])
+    b = fn.add_input(fn.add_input(fn.create_accumulator(), inputs[1]), inputs[2])
+    for acc in (one, fn.merge_accumulators([fn.create_accumulator(), a, b])):
+        repeated = fn.extract_output(acc)
+        marked = [p for p in (5, 7, 9, (1 << FILTER_BITS) - 1, 6) if at_repeated(_at(p), repeated)[0]]
+        assert marked == [5, 7]
+    assert not fn.extract_output(fn.create_accumulator()).any()
+
+
+@pytest.mark.parametrize("filtered", [False, True])
 @pytest.mark.parametrize("documents", [10, 40 * DOCS_PER_PARTITION])
-def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(documents):
+def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(documents, filtered):
     # 3 shards of 400 keys drawn from 300 values: every key after its first (by order) loses to
-    # it, with the first's payload; 1 partition for 10 documents, 40 for 40 x 65,536.
+    # it, with the first's payload; 1 partition for 10 documents, 40 for 40 x 65,536. Filtered:
+    # only keys at repeated positions are shuffled (here plus 2,000 keys that occur once).
     assert partitions_for(documents) == (1 if documents == 10 else 40)
     rng = np.random.default_rng(5)
     values = rng.integers(0, 2**63, 300, dtype=np.int64)
     parts = []
     for i in range(3):
         hashes = values[rng.integers(0, 300, 400)]
-        orders = np.arange(i * 1000, i * 1000 + 400, dtype=np.int64)
+        if i == 2:
+            hashes = np.concatenate([hashes, rng.integers(0, 2**63, 2000, dtype=np.int64)])
+        orders = np.arange(i * 10000, i * 10000 + len(hashes), dtype=np.int64)
         parts.append((hashes, orders, f"s{i}", np.array([f"p{o}" for o in orders], object)))
     first: dict = {}
     expected: dict = {}
@@ -133,7 +165,7 @@ def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(docum
         out = (
             p
             | beam.Create(parts)
-            | FirstOccurrences(count, _as_given)
+            | FirstOccurrences(count, _as_given, _hashes_only if filtered else None)
             | beam.FlatMapTuple(lambda shard, lost: [(shard, o, w, k) for o, w, k in zip(*lost)])
         )
         assert_that(out, equal_to([(shard, *t) for shard, ts in expected.items() for t in ts]))

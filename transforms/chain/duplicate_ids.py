@@ -5,7 +5,9 @@ wins does not depend on how the input was split among workers. Ids are compared 
 hash; the work is spread over hash partitions (``FirstOccurrences``, also what finds texts that
 repeat for the dedup stage) so that no worker sees every id, and the repeats
 found go back to the shard that holds them by a keyed join: no worker ever holds the list of
-every duplicate (it grows with the corpus), only its own shard's.
+every duplicate (it grows with the corpus), only its own shard's. Before that shuffle a fixed-size
+filter (``RepeatedHashes``: a 2 MB bitmap of the hash positions hit twice) lets only the keys that
+may repeat through, so that what is shuffled follows the repeats, not the corpus.
 """
 
 from __future__ import annotations
@@ -59,8 +61,12 @@ class PartitionKeys(beam.DoFn):
     def __init__(self, keys_of):
         self.keys_of = keys_of
 
-    def process(self, item, documents):
+    def process(self, item, documents, repeated=None):
         hashes, orders, shard, payload = self.keys_of(item)
+        if repeated is not None:  # only keys that may repeat go through the shuffle
+            rows = np.flatnonzero(at_repeated(hashes, repeated))
+            hashes, orders = hashes[rows], orders[rows]
+            payload = None if payload is None else payload[rows]
         if not len(hashes):
             return
         part = (hashes.view(np.uint64) % np.uint64(partitions_for(documents))).astype(np.int64)
@@ -69,6 +75,68 @@ class PartitionKeys(beam.DoFn):
         starts = np.flatnonzero(sorted_part[1:] != sorted_part[:-1]) + 1
         for rows in np.split(by_part, starts):
             yield int(part[rows[0]]), (hashes[rows], orders[rows], shard, None if payload is None else payload[rows])
+
+
+FILTER_BITS = 24  # positions of the filter of repeated hashes: two 2 MB bitmaps, whatever the corpus
+
+
+def _positions(hashes: np.ndarray) -> np.ndarray:
+    return (np.asarray(hashes).view(np.uint64) >> np.uint64(64 - FILTER_BITS)).astype(np.int64)
+
+
+def _bits(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return positions >> 6, np.left_shift(np.uint64(1), (positions & 63).astype(np.uint64))
+
+
+def at_repeated(hashes: np.ndarray, repeated: np.ndarray) -> np.ndarray:
+    """True for each hash whose filter position ``RepeatedHashes`` marked: every hash that
+    occurs twice or more, and the few that only share a position with another."""
+    words, bits = _bits(_positions(hashes))
+    return (repeated[words] & bits) != 0
+
+
+class RepeatedHashes(beam.CombineFn):
+    """Arrays of 64-bit hashes -> a bitmap (uint64 words) over 2**FILTER_BITS positions, a
+    hash's top bits, with the positions hit by two hashes or more set. A hash that repeats has its
+    position set, so only the hashes there need the shuffle that finds first occurrences: at a
+    million distinct keys ~6% share a position by chance, and the bitmap is 2 MB at any size,
+    where the shuffle of every key grows with the corpus (and a local runner holds it in memory)."""
+
+    def create_accumulator(self):
+        return None  # (positions hit, positions hit twice), made on the first input
+
+    def add_input(self, acc, hashes):
+        if not len(hashes):
+            return acc
+        once, twice = acc if acc is not None else _empty_bitmaps()
+        positions, counts = np.unique(_positions(hashes), return_counts=True)
+        words, bits = _bits(positions)
+        hit = ((once[words] & bits) != 0) | (counts > 1)
+        np.bitwise_or.at(twice, words[hit], bits[hit])
+        np.bitwise_or.at(once, words, bits)
+        return once, twice
+
+    def merge_accumulators(self, accs):
+        merged = None
+        for acc in accs:
+            if acc is None:
+                continue
+            if merged is None:
+                merged = (acc[0].copy(), acc[1].copy())
+                continue
+            once, twice = merged
+            twice |= acc[1]
+            twice |= once & acc[0]
+            once |= acc[0]
+        return merged
+
+    def extract_output(self, acc):
+        return _empty_bitmaps()[1] if acc is None else acc[1]
+
+
+def _empty_bitmaps() -> tuple[np.ndarray, np.ndarray]:
+    words = 1 << (FILTER_BITS - 6)
+    return np.zeros(words, np.uint64), np.zeros(words, np.uint64)
 
 
 class _FirstOccurrence(beam.CombineFn):
@@ -113,16 +181,21 @@ class FirstOccurrences(beam.PTransform):
     ``keys_of(element)`` -> (hashes, orders, shard name, payload or None) of an element's rows
     (a shard's, or some of them). Spread over hash partitions, as many as ``documents`` (a
     singleton side input: all the rows there can be) needs: no worker sees every key, none more
-    than ~65k at once."""
+    than ~65k at once. With ``hashes_of(element)`` (its hashes alone, in a pass of their own
+    before ``keys_of``) only the keys that may repeat (``RepeatedHashes``) are shuffled."""
 
-    def __init__(self, documents, keys_of):
+    def __init__(self, documents, keys_of, hashes_of=None):
         super().__init__()
-        self.documents, self.keys_of = documents, keys_of
+        self.documents, self.keys_of, self.hashes_of = documents, keys_of, hashes_of
 
     def expand(self, items):
+        side = []
+        if self.hashes_of is not None:
+            hashes = items | "HashesOf" >> beam.Map(self.hashes_of)
+            side = [beam.pvalue.AsSingleton(hashes | "RepeatedHashes" >> beam.CombineGlobally(RepeatedHashes()))]
         return (
             items
-            | "Partition" >> beam.ParDo(PartitionKeys(self.keys_of), self.documents)
+            | "Partition" >> beam.ParDo(PartitionKeys(self.keys_of), self.documents, *side)
             | "FirstPerPartition" >> beam.CombinePerKey(_FirstOccurrence())
             | "LosersByShard" >> beam.FlatMap(lambda kv: kv[1])
         )
@@ -142,6 +215,10 @@ def _id_keys(ref: ShardRef):
     return hashes, np.asarray(table.column(ORDER).combine_chunks(), np.int64), ref.name, None
 
 
+def _id_hashes(ref: ShardRef) -> np.ndarray:
+    return np.asarray(read_staging(ref.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+
+
 class FindDuplicateIds(beam.PTransform):
     """PCollection[ShardRef] -> (shard name, DuplicateIds of that shard), for the shards that
     hold a repeated id only."""
@@ -152,7 +229,7 @@ class FindDuplicateIds(beam.PTransform):
         )
         return (
             refs
-            | "FirstOccurrences" >> FirstOccurrences(documents, _id_keys)
+            | "FirstOccurrences" >> FirstOccurrences(documents, _id_keys, _id_hashes)
             | "GroupByShard" >> beam.GroupByKey()
             | "SortRepeats" >> beam.MapTuple(lambda name, parts: (name, _merge_duplicates(list(parts))))
         )

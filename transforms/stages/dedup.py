@@ -365,20 +365,29 @@ def head_width(unit: np.ndarray, threshold: float, margin: float) -> int:
 
 class _ExactKeys:
     """A shard -> (hashes of its normalised texts, orders, shard, ids) of its documents in the
-    running that have any text left after normalising."""
+    running that have any text left after normalising. ``hashes`` (the first pass, for the filter
+    of repeated hashes) computes them and stages them beside the shard; the call reads them back."""
 
     def __init__(self, stage, chain):
         self.stage, self.chain = stage, chain
 
-    def __call__(self, item):
+    def hashes(self, item) -> np.ndarray:
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id", TEXT])
         hashes, lengths = normalised_hashes(table.column(TEXT))
-        orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
         # A text with nothing left after normalising (only symbols or punctuation) repeats nothing.
-        rows = np.flatnonzero(running & (lengths > 0))
-        ids = table.column("id").take(pa.array(rows)).to_pylist()
-        return hashes[rows], orders[rows], shard.name, np.asarray([str(i) for i in ids], object)
+        rows = pa.array(np.flatnonzero(running & (lengths > 0)))
+        keys = {"hash": pa.array(hashes).take(rows), ORDER: table.column(ORDER).take(rows)}
+        keys["id"] = table.column("id").take(rows)
+        write_staging(pa.table(keys).cast(_KEYS_SCHEMA), self.chain.path(self.stage + KEYS_TABLE, shard.name))
+        return np.asarray(keys["hash"], np.uint64)
+
+    def __call__(self, item):
+        shard = shard_of(item)
+        keys = read_staging(self.chain.path(self.stage + KEYS_TABLE, shard.name))
+        ids = keys.column("id").combine_chunks().to_numpy(zero_copy_only=False)
+        hashes = np.asarray(keys.column("hash").combine_chunks(), np.uint64)
+        return hashes, np.asarray(keys.column(ORDER).combine_chunks(), np.int64), shard.name, ids
 
 
 def _semdedup_group(kv, epsilon: float, stage: str, max_group: int) -> list:
@@ -413,6 +422,8 @@ def _exact_drops(kv):
 
 SPLIT_STREAM = 0x5D117  # the hyperplanes that split a large cluster
 MEMBERS_TABLE = ".members"  # _staging/<stage>.members/<shard>.arrow: a batch per group it is in
+KEYS_TABLE = ".keys"  # _staging/<stage>.keys/<shard>.arrow: its texts' hashes, orders and ids
+_KEYS_SCHEMA = pa.schema([("hash", pa.uint64()), (ORDER, pa.int64()), ("id", pa.string())])
 ROWS_INDEX = ".rows"  # _staging/<stage>.members.rows/<shard>.arrow: on local disk, each group's rows
 EXACT_TABLE = ".exact"  # _staging/<stage>.exact/<shard>.arrow: the shard's exact duplicates
 DROPPED_TABLE = ".dropped"  # _staging/<stage>.dropped/<shard>.arrow: all its dropped documents
@@ -780,9 +791,10 @@ class DeduplicateDocuments(beam.PTransform):
             | "Documents" >> beam.Map(lambda item: shard_of(item).num_rows)
             | "CountDocuments" >> beam.CombineGlobally(sum)
         )
+        keys = _ExactKeys(self.name, self.chain)
         exact = (
             shards
-            | "ExactDuplicateTexts" >> FirstOccurrences(documents, _ExactKeys(self.name, self.chain))
+            | "ExactDuplicateTexts" >> FirstOccurrences(documents, keys, keys.hashes)
             | "ExactDuplicates" >> beam.FlatMap(_exact_drops)
         )
         exact_done = beam.pvalue.AsSingleton(

@@ -378,7 +378,10 @@ class _ExactKeys:
         # A text with nothing left after normalising (only symbols or punctuation) repeats nothing.
         rows = pa.array(np.flatnonzero(running & (lengths > 0)))
         keys = {"hash": pa.array(hashes).take(rows), ORDER: table.column(ORDER).take(rows)}
-        keys["id"] = table.column("id").take(rows)
+        ids = table.column("id").take(rows)
+        if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type) or pa.types.is_integer(ids.type)):
+            ids = pa.array([str(i) for i in ids.to_pylist()], pa.string())  # as str() writes it, as elsewhere
+        keys["id"] = ids
         write_staging(pa.table(keys).cast(_KEYS_SCHEMA), self.chain.path(self.stage + KEYS_TABLE, shard.name))
         return np.asarray(keys["hash"], np.uint64)
 
@@ -421,7 +424,7 @@ def _exact_drops(kv):
 # ---- bounded groups: a cluster larger than dedup.max_group is compared in parts ----------------
 
 SPLIT_STREAM = 0x5D117  # the hyperplanes that split a large cluster
-MEMBERS_TABLE = ".members"  # _staging/<stage>.members/<shard>.arrow: a batch per group it is in
+MEMBERS_TABLE = ".members"  # _staging/<stage>.members/<shard>.arrow: a bundle's members (see _ClusterMembers)
 KEYS_TABLE = ".keys"  # _staging/<stage>.keys/<shard>.arrow: its texts' hashes, orders and ids
 _KEYS_SCHEMA = pa.schema([("hash", pa.uint64()), (ORDER, pa.int64()), ("id", pa.string())])
 ROWS_INDEX = ".rows"  # _staging/<stage>.members.rows/<shard>.arrow: on local disk, each group's rows
@@ -508,7 +511,8 @@ def _member_batch(rows, distance, orders, ids, vectors16, shard: str) -> pa.Reco
 
 def _members(refs) -> tuple:
     """A group's (distance, order, id, vector, shard) arrays (ids and shards lists) from its (path,
-    batch or rows) references."""
+    index, index path) references: the index-th batch of the file, or (with an index path) the rows
+    that the index file's index-th list names."""
     distance, orders, ids, vectors, shards = [], [], [], [], []
     for path, index, index_path in refs:
         # A batch of the group's own, or the rows of a file's one batch that are in the group

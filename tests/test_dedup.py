@@ -90,7 +90,8 @@ def test_the_bounded_greedy_is_the_plain_greedy(shape):
     assert (dropped.tolist(), targets.tolist()) == expected
 
 
-def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():
+@pytest.mark.parametrize("documents", [None, 3 * (1 << 16)])
+def test_a_pointer_at_a_document_dropped_elsewhere_is_followed(documents):
     # c was kept in its own cluster and dropped b there; in the next cluster c was dropped for a.
     # b must point at a (kept), never at c (dropped). d was dropped in two clusters: the pointer
     # to the earlier document (a, distance 0.1) wins over the one to e (0.5). A chain of three
@@ -118,7 +119,10 @@ def test_a_pointer_at_a_document_dropped_elsewhere_is_followed():
         (22, "s2", "a", near, (0.1, 1)),
     ]
     with TestPipeline(runner=TEST_RUNNER) as p:
-        resolved = p | beam.Create(records) | ResolvePointers()
+        # None: one partition; 3 x 65,536 documents: 3 hash partitions of the orders, so that
+        # links cross partitions (3 -> 1, 10 -> 3, 20 -> 21 -> 22 -> 1)
+        count = None if documents is None else beam.pvalue.AsSingleton(p | "Count" >> beam.Create([documents]))
+        resolved = p | beam.Create(records) | ResolvePointers(count)
         assert_that(resolved, equal_to(expected))
 
 

@@ -40,7 +40,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
-from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
+from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.staging import (
     read_orders,
@@ -669,18 +669,73 @@ class _ClusterMembers(beam.DoFn):
 # ---- the dropped documents, joined back to their shards -------------------------------------
 
 
-def _first_pointer(kv):
-    """A document dropped in several groups points at the kept one that comes first."""
-    return min(kv[1], key=lambda d: d[4])
+def _drop_arrays(records) -> dict:
+    """Drop records (order, shard, kept id, reason, (kept distance, kept order)) as columns."""
+    records = list(records)
+    return {
+        "order": np.array([d[0] for d in records], np.int64),
+        "shard": np.array([d[1] for d in records], object),
+        "kept_id": np.array([d[2] for d in records], object),
+        "reason": np.array([d[3] for d in records], object),
+        "distance": np.array([d[4][0] for d in records], np.float64),
+        "kept_order": np.array([d[4][1] for d in records], np.int64),
+    }
 
 
-def _follow(kv):
-    """One round of pointer jumping: a record that points at a dropped document points on at
-    what that one points at (its reason stays)."""
+def _rows(drops: dict, rows) -> dict:
+    return {k: v[rows] for k, v in drops.items()}
+
+
+def _concat(parts: list) -> dict:
+    if not parts:
+        return _drop_arrays([])
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _by_partition(drops: dict, column: str, partitions: int):
+    """Drop columns -> (partition of ``column``, the rows in it) for each partition with rows."""
+    part = drops[column] % partitions
+    for p in np.unique(part).tolist():
+        yield p, _rows(drops, np.flatnonzero(part == p))
+
+
+def _first_pointers(kv) -> tuple:
+    """(partition, drop records) -> (partition, columns) with one row per document: a document
+    dropped in several groups points at the kept one that comes first (kept distance, then kept
+    order; the reason breaks what is left)."""
+    part, drops = kv[0], _drop_arrays(kv[1])
+    by = np.lexsort((drops["reason"].astype(str), drops["kept_order"], drops["distance"], drops["order"]))
+    first = by[np.r_[True, drops["order"][by][1:] != drops["order"][by][:-1]]] if len(by) else by
+    return part, _rows(drops, first)
+
+
+def _follow(kv, partitions: int):
+    """One round of pointer jumping in one partition of targets: a row that points at a dropped
+    document points on at what that one points at (its reason stays)."""
     _, g = kv
-    target = list(g["dropped"])
-    for d in g["pointing"]:
-        yield (d[0], d[1], target[0][2], d[3], target[0][4]) if target else d
+    dropped = _concat(list(g["dropped"]))
+    dropped = _rows(dropped, np.argsort(dropped["order"], kind="stable"))  # one row a document
+    for drops in g["pointing"]:
+        drops = dict(drops)
+        pos = np.minimum(np.searchsorted(dropped["order"], drops["kept_order"]), max(len(dropped["order"]) - 1, 0))
+        hit = np.flatnonzero(dropped["order"][pos] == drops["kept_order"]) if len(dropped["order"]) else pos[:0]
+        for column in ("kept_id", "distance", "kept_order"):
+            drops[column] = drops[column].copy()
+            drops[column][hit] = dropped[column][pos[hit]]
+        yield from _by_partition(drops, "order", partitions)
+
+
+def _records(kv):
+    """(partition, columns) -> its drop records, one per document."""
+    d = kv[1]
+    for i in range(len(d["order"])):
+        yield (
+            int(d["order"][i]),
+            d["shard"][i],
+            d["kept_id"][i],
+            d["reason"][i],
+            (float(d["distance"][i]), int(d["kept_order"][i])),
+        )
 
 
 class ResolvePointers(beam.PTransform):
@@ -689,25 +744,37 @@ class ResolvePointers(beam.PTransform):
 
     A document kept in one group can be dropped in another; who pointed at it points on, to what
     it points at (always an earlier document, so the chain ends at a kept one). Keyed joins on
-    the documents' orders, never a list of every drop in one place."""
+    hash partitions of the documents' orders (~65k documents each, from ``documents``, a
+    singleton side input), each a few arrays, never a list of every drop in one place."""
+
+    def __init__(self, documents=None):
+        super().__init__()
+        self.documents = documents
 
     def expand(self, drops):
+        documents = (
+            self.documents
+            if self.documents is not None
+            else beam.pvalue.AsSingleton(drops.pipeline | "NoCount" >> beam.Create([0]))
+        )
         drops = (
             drops
-            | "ByDocument" >> beam.Map(lambda d: (d[0], d))
-            | "PerDocument" >> beam.GroupByKey()
-            | "FirstPointer" >> beam.Map(_first_pointer)
+            | "ByPartition" >> beam.Map(lambda d, n: (d[0] % partitions_for(n), d), documents)
+            | "PerPartition" >> beam.GroupByKey()
+            | "FirstPointer" >> beam.Map(_first_pointers)
         )
         for i in range(POINTER_ROUNDS):
             drops = (
                 {
-                    "pointing": drops | f"ByTarget{i}" >> beam.Map(lambda d: (d[4][1], d)),
-                    "dropped": drops | f"ByOrder{i}" >> beam.Map(lambda d: (d[0], d)),
+                    "pointing": drops
+                    | f"ByTarget{i}"
+                    >> beam.FlatMap(lambda kv, n: _by_partition(kv[1], "kept_order", partitions_for(n)), documents),
+                    "dropped": drops,  # keyed by the partition of their own order
                 }
                 | f"JoinTargets{i}" >> beam.CoGroupByKey()
-                | f"Follow{i}" >> beam.FlatMap(_follow)
+                | f"Follow{i}" >> beam.FlatMap(lambda kv, n: _follow(kv, partitions_for(n)), documents)
             )
-        return drops
+        return drops | "Records" >> beam.FlatMap(_records)
 
 
 class _WriteDrops(beam.DoFn):
@@ -820,7 +887,7 @@ class DeduplicateDocuments(beam.PTransform):
             | "GroupByCluster" >> beam.GroupByKey()
             | "SemDeDup" >> beam.FlatMap(_semdedup_group, self.epsilon, self.name, self.max_group)
         )
-        dropped = (exact, near) | "AllDropped" >> beam.Flatten() | "Resolve" >> ResolvePointers()
+        dropped = (exact, near) | "AllDropped" >> beam.Flatten() | "Resolve" >> ResolvePointers(documents)
         written = beam.pvalue.AsSingleton(
             write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped"), default_value=0
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain.staging import ShardRef, read_staging
+from beamsift.transforms.chain.staging import ShardRef, read_id_hashes, read_staging
 from beamsift.transforms.io.schema import ID_HASH, ORDER
 
 
@@ -216,7 +216,7 @@ def _id_keys(ref: ShardRef):
 
 
 def _id_hashes(ref: ShardRef) -> np.ndarray:
-    return np.asarray(read_staging(ref.path, [ID_HASH]).column(0).combine_chunks(), np.uint64)
+    return read_id_hashes(ref.path)
 
 
 class FindDuplicateIds(beam.PTransform):

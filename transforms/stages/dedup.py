@@ -196,9 +196,14 @@ class Dropped:
     reasons: list
 
     def lookup(self, orders: np.ndarray):
-        pos = np.minimum(np.searchsorted(self.orders, orders), max(len(self.orders) - 1, 0))
-        hit = (self.orders[pos] == orders) if len(self.orders) else np.zeros(len(orders), bool)
-        return hit, pos
+        return find_sorted(self.orders, orders)
+
+
+def find_sorted(sorted_orders: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each of ``orders`` is in ``sorted_orders``, its position there where it is)."""
+    pos = np.minimum(np.searchsorted(sorted_orders, orders), max(len(sorted_orders) - 1, 0))
+    hit = (sorted_orders[pos] == orders) if len(sorted_orders) else np.zeros(len(orders), bool)
+    return hit, pos
 
 
 NONE_DROPPED = Dropped(np.zeros(0, np.int64), [], [])
@@ -717,8 +722,7 @@ def _follow(kv, partitions: int):
     dropped = _rows(dropped, np.argsort(dropped["order"], kind="stable"))  # one row a document
     for drops in g["pointing"]:
         drops = dict(drops)
-        pos = np.minimum(np.searchsorted(dropped["order"], drops["kept_order"]), max(len(dropped["order"]) - 1, 0))
-        hit = np.flatnonzero(dropped["order"][pos] == drops["kept_order"]) if len(dropped["order"]) else pos[:0]
+        hit, pos = find_sorted(dropped["order"], drops["kept_order"])
         for column in ("kept_id", "distance", "kept_order"):
             drops[column] = drops[column].copy()
             drops[column][hit] = dropped[column][pos[hit]]
@@ -728,14 +732,11 @@ def _follow(kv, partitions: int):
 def _records(kv):
     """(partition, columns) -> its drop records, one per document."""
     d = kv[1]
-    for i in range(len(d["order"])):
-        yield (
-            int(d["order"][i]),
-            d["shard"][i],
-            d["kept_id"][i],
-            d["reason"][i],
-            (float(d["distance"][i]), int(d["kept_order"][i])),
-        )
+    numbers = (d["order"].tolist(), d["distance"].tolist(), d["kept_order"].tolist())
+    for order, shard, kept_id, reason, distance, kept_order in zip(
+        numbers[0], d["shard"], d["kept_id"], d["reason"], numbers[1], numbers[2]
+    ):
+        yield order, shard, kept_id, reason, (distance, kept_order)
 
 
 class ResolvePointers(beam.PTransform):

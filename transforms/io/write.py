@@ -108,10 +108,11 @@ class WriteSelectionShards(MeteredDoFn):
         scored = scored.append_column("selected", pa.array(selected))
         scored = scored.append_column("reason", pa.array(np.where(duplicate, None, reasons), pa.string()))
 
-        # Select the score columns first: filtering then never copies the text.
+        # The columns first, then the rows: filtering never copies what is not written (the
+        # text for scores/; for selected/ the staged n-gram buckets, ~1.5 KB a document: when
+        # most are kept, 3x the time of the rest of the write)
         scores_out = conform(scored, fields, score_fields(self.chain)).filter(pa.array(~duplicate))
-        chosen = scored.filter(pa.array(selected))
-        selected_out = conform(chosen, fields, selected_fields(self.chain))
+        selected_out = conform(scored, fields, selected_fields(self.chain)).filter(pa.array(selected))
         selected_out = with_text_named(selected_out, output_column(self.text_field))
         # The text is in selected/ only: scores/ stays small enough to scan for re-selection.
         write_parquet(scores_out, FileSystems.join(self.output_dir, "scores", shard.name + ".parquet"))

@@ -17,8 +17,10 @@ from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.stages.dedup import (
     ResolvePointers,
+    compare_members,
     greedy_near_duplicates,
     head_width,
+    id_strings,
     normalise_text,
     normalised_hashes,
     normalised_text_hash,
@@ -88,6 +90,36 @@ def test_the_bounded_greedy_is_the_plain_greedy(shape):
     expected = _plain_greedy(unit, 0.9)
     assert len(expected[0]) > 100
     assert (dropped.tolist(), targets.tolist()) == expected
+
+
+def test_a_group_in_half_precision_is_compared_as_its_unit_rows_in_order():
+    # compare_members takes a group as the members files hold it (half precision, in no order)
+    # and scales each row as its block comes up: the same drops and pointers as the plain greedy
+    # over the whole group scaled first, in order (distance, then order), mapped back to rows.
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(700, 64))
+    near = base[:200] + 0.15 * rng.normal(size=(200, 64))
+    vectors = np.concatenate([base, near]).astype(np.float16)
+    distance = rng.choice([0.1, 0.2, 0.3], size=len(vectors))  # ties: order decides
+    orders = rng.permutation(len(vectors)) + 1000
+    ids = [f"d{o}" for o in orders]
+    sequence = np.lexsort((orders, distance))
+    unit = vectors[sequence].astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1)[:, None]
+    dropped, targets = _plain_greedy(unit, 0.9)
+    expected = [
+        (int(sequence[d]), ids[sequence[t]], (float(distance[sequence[t]]), int(orders[sequence[t]])))
+        for d, t in zip(dropped, targets)
+    ]
+    assert len(expected) > 100
+    assert compare_members(distance, orders, ids, vectors, 0.1, block=64) == expected
+
+
+def test_ids_become_strings_as_str_writes_them():
+    assert id_strings(pa.array(["a", "b"])).to_pylist() == ["a", "b"]
+    assert id_strings(pa.chunked_array([[1, -20], [3]])).to_pylist() == ["1", "-20", "3"]
+    assert id_strings(pa.array([1.5, 2.0])).to_pylist() == ["1.5", "2.0"]
+    assert id_strings(pa.array([True])).to_pylist() == ["True"]
 
 
 @pytest.mark.parametrize("documents", [None, 3 * (1 << 16)])

@@ -31,6 +31,7 @@ import time
 import uuid
 
 from apache_beam.io.filesystems import FileSystems
+from beamsift.transforms.chain.staging import write_in_pieces
 
 MANIFEST = "manifest.json"
 MARKER = "_beamsift_output"
@@ -304,13 +305,13 @@ def write_whole(path: str, data: bytes) -> None:
     is atomic as it is."""
     if not is_local(path):
         with FileSystems.create(path) as f:
-            f.write(data)
+            write_in_pieces(f, data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write_in_pieces(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3,13 +3,16 @@ who starts in the running (Beam's TestPipeline and assert_that: the contract of 
 
 from __future__ import annotations
 
+import io
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from beamsift.transforms.chain import START, Chain, MarkDuplicateIds, StageShard
+from beamsift.transforms.chain import START, Chain, MarkDuplicateIds, StageShard, staging
 from beamsift.transforms.chain.duplicate_ids import (
     DOCS_PER_PARTITION,
     FILTER_BITS,
@@ -200,3 +203,42 @@ def test_a_sample_offered_under_the_bound_is_the_n_smallest_keys_of_all(tmp_path
     with BeamPipeline(runner=TEST_RUNNER) as p:
         sample = p | beam.Create(shards) | SampleRunning("fit", chain, 100, 7, 0x51, _payload_rows)
         assert_that(sample, equal_to([sorted(every)[:100]]))
+
+
+class _ShortWrites(io.RawIOBase):
+    """A file that takes at most 7 bytes a write, as a raw file may."""
+
+    def __init__(self):
+        super().__init__()
+        self.data, self.sizes = bytearray(), []
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        piece = bytes(memoryview(data)[:7])
+        self.data += piece
+        self.sizes.append(len(memoryview(data)))
+        return len(piece)
+
+
+def test_staging_files_are_written_in_pieces_and_read_back_whole(tmp_path, monkeypatch):
+    # Each write gets at most WRITE_PIECE bytes (a large write() fills the page cache with
+    # large folios, slow where free memory goes back to the host), and a short write goes on
+    # where it stopped: every byte lands once, in order.
+    monkeypatch.setattr(staging, "WRITE_PIECE", 1000)
+    data = bytes(range(256)) * 10
+    short = _ShortWrites()
+    staging.write_in_pieces(short, data)
+    assert bytes(short.data) == data
+    assert max(short.sizes) == 1000 and len(short.sizes) > len(data) // 7
+    # Staging (Arrow IPC) and Parquet shards of a table of ~80 KB, 1,000 bytes a write
+    table = pa.table({"v": np.arange(10_000, dtype=np.int64), "s": [f"doc {i}" for i in range(10_000)]})
+    writes = []
+    real = staging.write_in_pieces
+    monkeypatch.setattr(staging, "write_in_pieces", lambda f, d: (writes.append(memoryview(d).nbytes), real(f, d)))
+    write_staging(table, str(tmp_path / "shard.arrow"))
+    staging.write_parquet(table, str(tmp_path / "shard.parquet"))
+    assert staging.read_staging(str(tmp_path / "shard.arrow")).equals(table)
+    assert pq.read_table(tmp_path / "shard.parquet").equals(table)
+    assert sum(writes) >= (tmp_path / "shard.arrow").stat().st_size + (tmp_path / "shard.parquet").stat().st_size

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from beamsift.pipeline.output import MANIFEST
 from beamsift.pipeline.query import arrow_filesystem, whole_number
+from beamsift.transforms.chain.staging import PieceWriter
 
 EXPORT_MARKER = "beamsift_export.json"  # what the export holds and where it came from
 SELECTED = "selected"
@@ -246,7 +247,7 @@ def to_hf(out_dir: str, dest: str, columns=None, overwrite: bool = False) -> dic
             # Written batch by batch into an Arrow file of the temporary cache, never held whole.
             arrow_path = os.path.join(cache, "selected.arrow")
             rows = 0
-            with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            with pa.PythonFile(PieceWriter(arrow_path), mode="w") as sink, pa.ipc.new_stream(sink, schema) as writer:
                 for batch in batches:
                     writer.write_batch(batch)
                     rows += batch.num_rows

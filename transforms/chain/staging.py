@@ -72,7 +72,7 @@ def write_in_pieces(f, data) -> None:
             piece = piece[len(piece) if written is None else written :]
 
 
-class _PieceWriter(io.RawIOBase):
+class PieceWriter(io.RawIOBase):
     """A local file that Arrow's writers write to in ``WRITE_PIECE`` pieces (``pa.PythonFile``)."""
 
     def __init__(self, path: str):
@@ -115,7 +115,7 @@ def write_staging(table: pa.Table, path: str) -> None:
         # a reader that has the shard memory-mapped (``_open``).
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with (
-            pa.PythonFile(_PieceWriter(tmp), mode="w") as sink,
+            pa.PythonFile(PieceWriter(tmp), mode="w") as sink,
             pa.ipc.new_file(sink, table.schema, options=options) as writer,
         ):
             writer.write_table(table)

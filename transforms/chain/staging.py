@@ -54,10 +54,10 @@ def shard_name(table: pa.Table) -> str:
 
 # Files are written in pieces of this size, never in one large write(): Linux (6.x) fills the page
 # cache of a large write with large folios, and where the machine's free memory is handed back to
-# its host (a VM with free page reporting: virtio-balloon, as on this project's 2-core VM and cloud
-# workers) each fresh large folio waits on the host: 8 MB writes went at 110-160 MB/s, in pieces
-# of 64-512 KB at 3.5-5 GB/s (1 MB pieces: 300 MB/s). A staged 4,096-document shard of a 1M run
-# then costs ~2 ms to write instead of ~55.
+# its host (a VM with free page reporting: virtio-balloon, as on this project's 2-core VM) each
+# fresh large folio waits on the host: 8 MB writes went at 110-160 MB/s once ~1 GB had been
+# written, in pieces of 64-512 KB at 3.5-5 GB/s (1 MB pieces: 300 MB/s). A shard's 8 MB of
+# embeddings then costs ~2 ms to write instead of ~55; elsewhere pieces cost a few syscalls.
 WRITE_PIECE = 256 << 10
 
 

@@ -402,9 +402,11 @@ class _ExactKeys:
     def hashes(self, item) -> np.ndarray:
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id", TEXT])
+        if not running.all():  # only the texts in the running are normalised and hashed
+            table = table.take(pa.array(np.flatnonzero(running)))
         hashes, lengths = normalised_hashes(table.column(TEXT))
         # A text with nothing left after normalising (only symbols or punctuation) repeats nothing.
-        rows = pa.array(np.flatnonzero(running & (lengths > 0)))
+        rows = pa.array(np.flatnonzero(lengths > 0))
         keys = {"hash": pa.array(hashes).take(rows), ORDER: table.column(ORDER).take(rows)}
         keys["id"] = id_strings(table.column("id").take(rows))
         write_staging(pa.table(keys).cast(_KEYS_SCHEMA), self.chain.path(self.stage + KEYS_TABLE, shard.name))
@@ -518,8 +520,9 @@ def parts_of(vectors: np.ndarray, cluster: int, splits: dict, planes, probes: in
 
 
 def _member_batch(rows, distance, orders, ids, vectors16, shard: str) -> pa.RecordBatch:
-    """The members from one shard: what SemDeDup compares them by, and where each comes from."""
-    vectors = np.ascontiguousarray(vectors16[rows])
+    """The members from one shard (``vectors16``: theirs alone, the others' columns whole): what
+    SemDeDup compares them by, and where each comes from."""
+    vectors = np.ascontiguousarray(vectors16)
     width = vectors.shape[1] * vectors.itemsize
     return pa.record_batch(
         {
@@ -596,13 +599,14 @@ class _ClusterMembers(beam.DoFn):
         self._proj = None
         self._pending = []
 
-    def _vectors(self, shard, frequencies):
+    def _vectors(self, shard, rows, frequencies):
+        """The vectors compared, of the documents at ``rows`` (those compared: no others computed)."""
         if self.tfidf is None:
-            return embeddings(self.chain, shard.name)
+            return embeddings(self.chain, shard.name)[rows]
         if self._proj is None:
             self._proj = projection(*self.tfidf)
             self._tiles = projection_tiles(self._proj)
-        return tfidf_embeddings(features_of(shard), smooth_idf(frequencies), self._proj, self._tiles)
+        return tfidf_embeddings(features_of(shard, rows), smooth_idf(frequencies), self._proj, self._tiles)
 
     def start_bundle(self):
         self._pending = []  # [(shard name, its members' batch, {group: rows of the batch})]
@@ -617,7 +621,7 @@ class _ClusterMembers(beam.DoFn):
             return
         clusters = self.chain.column("cluster", shard.name)
         distance = self.chain.column("cluster_distance", shard.name)
-        vectors = self._vectors(shard, frequencies)
+        vectors = self._vectors(shard, rows, frequencies)
         ids = table.column("id")
         probe = self.chain.column(NEXT_CLUSTER, shard.name) if self.probes > 1 else None
         # Half precision through the shuffle (the runner may hold it all): unit vectors' cosines

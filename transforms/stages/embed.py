@@ -122,9 +122,11 @@ def tfidf_embeddings(features, idf: np.ndarray, proj: np.ndarray, tiles: tuple |
     return out / np.where(norms > 0, norms, 1)
 
 
-def features_of(shard):
-    """The staged hashed n-grams of a shard's documents."""
+def features_of(shard, rows: np.ndarray | None = None):
+    """The staged hashed n-grams of a shard's documents (of those at ``rows`` only, in that order)."""
     table = read_staging(shard.path, [N_TOKENS, BUCKETS])
+    if rows is not None and len(rows) < table.num_rows:
+        table = table.take(pa.array(rows))
     return features_from_arrow(table.column(BUCKETS), np.asarray(table.column(N_TOKENS).combine_chunks()))
 
 
@@ -177,8 +179,15 @@ class EmbedShard(ShardStageFn):
         running = running_mask(reasons)
         if self._tiles[0] is not proj:  # held, so that its id is never another's
             self._tiles = (proj, projection_tiles(proj))
-        vectors = tfidf_embeddings(features_of(shard), idf, proj, self._tiles[1])
-        vectors[~running] = 0
+        # Only the documents in the running are embedded (after a filter, a fraction of the
+        # shard); each row is the same whichever others are computed with it.
+        rows = np.flatnonzero(running)
+        if len(rows) == len(running):
+            vectors = tfidf_embeddings(features_of(shard), idf, proj, self._tiles[1])
+        else:
+            vectors = np.zeros((len(running), proj.shape[1]), np.float32)
+            if len(rows):
+                vectors[rows] = tfidf_embeddings(features_of(shard, rows), idf, proj, self._tiles[1])
         flat = pa.array(vectors.reshape(-1), pa.float32())
         return {EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, proj.shape[1])}, reasons
 

@@ -17,6 +17,8 @@ from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.stages.dedup import (
     ResolvePointers,
+    bfloat16_bits,
+    bfloat16_products,
     compare_members,
     greedy_near_duplicates,
     head_width,
@@ -66,12 +68,17 @@ def _plain_greedy(unit: np.ndarray, threshold: float):
     return dropped, targets
 
 
+@pytest.mark.parametrize("low_precision", [False, True], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", ["spread", "leading", "tight"])
-def test_the_bounded_greedy_is_the_plain_greedy(shape):
+def test_the_bounded_greedy_is_the_plain_greedy(shape, low_precision):
     """The block products compare only the pairs whose Cauchy–Schwarz bound on r leading
     coordinates passes the threshold: the same drops and pointers as every pair compared, for
     energy spread evenly (a random projection: r about a quarter), held by the leading coordinates
-    (an SVD: r small), and a tight group whose typical cosine is high (r all, or the full product)."""
+    (an SVD: r small), and a tight group whose typical cosine is high (r all, or the full product).
+    The same with the bound's product in bfloat16 (its cut lowered for the rounding), where the
+    CPU has it."""
+    if low_precision and not bfloat16_products():
+        pytest.skip("this CPU has no bfloat16 matrix products")
     rng = np.random.default_rng(7)
     dim = 128
     base = rng.normal(size=(900, dim))
@@ -86,10 +93,20 @@ def test_the_bounded_greedy_is_the_plain_greedy(shape):
     unit = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     width = head_width(unit, 0.9, 0.1)
     assert {"spread": 24 <= width <= 64, "leading": width <= 16, "tight": width == dim}[shape], width
-    dropped, targets = greedy_near_duplicates(unit, 0.9)
+    dropped, targets = greedy_near_duplicates(unit, 0.9, low_precision=low_precision)
     expected = _plain_greedy(unit, 0.9)
     assert len(expected[0]) > 100
     assert (dropped.tolist(), targets.tolist()) == expected
+
+
+def test_bfloat16_bits_round_as_torch_does():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=10_000), [0.0, -0.0, 1.0, 0.85 - 0.0125, 1e-30, -3.5]]).astype(np.float32)
+    # halfway cases: ties go to the even neighbour
+    x = np.concatenate([x, (np.arange(0x3F800000, 0x3F800000 + 64 * 0x8000, 0x8000, dtype=np.uint32)).view(np.float32)])
+    expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
+    assert np.array_equal(bfloat16_bits(x), expected)
 
 
 def test_a_group_in_half_precision_is_compared_as_its_unit_rows_in_order():

@@ -27,6 +27,7 @@ cluster of n documents on one worker: ``cluster.k`` bounds n.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from beamsift.transforms.stages.embed import (
     smooth_idf,
     tfidf_embeddings,
 )
+from threadpoolctl import threadpool_limits
 
 COLUMNS = (("duplicate_of", "string"),)
 TFIDF_DIM = 512  # projected TF-IDF for dedup.compare: tfidf; cosines kept within ~0.006 (JL)
@@ -223,18 +225,21 @@ def semdedup_cluster(items: list, epsilon: float, block: int = 256) -> list:
     return [(int(orders[i]), kept_id, NEAR, target, *items[i][4:]) for i, kept_id, target in drops]
 
 
-def compare_members(distance, orders, ids, vectors, epsilon: float, block: int = 256) -> list:
+def compare_members(distance, orders, ids, vectors, epsilon: float, block: int = 256, low_precision=None) -> list:
     """SemDeDup's greedy over one group given as arrays -> [(row dropped, kept id, (kept distance,
     kept order))], the rows in the greedy's order (distance, order)."""
     sequence = np.lexsort((orders, distance))
     drops = []
-    for me, target in zip(*greedy_near_duplicates(vectors, 1 - epsilon, block, order=sequence, normalise=True)):
+    pairs = greedy_near_duplicates(vectors, 1 - epsilon, block, sequence, True, low_precision)
+    for me, target in zip(*pairs):
         t, r = int(sequence[target]), int(sequence[me])
         drops.append((r, ids[t], (float(distance[t]), int(orders[t]))))
     return drops
 
 
-def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 256, order=None, normalise=False):
+def greedy_near_duplicates(
+    unit: np.ndarray, threshold: float, block: int = 256, order=None, normalise=False, low_precision=None
+):
     """(rows dropped, the kept row each points at) of unit vectors taken in order: a row is kept
     unless its cosine to a kept one exceeds ``threshold``, else it points at the most similar
     kept one (the earliest on a tie; a kept one in an earlier block wins a tie with its own).
@@ -257,35 +262,38 @@ def greedy_near_duplicates(unit: np.ndarray, threshold: float, block: int = 256,
             rows /= np.where(norms > 0, norms, 1)[:, None]
         return rows
 
-    earlier = _KeptRows(rows_of, n, dim, threshold)
+    earlier = _KeptRows(rows_of, n, dim, threshold, low_precision)
     kept = np.empty(n, np.int64)
     n_kept = 0
     dropped, targets = [], []
-    for start in range(0, n, block):
-        rows = rows_of(slice(start, start + block))
-        m = len(rows)
-        bounding = earlier.bounding(rows)
-        best_prev, best_prev_sim = earlier.most_similar(rows, bounding)
-        within = rows @ rows.T
-        earlier_in_block = np.where(np.tri(m, k=-1, dtype=bool), within, -np.inf)
-        candidate = (best_prev_sim > threshold) | (earlier_in_block.max(1, initial=-np.inf) > threshold)
-        keep = np.ones(m, bool)
-        for i in np.flatnonzero(candidate).tolist():
-            sim, target = (float(best_prev_sim[i]), int(kept[best_prev[i]])) if n_kept else (-np.inf, -1)
-            local = np.flatnonzero(keep[:i])
-            if len(local):
-                s_local = within[i, local]
-                j = int(np.argmax(s_local))
-                if s_local[j] > sim:
-                    sim, target = float(s_local[j]), start + int(local[j])
-            if sim > threshold:
-                keep[i] = False
-                dropped.append(start + i)
-                targets.append(target)
-        rows_kept = np.flatnonzero(keep)
-        earlier.add(rows[rows_kept], None if bounding is None else bounding[rows_kept])
-        kept[n_kept : n_kept + len(rows_kept)] = rows_kept + start
-        n_kept += len(rows_kept)
+    # With the bfloat16 bound (torch's OpenMP threads), numpy's own products here run on one
+    # thread: two thread pools spinning for the same cores made a group ~2x slower, not faster.
+    with threadpool_limits(limits=1, user_api="blas") if earlier.low else contextlib.nullcontext():
+        for start in range(0, n, block):
+            rows = rows_of(slice(start, start + block))
+            m = len(rows)
+            bounding = earlier.bounding(rows)
+            best_prev, best_prev_sim = earlier.most_similar(rows, bounding)
+            within = rows @ rows.T
+            earlier_in_block = np.where(np.tri(m, k=-1, dtype=bool), within, -np.inf)
+            candidate = (best_prev_sim > threshold) | (earlier_in_block.max(1, initial=-np.inf) > threshold)
+            keep = np.ones(m, bool)
+            for i in np.flatnonzero(candidate).tolist():
+                sim, target = (float(best_prev_sim[i]), int(kept[best_prev[i]])) if n_kept else (-np.inf, -1)
+                local = np.flatnonzero(keep[:i])
+                if len(local):
+                    s_local = within[i, local]
+                    j = int(np.argmax(s_local))
+                    if s_local[j] > sim:
+                        sim, target = float(s_local[j]), start + int(local[j])
+                if sim > threshold:
+                    keep[i] = False
+                    dropped.append(start + i)
+                    targets.append(target)
+            rows_kept = np.flatnonzero(keep)
+            earlier.add(rows[rows_kept], earlier.kept(bounding, rows_kept))
+            kept[n_kept : n_kept + len(rows_kept)] = rows_kept + start
+            n_kept += len(rows_kept)
     return np.asarray(dropped, np.int64), np.asarray(targets, np.int64)
 
 
@@ -302,50 +310,103 @@ class _KeptRows:
     quarter of a random projection's (energy spread evenly) at ε = 0.15, fewer for an SVD's
     (energy in its first components). Where many pairs pass anyway (a block of near-duplicates),
     or r is all of them (a tight group: the bound would be the product itself), the full product
-    is taken instead. Exact either way: the bound only skips pairs that cannot count."""
+    is taken instead. Exact either way: the bound only skips pairs that cannot count.
+
+    ``low_precision`` (where the CPU multiplies bfloat16 in hardware, and the group is large):
+    the bound's product in bfloat16 with float32 sums (torch; Intel AMX or AVX-512 BF16), ~6x the
+    float32 product's speed, its threshold lowered by ``LOW_SLACK`` to cover the rounding, so it
+    still skips only pairs that cannot count; the cosines that decide are float32 products of the pairs it lets through.
+    The kept rows' bounds are held transposed (columns appended as rows are kept): the layout in
+    which torch's bfloat16 product runs on the matrix units (a row-major right side did not)."""
 
     SLACK = 1e-4  # float32 rounding of the bound: a pair within this of the threshold is computed
+    # bfloat16 keeps 8 significant bits (unit roundoff u = 2⁻⁸): each product of two rounded
+    # inputs is off by at most 2u of its size and the terms' sizes sum to at most 1 (unit rows,
+    # Cauchy–Schwarz), the float32 sums add ~1e-5, and the result's own rounding u of ~1: under
+    # 3u = 0.0117 in all
+    LOW_SLACK = 0.0125
     MARGIN = 0.1  # how far under the threshold an unrelated pair's bound should lie
     FULL_PRODUCT_AT = 32  # candidate pairs per row over which the full product is cheaper
+    LOW_PRECISION_FROM = 4096  # rows in a group from which the bfloat16 bound pays (torch's import)
+    ROWS_STEP, KEPT_STEP = 64, 1024  # the bfloat16 product's shapes (see _low_candidates)
 
     SAMPLE = 4096  # rows, evenly spaced, that r is estimated from
 
-    def __init__(self, rows_of, n: int, dim: int, threshold: float):
+    def __init__(self, rows_of, n: int, dim: int, threshold: float, low_precision: bool | None = None):
         """``rows_of(positions)``: the group's rows at those positions, as unit float32 vectors."""
         sample = rows_of(np.arange(0, n, max(1, n // self.SAMPLE)))
         self.threshold, self.r = threshold, head_width(sample, threshold, self.MARGIN)
         self.vectors = np.empty((n, dim), np.float32)  # contiguous: no gather per block
-        # (y₁, ‖y₂‖) of each kept row; none where r is every coordinate
-        self.bounds = np.empty((n, self.r + 1), np.float32) if self.r < dim else None
+        if low_precision is None:
+            # (a cut under 0 would break the bits' order: negative bfloat16 read as int16 reverse)
+            low_precision = n >= self.LOW_PRECISION_FROM and threshold > 2 * self.LOW_SLACK and bfloat16_products()
+        self.low = low_precision
+        self.width = self.r + 1 if self.r < dim else dim  # the bound's columns
+        if self.low:
+            import torch
+
+            self.torch = torch
+            self.padded = -(-self.width // 32) * 32  # whole tiles for the matrix units
+            # bfloat16 bits held in numpy (every small step there: a torch call per block cost
+            # more than the product), the product alone in torch
+            self.heads = np.zeros((self.padded, -(-n // self.KEPT_STEP) * self.KEPT_STEP), np.int16)
+            # The bound's cut as bfloat16 bits: for the positive values that matter, bfloat16
+            # orders as its bits read as int16, which numpy compares fast (torch's bfloat16
+            # comparison took longer than the product). Rounded down: it only lets more through.
+            self.cut_bits = int(np.float32(threshold - self.LOW_SLACK).view(np.int32) >> 16)
+            self.bounds = None
+        else:
+            # (y₁, ‖y₂‖) of each kept row; none where r is every coordinate
+            self.bounds = np.empty((n, self.r + 1), np.float32) if self.r < dim else None
         self.n = 0
 
-    def bounding(self, rows: np.ndarray) -> np.ndarray | None:
-        """(x₁, ‖x₂‖) of each row: computed once a block, for its comparison and for the rows it keeps."""
-        if self.bounds is None:
+    def bounding(self, rows: np.ndarray):
+        """(x₁, ‖x₂‖) of each row (bfloat16 in a torch tensor, padded, for ``low``; the rows
+        themselves where r is every coordinate): computed once a block, for its comparison and
+        for the rows it keeps."""
+        if not self.low and self.bounds is None:
             return None
-        out = np.empty((len(rows), self.r + 1), np.float32)
-        out[:, : self.r] = rows[:, : self.r]
-        out[:, self.r] = np.linalg.norm(rows[:, self.r :], axis=1)
-        return out
+        if self.r >= rows.shape[1]:
+            out = rows
+        else:
+            out = np.empty((len(rows), self.r + 1), np.float32)
+            out[:, : self.r] = rows[:, : self.r]
+            out[:, self.r] = np.linalg.norm(rows[:, self.r :], axis=1)
+        if not self.low:
+            return out
+        head = np.zeros((len(rows), self.padded), np.int16)
+        head[:, : self.width] = bfloat16_bits(out)
+        return head
 
-    def add(self, rows: np.ndarray, bounding: np.ndarray | None) -> None:
+    def add(self, rows: np.ndarray, bounding) -> None:
         end = self.n + len(rows)
         self.vectors[self.n : end] = rows
-        if self.bounds is not None:
+        if self.low:
+            self.heads[:, self.n : end] = bounding.T
+        elif self.bounds is not None:
             self.bounds[self.n : end] = bounding
         self.n = end
 
-    def most_similar(self, rows: np.ndarray, bounding: np.ndarray | None):
+    def kept(self, bounding, keep: np.ndarray):
+        """The rows of a block's ``bounding`` that it keeps."""
+        if bounding is None:
+            return None
+        return bounding[keep]
+
+    def most_similar(self, rows: np.ndarray, bounding):
         """(index of the most similar kept row, its cosine), -inf where none exceeds the threshold."""
         m = len(rows)
         best = np.zeros(m, np.int64)
         best_sim = np.full(m, -np.inf, np.float32)
         if not self.n:
             return best, best_sim
-        if self.bounds is None:
+        if self.low:
+            r, k = self._low_candidates(bounding)
+        elif self.bounds is None:
             return self._full_product(rows)
-        bound = bounding @ self.bounds[: self.n].T  # ≥ each cosine
-        r, k = np.divmod(np.flatnonzero(bound > self.threshold - self.SLACK), self.n)
+        else:
+            bound = bounding @ self.bounds[: self.n].T  # ≥ each cosine
+            r, k = np.divmod(np.flatnonzero(bound > self.threshold - self.SLACK), self.n)
         if len(r) > self.FULL_PRODUCT_AT * m:
             return self._full_product(rows)
         sims = np.einsum("ij,ij->i", rows[r], self.vectors[k])
@@ -357,11 +418,45 @@ class _KeptRows:
             best[r[first]], best_sim[r[first]] = k[first], sims[first]
         return best, best_sim
 
+    def _low_candidates(self, bounding: np.ndarray):
+        """(row, kept row) of the pairs whose bfloat16 bound passes the lowered cut. The product's
+        shape is rounded up (rows to ``ROWS_STEP``, kept rows to ``KEPT_STEP``; zeros there, under
+        the cut): torch's bfloat16 product compiles a kernel for each new shape (~8 ms and memory
+        each), so a handful of shapes serve every block of every group."""
+        m = len(bounding)
+        rows = -(-m // self.ROWS_STEP) * self.ROWS_STEP
+        if rows != m:
+            bounding = np.concatenate([bounding, np.zeros((rows - m, bounding.shape[1]), np.int16)])
+        columns = -(-self.n // self.KEPT_STEP) * self.KEPT_STEP
+        bf16 = self.torch.bfloat16
+        left = self.torch.from_numpy(bounding).view(bf16)
+        product = left @ self.torch.from_numpy(self.heads[:, :columns]).view(bf16)
+        bound = product.view(self.torch.int16).numpy()[:m]
+        return np.divmod(np.flatnonzero(bound > self.cut_bits), columns)
+
     def _full_product(self, rows: np.ndarray):
         sims = rows @ self.vectors[: self.n].T
         best = sims.argmax(1)
         best_sim = sims[np.arange(len(rows)), best]
         return best, np.where(best_sim > self.threshold, best_sim, -np.inf).astype(np.float32)
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> the bits of the nearest bfloat16 (ties to even), as int16 (torch's rounding)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).view(np.int16)
+
+
+@functools.cache
+def bfloat16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, or AVX-512 BF16),
+    where torch's bfloat16 product is several times its float32 one; elsewhere it is slower."""
+    try:
+        import torch.cpu
+
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except Exception:  # an older or newer torch without these checks: float32 as before
+        return False
 
 
 def head_width(unit: np.ndarray, threshold: float, margin: float) -> int:

@@ -328,7 +328,7 @@ class _KeptRows:
     MARGIN = 0.1  # how far under the threshold an unrelated pair's bound should lie
     FULL_PRODUCT_AT = 32  # candidate pairs per row over which the full product is cheaper
     LOW_PRECISION_FROM = 4096  # rows in a group from which the bfloat16 bound pays (torch's import)
-    ROWS_STEP, KEPT_STEP = 64, 1024  # the bfloat16 product's shapes (see _low_candidates)
+    ROWS_STEP, TILE = 256, 2048  # the bfloat16 product's one shape (see _low_candidates)
 
     SAMPLE = 4096  # rows, evenly spaced, that r is estimated from
 
@@ -349,7 +349,9 @@ class _KeptRows:
             self.padded = -(-self.width // 32) * 32  # whole tiles for the matrix units
             # bfloat16 bits held in numpy (every small step there: a torch call per block cost
             # more than the product), the product alone in torch
-            self.heads = np.zeros((self.padded, -(-n // self.KEPT_STEP) * self.KEPT_STEP), np.int16)
+            # tile-major: each tile of kept rows one contiguous (padded, TILE) matrix
+            self.heads = np.zeros((-(-n // self.TILE), self.padded, self.TILE), np.int16)
+            self.product = None  # the product's output, reused: (rows, TILE) bfloat16
             # The bound's cut as bfloat16 bits: for the positive values that matter, bfloat16
             # orders as its bits read as int16, which numpy compares fast (torch's bfloat16
             # comparison took longer than the product). Rounded down: it only lets more through.
@@ -382,7 +384,12 @@ class _KeptRows:
         end = self.n + len(rows)
         self.vectors[self.n : end] = rows
         if self.low:
-            self.heads[:, self.n : end] = bounding.T
+            at = self.n
+            while at < end:  # the new rows' columns, tile by tile
+                tile, col = divmod(at, self.TILE)
+                stop = min(end, at + self.TILE - col)
+                self.heads[tile, :, col : col + stop - at] = bounding[at - self.n : stop - self.n].T
+                at = stop
         elif self.bounds is not None:
             self.bounds[self.n : end] = bounding
         self.n = end
@@ -419,20 +426,31 @@ class _KeptRows:
         return best, best_sim
 
     def _low_candidates(self, bounding: np.ndarray):
-        """(row, kept row) of the pairs whose bfloat16 bound passes the lowered cut. The product's
-        shape is rounded up (rows to ``ROWS_STEP``, kept rows to ``KEPT_STEP``; zeros there, under
-        the cut): torch's bfloat16 product compiles a kernel for each new shape (~8 ms and memory
-        each), so a handful of shapes serve every block of every group."""
+        """(row, kept row) of the pairs whose bfloat16 bound passes the lowered cut, a tile of
+        ``TILE`` kept rows at a time, the rows padded to ``ROWS_STEP`` (zeros, under the cut):
+        one shape and one layout for every product. torch compiles and keeps a kernel for each
+        new shape and stride (~8 ms and ~1-2 MB each): a 1M run grew 0.5 GB of them, and
+        compiling one a block took it from 187 to 309 s. A tile's output (1 MB) stays in cache
+        for the comparison."""
         m = len(bounding)
         rows = -(-m // self.ROWS_STEP) * self.ROWS_STEP
         if rows != m:
             bounding = np.concatenate([bounding, np.zeros((rows - m, bounding.shape[1]), np.int16)])
-        columns = -(-self.n // self.KEPT_STEP) * self.KEPT_STEP
-        bf16 = self.torch.bfloat16
-        left = self.torch.from_numpy(bounding).view(bf16)
-        product = left @ self.torch.from_numpy(self.heads[:, :columns]).view(bf16)
-        bound = product.view(self.torch.int16).numpy()[:m]
-        return np.divmod(np.flatnonzero(bound > self.cut_bits), columns)
+        torch, bf16 = self.torch, self.torch.bfloat16
+        if self.product is None or self.product.shape[0] != rows:
+            self.product = torch.empty((rows, self.TILE), dtype=bf16)
+        left = torch.from_numpy(bounding).view(bf16)
+        bound = self.product.view(torch.int16).numpy()[:m]
+        found_rows, found_kept = [], []
+        for tile in range(-(-self.n // self.TILE)):
+            torch.mm(left, torch.from_numpy(self.heads[tile]).view(bf16), out=self.product)
+            r, k = np.divmod(np.flatnonzero(bound > self.cut_bits), self.TILE)
+            if len(r):
+                found_rows.append(r)
+                found_kept.append(k + tile * self.TILE)
+        if not found_rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(found_rows), np.concatenate(found_kept)  # in no order: sorted after
 
     def _full_product(self, rows: np.ndarray):
         sims = rows @ self.vectors[: self.n].T

@@ -1057,7 +1057,7 @@ class DedupSettings:
         20000,
         "compare at most about this many documents on one worker: a larger cluster is split along "
         "seeded hyperplanes through its mean, each document also compared in the part across its nearest "
-        "one (a pair cut by another is missed: each level of split loses ~1-3% of the near-duplicates)",
+        "one (a pair cut by another is missed: ~3% of planted near-duplicates at 4 hyperplanes, docs/benchmarks.md)",
         at_least=2,
     )
 

@@ -291,7 +291,7 @@ def greedy_near_duplicates(
                     dropped.append(start + i)
                     targets.append(target)
             rows_kept = np.flatnonzero(keep)
-            earlier.add(rows[rows_kept], earlier.kept(bounding, rows_kept))
+            earlier.add(rows[rows_kept], None if bounding is None else bounding[rows_kept])
             kept[n_kept : n_kept + len(rows_kept)] = rows_kept + start
             n_kept += len(rows_kept)
     return np.asarray(dropped, np.int64), np.asarray(targets, np.int64)
@@ -315,9 +315,10 @@ class _KeptRows:
     ``low_precision`` (where the CPU multiplies bfloat16 in hardware, and the group is large):
     the bound's product in bfloat16 with float32 sums (torch; Intel AMX or AVX-512 BF16), ~6x the
     float32 product's speed, its threshold lowered by ``LOW_SLACK`` to cover the rounding, so it
-    still skips only pairs that cannot count; the cosines that decide are float32 products of the pairs it lets through.
-    The kept rows' bounds are held transposed (columns appended as rows are kept): the layout in
-    which torch's bfloat16 product runs on the matrix units (a row-major right side did not)."""
+    still skips only pairs that cannot count; the cosines that decide are float32 products of the
+    pairs it lets through. The kept rows' bounds are held as bfloat16 bits, transposed, a tile of
+    ``TILE`` kept rows a contiguous matrix: the layout in which torch's product runs on the
+    matrix units (a row-major right side did not)."""
 
     SLACK = 1e-4  # float32 rounding of the bound: a pair within this of the threshold is computed
     # bfloat16 keeps 8 significant bits (unit roundoff u = 2⁻⁸): each product of two rounded
@@ -363,9 +364,9 @@ class _KeptRows:
         self.n = 0
 
     def bounding(self, rows: np.ndarray):
-        """(x₁, ‖x₂‖) of each row (bfloat16 in a torch tensor, padded, for ``low``; the rows
-        themselves where r is every coordinate): computed once a block, for its comparison and
-        for the rows it keeps."""
+        """(x₁, ‖x₂‖) of each row (the rows themselves where r is every coordinate; for ``low``,
+        as bfloat16 bits padded to ``padded`` columns): computed once a block, for its comparison
+        and for the rows it keeps."""
         if not self.low and self.bounds is None:
             return None
         if self.r >= rows.shape[1]:
@@ -393,12 +394,6 @@ class _KeptRows:
         elif self.bounds is not None:
             self.bounds[self.n : end] = bounding
         self.n = end
-
-    def kept(self, bounding, keep: np.ndarray):
-        """The rows of a block's ``bounding`` that it keeps."""
-        if bounding is None:
-            return None
-        return bounding[keep]
 
     def most_similar(self, rows: np.ndarray, bounding):
         """(index of the most similar kept row, its cosine), -inf where none exceeds the threshold."""
@@ -741,7 +736,8 @@ class _ClusterMembers(beam.DoFn):
         # move by ~1e-3, far inside ε; the greedy computes in float32.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
-        by_group = self._groups(shard, rows, clusters, probe, splits)
+        held = vectors if self.tfidf is None else None  # the embedding's rows, read above
+        by_group = self._groups(shard, rows, clusters, probe, splits, held)
         batch = _member_batch(rows, distance, orders, ids, vectors16, shard.name)
         self._pending.append((shard.name, batch, by_group))
         if sum(b.num_rows for _, b, _ in self._pending) >= self.FILE_DOCS:
@@ -784,12 +780,12 @@ class _ClusterMembers(beam.DoFn):
         for index, key in enumerate(order):
             yield key, (path, index, None)
 
-    def _groups(self, shard, rows, clusters, probe, splits) -> dict:
+    def _groups(self, shard, rows, clusters, probe, splits, held=None) -> dict:
         """{(cluster, part): the indices into ``rows`` of its members, ascending}, each row in a
-        group once."""
+        group once; ``held``: the embedding's rows at ``rows`` where the caller has them."""
         space = planes = None
         if splits:
-            space = embeddings(self.chain, shard.name)[rows].astype(np.float64)
+            space = (embeddings(self.chain, shard.name)[rows] if held is None else held).astype(np.float64)
             planes = _hyperplanes(space.shape[1], max(b for b, _ in splits.values()), self.seed)
         members = []  # (cluster, part, index) columns
         owners = [clusters[rows]] + ([probe[rows]] if probe is not None else [])

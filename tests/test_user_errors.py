@@ -267,3 +267,13 @@ def test_unknown_file_suffix_and_a_model_of_another_shape(tmp_path, small_corpus
     assert _error(run_cli("run", str(cfg), "--set", "featurize.buckets=999", check=False)) == (
         "dsir.model was fitted with featurize.buckets=10000, but the config sets 999"
     )
+
+
+def test_a_dedup_epsilon_off_the_cosine_scale_is_refused(tmp_path):
+    # 2 is a distance between unit vectors where a share of the cosine scale is meant: every
+    # document would count as a duplicate of the first kept one
+    out = tmp_path / "out"
+    config = str(ROOT / "configs" / "semdedup.yaml")
+    proc = run_cli("run", config, "--set", "dedup.epsilon=2", "--set", f"output.dir={out}", check=False)
+    assert _error(proc) == "--set dedup.epsilon=2: config key 'dedup.epsilon' is a share: it must be in [0, 1], got 2"
+    assert not out.exists()

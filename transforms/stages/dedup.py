@@ -1037,7 +1037,12 @@ class DeduplicateDocuments(beam.PTransform):
 
 @dataclass(frozen=True)
 class DedupSettings:
-    epsilon: float = setting(0.15, "drop a document whose cosine to a kept one in its cluster exceeds 1 - epsilon")
+    epsilon: float = setting(
+        0.15,
+        "drop a document whose cosine to a kept one in its cluster exceeds 1 - epsilon (0-1: above 1, "
+        "documents pointing away from each other would count as duplicates)",
+        share=True,
+    )
     probes: int = setting(
         2,
         "compare each document in its nearest 1 or 2 clusters (2: pairs split by k-means are found)",

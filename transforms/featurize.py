@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -296,10 +297,18 @@ def hashed_ngram_features(
     )
 
 
-@functools.cache
+_KERNELS_LOADING = threading.Lock()  # one load a process, whichever thread asks first
+
+
 def compiled_kernels():
     """``ngram_kernels``, loaded and warm in this process (once); None where numba cannot load
     them (said once in the log: the numpy path featurizes alone)."""
+    with _KERNELS_LOADING:
+        return _load_kernels()
+
+
+@functools.cache
+def _load_kernels():
     try:
         import numba.np.linalg
         from beamsift.transforms import ngram_kernels
@@ -326,7 +335,14 @@ def compiled_kernels():
 def loaded_kernels():
     """The compiled kernels where this process has loaded them already, else None: for work
     that gains from them only where featurizing has paid their load."""
-    return compiled_kernels() if compiled_kernels.cache_info().currsize else None
+    return compiled_kernels() if _load_kernels.cache_info().currsize else None
+
+
+def load_kernels_meanwhile() -> None:
+    """Start loading the compiled kernels on a thread of their own (~0.5 s: numba's import and
+    the cached machine code) while this process does other work, for a process that featurizes
+    later (a local runner in this process)."""
+    threading.Thread(target=compiled_kernels, name="load-kernels", daemon=True).start()
 
 
 def _no_blas():

@@ -108,7 +108,10 @@ def random_keys(id_hash: np.ndarray, seed: int) -> np.ndarray:
 
 
 def in_random(reasons: np.ndarray, id_hash: np.ndarray, seed: int, threshold) -> np.ndarray:
-    """Which documents of a shard are in the KL baseline's random pick (``threshold``: its cut)."""
+    """Which documents of a shard are in the KL baseline's random pick (``threshold``: its cut;
+    None: no pick)."""
+    if threshold is None:
+        return np.zeros(len(reasons), bool)
     return valid_mask(reasons) & at_or_above(random_keys(id_hash, seed), id_hash, threshold)
 
 

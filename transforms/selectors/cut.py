@@ -234,8 +234,13 @@ class CutStage(beam.PTransform):
     says why the running is as small as it is, when the budget cannot be met.
     """
 
-    def __init__(self, name, cut: Cut, role: str, chain, seed, progress_dir=None, explain=None, context=()):
+    def __init__(
+        self, name, cut: Cut, role: str, chain, seed, progress_dir=None, explain=None, context=(), random_baseline=True
+    ):
         super().__init__()
+        # The selector's random pick of the same size, for the KL reduction: only where the run
+        # has one (DSIR's n-gram counts); without it, a threshold or ``all`` is never ranked
+        self.random_baseline = random_baseline and role == "select"
         self.name = name
         self.cut = cut
         self.role = role
@@ -251,13 +256,13 @@ class CutStage(beam.PTransform):
         select = self.role == "select"
         budget = shards | "Budget" >> Budget(cut.k, cut.fraction, cut.offset, select, self.explain, self.context)
         if cut.ranked():
-            wanted = budget | "WantedRanks" >> beam.Map(wanted_ranks, select)
-            keys = KeysForCut(self.name, cut, self.chain, self.seed, select)
+            wanted = budget | "WantedRanks" >> beam.Map(wanted_ranks, self.random_baseline)
+            keys = KeysForCut(self.name, cut, self.chain, self.seed, self.random_baseline)
             found = beam.pvalue.AsSingleton(shards | "Rank" >> ExactRanks(keys, wanted), default_value={})
             # From the budget, which always has one element: an impossible budget fails even on an
             # empty input, where there is nothing to rank.
             thresholds = budget | "CutRanks" >> beam.Map(lambda b, f: cut_thresholds(f, b), found)
-        elif select:  # a threshold or all: the KL baseline is a random pick of the kept size
+        elif self.random_baseline:  # a threshold or all: the KL baseline is a random pick of the kept size
             kept = (
                 shards
                 | "KeptPerShard" >> beam.Map(_kept_count, self.name, cut, self.chain)

@@ -185,7 +185,16 @@ def _build(ctx: Context, name: str, shards):
     elif method == "quad":
         return _build_quad(ctx, name, shards, explain)
     else:
-        selector = CutStage(name, select_cut(cfg), "select", ctx.chain, ctx.seed, ctx.progress_dir, *explain)
+        selector = CutStage(
+            name,
+            select_cut(cfg),
+            "select",
+            ctx.chain,
+            ctx.seed,
+            ctx.progress_dir,
+            *explain,
+            random_baseline=ctx.selection_buckets is not None,
+        )
     return shards | "Stage_" + name >> selector
 
 

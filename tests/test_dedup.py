@@ -16,6 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.stages.dedup import (
+    LowestHashes,
     ResolvePointers,
     bfloat16_bits,
     bfloat16_products,
@@ -177,23 +178,63 @@ def test_a_pointer_at_a_document_dropped_elsewhere_is_followed(documents):
 
 def test_a_large_cluster_is_split_into_parts_near_pairs_still_meet():
     # 2,000 documents in one cluster, bound 500: 2**3 parts (aimed at half the bound), and every
-    # document also goes to the part across its nearest hyperplane.
+    # document also goes to the part across its nearest cut.
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(2000, 16))
     shapes = {0: (2000, vectors.sum(0), 2000), 1: (400, vectors[:400].sum(0), 400)}
-    splits = plan_splits(shapes, max_group=500)
+    samples = {0: (None, None, vectors[::2]), 1: (None, None, vectors[:200])}
+    splits = plan_splits(shapes, max_group=500, samples=samples)
     assert list(splits) == [0] and splits[0][0] == 3  # cluster 1 is under the bound: whole
-    planes = np.random.default_rng(1).normal(size=(3, 16))
-    part, across = parts_of(vectors, 0, splits, planes, probes=2)
+    part, across = parts_of(vectors, 0, splits, probes=2)
     sizes = np.bincount(part, minlength=8) + np.bincount(across, minlength=8)
     assert sizes.max() <= 1000 and sizes.sum() == 4000
     assert (np.bitwise_count(part ^ across) == 1).all()
-    # A pair split by a plane near one of them meets in that one's "across" part.
+    # A pair split by a cut near one of them meets in that one's "across" part.
     near_pair = np.stack([vectors[0], vectors[0] + 1e-3 * rng.normal(size=16)])
-    p, q = parts_of(near_pair, 0, splits, planes, probes=2)
+    p, q = parts_of(near_pair, 0, splits, probes=2)
     assert p[0] == p[1] or q[0] == p[1] or q[1] == p[0]
-    whole, none = parts_of(vectors[:5], 1, splits, planes, probes=2)
+    whole, none = parts_of(vectors[:5], 1, splits, probes=2)
     assert whole.tolist() == [0] * 5 and none.tolist() == [-1] * 5
+
+
+def test_a_split_cuts_across_the_directions_of_most_spread_at_their_medians():
+    # By hand: a cloud spread 5 along the third axis and 3 along the first, 1 elsewhere, centred
+    # at (1, 1, 1, 1); two cuts: the third axis, then the first, each at the sample's median.
+    rng = np.random.default_rng(1)
+    sample = rng.normal(size=(4000, 4)) * [3.0, 1.0, 5.0, 1.0] + 1.0
+    mean = np.ones(4)
+    shapes = {7: (3000, mean * 3000, 3000)}
+    bits, centre, directions, offsets = plan_splits(shapes, max_group=1500, samples={7: (None, None, sample)})[7]
+    assert bits == 2 and np.allclose(centre, 1.0)
+    np.testing.assert_allclose(np.abs(directions), [[0, 0, 1, 0], [1, 0, 0, 0]], atol=0.05)
+    assert (directions.max(axis=1) > 0.95).all()  # signed: the largest coordinate is positive
+    np.testing.assert_allclose(offsets, np.median((sample - mean) @ directions.T, axis=0))
+    # Each part holds a quarter of the cloud; a document's part is its side of each median.
+    part, _ = parts_of(sample, 7, {7: (bits, centre, directions, offsets)}, probes=1)
+    np.testing.assert_allclose(np.bincount(part, minlength=4) / len(sample), 0.25, atol=0.03)
+    third, first = sample[:, 2] - 1 > offsets[0], sample[:, 0] - 1 > offsets[1]
+    assert (part == third * 1 + first * 2).mean() > 0.97  # the directions are the axes, nearly
+
+
+def test_the_split_sample_is_the_same_however_shards_are_grouped():
+    rng = np.random.default_rng(2)
+    parts = []
+    for _ in range(6):  # six shards' samples, each sorted as _ClusterShapes gives them
+        h = rng.integers(0, 2**63, size=40, dtype=np.uint64)
+        o = rng.integers(0, 10**6, size=40)
+        at = np.lexsort((o, h))[:10]
+        parts.append((h[at], o[at], rng.normal(size=(40, 3))[at]))
+    fn = LowestHashes(size=12)
+    one = fn.extract_output(fn.merge_accumulators([fn.add_input(fn.create_accumulator(), p) for p in parts]))
+    acc = fn.create_accumulator()
+    for p in parts[::-1]:
+        acc = fn.add_input(acc, p)
+    other = fn.extract_output(acc)
+    everything = [np.concatenate(c) for c in zip(*parts)]
+    lowest = np.lexsort((everything[1], everything[0]))[:12]
+    for got in (one, other):
+        for column, whole in zip(got, everything):
+            np.testing.assert_array_equal(column, whole[lowest])
 
 
 def test_exact_normalisation_keeps_every_script():

@@ -1,5 +1,6 @@
 """The diversity stages give the same clusters, duplicates and pick on every runner and for any
-split of the input: FnApiRunner, its multi-process mode and the PortableRunner, for a fixed seed."""
+split of the input: FnApiRunner, its multi-process mode and the PortableRunner, for a fixed seed
+(SemDeDup's clusters each compared in parts, as a large corpus's are)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def _run(tmp_path, pool, select, beam_args=(), overrides=()):
         stages=["embed", "cluster", "dedup", "select"],
         embed={"method": "projection", "dim": 256},
         cluster={"k": 4, "sample": 300, "passes": 1},
+        dedup={"max_group": 60},  # each cluster compared in parts, cut along its sample's principal directions
         select=select,
     )
     run_selection(load_config(str(cfg), list(overrides)), overwrite=True, beam_args=list(beam_args))

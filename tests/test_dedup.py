@@ -216,6 +216,22 @@ def test_a_split_cuts_across_the_directions_of_most_spread_at_their_medians():
     assert (part == third * 1 + first * 2).mean() > 0.97  # the directions are the axes, nearly
 
 
+def test_a_cluster_with_too_small_a_sample_is_still_split():
+    # A cluster compared mostly as the probe of its neighbours: its own documents few, none of
+    # them sampled. Its cuts are seeded ones through its mean, and it is split all the same.
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(2000, 16))
+    shapes = {0: (2000, vectors[:20].sum(0), 20)}
+    for samples in ({}, {0: (None, None, vectors[:2])}):
+        splits = plan_splits(shapes, max_group=500, samples=samples)
+        bits, mean, directions, offsets = splits[0]
+        assert bits == 3 and directions.shape == (3, 16) and not offsets.any()
+        part, across = parts_of(vectors, 0, splits, probes=2)
+        assert len(np.unique(part)) == 8 and (np.bitwise_count(part ^ across) == 1).all()
+    again = plan_splits(shapes, max_group=500, samples={})
+    np.testing.assert_array_equal(again[0][2], directions)  # the same cuts every time
+
+
 def test_the_split_sample_is_the_same_however_shards_are_grouped():
     rng = np.random.default_rng(2)
     parts = []

@@ -568,6 +568,7 @@ def _exact_drops(kv):
 # ---- bounded groups: a cluster larger than dedup.max_group is compared in parts ----------------
 
 SPLIT_SAMPLE_ROWS = 16384  # documents sampled over all clusters for their split directions
+SPLIT_STREAM = 0x5D117  # the cuts of a cluster too little of which was sampled
 MEMBERS_TABLE = ".members"  # _staging/<stage>.members/<shard>.arrow: a bundle's members (see _ClusterMembers)
 KEYS_TABLE = ".keys"  # _staging/<stage>.keys/<shard>.arrow: its texts' hashes, orders and ids
 _KEYS_SCHEMA = pa.schema([("hash", pa.uint64()), (ORDER, pa.int64()), ("id", pa.string())])
@@ -588,12 +589,16 @@ class _ClusterShapes(beam.DoFn):
     documents)}: the group sizes, and the means that a split passes through; and, tagged
     ``sample``, (cluster, (id hashes, orders, embeddings)) of the ``sample`` own documents with
     the lowest id hashes: what ``LowestHashes`` keeps of every shard's, the same whatever the
-    shards and bundles, for the directions a split cuts along."""
+    shards and bundles, for the directions a split cuts along. Only hashes under a cut that
+    ~8 × ``sample`` documents of an average cluster pass are offered (every shard offering its
+    lowest made 1 GB of samples at 1M documents): a cluster's ``sample`` lowest are all under
+    it wherever that many of its documents are, and otherwise all of its under it are kept."""
 
-    def __init__(self, stage, chain, probes: int, sample: int):
+    def __init__(self, stage, chain, probes: int, sample: int, clusters: int):
         self.stage, self.chain, self.probes, self.sample = stage, chain, probes, sample
+        self.clusters = clusters
 
-    def process(self, item, exact_done):
+    def process(self, item, exact_done, documents):
         shard, running = self.chain.running(self.stage, item)
         orders = read_orders(shard.path)
         exact, _ = read_drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(orders)
@@ -602,12 +607,14 @@ class _ClusterShapes(beam.DoFn):
         embedded = embeddings(self.chain, shard.name)
         vectors = embedded.astype(np.float64)
         hashes = read_id_hashes(shard.path)
+        share = 8 * self.sample * self.clusters / max(documents, 1)
+        offered = hashes <= (np.uint64(2**64 - 1) if share >= 1 else np.uint64(int(share * 2**64)))
         out = {}
         for c in np.unique(clusters[rows]).astype(np.int64).tolist():
             own = rows & (clusters == c)
             n = int(own.sum())
             out[c] = (n, vectors[own].sum(0), n)
-            at = np.flatnonzero(own)
+            at = np.flatnonzero(own & offered)
             at = at[np.lexsort((orders[at], hashes[at]))[: self.sample]]
             yield beam.pvalue.TaggedOutput("sample", (c, (hashes[at], orders[at], embedded[at].astype(np.float16))))
         if self.probes > 1:
@@ -661,7 +668,12 @@ def plan_splits(shapes: dict, max_group: int, samples: dict) -> dict:
             if size > max_group and own:
                 bits = int(np.ceil(np.log2(2 * size / max_group)))
                 mean = np.asarray(total, np.float64) / own
-                directions, offsets = _principal_cuts(samples[c][2].astype(np.float64) - mean, bits)
+                sample = samples.get(c)
+                if sample is not None and len(sample[2]) > bits:
+                    directions, offsets = _principal_cuts(sample[2].astype(np.float64) - mean, bits)
+                else:  # too few of its own documents sampled (most of it probes it): seeded cuts
+                    directions = np.random.default_rng(SPLIT_STREAM).normal(size=(bits, len(mean)))
+                    offsets = np.zeros(bits)
                 splits[c] = (bits, mean, directions, offsets)
     return splits
 
@@ -1072,7 +1084,7 @@ class DeduplicateDocuments(beam.PTransform):
         )
         sample = split_sample_size(self.clusters)
         shapes = shards | "ClusterShapes" >> beam.ParDo(
-            _ClusterShapes(self.name, self.chain, self.probes, sample), exact_done
+            _ClusterShapes(self.name, self.chain, self.probes, sample, self.clusters), exact_done, documents
         ).with_outputs("sample", main="shapes")
         samples = shapes.sample | "SampleClusters" >> beam.CombinePerKey(LowestHashes(sample))
         splits = beam.pvalue.AsSingleton(

@@ -358,12 +358,24 @@ def kernel_text(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.n
     return data, np.array(offsets, dtype=np.int64)
 
 
+def cores_of_this_process() -> int:
+    """The cores this process may keep busy: its share where a local runner sized its workers'
+    math pools (``OMP_NUM_THREADS``, set for each worker process to cores / workers unless the
+    user set it), else every core of the machine."""
+    try:
+        share = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        share = 0
+    return max(1, min(share, os.cpu_count() or 1) if share > 0 else os.cpu_count() or 1)
+
+
 def over_cores(kernel, data: np.ndarray, offsets: np.ndarray, *args):
     """``kernel(data, offsets, *args)``, a compiled loop over documents that lets go of the GIL,
-    with the documents split over this machine's cores (up to 4, parts of 512 documents or more):
-    each document's results are its own, so the parts' results end to end are the one call's."""
+    with the documents split over this process's cores (up to 4, parts of 512 documents or
+    more): each document's results are its own, so the parts' results end to end are the one
+    call's."""
     n = len(offsets) - 1
-    threads = min(os.cpu_count() or 1, 4, max(1, n // 512))
+    threads = min(cores_of_this_process(), 4, max(1, n // 512))
     if threads == 1:
         return kernel(data, offsets, *args)
     bounds = np.linspace(0, n, threads + 1).astype(int)

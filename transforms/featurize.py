@@ -369,18 +369,24 @@ def cores_of_this_process() -> int:
     return max(1, min(share, os.cpu_count() or 1) if share > 0 else os.cpu_count() or 1)
 
 
-def over_cores(kernel, data: np.ndarray, offsets: np.ndarray, *args):
-    """``kernel(data, offsets, *args)``, a compiled loop over documents that lets go of the GIL,
-    with the documents split over this process's cores (up to 4, parts of 512 documents or
-    more): each document's results are its own, so the parts' results end to end are the one
-    call's."""
-    n = len(offsets) - 1
+def over_parts(work, n: int) -> list:
+    """``work(lo, hi)`` for parts of ``range(n)`` that together cover it, in order, each on a
+    thread of this process's cores (up to 4, parts of 512 documents or more): for work that lets
+    go of the GIL (compiled loops, scipy's products) and whose rows are each their own."""
     threads = min(cores_of_this_process(), 4, max(1, n // 512))
     if threads == 1:
-        return kernel(data, offsets, *args)
+        return [work(0, n)]
     bounds = np.linspace(0, n, threads + 1).astype(int)
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda lo, hi: kernel(data, offsets[lo : hi + 1], *args), bounds[:-1], bounds[1:]))
+        return list(pool.map(work, bounds[:-1], bounds[1:]))
+
+
+def over_cores(kernel, data: np.ndarray, offsets: np.ndarray, *args):
+    """``kernel(data, offsets, *args)``, a compiled loop over documents, ``over_parts``: each
+    document's results are its own, so the parts' results end to end are the one call's."""
+    parts = over_parts(lambda lo, hi: kernel(data, offsets[lo : hi + 1], *args), len(offsets) - 1)
+    if len(parts) == 1:
+        return parts[0]
     if isinstance(parts[0], tuple):
         return tuple(np.concatenate(columns) for columns in zip(*parts))
     return np.concatenate(parts)

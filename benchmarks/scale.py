@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from diversity_memory import build_corpus  # noqa: E402
 from dsir_vs_reference import timed  # noqa: E402
 
-SHARD = 4096  # documents per staging shard (input.batch_size)
+SHARD = 4096  # the figures per shard are per 4,096 documents (input.batch_size, the most a shard holds)
 MODES = {
     "one": ["--direct_running_mode=in_memory"],
     "two": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],

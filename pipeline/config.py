@@ -41,7 +41,7 @@ SCHEMA: dict[str, Any] = {
         ),
         "txt_mode": ("line", str, "for txt input: a document per line, or per file"),
         "label_field": (None, (str, type(None)), "a field with each document's label: the proxy is a classifier"),
-        "batch_size": (4096, int, "documents per batch (and per staging shard)"),
+        "batch_size": (4096, int, "at most this many documents per batch and staging shard (equal ones)"),
         "split_bytes": (16 * 2**20, int, "uncompressed text files are read in ranges of this size"),
         "max_reject_share": (
             None,

@@ -71,12 +71,15 @@ def test_txt_per_line_and_per_file(tmp_path, small_corpus):
         assert manifest["counts"]["input_records"] == expected, mode
 
 
-def _lines_of_ranges(path, size, split, max_lines, chunk):
+def _lines_of_ranges(path, size, split, max_lines, chunk, equal=False, sizes=None):
     got = []
     for start in range(0, size, split):
         task = ReadTask(0, str(path), "jsonl", start, min(start + split, size))
-        for block, starts, ends, positions in _read_line_blocks(task, max_lines, chunk=chunk):
+        blocks = list(_read_line_blocks(task, max_lines, chunk=chunk, equal=equal))
+        for block, starts, ends, positions in blocks:
             got += [(int(p), block[s:e].rstrip(b"\r")) for s, e, p in zip(starts, ends, positions)]
+        if sizes is not None:
+            sizes.append([len(starts) for _, starts, _, _ in blocks])
     return got
 
 
@@ -91,7 +94,18 @@ def test_byte_ranges_cover_every_line_once(tmp_path, records):
         offset += len(line) + 1
     for split, max_lines, chunk in ((len(data), 7, 1000), (997, 3, 1000), (4096, 1000, 1 << 20), (50_000, 64, 1000)):
         assert _lines_of_ranges(path, len(data), split, max_lines, chunk) == whole, (split, max_lines)
+        # Read whole and cut into equal batches: the same lines, in the fewest batches of at
+        # most max_lines, no two batches of a range more than a line apart
+        sizes = []
+        assert _lines_of_ranges(path, len(data), split, max_lines, chunk, True, sizes) == whole, (split, max_lines)
+        for batches in sizes:
+            assert not batches or (max(batches) <= max_lines and max(batches) - min(batches) <= 1), batches
+            assert len(batches) == -(-sum(batches) // max_lines)
     assert whole[-1][1] == b"tail without newline"
+    # 154 lines in batches of at most 64: 51 + 51 + 52, not 64 + 64 + 26
+    sizes = []
+    _lines_of_ranges(path, len(data), len(data), 64, 1000, True, sizes)
+    assert sizes == [[51, 51, 52]]
 
 
 def test_no_matching_files(tmp_path):

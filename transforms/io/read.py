@@ -463,7 +463,7 @@ class ReadDocumentBatches(MeteredDoFn):
         """Batches of lines straight from the file's bytes. A JSONL batch whose lines all open
         an object goes to Arrow's parser as it is, with no Python object per line; any other
         batch is parsed line by line."""
-        for block, starts, ends, positions in _read_line_blocks(task, self.spec.batch_size):
+        for block, starts, ends, positions in _read_line_blocks(task, self.spec.batch_size, equal=True):
             if task.format == "jsonl" and bool(np.all(np.frombuffer(block, np.uint8)[starts] == ord("{"))):
                 table = self._parse_clean_jsonl(task, block, positions)
                 if table is not None:
@@ -692,7 +692,11 @@ def _record_text(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
-def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
+# The largest range read whole to cut it into equal batches (16 MB ranges by default)
+EQUAL_BATCHES_MAX_BYTES = 64 << 20
+
+
+def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20, equal: bool = False):
     """(block, starts, ends, positions) for up to ``max_lines`` lines at a time of a task's range.
 
     ``block[starts[i]:ends[i]]`` is a line (without its newline); ``positions`` are the lines'
@@ -701,12 +705,23 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
     reading stops at the range's end. A range owns the lines that start in it, as Beam's own
     text source does: a range that does not start at 0 skips the line in progress, which the
     range before it owns.
+
+    With ``equal``, a range of known size up to ``EQUAL_BATCHES_MAX_BYTES`` is read whole and
+    its lines cut into blocks of equal size (within one), the fewest of at most ``max_lines``:
+    a 16 MB range of 4,766 lines gives two of 2,383, not 4,096 and a 670-line remainder. Shards
+    of one size are what keeps a local runner's workers even: it hands a stage's shards to its
+    workers alternately, and with the full shards and the remainders alternating one worker got
+    every full one (the embedding of 1M documents: 31 s on one worker, 5.6 s on the other).
     """
     with FileSystems.open(task.path, compression_type=_compression(task.path)) as f:
         base = task.start  # file position of buffer[0]
         if task.start > 0:
             f.seek(task.start - 1)
             base = task.start - 1 + len(f.readline())
+        extent = (task.stop - task.start) if task.stop is not None else task.nbytes
+        if equal and 0 < extent <= EQUAL_BATCHES_MAX_BYTES and _compression(task.path) == CompressionTypes.UNCOMPRESSED:
+            yield from _equal_line_blocks(f, base, None if task.stop is None else task.stop - base, max_lines, chunk)
+            return
         buffer, eof = bytearray(), False
         while True:
             # This range's lines end at the first newline at or after its stop.
@@ -738,6 +753,36 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20):
             consumed = int(newlines[-1]) + 1
             del buffer[:consumed]
             base += consumed
+
+
+def _equal_line_blocks(f, base: int, limit: int | None, max_lines: int, chunk: int):
+    """The lines that start before ``limit`` (None: every line to the end) of an open file
+    positioned at ``base``, as ``_read_line_blocks`` yields them, in blocks of equal size."""
+    buffer, eof, ends, pos = bytearray(), False, [], 0
+    while limit is None or pos < limit:
+        end = buffer.find(b"\n", pos)
+        if end >= 0:
+            ends.append(end)
+            pos = end + 1
+        elif eof:
+            if pos < len(buffer):  # the last line, without a newline
+                ends.append(len(buffer))
+            break
+        else:
+            data = f.read(chunk)
+            eof = not data
+            buffer += data
+    if not ends:
+        return
+    lines = np.asarray(ends, dtype=np.int64)
+    parts = -(-len(lines) // max_lines)
+    cuts = (np.arange(parts + 1) * len(lines)) // parts  # equal within one line
+    with memoryview(buffer) as view:
+        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            first = 0 if a == 0 else int(lines[a - 1]) + 1
+            newlines = lines[a:b] - first
+            starts = np.concatenate([[0], newlines[:-1] + 1])
+            yield bytes(view[first : int(lines[b - 1])]), starts, newlines, base + first + starts
 
 
 def _iter_arrow_file(task: ReadTask, batch_size: int):

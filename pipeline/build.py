@@ -114,6 +114,7 @@ def build_pipeline(
         given_models=dict(given_models or {}),
         fields=AsSingleton(staging_summary | "FieldTypes" >> beam.Map(lambda summary: summary[0])),
         fitted_dsir=fitted_model,
+        threads=threads,
     )
 
     # 2. The target, when a stage reads it: its documents (DSIR's p̂), its texts (the reference

@@ -49,12 +49,19 @@ def _run(tmp_path, pool, select, beam_args=(), overrides=()):
     )
 
 
-@pytest.mark.parametrize("runner", ["multiprocess", "portable", "split"])
-def test_same_diversity_pick_on_every_runner(tmp_path, pool, runner):
+@pytest.mark.parametrize("runner", ["multiprocess", "portable", "split", "threads"])
+def test_same_diversity_pick_on_every_runner(tmp_path, pool, runner, monkeypatch):
+    from beamsift.pipeline import run
+
     select = {"method": "sensitivity", "k": 40}
+    if runner == "threads":  # one process's cores: SemDeDup's groups one at a time, then 3 at once
+        monkeypatch.setattr(run, "worker_threads", lambda options: 1)
     base = _run(tmp_path / "a", pool, select)
     if runner == "split":  # many small read tasks and shards instead of one
         other = _run(tmp_path / "b", pool, select, overrides=["input.split_bytes=65536", "input.batch_size=50"])
+    elif runner == "threads":
+        monkeypatch.setattr(run, "worker_threads", lambda options: 3)
+        other = _run(tmp_path / "b", pool, select)
     else:
         other = _run(tmp_path / "b", pool, select, beam_args=RUNNERS[runner])
     assert sum(r[3] for r in base) == 40 and sum(r[2] is not None for r in base) >= 10

@@ -167,6 +167,7 @@ class Context:
     fitted_dsir: Any = None  # dsir.model: the saved counts to apply
     target_rejected: Any = None  # the target's reject records (counted by the stage that uses it)
     cluster_extra: Any = None  # side input: more columns of clusters/ ({cluster: {column: value}})
+    threads: int = 1  # the cores each worker process may use for itself (run.worker_threads)
     _reject_reasons: Any = None
     _target_texts: Any = None
 

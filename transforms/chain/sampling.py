@@ -4,7 +4,7 @@ centroids, reweight's loss quantiles) are fitted on.
 Each shard offers its documents with the n smallest seeded keys (``seeded.seeded_sample``), and
 of those only the ones under ``offer_bound`` when the population is the whole running (its size
 is known), and ``KeepSmallest`` keeps the n smallest of all: a sample of at most n, the same for
-any split of the input, that never holds more than n documents' payloads.
+any split of the input, that never holds more than n documents' payloads and one shard's offer.
 """
 
 from __future__ import annotations

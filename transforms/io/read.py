@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import posixpath
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -719,70 +720,60 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20, equa
             f.seek(task.start - 1)
             base = task.start - 1 + len(f.readline())
         extent = (task.stop - task.start) if task.stop is not None else task.nbytes
-        if equal and 0 < extent <= EQUAL_BATCHES_MAX_BYTES and _compression(task.path) == CompressionTypes.UNCOMPRESSED:
-            yield from _equal_line_blocks(f, base, None if task.stop is None else task.stop - base, max_lines, chunk)
+        whole = equal and 0 < extent <= EQUAL_BATCHES_MAX_BYTES
+        if not whole or _compression(task.path) != CompressionTypes.UNCOMPRESSED:
+            yield from _stream_line_blocks(f, base, task.stop, max_lines, chunk)
             return
-        buffer, eof = bytearray(), False
-        while True:
-            # This range's lines end at the first newline at or after its stop.
-            limit = None if task.stop is None else task.stop - base
-            ends, pos = [], 0
-            while len(ends) < max_lines and (limit is None or pos < limit):
-                end = buffer.find(b"\n", pos)
-                if end >= 0:
-                    ends.append(end)
-                    pos = end + 1
-                elif eof:
-                    break
-                else:
-                    data = f.read(chunk)
-                    eof = not data
-                    buffer += data
-            if not buffer:
-                return
-            if not ends:  # the last line, without a newline
-                ends = [len(buffer)]
-            # Every line here starts before the range's stop: the search ends at the first that does not.
-            newlines = np.asarray(ends, dtype=np.int64)
-            starts = np.concatenate([[0], newlines[:-1] + 1])
-            with memoryview(buffer) as view:  # one copy of the lines (buffer[:n] would be a second)
-                block = bytes(view[: int(newlines[-1])])
-            yield block, starts, newlines, base + starts
-            if limit is not None and pos >= limit:
-                return
-            consumed = int(newlines[-1]) + 1
-            del buffer[:consumed]
-            base += consumed
+        for block in _stream_line_blocks(f, base, task.stop, sys.maxsize, chunk):  # the range's one block
+            yield from _equal_parts(*block, max_lines)
 
 
-def _equal_line_blocks(f, base: int, limit: int | None, max_lines: int, chunk: int):
-    """The lines that start before ``limit`` (None: every line to the end) of an open file
-    positioned at ``base``, as ``_read_line_blocks`` yields them, in blocks of equal size."""
-    buffer, eof, ends, pos = bytearray(), False, [], 0
-    while limit is None or pos < limit:
-        end = buffer.find(b"\n", pos)
-        if end >= 0:
-            ends.append(end)
-            pos = end + 1
-        elif eof:
-            if pos < len(buffer):  # the last line, without a newline
-                ends.append(len(buffer))
-            break
-        else:
-            data = f.read(chunk)
-            eof = not data
-            buffer += data
-    if not ends:
+def _stream_line_blocks(f, base: int, stop: int | None, max_lines: int, chunk: int):
+    """``_read_line_blocks``'s blocks from an open file positioned at ``base`` (file position),
+    the lines that start before ``stop`` (None: to the end)."""
+    buffer, eof = bytearray(), False  # buffer[0] is at file position ``base``
+    while True:
+        # This range's lines end at the first newline at or after its stop.
+        limit = None if stop is None else stop - base
+        ends, pos = [], 0
+        while len(ends) < max_lines and (limit is None or pos < limit):
+            end = buffer.find(b"\n", pos)
+            if end >= 0:
+                ends.append(end)
+                pos = end + 1
+            elif eof:
+                if pos < len(buffer):  # the last line, without a newline
+                    ends.append(len(buffer))
+                break
+            else:
+                data = f.read(chunk)
+                eof = not data
+                buffer += data
+        if not ends:
+            return
+        # Every line here starts before the range's stop: the search ends at the first that does not.
+        newlines = np.asarray(ends, dtype=np.int64)
+        starts = np.concatenate([[0], newlines[:-1] + 1])
+        with memoryview(buffer) as view:  # one copy of the lines (buffer[:n] would be a second)
+            block = bytes(view[: int(newlines[-1])])
+        yield block, starts, newlines, base + starts
+        if limit is not None and pos >= limit:
+            return
+        consumed = int(newlines[-1]) + 1
+        del buffer[:consumed]
+        base += consumed
+
+
+def _equal_parts(block: bytes, starts: np.ndarray, ends: np.ndarray, positions: np.ndarray, max_lines: int):
+    """A block of lines as the fewest blocks of at most ``max_lines``, equal within one line."""
+    parts = -(-len(starts) // max_lines)
+    if parts == 1:
+        yield block, starts, ends, positions
         return
-    lines = np.asarray(ends, dtype=np.int64)
-    parts = -(-len(lines) // max_lines)
-    cuts = (np.arange(parts + 1) * len(lines)) // parts  # equal within one line
-    with memoryview(buffer) as view:
-        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-            first = 0 if a == 0 else int(lines[a - 1]) + 1
-            newlines = lines[a:b] - first
-            starts = np.concatenate([[0], newlines[:-1] + 1])
-            yield bytes(view[first : int(lines[b - 1])]), starts, newlines, base + first + starts
+    cuts = (np.arange(parts + 1) * len(starts)) // parts
+    for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        first = int(starts[a])
+        yield block[first : int(ends[b - 1])], starts[a:b] - first, ends[a:b] - first, positions[a:b]
 
 
 def _iter_arrow_file(task: ReadTask, batch_size: int):

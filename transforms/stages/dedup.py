@@ -405,9 +405,8 @@ class _KeptRows:
         m = len(rows)
         earlier = self._tri(m)
         if self.low:
-            step = -(-m // self.ROWS_STEP) * self.ROWS_STEP
-            head = np.zeros((step, bounding.shape[1]), np.int16)
-            head[:m] = bounding
+            head = self._whole_steps(bounding)
+            step = len(head)
             torch, bf16 = self.torch, self.torch.bfloat16
             if self.within is None or self.within.shape[0] != step:
                 self.within = torch.empty((step, step), dtype=bf16)
@@ -417,6 +416,15 @@ class _KeptRows:
         if bounding is None:  # the bound would be the product itself
             return (rows @ rows.T > self.threshold) & earlier
         return (bounding @ bounding.T > self.threshold - self.SLACK) & earlier
+
+    def _whole_steps(self, bounding: np.ndarray) -> np.ndarray:
+        """A block's bfloat16 heads padded with zero rows (under the cut) to a multiple of
+        ``ROWS_STEP``: the products' one shape (see ``_low_candidates``)."""
+        m = len(bounding)
+        rows = -(-m // self.ROWS_STEP) * self.ROWS_STEP
+        if rows == m:
+            return bounding
+        return np.concatenate([bounding, np.zeros((rows - m, bounding.shape[1]), np.int16)])
 
     def _tri(self, m: int) -> np.ndarray:
         if self.tri is None or self.tri.shape[0] != m:
@@ -470,9 +478,8 @@ class _KeptRows:
         compiling one a block took it from 187 to 309 s. A tile's output (1 MB) stays in cache
         for the comparison."""
         m = len(bounding)
-        rows = -(-m // self.ROWS_STEP) * self.ROWS_STEP
-        if rows != m:
-            bounding = np.concatenate([bounding, np.zeros((rows - m, bounding.shape[1]), np.int16)])
+        bounding = self._whole_steps(bounding)
+        rows = len(bounding)
         torch, bf16 = self.torch, self.torch.bfloat16
         if self.product is None or self.product.shape[0] != rows:
             self.product = torch.empty((rows, self.TILE), dtype=bf16)

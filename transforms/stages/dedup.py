@@ -880,9 +880,10 @@ class _ClusterMembers(beam.DoFn):
     which holds a shuffle in memory, never holds every document's vector (1 KB each, in up to
     four groups). The shards of a bundle are written together, ``FILE_DOCS`` documents a file, so
     that a group reads a few files rather than one per shard (each read costs ~0.3 ms before its
-    first byte: 62,000 of them at 1M documents). On a local disk a file holds each member once
-    and a file beside it lists each group's rows (a group touches just those pages of the
-    memory-mapped file, and a reference is a few bytes, however large the group);
+    first byte: 62,000 of them at 1M documents). On a local disk a file holds each member once,
+    in the order of its own group, and a file beside it lists each group's rows (a group touches
+    just those pages of the memory-mapped file, and a reference is a few bytes, however large
+    the group);
     on an object store, where a read is a download, each group gets a record batch of its own (its
     bytes alone are fetched), at the cost of writing a vector once per group it is in."""
 
@@ -904,7 +905,7 @@ class _ClusterMembers(beam.DoFn):
         return tfidf_embeddings(features_of(shard, rows), smooth_idf(frequencies), self._proj, self._tiles)
 
     def start_bundle(self):
-        self._pending = []  # [(shard name, its members' batch, {group: rows of the batch})]
+        self._pending = []  # [(shard name, its members' batch, {group: rows of the batch}, homes)]
 
     def process(self, item, exact_done, splits, frequencies=None):
         shard, running = self.chain.running(self.stage, item)
@@ -924,10 +925,10 @@ class _ClusterMembers(beam.DoFn):
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
         held = vectors if self.tfidf is None else None  # the embedding's rows, read above
-        by_group = self._groups(shard, rows, clusters, probe, splits, held)
+        by_group, home = self._groups(shard, rows, clusters, probe, splits, held)
         batch = _member_batch(rows, distance, orders, ids, vectors16, shard.name)
-        self._pending.append((shard.name, batch, by_group))
-        if sum(b.num_rows for _, b, _ in self._pending) >= self.FILE_DOCS:
+        self._pending.append((shard.name, batch, by_group, home))
+        if sum(b.num_rows for _, b, _, _ in self._pending) >= self.FILE_DOCS:
             yield from self._write()
 
     def finish_bundle(self):
@@ -940,16 +941,25 @@ class _ClusterMembers(beam.DoFn):
             return
         pending, self._pending = self._pending, []
         path = self.chain.path(self.stage + MEMBERS_TABLE, pending[0][0])
-        members = pa.Table.from_batches([b for _, b, _ in pending]).combine_chunks()
+        members = pa.Table.from_batches([b for _, b, _, _ in pending]).combine_chunks()
         rows: dict = {}
         start = 0
-        for _, batch, by_group in pending:
+        for _, batch, by_group, _ in pending:
             for key, at in by_group.items():
                 rows.setdefault(key, []).append(np.asarray(at, np.int64) + start)
             start += batch.num_rows
         order = sorted(rows)
         rows = {key: np.concatenate(rows[key]) for key in order}
         if FileSystems.get_filesystem(path).scheme() is None:
+            # The rows in the order of their own group: a group reads its own members as one run
+            # of the memory-mapped file, and those it shares with a neighbour (the part across a
+            # cut, the next cluster) from a few runs, several to a page, not one page a member
+            # (a page fault each: ~7 us a member, most of the reading).
+            by_home = np.argsort(np.concatenate([home for _, _, _, home in pending]), kind="stable")
+            members = members.take(pa.array(by_home))
+            position = np.empty_like(by_home)
+            position[by_home] = np.arange(len(by_home))
+            rows = {key: np.sort(position[at]) for key, at in rows.items()}
             # The rows of each group go to a file beside the members, so the shuffle carries a
             # few bytes a group and file, not 4 a membership (a local runner holds all of it).
             index_path = self.chain.path(self.stage + MEMBERS_TABLE + ROWS_INDEX, pending[0][0])
@@ -967,30 +977,34 @@ class _ClusterMembers(beam.DoFn):
         for index, key in enumerate(order):
             yield key, (path, index, None)
 
-    def _groups(self, shard, rows, clusters, probe, splits, held=None) -> dict:
-        """{(cluster, part): the indices into ``rows`` of its members, ascending}, each row in a
-        group once; ``held``: the embedding's rows at ``rows`` where the caller has them."""
+    def _groups(self, shard, rows, clusters, probe, splits, held=None) -> tuple:
+        """({(cluster, part): the indices into ``rows`` of its members, ascending}, each row in a
+        group once; the home of each row: its own cluster and part, as cluster * 2**32 + part);
+        ``held``: the embedding's rows at ``rows`` where the caller has them."""
         space = None
         if splits:
             space = (embeddings(self.chain, shard.name)[rows] if held is None else held).astype(np.float64)
         members = []  # (cluster, part, index) columns
+        home = np.full(len(rows), np.iinfo(np.int64).max, np.int64)
         owners = [clusters[rows]] + ([probe[rows]] if probe is not None else [])
-        for owner in owners:
+        for o, owner in enumerate(owners):
             for c in np.unique(owner[~np.isnan(owner)]).astype(np.int64).tolist():
                 at = np.flatnonzero(owner == c)
                 part, across = parts_of(space[at] if space is not None else at, c, splits, self.probes)
+                if o == 0:
+                    home[at] = (c << 32) + part
                 two = across >= 0
                 members.append(np.stack([np.full(len(at), c), part, at], 1))
                 members.append(np.stack([np.full(int(two.sum()), c), across[two], at[two]], 1))
         if not members:
-            return {}
+            return {}, home
         members = np.concatenate(members)
         # Sorted by group, then index, each once (np.unique(axis=0)'s result, 10x faster)
         members = members[np.lexsort(members.T[::-1])]
         members = members[np.r_[True, np.any(members[1:] != members[:-1], axis=1)]]
         starts = np.flatnonzero(np.r_[True, np.any(members[1:, :2] != members[:-1, :2], axis=1)])
         ends = np.r_[starts[1:], len(members)]
-        return {(int(members[a, 0]), int(members[a, 1])): members[a:b, 2] for a, b in zip(starts, ends)}
+        return {(int(members[a, 0]), int(members[a, 1])): members[a:b, 2] for a, b in zip(starts, ends)}, home
 
 
 # ---- the dropped documents, joined back to their shards -------------------------------------

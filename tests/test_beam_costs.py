@@ -68,3 +68,15 @@ def test_kept_option_views_read_and_write_the_same_values():
     assert fresh.view_as(DirectOptions) is not direct and fresh.view_as(DirectOptions).direct_num_workers == 1
     with beam.Pipeline(options=options.view_as(StandardOptions).view_as(PipelineOptions)) as p:
         assert_that(p | beam.Create([1, 2]) | beam.Map(lambda x: x * 2), equal_to([2, 4]))
+
+
+def test_state_samplers_made_after_beamsift_is_imported_sleep_at_most_20_ms():
+    from apache_beam.runners.worker import statesampler
+    from apache_beam.utils.counters import CounterFactory
+    from beamsift import transforms  # noqa: F401 (installs the shorter period)
+    from beamsift.transforms.state_sampling import LONGEST_PERIOD_MS, shorten_state_sampling
+
+    shorten_state_sampling()  # a second time changes nothing
+    assert statesampler.StateSampler("step", CounterFactory()).sampling_period_ms == LONGEST_PERIOD_MS == 20
+    # A period asked for explicitly is Beam's to keep
+    assert statesampler.StateSampler("step", CounterFactory(), sampling_period_ms=500).sampling_period_ms == 500

@@ -1,5 +1,7 @@
 """beamsift's Beam transforms and DoFns, one concern a module."""
 
 from beamsift.transforms.io.s3_clients import share_s3_clients
+from beamsift.transforms.state_sampling import shorten_state_sampling
 
 share_s3_clients()
+shorten_state_sampling()

@@ -10,7 +10,7 @@ import pytest
 from beamsift.pipeline.config import load_config
 from beamsift.pipeline.run import run_selection
 from beamsift.transforms.featurize import hashed_ngram_features
-from beamsift.transforms.stages.cluster import assign, fit_centroids, load_centroids
+from beamsift.transforms.stages.cluster import assign, fit_centroids, kmeans_best_of, load_centroids
 from beamsift.transforms.stages.embed import projection, smooth_idf, tfidf_embeddings
 from conftest import demo_records, make_config, write_jsonl
 from sklearn.cluster import KMeans
@@ -45,6 +45,19 @@ def test_the_centroids_do_not_depend_on_the_threads_of_the_machine():
             raw = KMeans(n_clusters=16, random_state=0, n_init=3).fit(np.stack([v for _, _, v in sample]))
         assert np.abs(raw.cluster_centers_ - fitted[-1]).max() < 1e-3  # scikit-learn's k-means, as it was
     np.testing.assert_array_equal(fitted[0], fitted[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_runs_side_by_side_are_scikit_learns_fit_bit_for_bit(dtype):
+    """The starts drawn in scikit-learn's order, the Lloyd runs on threads, the best kept as it
+    keeps it: the same centroids as KMeans(n_init=3).fit, on points with and without clusters."""
+    rng = np.random.default_rng(3)
+    blobs = rng.normal(size=(12, 24))[rng.integers(0, 12, 4000)] + 0.3 * rng.normal(size=(4000, 24))
+    for points in (blobs.astype(dtype), rng.normal(size=(2500, 24)).astype(dtype)):
+        for seed, k in ((0, 16), (5, 7)):
+            with threadpool_limits(limits=1, user_api="openmp"):
+                expected = KMeans(n_clusters=k, random_state=seed, n_init=3).fit(points).cluster_centers_
+                np.testing.assert_array_equal(kmeans_best_of(points, k, seed, 3), expected)
 
 
 def test_tfidf_embedding_by_hand():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -61,7 +62,6 @@ def _embedding_rows(chain, shard, rows):
 
 def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.ndarray:
     """k-means (k-means++, scikit-learn) on the sample's vectors; saved to artifacts/ if given."""
-    from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
     vectors = np.stack([v for _, _, v in sample]) if sample else np.zeros((0, 1), np.float32)
@@ -72,9 +72,59 @@ def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.
     # SemDeDup decision after them) would change with the machine's cores, and with three or more
     # threads from run to run. One thread: +0.5 s on a 20,000 x 512 sample (1.7 -> 2.2 s, 2 cores).
     with threadpool_limits(limits=1, user_api="openmp"):
-        fitted = KMeans(n_clusters=k, random_state=seed, n_init=3).fit(vectors)
-    centroids = fitted.cluster_centers_.astype(np.float32)
+        centroids = kmeans_best_of(vectors, k, seed, N_INIT).astype(np.float32)
     return save_centroids(centroids, artifacts) if artifacts is not None else centroids
+
+
+N_INIT = 3  # k-means++ starts, the best kept
+
+
+def kmeans_best_of(vectors: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
+    """The centroids of ``KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(vectors)``,
+    bit for bit, with its runs side by side: scikit-learn draws the starts one after the other
+    from one generator (cheap) and then runs Lloyd from each in turn (most of the fit, on one
+    thread here); the runs are independent, so they go on threads of their own (compiled, without
+    the GIL), each on one thread as before. The fit is one step that runs alone, so it takes the
+    machine's cores: 20,000 x 512 at k = 16 in a worker limited to one thread, 3.3-3.6 -> 2.3 s.
+    Where scikit-learn's private helpers differ from the ones this was written against, its own
+    fit."""
+    from sklearn.cluster import KMeans
+
+    try:
+        from sklearn.cluster import _kmeans as km
+        from sklearn.utils.extmath import row_norms
+
+        parts = (km._tolerance, km._kmeans_plusplus, km._kmeans_single_lloyd, km._is_same_clustering)
+    except (ImportError, AttributeError):
+        parts = None
+    threads = min(n_init, os.cpu_count() or 1)
+    if parts is None or threads < 2 or vectors.dtype not in (np.float32, np.float64):
+        return KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(vectors).cluster_centers_
+    tolerance, plusplus, lloyd, same_clustering = parts
+    # KMeans.fit's steps: a C-ordered copy, the tolerance from its variances, the mean taken out,
+    # the squared norms, n_init starts from one generator, then a Lloyd run from each
+    points = np.array(vectors, order="C", copy=True)
+    tol = tolerance(points, 1e-4)
+    generator = np.random.RandomState(seed)
+    weights = np.ones(len(points), dtype=points.dtype)
+    mean = points.mean(axis=0)
+    points -= mean
+    norms = row_norms(points, squared=True)
+    starts = [
+        plusplus(points, k, random_state=generator, x_squared_norms=norms, sample_weight=weights)[0]
+        for _ in range(n_init)
+    ]
+
+    def run(start):
+        return lloyd(points, weights, start, max_iter=300, verbose=False, tol=tol, n_threads=1)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="kmeans") as pool:
+        runs = list(pool.map(run, starts))
+    best = None  # the first run, then a later one only with a lower inertia and another clustering
+    for labels, inertia, centers, _ in runs:
+        if best is None or (inertia < best[1] and not same_clustering(labels, best[0], k)):
+            best = (labels, inertia, centers)
+    return best[2] + mean
 
 
 def load_centroids(path: str) -> np.ndarray:

@@ -155,6 +155,7 @@ def build_pipeline(
         cfg["input.id_field"],
         ctx.selection_buckets,
         progress_dir,
+        ctx.threads,
     )
     written = shards | "WriteSelection" >> beam.ParDo(write, ctx.fields).with_outputs("rejected", main="summary")
     rejected_summary = (

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 
+import apache_beam as beam
 import duckdb
 import numpy as np
 import pytest
 from beamsift.pipeline.config import ConfigError, load_config
 from beamsift.pipeline.run import run_selection
+from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.selectors.core import SelectionError, top_k_order
 from beamsift.transforms.selectors.cut import Cut
 from conftest import TEST_RUNNER, make_config, write_jsonl
@@ -226,3 +228,53 @@ def test_a_fit_in_a_map_step_counts_in_its_stage_timings():
     result.wait_until_finish()
     timing = stage_timings(_query_metrics(result))["fitting"]
     assert timing["busy_s"] >= 0.2 and timing["wall_s"] >= 0.2
+
+
+class _SideBySideWork(beam.DoFn):
+    """Each element's work on a thread of the DoFn's own: its outputs (one tagged where odd), a
+    counter, and how many elements were in hand at once."""
+
+    def setup(self):
+        import threading
+
+        from beamsift.transforms.chain.side_by_side import SideBySide
+
+        self.shards, self.lock, self.now, self.most = SideBySide(2, "test"), threading.Lock(), 0, 0
+
+    def process(self, x):
+        yield from self.shards.submit(self.work, x)
+
+    def work(self, x):
+        import time
+
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        beam.metrics.Metrics.counter(NAMESPACE, "seen").inc(x)
+        time.sleep(0.005)
+        with self.lock:
+            self.now -= 1
+        return [x, beam.pvalue.TaggedOutput("odd", x)] if x % 2 else [x]
+
+    def finish_bundle(self):
+        yield from self.shards.rest()
+        beam.metrics.Metrics.counter(NAMESPACE, "more_than_two").inc(int(self.most > 2))
+        self.most = 0
+
+    def teardown(self):
+        self.shards.close()
+
+
+def test_side_by_side_gives_every_output_counts_its_metrics_and_holds_two_at_a_time():
+    from apache_beam.testing.util import assert_that, equal_to
+    from beamsift.pipeline.run import _query_metrics
+
+    p = beam.Pipeline(runner=TEST_RUNNER)
+    out = p | beam.Create(range(40)) | beam.ParDo(_SideBySideWork()).with_outputs("odd", main="all")
+    assert_that(out.all, equal_to(list(range(40))), label="all")
+    assert_that(out.odd, equal_to(list(range(1, 40, 2))), label="odd")
+    result = p.run()
+    result.wait_until_finish()
+    metrics = _query_metrics(result)
+    assert metrics["seen"] == sum(range(40))  # counted on the elements' threads, not lost
+    assert metrics["more_than_two"] == 0  # never more elements in hand than threads

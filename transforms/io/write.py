@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ARROW_TYPES, DUPLICATE, REASON, Chain, reason_values
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
+from beamsift.transforms.chain.side_by_side import SideBySide
 from beamsift.transforms.chain.staging import read_staging, write_parquet
 from beamsift.transforms.io.examples import shard_extremes
 from beamsift.transforms.io.read import POSITION_BITS, REJECTED
@@ -79,6 +81,7 @@ class WriteSelectionShards(MeteredDoFn):
         id_field: str | None,
         ngram_buckets: int | None = None,
         progress_dir: str | None = None,
+        threads: int = 1,
     ):
         self.output_dir = output_dir
         self.chain = chain
@@ -87,10 +90,39 @@ class WriteSelectionShards(MeteredDoFn):
         self.id_field = id_field
         self.ngram_buckets = ngram_buckets
         self.meter = StageMeter("write", progress_dir)
+        self.threads = threads  # > 1: that many shards written side by side (one process, several cores)
+        self._shards = None
+
+    def setup(self):
+        super().setup()
+        if self.threads > 1:
+            self._shards = SideBySide(self.threads, "write", self._done)
 
     def process(self, item, fields):
+        if self._shards is None:
+            yield from self._done(self._write(item, fields))
+        else:
+            yield from self._shards.submit(self._write, item, fields)
+
+    def finish_bundle(self):
+        if self._shards is not None:
+            yield from self._shards.rest()
+        super().finish_bundle()
+
+    def teardown(self):
+        if self._shards is not None:
+            self._shards.close()
+
+    def _done(self, written: tuple) -> list:
+        started, ended, docs, outputs = written
+        self.meter.record(started, ended, docs)
+        return outputs
+
+    def _write(self, item, fields) -> tuple:
+        """A shard's files written -> (started, ended, documents, the outputs: rejects and a summary)."""
         shard = item.ref
-        started = self.meter.start()
+        started = time.time()
+        outputs = []
         table = read_staging(shard.path)
         last = self.chain.read(self.chain.stages[-1], shard.name)
         reasons = reason_values(last.column(REASON))
@@ -121,9 +153,9 @@ class WriteSelectionShards(MeteredDoFn):
         if duplicate.any():
             duplicates = self.chain.duplicates(item)
             for row in np.flatnonzero(duplicate):
-                yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates))
+                outputs.append(beam.pvalue.TaggedOutput(REJECTED, self._duplicate_reject(table, row, duplicates)))
 
-        self.meter.done(started, docs=table.num_rows)
+        ended = time.time()
         counts = {"selected": int(selected.sum())}
         if duplicate.any():
             counts["rejected: duplicate id"] = int(duplicate.sum())
@@ -135,7 +167,7 @@ class WriteSelectionShards(MeteredDoFn):
         if self.ngram_buckets is not None and "_in_random" in last.column_names:
             in_random = np.asarray(last.column("_in_random").to_numpy(zero_copy_only=False), dtype=bool)
             summary.update(selection_ngrams(table, selected, in_random, self.ngram_buckets))
-        yield summary
+        return started, ended, table.num_rows, [*outputs, summary]
 
     def _duplicate_reject(self, table: pa.Table, row: int, duplicates) -> dict:
         # The record as it was read, under its own field names; a null field is left out, as it

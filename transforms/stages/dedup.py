@@ -719,11 +719,30 @@ class _ClusterShapes(beam.DoFn):
     lowest made 1 GB of samples at 1M documents): a cluster's ``sample`` lowest are all under
     it wherever that many of its documents are, and otherwise all of its under it are kept."""
 
-    def __init__(self, stage, chain, probes: int, sample: int, clusters: int):
+    def __init__(self, stage, chain, probes: int, sample: int, clusters: int, threads: int = 1):
         self.stage, self.chain, self.probes, self.sample = stage, chain, probes, sample
-        self.clusters = clusters
+        self.clusters, self.threads = clusters, threads
+        self._shards = None
+
+    def setup(self):
+        if self.threads > 1:  # one process given several cores: its shards side by side
+            self._shards = SideBySide(self.threads, "shapes")
 
     def process(self, item, exact_done, documents):
+        if self._shards is None:
+            yield from self._shapes(item, exact_done, documents)
+        else:
+            yield from self._shards.submit(self._shapes, item, exact_done, documents)
+
+    def finish_bundle(self):
+        if self._shards is not None:
+            yield from self._shards.rest()
+
+    def teardown(self):
+        if self._shards is not None:
+            self._shards.close()
+
+    def _shapes(self, item, exact_done, documents) -> list:
         shard, running = self.chain.running(self.stage, item)
         orders = read_orders(shard.path)
         exact, _ = read_drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(orders)
@@ -734,21 +753,22 @@ class _ClusterShapes(beam.DoFn):
         hashes = read_id_hashes(shard.path)
         share = 8 * self.sample * self.clusters / max(documents, 1)
         offered = hashes <= (np.uint64(2**64 - 1) if share >= 1 else np.uint64(int(share * 2**64)))
-        out = {}
+        out, outputs = {}, []
         for c in np.unique(clusters[rows]).astype(np.int64).tolist():
             own = rows & (clusters == c)
             n = int(own.sum())
             out[c] = (n, vectors[own].sum(0), n)
             at = np.flatnonzero(own & offered)
             at = at[np.lexsort((orders[at], hashes[at]))[: self.sample]]
-            yield beam.pvalue.TaggedOutput("sample", (c, (hashes[at], orders[at], embedded[at].astype(np.float16))))
+            sample = (hashes[at], orders[at], embedded[at].astype(np.float16))
+            outputs.append(beam.pvalue.TaggedOutput("sample", (c, sample)))
         if self.probes > 1:
             probe = self.chain.column(NEXT_CLUSTER, shard.name)
             also = rows & ~np.isnan(probe) & (probe != clusters)
             for c, n in zip(*np.unique(probe[also].astype(np.int64), return_counts=True)):
                 size, total, own = out.get(int(c), (0, 0.0, 0))
                 out[int(c)] = (size + int(n), total, own)
-        yield out
+        return [*outputs, out]
 
 
 class LowestHashes(beam.CombineFn):
@@ -902,32 +922,61 @@ class _ClusterMembers(beam.DoFn):
 
     FILE_DOCS = 32768  # documents held before their members are written (~35 MB)
 
-    def __init__(self, stage, chain, probes: int = 2, tfidf: tuple | None = None):
+    def __init__(self, stage, chain, probes: int = 2, tfidf: tuple | None = None, threads: int = 1):
         self.stage, self.chain, self.probes = stage, chain, probes
         self.tfidf = tfidf  # (num_buckets, dim, seed): compare on projected TF-IDF, not the embedding
+        self.threads = threads
         self._proj = None
         self._pending = []
+        self._shards = None
+
+    def setup(self):
+        self._lock = threading.Lock()
+        if self.threads > 1:  # one process given several cores: its shards' members side by side
+            self._shards = SideBySide(self.threads, "members", self._held)
+
+    def teardown(self):
+        if self._shards is not None:
+            self._shards.close()
 
     def _vectors(self, shard, rows, frequencies):
         """The vectors compared, of the documents at ``rows`` (those compared: no others computed)."""
         if self.tfidf is None:
             return embeddings(self.chain, shard.name)[rows]
-        if self._proj is None:
-            self._proj = projection(*self.tfidf)
-            self._tiles = projection_tiles(self._proj)
+        with self._lock:
+            if self._proj is None:
+                self._proj = projection(*self.tfidf)
+                self._tiles = projection_tiles(self._proj)
         return tfidf_embeddings(features_of(shard, rows), smooth_idf(frequencies), self._proj, self._tiles)
 
     def start_bundle(self):
         self._pending = []  # [(shard name, its members' batch, {group: rows of the batch}, homes)]
 
     def process(self, item, exact_done, splits, frequencies=None):
+        if self._shards is None:
+            yield from self._held(self._members_of(item, exact_done, splits, frequencies))
+        else:
+            yield from self._shards.submit(self._members_of, item, exact_done, splits, frequencies)
+
+    def _held(self, members) -> list:
+        """A shard's members held for the next file (written, on the bundle's thread, once it holds
+        ``FILE_DOCS`` documents) -> (group, reference) of each group in a file written now."""
+        if members is None:
+            return []
+        self._pending.append(members)
+        if sum(b.num_rows for _, b, _, _ in self._pending) >= self.FILE_DOCS:
+            return list(self._write())
+        return []
+
+    def _members_of(self, item, exact_done, splits, frequencies=None):
+        """A shard -> (its name, its members' batch, {group: rows of the batch}, homes), or None."""
         shard, running = self.chain.running(self.stage, item)
         table = read_staging(shard.path, [ORDER, "id"])
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
         exact, _ = read_drops(self.chain, self.stage + EXACT_TABLE, shard.name, exact_done).lookup(orders)
         rows = np.flatnonzero(running & ~exact)
         if not len(rows):
-            return
+            return None
         clusters = self.chain.column("cluster", shard.name)
         distance = self.chain.column("cluster_distance", shard.name)
         vectors = self._vectors(shard, rows, frequencies)
@@ -940,11 +989,11 @@ class _ClusterMembers(beam.DoFn):
         held = vectors if self.tfidf is None else None  # the embedding's rows, read above
         by_group, home = self._groups(shard, rows, clusters, probe, splits, held)
         batch = _member_batch(rows, distance, orders, ids, vectors16, shard.name)
-        self._pending.append((shard.name, batch, by_group, home))
-        if sum(b.num_rows for _, b, _, _ in self._pending) >= self.FILE_DOCS:
-            yield from self._write()
+        return shard.name, batch, by_group, home
 
     def finish_bundle(self):
+        if self._shards is not None:
+            yield from self._shards.rest()
         for key, ref in self._write():
             yield WindowedValue((key, ref), MIN_TIMESTAMP, [GlobalWindow()])
 
@@ -1232,9 +1281,10 @@ class DeduplicateDocuments(beam.PTransform):
             write_per_shard(exact, self.chain, self.name + EXACT_TABLE, "Exact"), default_value=0
         )
         sample = split_sample_size(self.clusters)
-        shapes = shards | "ClusterShapes" >> beam.ParDo(
-            _ClusterShapes(self.name, self.chain, self.probes, sample, self.clusters), exact_done, documents
-        ).with_outputs("sample", main="shapes")
+        shaping = _ClusterShapes(self.name, self.chain, self.probes, sample, self.clusters, self.threads)
+        shapes = shards | "ClusterShapes" >> beam.ParDo(shaping, exact_done, documents).with_outputs(
+            "sample", main="shapes"
+        )
         samples = shapes.sample | "SampleClusters" >> beam.CombinePerKey(LowestHashes(sample))
         splits = beam.pvalue.AsSingleton(
             shapes.shapes
@@ -1244,7 +1294,7 @@ class DeduplicateDocuments(beam.PTransform):
         side = []
         if self.tfidf is not None:
             side = [document_frequencies(shards, self.name, self.chain, self.tfidf[0])]
-        members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf)
+        members = _ClusterMembers(self.name, self.chain, self.probes, self.tfidf, self.threads)
         near = (
             shards
             | "ClusterMembers" >> beam.ParDo(members, exact_done, splits, *side)

@@ -25,15 +25,21 @@ class SideBySide:
     ``rest()``, from ``finish_bundle``, yields the others. At most ``threads`` elements are in
     hand at once (one on each thread): the memory of that many elements.
 
+    With ``threads`` 1 (worker processes, a distributed runner) each element is worked on at
+    once on the bundle's thread, as a DoFn without the helper would.
+
     Beam counts metrics only on the bundle's thread: each element's thread counts them as the
     bundle's (its state tracker), so the staging bytes it reads are in the run's metrics."""
 
     def __init__(self, threads: int, name: str, done: Callable = list):
         self.threads, self.done = threads, done
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 1 else None
         self.pending: list = []
 
     def submit(self, fn: Callable, *args) -> Iterator:
+        if self.pool is None:
+            yield from self.done(fn(*args))
+            return
         self.pending.append(self.pool.submit(_in_bundle, statesampler.get_current_tracker(), fn, *args))
         while self.pending and (self.pending[0].done() or len(self.pending) > self.threads):
             yield from self.done(self.pending.pop(0).result())
@@ -48,7 +54,8 @@ class SideBySide:
             self.pending = []
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _in_bundle(tracker, fn: Callable, *args) -> list:

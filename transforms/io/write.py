@@ -91,27 +91,20 @@ class WriteSelectionShards(MeteredDoFn):
         self.ngram_buckets = ngram_buckets
         self.meter = StageMeter("write", progress_dir)
         self.threads = threads  # > 1: that many shards written side by side (one process, several cores)
-        self._shards = None
 
     def setup(self):
         super().setup()
-        if self.threads > 1:
-            self._shards = SideBySide(self.threads, "write", self._done)
+        self._shards = SideBySide(self.threads, "write", self._done)
 
     def process(self, item, fields):
-        if self._shards is None:
-            yield from self._done(self._write(item, fields))
-        else:
-            yield from self._shards.submit(self._write, item, fields)
+        yield from self._shards.submit(self._write, item, fields)
 
     def finish_bundle(self):
-        if self._shards is not None:
-            yield from self._shards.rest()
+        yield from self._shards.rest()
         super().finish_bundle()
 
     def teardown(self):
-        if self._shards is not None:
-            self._shards.close()
+        self._shards.close()
 
     def _done(self, written: tuple) -> list:
         started, ended, docs, outputs = written

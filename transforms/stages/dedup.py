@@ -594,18 +594,16 @@ class _CompareGroups(beam.DoFn):
 
     def __init__(self, epsilon: float, stage: str, max_group: int, threads: int = 1):
         self.epsilon, self.stage, self.max_group, self.threads = epsilon, stage, max_group, threads
-        self._groups = None
 
     def setup(self):
         self._meter = StageMeter(self.stage)
         self._meter.setup()
-        if self.threads > 1:
-            self._groups = SideBySide(self.threads, "semdedup", self._done)
-            self._torch = _OneTorchThread()
+        self._groups = SideBySide(self.threads, "semdedup", self._done)
+        self._torch = _OneTorchThread() if self.threads > 1 else None
 
     def start_bundle(self):
         self._limits = contextlib.ExitStack()
-        if self._groups is not None:  # one math thread a group: the groups are the parallelism
+        if self._torch is not None:  # one math thread a group: the groups are the parallelism
             self._limits.enter_context(threadpool_limits(limits=1, user_api="blas"))
             self._limits.callback(self._torch.restore)
 
@@ -616,21 +614,17 @@ class _CompareGroups(beam.DoFn):
         return records
 
     def process(self, kv):
-        if self._groups is None:
-            yield from self._done(_timed_group(kv, self.epsilon, self.max_group))
-        else:
-            yield from self._groups.submit(_timed_group, kv, self.epsilon, self.max_group, self._torch.limit)
+        limit_torch = self._torch.limit if self._torch is not None else None
+        yield from self._groups.submit(_timed_group, kv, self.epsilon, self.max_group, limit_torch)
 
     def finish_bundle(self):
         try:
-            if self._groups is not None:
-                yield from self._groups.rest()
+            yield from self._groups.rest()
         finally:
             self._limits.close()
 
     def teardown(self):
-        if self._groups is not None:
-            self._groups.close()
+        self._groups.close()
 
 
 class _OneTorchThread:
@@ -722,25 +716,18 @@ class _ClusterShapes(beam.DoFn):
     def __init__(self, stage, chain, probes: int, sample: int, clusters: int, threads: int = 1):
         self.stage, self.chain, self.probes, self.sample = stage, chain, probes, sample
         self.clusters, self.threads = clusters, threads
-        self._shards = None
 
     def setup(self):
-        if self.threads > 1:  # one process given several cores: its shards side by side
-            self._shards = SideBySide(self.threads, "shapes")
+        self._shards = SideBySide(self.threads, "shapes")  # one process, several cores: side by side
 
     def process(self, item, exact_done, documents):
-        if self._shards is None:
-            yield from self._shapes(item, exact_done, documents)
-        else:
-            yield from self._shards.submit(self._shapes, item, exact_done, documents)
+        yield from self._shards.submit(self._shapes, item, exact_done, documents)
 
     def finish_bundle(self):
-        if self._shards is not None:
-            yield from self._shards.rest()
+        yield from self._shards.rest()
 
     def teardown(self):
-        if self._shards is not None:
-            self._shards.close()
+        self._shards.close()
 
     def _shapes(self, item, exact_done, documents) -> list:
         shard, running = self.chain.running(self.stage, item)
@@ -928,16 +915,14 @@ class _ClusterMembers(beam.DoFn):
         self.threads = threads
         self._proj = None
         self._pending = []
-        self._shards = None
 
     def setup(self):
         self._lock = threading.Lock()
-        if self.threads > 1:  # one process given several cores: its shards' members side by side
-            self._shards = SideBySide(self.threads, "members", self._held)
+        # one process given several cores: its shards' members side by side
+        self._shards = SideBySide(self.threads, "members", self._held)
 
     def teardown(self):
-        if self._shards is not None:
-            self._shards.close()
+        self._shards.close()
 
     def _vectors(self, shard, rows, frequencies):
         """The vectors compared, of the documents at ``rows`` (those compared: no others computed)."""
@@ -953,10 +938,7 @@ class _ClusterMembers(beam.DoFn):
         self._pending = []  # [(shard name, its members' batch, {group: rows of the batch}, homes)]
 
     def process(self, item, exact_done, splits, frequencies=None):
-        if self._shards is None:
-            yield from self._held(self._members_of(item, exact_done, splits, frequencies))
-        else:
-            yield from self._shards.submit(self._members_of, item, exact_done, splits, frequencies)
+        yield from self._shards.submit(self._members_of, item, exact_done, splits, frequencies)
 
     def _held(self, members) -> list:
         """A shard's members held for the next file (written, on the bundle's thread, once it holds
@@ -992,8 +974,7 @@ class _ClusterMembers(beam.DoFn):
         return shard.name, batch, by_group, home
 
     def finish_bundle(self):
-        if self._shards is not None:
-            yield from self._shards.rest()
+        yield from self._shards.rest()
         for key, ref in self._write():
             yield WindowedValue((key, ref), MIN_TIMESTAMP, [GlobalWindow()])
 

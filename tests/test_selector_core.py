@@ -179,11 +179,9 @@ def _payload_rows(chain, shard, rows):  # module level: it travels to the worker
     return [int(r) for r in rows]
 
 
-def test_a_sample_offered_under_the_bound_is_the_n_smallest_keys_of_all(tmp_path):
-    # 8 shards of 1,000 documents (every 3rd out of the running); n = 100 of 5,336: each shard
-    # offers only the documents under offer_bound (~5%), and the sample is still exactly the 100
-    # smallest seeded keys of the whole running, as a plain sort of every key finds them.
-    from beamsift.transforms.chain.sampling import SampleRunning, offer_bound
+def _sample_shards(tmp_path):
+    """8 staged shards of 1,000 documents, every 3rd out of the running -> (chain, shards, every
+    document in the running as (seeded key, id hash, row))."""
     from beamsift.transforms.chain.seeded import uniform01
 
     chain = Chain(str(tmp_path), ("fit",))
@@ -199,10 +197,39 @@ def test_a_sample_offered_under_the_bound_is_the_n_smallest_keys_of_all(tmp_path
         shards.append(StageShard(ShardRef(path, f"s{i}", 1000, i * 1000, i * 1000 + 999), int(running.sum())))
         keys = uniform01(hashes, 7, 0x51)
         every += [(float(keys[r]), int(hashes[r]), int(r)) for r in np.flatnonzero(running)]
+    return chain, shards, every
+
+
+def test_a_sample_offered_under_the_bound_is_the_n_smallest_keys_of_all(tmp_path):
+    # n = 100 of 5,336: each shard offers only the documents under offer_bound (~5%), and the
+    # sample is still exactly the 100 smallest seeded keys of the whole running, as a plain sort
+    # of every key finds them.
+    from beamsift.transforms.chain.sampling import SampleRunning, offer_bound
+
+    chain, shards, every = _sample_shards(tmp_path)
     assert offer_bound(100, len(every)) < 0.05
     with BeamPipeline(runner=TEST_RUNNER) as p:
         sample = p | beam.Create(shards) | SampleRunning("fit", chain, 100, 7, 0x51, _payload_rows)
         assert_that(sample, equal_to([sorted(every)[:100]]))
+
+
+def _rows_and_size(sample) -> tuple:
+    return [row for _, _, row in sample], len(sample)
+
+
+def test_what_is_fitted_on_a_sample_is_given_that_sample_and_a_fit_of_none_fails_as_it_did(tmp_path):
+    # ``then`` (a fit) runs where the sample is merged, on the very sample, not after it; of no
+    # shards it runs on an empty sample (CombineGlobally's default), where the fits raise their
+    # own error ("cluster.k=16 is more than the 0 documents sampled").
+    from beamsift.transforms.chain.sampling import SampleRunning
+
+    chain, shards, every = _sample_shards(tmp_path)
+    with BeamPipeline(runner=TEST_RUNNER) as p:
+        fitted = p | beam.Create(shards) | SampleRunning("fit", chain, 100, 7, 0x51, _payload_rows, then=_rows_and_size)
+        assert_that(fitted, equal_to([([row for _, _, row in sorted(every)[:100]], 100)]))
+    with BeamPipeline(runner=TEST_RUNNER) as p:
+        fitted = p | beam.Create([]) | SampleRunning("fit", chain, 100, 7, 0x51, _payload_rows, then=_rows_and_size)
+        assert_that(fitted, equal_to([([], 0)]))
 
 
 def test_a_sample_of_vectors_travels_as_one_array():

@@ -104,18 +104,18 @@ class StageMeter:
 
 class Metered:
     """``fn`` timed as part of ``stage``'s work in the run's metrics: for the fits that run in a
-    Map step (the SVD, k-means, a proxy's training), outside the stage's per-shard DoFn, so that
-    the manifest's ``wall_s`` and ``busy_s`` include them."""
+    Map step or a combine's output (the SVD, k-means, a proxy's training), outside the stage's
+    per-shard DoFn, so that the manifest's ``wall_s`` and ``busy_s`` include them."""
 
     def __init__(self, stage: str, fn):
         self.stage, self.fn = stage, fn
 
-    def __call__(self, element, *args):
+    def __call__(self, element, *args, **kwargs):
         meter = StageMeter(self.stage)
         meter.setup()
         started = meter.start()
         try:
-            return self.fn(element, *args)
+            return self.fn(element, *args, **kwargs)
         finally:
             meter.done(started)
 

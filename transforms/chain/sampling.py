@@ -47,10 +47,11 @@ def _sample_rows(keys: np.ndarray, hashes: np.ndarray, payloads) -> SampleRows:
 
 
 class KeepSmallest(beam.CombineFn):
-    """Lists of (key, id hash, payload) -> the n with the smallest (key, id hash), sorted."""
+    """Lists of (key, id hash, payload) -> the n with the smallest (key, id hash), sorted; with
+    ``then``, ``then(sample)`` instead (see ``SampleRunning``)."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, then: Callable | None = None):
+        self.n, self.then = n, then
 
     def create_accumulator(self):
         return SampleRows()
@@ -73,7 +74,7 @@ class KeepSmallest(beam.CombineFn):
     def extract_output(self, acc):
         acc = acc if isinstance(acc, SampleRows) else SampleRows(acc)
         acc.sort(key=_KEY)
-        return acc
+        return acc if self.then is None else self.then(acc)
 
 
 class SampleShard(beam.DoFn):
@@ -101,12 +102,18 @@ class SampleShard(beam.DoFn):
 
 class SampleRunning(beam.PTransform):
     """The sample (a list of at most n (key, id hash, payload), smallest key first) of the
-    documents in the running before ``stage``: one element."""
+    documents in the running before ``stage``: one element; with ``then``, ``then(sample)``.
 
-    def __init__(self, stage: str, chain, n: int, seed: int, stream: int, payload: Callable, eligible=None):
+    ``then`` (what is fitted on the sample) runs where the sample is merged: a sample of
+    embeddings is large (20,000 x 512 float32: 40 MB), and as the combine's output it went back
+    through the runner and out to the fit (a global combine's output reaches the step after it
+    through a side input): 6.9 s from the merge's start to the fit's end at 1M documents with two
+    workers, for a 2.3 s fit."""
+
+    def __init__(self, stage: str, chain, n: int, seed: int, stream: int, payload: Callable, eligible=None, then=None):
         super().__init__()
         self.fn = SampleShard(stage, chain, n, seed, stream, payload, eligible)
-        self.n = n
+        self.n, self.then = n, then
 
     def expand(self, shards):
         side = []
@@ -115,7 +122,7 @@ class SampleRunning(beam.PTransform):
         return (
             shards
             | "SampleShards" >> beam.ParDo(self.fn, *side)
-            | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.n))
+            | "KeepSample" >> beam.CombineGlobally(KeepSmallest(self.n, self.then))
         )
 
 

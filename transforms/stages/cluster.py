@@ -14,6 +14,7 @@ clusters.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -217,11 +218,9 @@ class ClusterDocuments(beam.PTransform):
             centroids = shards.pipeline | "GivenCentroids" >> beam.Create([self.model]) | beam.Map(load_centroids)
         else:
             artifacts = FileSystems.join(self.artifacts, self.name)
-            centroids = (
-                shards
-                | "SampleEmbeddings"
-                >> SampleRunning(self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _embedding_rows)
-                | "FitCentroids" >> beam.Map(Metered(self.name, fit_centroids), self.k, self.seed, None)
+            fit = functools.partial(Metered(self.name, fit_centroids), k=self.k, seed=self.seed, artifacts=None)
+            centroids = shards | "FitCentroids" >> SampleRunning(
+                self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _embedding_rows, then=fit
             )
             for i in range(self.passes):
                 current = beam.pvalue.AsSingleton(centroids)

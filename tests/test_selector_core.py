@@ -217,7 +217,7 @@ def _rows_and_size(sample) -> tuple:
     return [row for _, _, row in sample], len(sample)
 
 
-def test_what_is_fitted_on_a_sample_is_given_that_sample_and_a_fit_of_none_fails_as_it_did(tmp_path):
+def test_what_is_fitted_on_a_sample_is_given_that_sample_even_an_empty_one(tmp_path):
     # ``then`` (a fit) runs where the sample is merged, on the very sample, not after it; of no
     # shards it runs on an empty sample (CombineGlobally's default), where the fits raise their
     # own error ("cluster.k=16 is more than the 0 documents sampled").

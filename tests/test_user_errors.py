@@ -131,6 +131,17 @@ def test_when_most_records_are_rejected_the_error_says_why(tmp_path, small_corpu
     )
 
 
+def test_more_clusters_than_documents_fails_at_the_fit_with_one_line(tmp_path, pool_records):
+    # k-means is fitted where its sample is merged (inside the sample's combine): its error
+    # still reaches the user as the fit words it, not as a worker's traceback
+    pool = write_jsonl(tmp_path / "pool.jsonl", pool_records[:60])
+    cfg = make_config(tmp_path, pool, pool, stages=["embed", "cluster", "select"], cluster={"k": 64},
+                      select={"method": "all"})  # fmt: skip
+    assert _error(run_cli("run", str(cfg), check=False)) == (
+        "cluster.k=64 is more than the 60 documents sampled to fit the centroids"
+    )
+
+
 def test_a_target_whose_every_record_is_rejected(tmp_path, small_corpus):
     target = write_jsonl(tmp_path / "target.jsonl", [{"text": "   "}] * 20)
     cfg = make_config(tmp_path, small_corpus["pool"], target)

@@ -234,3 +234,40 @@ def test_lloyd_passes_over_every_document(tmp_path, corpus):
         expected = np.stack([vectors[nearest == c].mean(0) for c in range(5)])
     np.testing.assert_allclose(fitted[2], expected, atol=1e-5)
     assert np.abs(fitted[2] - fitted[0]).max() > 1e-3  # the passes did move them
+
+
+def test_a_sample_that_names_its_rows_fits_what_one_that_carries_them_fits(tmp_path):
+    """On a local disk a sample carries (shard, row) for each sampled embedding and the fit reads
+    them where they are; on an object store it carries the vectors. The same rows, in the
+    sample's order (not the shards'), give the same centroids and the same split directions."""
+    from beamsift.transforms.chain import Chain
+    from beamsift.transforms.stages.dedup import SHARD_ROWS, plan_splits
+    from beamsift.transforms.stages.embed import EMBEDDING, embedding_refs, referred_embeddings
+
+    rng = np.random.default_rng(4)
+    chain = Chain(str(tmp_path), ("embed",), {"embed": ((EMBEDDING, "fixed_size_list<item: float>[8]"),)})
+    assert chain.on_local_disk()
+    shards = {}
+    for name in ("part-b", "part-a", "part-c"):
+        shards[name] = rng.normal(size=(50, 8)).astype(np.float32)
+        flat = pa.array(shards[name].reshape(-1), pa.float32())
+        chain.write("embed", name, pa.table({EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, 8)}))
+    picks = [(name, int(r)) for name in shards for r in rng.choice(50, 20, replace=False)]
+    order = rng.permutation(len(picks))  # the sample's order: by key, across the shards
+    refs = [embedding_refs(chain, picks[i][0], np.array([picks[i][1]]))[0] for i in order]
+    carried = [shards[picks[i][0]][picks[i][1]].copy() for i in order]
+    assert refs[0] == picks[order[0]]
+    np.testing.assert_array_equal(referred_embeddings(chain, refs), np.stack(carried))
+    by_ref = fit_centroids([(i, 0, p) for i, p in enumerate(refs)], 4, 0, None, chain=chain)
+    by_value = fit_centroids([(i, 0, v) for i, v in enumerate(carried)], 4, 0, None)
+    np.testing.assert_array_equal(by_ref, by_value)
+
+    named = np.empty(len(refs), SHARD_ROWS)
+    named["shard"], named["row"] = [r[0] for r in refs], [r[1] for r in refs]
+    half = np.stack(carried).astype(np.float16)
+    shapes = {3: (4000, np.stack(carried).sum(0), len(carried))}
+    a = plan_splits(shapes, 1000, {3: (None, None, named)}, chain=chain)[3]
+    b = plan_splits(shapes, 1000, {3: (None, None, half)})[3]
+    assert a[0] == b[0] == 3
+    for x, y in zip(a[1:], b[1:]):
+        np.testing.assert_array_equal(x, y)

@@ -60,6 +60,11 @@ class Chain:
     def path(self, stage: str, shard: str) -> str:
         return FileSystems.join(self.staging_dir, stage, shard + ".arrow")
 
+    def on_local_disk(self) -> bool:
+        """Whether staging is a local folder (Beam's local file system), where any step reads a
+        few rows of a shard for the price of their pages; on an object store a read downloads."""
+        return FileSystems.get_filesystem(self.staging_dir).scheme() is None
+
     def read(self, stage: str, shard: str, columns: list[str] | None = None) -> pa.Table:
         return read_staging(self.path(stage, shard), columns)
 

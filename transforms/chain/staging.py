@@ -141,7 +141,11 @@ def read_staging_rows(path: str, rows: np.ndarray) -> pa.RecordBatch:
     """Some rows of a staging file of one record batch: on a local disk (memory-mapped) only
     their pages are touched, and only their bytes are counted as read."""
     with _open(path) as source:
-        batch = pa.ipc.open_file(source).get_batch(0).take(pa.array(rows))
+        reader = pa.ipc.open_file(source)
+        if reader.num_record_batches == 1:
+            batch = reader.get_batch(0).take(pa.array(rows))
+        else:
+            batch = reader.read_all().combine_chunks().take(pa.array(rows)).to_batches()[0]
     _counted(path, pa.Table.from_batches([batch]))
     return batch
 

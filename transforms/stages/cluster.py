@@ -33,7 +33,7 @@ from beamsift.transforms.chain.sums import Sum
 from beamsift.transforms.io.cluster_stats import ClusterStatistics
 from beamsift.transforms.selectors.core import SelectionError
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
-from beamsift.transforms.stages.embed import embeddings, save_array
+from beamsift.transforms.stages.embed import embedding_refs, embeddings, referred_embeddings, save_array
 
 NEXT_CLUSTER = "_cluster_next"  # the second nearest centroid: where SemDeDup also compares
 CLUSTER_COLUMNS = (("cluster", "int64"), ("cluster_distance", "double"), (NEXT_CLUSTER, "int64"))
@@ -58,14 +58,15 @@ def assign(vectors: np.ndarray, centroids: np.ndarray, with_next: bool = False):
 
 
 def _embedding_rows(chain, shard, rows):
-    return [v.copy() for v in embeddings(chain, shard.name)[rows]]
+    return embedding_refs(chain, shard.name, rows)
 
 
-def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None) -> np.ndarray:
-    """k-means (k-means++, scikit-learn) on the sample's vectors; saved to artifacts/ if given."""
+def fit_centroids(sample: list, k: int, seed: int, artifacts: str | None, chain=None) -> np.ndarray:
+    """k-means (k-means++, scikit-learn) on the sample's vectors (or the embeddings it names, read
+    through ``chain``); saved to artifacts/ if given."""
     from threadpoolctl import threadpool_limits
 
-    vectors = np.stack([v for _, _, v in sample]) if sample else np.zeros((0, 1), np.float32)
+    vectors = referred_embeddings(chain, [v for _, _, v in sample])
     if len(vectors) < k:
         raise SelectionError(f"cluster.k={k} is more than the {len(vectors)} documents sampled to fit the centroids")
     # On one OpenMP thread: scikit-learn's Lloyd step sums each thread's share of the points, then
@@ -218,7 +219,9 @@ class ClusterDocuments(beam.PTransform):
             centroids = shards.pipeline | "GivenCentroids" >> beam.Create([self.model]) | beam.Map(load_centroids)
         else:
             artifacts = FileSystems.join(self.artifacts, self.name)
-            fit = functools.partial(Metered(self.name, fit_centroids), k=self.k, seed=self.seed, artifacts=None)
+            fit = functools.partial(
+                Metered(self.name, fit_centroids), k=self.k, seed=self.seed, artifacts=None, chain=self.chain
+            )
             centroids = shards | "FitCentroids" >> SampleRunning(
                 self.name, self.chain, self.sample, self.seed, EMBED_SAMPLE_STREAM, _embedding_rows, then=fit
             )

@@ -73,6 +73,7 @@ from beamsift.transforms.stages.embed import (
     features_of,
     projection,
     projection_tiles,
+    referred_rows,
     smooth_idf,
     tfidf_embeddings,
 )
@@ -729,6 +730,15 @@ class _ClusterShapes(beam.DoFn):
     def teardown(self):
         self._shards.close()
 
+    def _sampled(self, shard: str, embedded: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The sampled rows' embeddings in half precision or, on a local disk, where they are
+        (``SHARD_ROWS``): read by ``plan_splits`` (16 MB of samples no longer travel)."""
+        if not self.chain.on_local_disk():
+            return embedded[at].astype(np.float16)
+        refs = np.empty(len(at), SHARD_ROWS)
+        refs["shard"], refs["row"] = shard, at
+        return refs
+
     def _shapes(self, item, exact_done, documents) -> list:
         shard, running = self.chain.running(self.stage, item)
         orders = read_orders(shard.path)
@@ -747,7 +757,7 @@ class _ClusterShapes(beam.DoFn):
             out[c] = (n, vectors[own].sum(0), n)
             at = np.flatnonzero(own & offered)
             at = at[np.lexsort((orders[at], hashes[at]))[: self.sample]]
-            sample = (hashes[at], orders[at], embedded[at].astype(np.float16))
+            sample = (hashes[at], orders[at], self._sampled(shard.name, embedded, at))
             outputs.append(beam.pvalue.TaggedOutput("sample", (c, sample)))
         if self.probes > 1:
             probe = self.chain.column(NEXT_CLUSTER, shard.name)
@@ -783,7 +793,25 @@ class LowestHashes(beam.CombineFn):
         return acc
 
 
-def plan_splits(shapes: dict, max_group: int, samples: dict) -> dict:
+SHARD_ROWS = np.dtype([("shard", object), ("row", np.int64)])  # where a sampled embedding is
+
+
+def _half_samples(chain, samples: dict) -> dict:
+    """The split samples with their embeddings in half precision: as they came, or read where
+    they are (every cluster's rows of a shard in one read)."""
+    named = sorted(c for c, s in samples.items() if s[2].dtype == SHARD_ROWS)
+    if not named:
+        return samples
+    refs = np.concatenate([samples[c][2] for c in named])
+    vectors = referred_rows(chain, refs["shard"], refs["row"]).astype(np.float16)
+    bounds = np.cumsum([0] + [len(samples[c][2]) for c in named])
+    out = dict(samples)
+    for c, lo, hi in zip(named, bounds[:-1], bounds[1:]):
+        out[c] = (*samples[c][:2], vectors[lo:hi])
+    return out
+
+
+def plan_splits(shapes: dict, max_group: int, samples: dict, chain=None) -> dict:
     """{cluster: (bits, mean embedding, directions, offsets)} for each cluster with more than
     ``max_group`` documents to compare: 2**bits parts, aimed at half the bound each, cut by the
     cluster's ``bits`` principal directions (of its sample) at the sample's medians along them.
@@ -794,6 +822,7 @@ def plan_splits(shapes: dict, max_group: int, samples: dict) -> dict:
     4 cuts: recall 0.989 against 0.967 with seeded random hyperplanes through the mean, 0.993
     unsplit; docs/benchmarks.md)."""
     splits = {}
+    samples = _half_samples(chain, samples)
     # One thread: the same directions in one process and in workers sized to a core
     with threadpool_limits(limits=1, user_api="blas"):
         for c, (size, total, own) in sorted(shapes.items()):
@@ -1270,7 +1299,7 @@ class DeduplicateDocuments(beam.PTransform):
         splits = beam.pvalue.AsSingleton(
             shapes.shapes
             | "SumShapes" >> beam.CombineGlobally(Sum(start={}))
-            | "PlanSplits" >> beam.Map(plan_splits, self.max_group, beam.pvalue.AsDict(samples))
+            | "PlanSplits" >> beam.Map(plan_splits, self.max_group, beam.pvalue.AsDict(samples), chain=self.chain)
         )
         side = []
         if self.tfidf is not None:

@@ -271,3 +271,18 @@ def test_a_sample_that_names_its_rows_fits_what_one_that_carries_them_fits(tmp_p
     assert a[0] == b[0] == 3
     for x, y in zip(a[1:], b[1:]):
         np.testing.assert_array_equal(x, y)
+
+
+def test_split_samples_that_name_no_rows_leave_the_cluster_to_seeded_cuts(tmp_path):
+    """A cluster none of whose documents fell under the sampling cut has an empty sample: named
+    rows or carried ones, it is cut along seeded directions, the same either way."""
+    from beamsift.transforms.chain import Chain
+    from beamsift.transforms.stages.dedup import SHARD_ROWS, plan_splits
+
+    chain = Chain(str(tmp_path), ("embed",))
+    shapes = {2: (5000, np.ones(8), 100)}
+    named = plan_splits(shapes, 1000, {2: (np.zeros(0), np.zeros(0), np.empty(0, SHARD_ROWS))}, chain=chain)[2]
+    carried = plan_splits(shapes, 1000, {2: (np.zeros(0), np.zeros(0), np.zeros((0, 8), np.float16))})[2]
+    assert named[0] == carried[0] == 4
+    for x, y in zip(named[1:], carried[1:]):
+        np.testing.assert_array_equal(x, y)

@@ -339,7 +339,7 @@ def referred_rows(chain, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if out is None:
             out = np.empty((len(rows), vectors.shape[1]), vectors.dtype)
         out[at] = vectors
-    return out
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 # Copies, not views: a sample held across shards must not keep every shard's arrays alive.

@@ -298,7 +298,12 @@ class EmbedDocuments(beam.PTransform):
 
 def embeddings(chain, shard_name: str) -> np.ndarray:
     """The (n, dim) embeddings an embed stage wrote for a shard."""
-    column = one_array(chain.read(chain.producer(EMBEDDING), shard_name, [EMBEDDING]).column(0))
+    return _matrix(chain.read(chain.producer(EMBEDDING), shard_name, [EMBEDDING]).column(0))
+
+
+def _matrix(column) -> np.ndarray:
+    """A fixed-size list column of floats as an (n, size) array (no copy of one chunk)."""
+    column = one_array(column)
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 
@@ -306,8 +311,7 @@ def embedding_rows(chain, shard_name: str, rows: np.ndarray) -> np.ndarray:
     """The embeddings at ``rows`` of a shard: on a local disk only their pages are read, and only
     their bytes are counted as read."""
     path = chain.path(chain.producer(EMBEDDING), shard_name)
-    column = one_array(read_staging_rows(path, np.asarray(rows, np.int64)).column(EMBEDDING))
-    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return _matrix(read_staging_rows(path, np.asarray(rows, np.int64)).column(EMBEDDING))
 
 
 def embedding_refs(chain, shard_name: str, rows: np.ndarray):

@@ -153,3 +153,53 @@ def test_an_input_field_named_text_does_not_replace_the_document(tmp_path, small
     # The text keeps its input name; the other field keeps its own: nothing collides.
     row = duckdb.connect().execute(f"SELECT body, text FROM '{tmp_path}/out/selected/*.parquet'").fetchone()
     assert row == ("the real document " * 30, "a field")
+
+
+def _cached_pages(path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages of the file): mincore(2) over a mapping of it."""
+    import ctypes
+    import mmap
+    import os
+
+    import numpy as np
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pages = -(-len(m) // mmap.PAGESIZE)
+        flags = (ctypes.c_ubyte * pages)()
+        view = np.frombuffer(m, np.uint8)
+        assert ctypes.CDLL(None).mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(len(m)), flags) == 0
+        del view
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_NORMAL)
+    return sum(b & 1 for b in flags), pages
+
+
+def test_a_read_input_gives_its_page_cache_back(tmp_path, records):
+    """The bytes a range was read from are not kept cached (the later stages' memory), and the lines
+    read are the same as ever (test_byte_ranges_cover_every_line_once reads through the same code)."""
+    import os
+
+    path = tmp_path / "big.jsonl"
+    lines = [json.dumps({"id": f"d{i}", "text": f"document {i} " * 40}).encode() for i in range(12_000)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # clean pages: only dirty ones stay cached after DONTNEED
+        while f.read(1 << 20):  # all of it in the page cache
+            pass
+    cached, pages = _cached_pages(path)
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * (1 << 20))
+    with open(probe, "rb") as f:
+        os.fsync(f.fileno())
+        f.read()
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if cached < pages // 2 or _cached_pages(probe)[0]:
+        pytest.skip("this file system does not keep files cached, or keeps them whatever it is told (tmpfs)")
+    size = path.stat().st_size
+    got = []
+    for start in range(0, size, size // 3 + 1):  # three ranges, as three workers read them
+        task = ReadTask(0, str(path), "jsonl", start, min(start + size // 3 + 1, size))
+        for block, starts, ends, _ in _read_line_blocks(task, 1000, equal=True):
+            got += [block[s:e] for s, e in zip(starts, ends)]
+    assert got == lines
+    left, _ = _cached_pages(path)
+    assert left <= 3, f"{left} of {pages} pages still cached after the read"

@@ -355,3 +355,29 @@ def test_planted_duplicates(tmp_path, embed, max_group):
         f"SELECT count(*) FROM '{tmp_path}/out/scores/*.parquet' WHERE duplicate_of IS NULL"
     )
     assert kept.fetchone()[0] == 300
+
+
+def test_row_runs_read_back_one_at_a_time(tmp_path):
+    from beamsift.transforms.chain.staging import read_row_run, write_row_runs
+
+    runs = [np.array([3, 1, 4], np.int64), np.zeros(0, np.int64), np.arange(100_000, 100_005), np.array([2**31 - 1])]
+    path = str(tmp_path / "dedup.members.rows" / "part-0.i32")
+    starts = write_row_runs(runs, path)
+    assert starts.tolist() == [0, 3, 3, 8, 9]
+    for run, start in zip(runs, starts[:-1].tolist()):
+        assert read_row_run(path, start, len(run)).tolist() == run.tolist()
+    with pytest.raises(OSError, match="ends before rows 8..10"):
+        read_row_run(path, 8, 2)
+
+
+def test_removed_staging_tables_take_nothing_else_with_them(tmp_path):
+    from beamsift.transforms.chain.staging import remove_tables
+
+    for name in ("dedup.members/a.arrow", "dedup.members.rows/a.i32", "dedup.membersX/a.arrow", "dedup/a.arrow"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    remove_tables(str(tmp_path), ["dedup.members", "dedup.members.rows", "never.written"], 7)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "dedup.membersX/a.arrow",
+        "dedup/a.arrow",
+    ]

@@ -85,6 +85,26 @@ def test_files_on_a_bucket_share_one_client_per_process(s3, monkeypatch):
     assert len(created) == 1  # 11 file operations, one client (a new region: a new set of options)
 
 
+def test_staging_tables_removed_in_a_bucket_take_their_objects_and_nothing_else(s3):
+    """An object store has no folders: a table's objects go one by one, and a table whose name
+    another's begins with (dedup.members, dedup.members.rows) keeps its own."""
+    import beamsift.transforms  # noqa: F401
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from beamsift.transforms.chain.staging import remove_tables
+
+    FileSystems.set_options(PipelineOptions([f"--s3_endpoint_url={s3['env']['AWS_ENDPOINT_URL']}",
+                                             "--s3_access_key_id=test", "--s3_secret_access_key=test"]))  # fmt: skip
+    staging = f"s3://{S3_BUCKET}/removal/_staging"
+    for name in ("dedup.members/a.arrow", "dedup.members/b.arrow", "dedup.members.rows/a.i32", "dedup/a.arrow"):
+        with FileSystems.create(f"{staging}/{name}") as f:
+            f.write(b"x")
+    remove_tables(staging, ["dedup.members"])
+    assert s3_keys(s3, "removal/") == ["removal/_staging/dedup.members.rows/a.i32", "removal/_staging/dedup/a.arrow"]
+    remove_tables(staging, ["dedup.members.rows", "dedup.members"])  # again, and one already gone
+    assert s3_keys(s3, "removal/") == ["removal/_staging/dedup/a.arrow"]
+
+
 def test_a_run_interrupted_in_a_bucket_resumes_there_with_the_recorded_result(s3, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
     from beamsift.pipeline.query import connect

@@ -49,10 +49,12 @@ from beamsift.transforms.chain.side_by_side import SideBySide
 from beamsift.transforms.chain.staging import (
     read_id_hashes,
     read_orders,
+    read_row_run,
     read_staging,
     read_staging_batch,
-    read_staging_list,
     read_staging_rows,
+    remove_tables,
+    write_row_runs,
     write_staging,
 )
 from beamsift.transforms.chain.sums import Sum
@@ -77,7 +79,7 @@ from beamsift.transforms.stages.embed import (
     smooth_idf,
     tfidf_embeddings,
 )
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 COLUMNS = (("duplicate_of", "string"),)
 TFIDF_DIM = 512  # projected TF-IDF for dedup.compare: tfidf; cosines kept within ~0.006 (JL)
@@ -269,7 +271,8 @@ def greedy_near_duplicates(
     n, dim = unit.shape
 
     def rows_of(at) -> np.ndarray:  # at: a slice or the positions of rows in the order
-        rows = (unit[at] if order is None else unit[order[at]]).astype(np.float32, copy=normalise)
+        rows = unit[at] if order is None else unit[order[at]]
+        rows = single_precision(rows) if rows.dtype == np.float16 else rows.astype(np.float32, copy=normalise)
         if normalise:
             norms = np.linalg.norm(rows, axis=1)
             rows /= np.where(norms > 0, norms, 1)[:, None]
@@ -281,7 +284,7 @@ def greedy_near_duplicates(
     dropped, targets = [], []
     # With the bfloat16 bound (torch's OpenMP threads), numpy's own products here run on one
     # thread: two thread pools spinning for the same cores made a group ~2x slower, not faster.
-    with threadpool_limits(limits=1, user_api="blas") if earlier.low else contextlib.nullcontext():
+    with one_blas_thread() if earlier.low else contextlib.nullcontext():
         for start in range(0, n, block):
             rows = rows_of(slice(start, start + block))
             m = len(rows)
@@ -488,13 +491,22 @@ class _KeptRows:
             self.product = torch.empty((rows, self.TILE), dtype=bf16)
         left = torch.from_numpy(bounding).view(bf16)
         bound = self.product.view(torch.int16).numpy()[:m]
+        highest = np.empty(m, np.int16)
         found_rows, found_kept = [], []
         for tile in range(-(-self.n // self.TILE)):
             torch.mm(left, torch.from_numpy(self.heads[tile]).view(bf16), out=self.product)
-            r, k = np.divmod(np.flatnonzero(bound > self.cut_bits), self.TILE)
-            if len(r):
-                found_rows.append(r)
-                found_kept.append(k + tile * self.TILE)
+            # Most rows have no pair over the cut in a tile: each row's maximum first (one pass,
+            # no mask made), then only the rows that have one are searched
+            hit = np.flatnonzero(np.max(bound, axis=1, out=highest) > self.cut_bits)
+            if not len(hit):
+                continue
+            if 4 * len(hit) > m:
+                r, k = np.divmod(np.flatnonzero(bound > self.cut_bits), self.TILE)
+            else:
+                at, k = np.divmod(np.flatnonzero(bound[hit] > self.cut_bits), self.TILE)
+                r = hit[at]
+            found_rows.append(r)
+            found_kept.append(k + tile * self.TILE)
         if not found_rows:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(found_rows), np.concatenate(found_kept)  # in no order: sorted after
@@ -506,10 +518,45 @@ class _KeptRows:
         return best, np.where(best_sim > self.threshold, best_sim, -np.inf).astype(np.float32)
 
 
+HALF_BY_TORCH = 1 << 16  # elements from which a conversion to or from float16 goes through torch
+
+
+def half_precision(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16, rounded to nearest even: the same bits as numpy's ``astype``, which
+    converts one element at a time (20,000 unit rows of 512: 30 ms, 1.5 s of a worker's time for
+    the members of 1M documents) where torch uses the CPU's conversion instructions (7.8 ms)."""
+    if x.size < HALF_BY_TORCH:
+        return x.astype(np.float16)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).half().numpy()
+
+
+def single_precision(x: np.ndarray) -> np.ndarray:
+    """float16 -> float32, exact either way (a block of 256 x 512 in the greedy: numpy's
+    ``astype`` ~130 us, torch's ~30 us)."""
+    if x.size < HALF_BY_TORCH:
+        return x.astype(np.float32)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+
+
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> the bits of the nearest bfloat16 (ties to even), as int16 (torch's rounding)."""
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).view(np.int16)
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread. The libraries are found once a process:
+    ``threadpool_limits`` walks every loaded library each time (~3 ms a group once torch is loaded)."""
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 @functools.cache
@@ -605,7 +652,7 @@ class _CompareGroups(beam.DoFn):
     def start_bundle(self):
         self._limits = contextlib.ExitStack()
         if self._torch is not None:  # one math thread a group: the groups are the parallelism
-            self._limits.enter_context(threadpool_limits(limits=1, user_api="blas"))
+            self._limits.enter_context(one_blas_thread())
             self._limits.callback(self._torch.restore)
 
     def _done(self, timed) -> list:
@@ -692,7 +739,7 @@ SPLIT_STREAM = 0x5D117  # the cuts of a cluster too little of which was sampled
 MEMBERS_TABLE = ".members"  # _staging/<stage>.members/<shard>.arrow: a bundle's members (see _ClusterMembers)
 KEYS_TABLE = ".keys"  # _staging/<stage>.keys/<shard>.arrow: its texts' hashes, orders and ids
 _KEYS_SCHEMA = pa.schema([("hash", pa.uint64()), (ORDER, pa.int64()), ("id", pa.string())])
-ROWS_INDEX = ".rows"  # _staging/<stage>.members.rows/<shard>.arrow: on local disk, each group's rows
+ROWS_INDEX = ".rows"  # _staging/<stage>.members.rows/<shard>.i32: on local disk, each group's rows (raw int32)
 EXACT_TABLE = ".exact"  # _staging/<stage>.exact/<shard>.arrow: the shard's exact duplicates
 DROPPED_TABLE = ".dropped"  # _staging/<stage>.dropped/<shard>.arrow: all its dropped documents
 POINTER_ROUNDS = 5  # pointer jumping: chains of up to 2**5 links end at a kept document
@@ -734,7 +781,7 @@ class _ClusterShapes(beam.DoFn):
         """The sampled rows' embeddings in half precision or, on a local disk, where they are
         (``SHARD_ROWS``): read by ``plan_splits`` (16 MB of samples no longer travel)."""
         if not self.chain.on_local_disk():
-            return embedded[at].astype(np.float16)
+            return half_precision(embedded[at])
         refs = np.empty(len(at), SHARD_ROWS)
         refs["shard"], refs["row"] = shard, at
         return refs
@@ -803,7 +850,7 @@ def _half_samples(chain, samples: dict) -> dict:
     if not named:
         return samples
     refs = np.concatenate([samples[c][2] for c in named])
-    vectors = referred_rows(chain, refs["shard"], refs["row"]).astype(np.float16)
+    vectors = half_precision(referred_rows(chain, refs["shard"], refs["row"]))
     bounds = np.cumsum([0] + [len(samples[c][2]) for c in named])
     out = dict(samples)
     for c, lo, hi in zip(named, bounds[:-1], bounds[1:]):
@@ -824,7 +871,7 @@ def plan_splits(shapes: dict, max_group: int, samples: dict, chain=None) -> dict
     splits = {}
     samples = _half_samples(chain, samples)
     # One thread: the same directions in one process and in workers sized to a core
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         for c, (size, total, own) in sorted(shapes.items()):
             if size > max_group and own:
                 bits = int(np.ceil(np.log2(2 * size / max_group)))
@@ -857,7 +904,9 @@ def parts_of(vectors: np.ndarray, cluster: int, splits: dict, probes: int):
     if cluster not in splits:
         return np.zeros(n, np.int64), np.full(n, -1, np.int64)
     bits, mean, directions, offsets = splits[cluster]
-    margins = (vectors - mean) @ directions.T - offsets
+    centred = np.array(vectors, np.float64)  # one float64 copy of these rows alone, centred in place
+    centred -= mean
+    margins = centred @ directions.T - offsets
     part = ((margins > 0) * (1 << np.arange(bits))).sum(1).astype(np.int64)
     if probes < 2:
         return part, np.full(n, -1, np.int64)
@@ -885,14 +934,14 @@ def _member_batch(rows, distance, orders, ids, vectors16, shard: str) -> pa.Reco
 def _members(refs) -> tuple:
     """A group's (distance, order, id, vector, shard) arrays (ids and shards lists) from its (path,
     index, index path) references: the index-th batch of the file, or (with an index path) the rows
-    that the index file's index-th list names."""
+    that the index file names from ``index`` = (start, count)."""
     distance, orders, ids, vectors, shards = [], [], [], [], []
     for path, index, index_path in refs:
         # A batch of the group's own, or the rows of a file's one batch that are in the group
         if index_path is None:
             batch = read_staging_batch(path, index)
         else:
-            batch = read_staging_rows(path, read_staging_list(index_path, index))
+            batch = read_staging_rows(path, read_row_run(index_path, *index))
         n = batch.num_rows
         column = batch.column("vector")
         dim = column.type.byte_width // 2
@@ -996,7 +1045,7 @@ class _ClusterMembers(beam.DoFn):
         # Half precision through the shuffle (the runner may hold it all): unit vectors' cosines
         # move by ~1e-3, far inside ε; the greedy computes in float32.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors16 = (vectors / np.where(norms > 0, norms, 1)).astype(np.float16)
+        vectors16 = half_precision(vectors / np.where(norms > 0, norms, 1))
         held = vectors if self.tfidf is None else None  # the embedding's rows, read above
         by_group, home = self._groups(shard, rows, clusters, probe, splits, held)
         batch = _member_batch(rows, distance, orders, ids, vectors16, shard.name)
@@ -1034,14 +1083,13 @@ class _ClusterMembers(beam.DoFn):
             rows = {key: np.sort(position[at]) for key, at in rows.items()}
             # The rows of each group go to a file beside the members, so the shuffle carries a
             # few bytes a group and file, not 4 a membership (a local runner holds all of it).
-            index_path = self.chain.path(self.stage + MEMBERS_TABLE + ROWS_INDEX, pending[0][0])
-            counts = np.array([len(rows[key]) for key in order], np.int32)
-            offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
-            values = pa.array(np.concatenate([rows[key] for key in order]).astype(np.int32))
-            write_staging(pa.table({"rows": pa.ListArray.from_arrays(offsets, values)}), index_path)
+            index_path = FileSystems.join(
+                self.chain.staging_dir, self.stage + MEMBERS_TABLE + ROWS_INDEX, pending[0][0] + ".i32"
+            )
+            starts = write_row_runs([rows[key] for key in order], index_path)
             write_staging(members, path)
             for index, key in enumerate(order):
-                yield key, (path, index, index_path)
+                yield key, (path, (int(starts[index]), len(rows[key])), index_path)
             return
         write_staging(
             pa.Table.from_batches([members.take(rows[key]).combine_chunks().to_batches()[0] for key in order]), path
@@ -1054,8 +1102,8 @@ class _ClusterMembers(beam.DoFn):
         group once; the home of each row: its own cluster and part, as cluster * 2**32 + part);
         ``held``: the embedding's rows at ``rows`` where the caller has them."""
         space = None
-        if splits:
-            space = (embeddings(self.chain, shard.name)[rows] if held is None else held).astype(np.float64)
+        if splits:  # float32 here, each cluster's rows in float64 in parts_of (the split's planned space)
+            space = embeddings(self.chain, shard.name)[rows] if held is None else held
         members = []  # (cluster, part, index) columns
         home = np.full(len(rows), np.iinfo(np.int64).max, np.int64)
         owners = [clusters[rows]] + ([probe[rows]] if probe is not None else [])
@@ -1314,6 +1362,15 @@ class DeduplicateDocuments(beam.PTransform):
         dropped = (exact, near) | "AllDropped" >> beam.Flatten() | "Resolve" >> ResolvePointers(documents)
         written = beam.pvalue.AsSingleton(
             write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped"), default_value=0
+        )
+        # The members (1 GB at 1M documents) are dead once every group is compared: removed then,
+        # so that the page cache they held serves the writing of the output (which, after them,
+        # went at a tenth of the speed on this project's VM: see transforms/io/read.py's _ReadOnce)
+        tables = [self.name + MEMBERS_TABLE, self.name + MEMBERS_TABLE + ROWS_INDEX]
+        _ = (
+            shards.pipeline
+            | "MembersDone" >> beam.Create([self.chain.staging_dir])
+            | "RemoveMembers" >> beam.Map(remove_tables, tables, written)
         )
         fn = MarkDuplicates(self.name, self.chain, self.progress_dir)
         return shards | "Mark" >> ApplyStage(fn, written=written)

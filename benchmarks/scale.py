@@ -57,6 +57,17 @@ MODES = {
 }
 
 
+def page_cache_gb() -> float:
+    """The machine's page cache (``Cached`` in /proc/meminfo; NaN elsewhere): on a VM whose host
+    takes freed memory back, what the machine already holds decides how dear a run's fresh memory
+    is (docs/running-at-scale.md), so it is printed beside each run."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Cached:")) / 2**20
+    except (OSError, StopIteration):
+        return float("nan")
+
+
 def config_file(name: str, tmp: Path) -> tuple[Path, list[str]]:
     """A shipped config (proxy stages taken out for quality_diversity) and its --set overrides."""
     import yaml
@@ -165,13 +176,15 @@ def main() -> None:
             for mode in args.modes.split(","):
                 for round_, name in [(r, c) for r in range(args.repeat) for c in args.configs.split(",")]:
                     os.sync()  # the previous run's outputs written back before this one, not during it
-                    row = {**run_one(name, corpus, n, mode, tmp), "round": round_}
+                    cached = page_cache_gb()
+                    row = {**run_one(name, corpus, n, mode, tmp), "round": round_, "cached_before_gb": cached}
                     rows.append(row)
                     stages = "  ".join(f"{k} {v:.1f}" for k, v in row["stages_s"].items() if v is not None)
                     read = "  ".join(f"{k} {v:,}" for k, v in row["staging_read_per_shard_kb"].items())
                     print(
                         f"  {name:<18}{mode:<4}{row['wall_s']:>8.1f} s  RSS {row['rss_all_mb']:>6,} MB all"
-                        f" / {row['rss_largest_mb']:>5,} MB largest   load {os.getloadavg()[0]:.2f}\n"
+                        f" / {row['rss_largest_mb']:>5,} MB largest   load {os.getloadavg()[0]:.2f}"
+                        f"   page cache before {cached:.1f} GB\n"
                         f"      stages (s): {stages}\n      staging read per shard (KB): {read}",
                         flush=True,
                     )

@@ -195,11 +195,27 @@ def test_a_read_input_gives_its_page_cache_back(tmp_path, records):
     if cached < pages // 2 or _cached_pages(probe)[0]:
         pytest.skip("this file system does not keep files cached, or keeps them whatever it is told (tmpfs)")
     size = path.stat().st_size
-    got = []
-    for start in range(0, size, size // 3 + 1):  # three ranges, as three workers read them
-        task = ReadTask(0, str(path), "jsonl", start, min(start + size // 3 + 1, size))
-        for block, starts, ends, _ in _read_line_blocks(task, 1000, equal=True):
-            got += [block[s:e] for s, e in zip(starts, ends)]
-    assert got == lines
+
+    def read(once: bool) -> list:
+        got = []
+        for start in range(0, size, size // 3 + 1):  # three ranges, as three workers read them
+            task = ReadTask(0, str(path), "jsonl", start, min(start + size // 3 + 1, size), read_once=once)
+            for block, starts, ends, _ in _read_line_blocks(task, 1000, equal=True):
+                got += [block[s:e] for s, e in zip(starts, ends)]
+        return got
+
+    assert read(False) == lines
+    assert _cached_pages(path)[0] >= cached  # a small input stays cached for the next run
+    assert read(True) == lines
     left, _ = _cached_pages(path)
     assert left <= 3, f"{left} of {pages} pages still cached after the read"
+
+
+def test_only_an_input_large_for_the_machine_is_read_once(tmp_path, monkeypatch):
+    from beamsift.transforms.io import read
+
+    files = [(str(tmp_path / "a.jsonl"), "jsonl", 700), (str(tmp_path / "b.jsonl.gz"), "jsonl.gz", 400)]
+    monkeypatch.setattr(read, "_memory_bytes", lambda: 16 * 1100)
+    assert {t.read_once for t in read.plan_read_tasks(files, split_bytes=300)} == {True}
+    monkeypatch.setattr(read, "_memory_bytes", lambda: 16 * 1101)
+    assert {t.read_once for t in read.plan_read_tasks(files, split_bytes=300)} == {False}

@@ -74,6 +74,7 @@ class ReadTask:
     start: int = 0
     stop: int | None = None  # None: to the end of the file
     nbytes: int = 0  # the bytes of the file this task covers (for progress)
+    read_once: bool = False  # give the page cache back as it is read (a large input: see _ReadOnce)
 
 
 @dataclass(frozen=True)
@@ -377,18 +378,33 @@ def max_records(
     return total
 
 
+# An input of at least 1/16 of the machine's memory gives its page cache back: a run stages one to
+# three times its input besides (documents, embeddings, SemDeDup's members), so from there the
+# cached input and the staging hold a quarter of the memory or more
+GIVE_BACK_FROM = 16
+
+
 def plan_read_tasks(files: list[tuple[str, str, int]], split_bytes: int) -> list[ReadTask]:
     tasks = []
+    once = sum(size for _, _, size in files) >= _memory_bytes() // GIVE_BACK_FROM
     for index, (path, fmt, size) in enumerate(files):
         base = "jsonl" if fmt.startswith("jsonl") else fmt
         splittable = base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED
         if splittable and size > split_bytes:
             for start in range(0, size, split_bytes):
                 stop = min(start + split_bytes, size)
-                tasks.append(ReadTask(index, path, base, start, stop, stop - start))
+                tasks.append(ReadTask(index, path, base, start, stop, stop - start, once))
         else:
-            tasks.append(ReadTask(index, path, base, nbytes=size))
+            tasks.append(ReadTask(index, path, base, nbytes=size, read_once=once))
     return tasks
+
+
+def _memory_bytes() -> int:
+    """This machine's memory (0 where it cannot be told: then no input counts as large)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def _compression(path: str) -> str:
@@ -699,21 +715,23 @@ EQUAL_BATCHES_MAX_BYTES = 64 << 20
 
 
 class _ReadOnce:
-    """A local input file read front to back once: the page cache that holds what has been read
-    is given back as reading goes (``POSIX_FADV_DONTNEED`` every ``STEP`` bytes and at the end).
-    beamsift never reads an input byte twice in a run, and a corpus held in the page cache is
-    memory that the later stages' staging then has to find elsewhere: on a VM whose host takes
-    back the guest's free memory (free page reporting), 3.3 GB of input kept cached made the
-    embeddings and SemDeDup's members of 1M documents write at ~13 s/GB instead of ~1 s/GB. A
-    later run reads the file from disk again. Files without a descriptor of their own
-    (compressed, on an object store) are read as they are."""
+    """A local input file read front to back once: with ``give_back``, the page cache that holds
+    what has been read is given back as reading goes (``POSIX_FADV_DONTNEED`` every ``STEP`` bytes
+    and at the end). beamsift never reads an input byte twice in a run, and a large corpus held
+    in the page cache is memory that the later stages' staging then has to find elsewhere: on a
+    VM whose host takes back the guest's free memory (free page reporting), 3.3 GB of input kept
+    cached made the embeddings and SemDeDup's members of 1M documents write at ~13 s/GB instead
+    of ~1 s/GB. A later run reads the file from disk again, so only an input of at least
+    1/``GIVE_BACK_FROM`` of the machine's memory does this (``plan_read_tasks``); a small one
+    stays cached for the next run. Files without a descriptor of their own (compressed, on an
+    object store) are read as they are."""
 
     STEP = 64 << 20
 
-    def __init__(self, f):
+    def __init__(self, f, give_back: bool = True):
         self.f = f
         self.fd = None
-        if hasattr(os, "posix_fadvise"):
+        if give_back and hasattr(os, "posix_fadvise"):
             try:
                 self.fd = f.fileno()
             except (AttributeError, OSError, io.UnsupportedOperation):
@@ -761,7 +779,7 @@ def _read_line_blocks(task: ReadTask, max_lines: int, chunk: int = 4 << 20, equa
     every full one (the embedding of 1M documents: 31 s on one worker, 5.6 s on the other).
     """
     with FileSystems.open(task.path, compression_type=_compression(task.path)) as opened:
-        f = _ReadOnce(opened)
+        f = _ReadOnce(opened, task.read_once)
         base = task.start  # file position of buffer[0]
         if task.start > 0:
             f.seek(task.start - 1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -523,22 +524,23 @@ HALF_BY_TORCH = 1 << 16  # elements from which a conversion to or from float16 g
 
 def half_precision(x: np.ndarray) -> np.ndarray:
     """float32 -> float16, rounded to nearest even: the same bits as numpy's ``astype``, which
-    converts one element at a time (20,000 unit rows of 512: 30 ms, 1.5 s of a worker's time for
-    the members of 1M documents) where torch uses the CPU's conversion instructions (7.8 ms)."""
-    if x.size < HALF_BY_TORCH:
+    converts one element at a time (20,000 unit rows of 512: 30 ms) where torch uses the CPU's
+    conversion instructions (7.8 ms). Through torch only where a step before has imported it:
+    importing it for this alone (~1 s, and ~150 MB more in the members step, where the peak of a
+    one-process run at 1M documents then was) costs more than it saves."""
+    torch = sys.modules.get("torch")
+    if torch is None or x.size < HALF_BY_TORCH:
         return x.astype(np.float16)
-    import torch
-
     return torch.from_numpy(np.ascontiguousarray(x, np.float32)).half().numpy()
 
 
 def single_precision(x: np.ndarray) -> np.ndarray:
     """float16 -> float32, exact either way (a block of 256 x 512 in the greedy: numpy's
-    ``astype`` ~130 us, torch's ~30 us)."""
-    if x.size < HALF_BY_TORCH:
+    ``astype`` ~130 us, torch's ~30 us); through torch where it is imported (as for
+    ``half_precision``)."""
+    torch = sys.modules.get("torch")
+    if torch is None or x.size < HALF_BY_TORCH:
         return x.astype(np.float32)
-    import torch
-
     return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
 
 

@@ -219,3 +219,5 @@ def test_only_an_input_large_for_the_machine_is_read_once(tmp_path, monkeypatch)
     assert {t.read_once for t in read.plan_read_tasks(files, split_bytes=300)} == {True}
     monkeypatch.setattr(read, "_memory_bytes", lambda: 16 * 1101)
     assert {t.read_once for t in read.plan_read_tasks(files, split_bytes=300)} == {False}
+    monkeypatch.setattr(read, "_memory_bytes", lambda: 0)  # not known: kept cached
+    assert {t.read_once for t in read.plan_read_tasks(files, split_bytes=300)} == {False}

@@ -386,7 +386,8 @@ GIVE_BACK_FROM = 16
 
 def plan_read_tasks(files: list[tuple[str, str, int]], split_bytes: int) -> list[ReadTask]:
     tasks = []
-    once = sum(size for _, _, size in files) >= _memory_bytes() // GIVE_BACK_FROM
+    memory = _memory_bytes()
+    once = memory > 0 and sum(size for _, _, size in files) >= memory // GIVE_BACK_FROM
     for index, (path, fmt, size) in enumerate(files):
         base = "jsonl" if fmt.startswith("jsonl") else fmt
         splittable = base in ("jsonl", "txt") and _compression(path) == CompressionTypes.UNCOMPRESSED

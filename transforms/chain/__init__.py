@@ -23,7 +23,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain.duplicate_ids import NO_DUPLICATES, DuplicateIds
 from beamsift.transforms.chain.meter import MeteredDoFn, StageMeter
-from beamsift.transforms.chain.staging import ShardRef, read_staging, write_staging
+from beamsift.transforms.chain.staging import ShardRef, on_local_disk, read_staging, write_staging
 
 REASON = "_reason"
 DUPLICATE = "duplicate id"
@@ -57,13 +57,13 @@ class Chain:
         i = self.stages.index(stage)
         return self.stages[i - 1] if i else START
 
-    def path(self, stage: str, shard: str) -> str:
-        return FileSystems.join(self.staging_dir, stage, shard + ".arrow")
+    def path(self, stage: str, shard: str, suffix: str = ".arrow") -> str:
+        return FileSystems.join(self.staging_dir, stage, shard + suffix)
 
     def on_local_disk(self) -> bool:
         """Whether staging is a local folder (Beam's local file system), where any step reads a
         few rows of a shard for the price of their pages; on an object store a read downloads."""
-        return FileSystems.get_filesystem(self.staging_dir).scheme() is None
+        return on_local_disk(self.staging_dir)
 
     def read(self, stage: str, shard: str, columns: list[str] | None = None) -> pa.Table:
         return read_staging(self.path(stage, shard), columns)

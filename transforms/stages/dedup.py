@@ -1073,7 +1073,7 @@ class _ClusterMembers(beam.DoFn):
             start += batch.num_rows
         order = sorted(rows)
         rows = {key: np.concatenate(rows[key]) for key in order}
-        if FileSystems.get_filesystem(path).scheme() is None:
+        if self.chain.on_local_disk():
             # The rows in the order of their own group: a group reads its own members as one run
             # of the memory-mapped file, and those it shares with a neighbour (the part across a
             # cut, the next cluster) from a few runs, several to a page, not one page a member
@@ -1085,9 +1085,7 @@ class _ClusterMembers(beam.DoFn):
             rows = {key: np.sort(position[at]) for key, at in rows.items()}
             # The rows of each group go to a file beside the members, so the shuffle carries a
             # few bytes a group and file, not 4 a membership (a local runner holds all of it).
-            index_path = FileSystems.join(
-                self.chain.staging_dir, self.stage + MEMBERS_TABLE + ROWS_INDEX, pending[0][0] + ".i32"
-            )
+            index_path = self.chain.path(self.stage + MEMBERS_TABLE + ROWS_INDEX, pending[0][0], suffix=".i32")
             starts = write_row_runs([rows[key] for key in order], index_path)
             write_staging(members, path)
             for index, key in enumerate(order):

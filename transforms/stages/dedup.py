@@ -528,7 +528,7 @@ def half_precision(x: np.ndarray) -> np.ndarray:
     conversion instructions (7.8 ms). Through torch only where a step before has imported it:
     importing it for this alone (~1 s, and ~150 MB more in the members step, where the peak of a
     one-process run at 1M documents then was) costs more than it saves."""
-    torch = sys.modules.get("torch")
+    torch = _imported_torch()
     if torch is None or x.size < HALF_BY_TORCH:
         return x.astype(np.float16)
     return torch.from_numpy(np.ascontiguousarray(x, np.float32)).half().numpy()
@@ -538,10 +538,20 @@ def single_precision(x: np.ndarray) -> np.ndarray:
     """float16 -> float32, exact either way (a block of 256 x 512 in the greedy: numpy's
     ``astype`` ~130 us, torch's ~30 us); through torch where it is imported (as for
     ``half_precision``)."""
-    torch = sys.modules.get("torch")
+    torch = _imported_torch()
     if torch is None or x.size < HALF_BY_TORCH:
         return x.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+
+
+def _imported_torch():
+    """torch where it is imported; None where it is not, or is still being imported on another
+    thread (a group side by side with the one that imports it): that module has not all its
+    names yet (``from_numpy`` failed there, one run in a few)."""
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return None
+    return torch
 
 
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import time
 import uuid
 
 import apache_beam as beam
+from beamsift.transforms.chain.heap import FreedMemory
 
 NAMESPACE = "beamsift"
 STAGING_READ = "staging_read_bytes_"  # + the staging table read: bytes of the columns read
@@ -128,6 +129,10 @@ class MeteredDoFn(beam.DoFn):
 
     def finish_bundle(self):
         self.meter.flush()
+        # a stage's bundle leaves the heap as it found it, not full of its own freed holes
+        if "_freed" not in self.__dict__:
+            self._freed = FreedMemory()
+        self._freed.maybe()
 
 
 def stage_timings(metrics: dict) -> dict:

@@ -16,6 +16,7 @@ from apache_beam.runners.worker import statesampler
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
+from beamsift.transforms.chain.heap import FreedMemory
 
 
 class SideBySide:
@@ -35,14 +36,17 @@ class SideBySide:
         self.threads, self.done = threads, done
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=name) if threads > 1 else None
         self.pending: list = []
+        self.freed = FreedMemory()  # what the elements freed, given back now and then
 
     def submit(self, fn: Callable, *args) -> Iterator:
         if self.pool is None:
             yield from self.done(fn(*args))
+            self.freed.maybe()
             return
         self.pending.append(self.pool.submit(_in_bundle, statesampler.get_current_tracker(), fn, *args))
         while self.pending and (self.pending[0].done() or len(self.pending) > self.threads):
             yield from self.done(self.pending.pop(0).result())
+            self.freed.maybe()
 
     def rest(self) -> Iterator:
         """The outputs of the elements still running, windowed (as ``finish_bundle`` must)."""
@@ -52,6 +56,7 @@ class SideBySide:
                     yield _windowed(output)
         finally:
             self.pending = []
+            self.freed.now()
 
     def close(self) -> None:
         if self.pool is not None:

@@ -21,6 +21,8 @@ from beamsift.transforms.stages.dedup import (
     bfloat16_bits,
     bfloat16_products,
     compare_members,
+    drop_batch,
+    drop_records,
     greedy_near_duplicates,
     head_width,
     id_strings,
@@ -172,7 +174,38 @@ def test_a_pointer_at_a_document_dropped_elsewhere_is_followed(documents):
         # None: one partition; 3 x 65,536 documents: 3 hash partitions of the orders, so that
         # links cross partitions (3 -> 1, 10 -> 3, 20 -> 21 -> 22 -> 1)
         count = None if documents is None else beam.pvalue.AsSingleton(p | "Count" >> beam.Create([documents]))
-        resolved = p | beam.Create(records) | ResolvePointers(count)
+        # The drops come as batches (one a group or shard): here two, cut across the links
+        batches = p | beam.Create([drop_batch(records[:5]), drop_batch(records[5:])])
+        resolved = batches | ResolvePointers(count) | beam.FlatMap(drop_records)
+        assert_that(resolved, equal_to(expected))
+
+
+def test_pointers_resolved_as_a_plain_walk_resolves_them_on_random_chains():
+    # 3,000 documents; 1,200 drop records, each pointing at an earlier document, some documents
+    # dropped twice (the first pointer by distance wins), chains of many links across 4 hash
+    # partitions. Expected: each dropped document's first pointer, walked until a kept one.
+    rng = np.random.default_rng(7)
+    records = []
+    for order in rng.choice(np.arange(1, 3000), 1100, replace=False).tolist():
+        for _ in range(1 + (rng.random() < 0.1)):
+            kept = int(rng.integers(max(0, order - 40), order))
+            records.append((order, f"s{order % 5}", f"id{kept}", "near duplicate", (float(rng.random()), kept)))
+    first = {}
+    for r in sorted(records, key=lambda r: (r[0], r[4][0], r[4][1])):
+        first.setdefault(r[0], r)
+    expected, longest = [], 0
+    for order, (_, shard, kept_id, reason, (distance, kept)) in first.items():
+        links = 1
+        while kept in first:  # the target was dropped too: point on at what it points at
+            _, _, kept_id, _, (distance, kept) = first[kept]
+            links += 1
+        longest = max(longest, links)
+        expected.append((order, shard, kept_id, reason, (distance, kept)))
+    assert longest >= 5, "the case holds no long chains"
+    with TestPipeline(runner=TEST_RUNNER) as p:
+        count = beam.pvalue.AsSingleton(p | "Count" >> beam.Create([4 * (1 << 16)]))
+        batches = p | beam.Create([drop_batch(records[j::3]) for j in range(3)])
+        resolved = batches | ResolvePointers(count) | beam.FlatMap(drop_records)
         assert_that(resolved, equal_to(expected))
 
 

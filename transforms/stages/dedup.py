@@ -33,6 +33,7 @@ import logging
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -661,17 +662,30 @@ class _CompareGroups(beam.DoFn):
         self._groups = SideBySide(self.threads, "semdedup", self._done)
         self._torch = _OneTorchThread() if self.threads > 1 else None
 
+    # The groups' drops go out together, a batch a bundle (or every this many rows): a batch a
+    # group is cut into a piece for each partition of the pointer resolution, ~5k pieces at 1M
+    # documents, each held and pickled on its own by the runner.
+    BATCH_ROWS = 1 << 16
+
     def start_bundle(self):
         self._limits = contextlib.ExitStack()
         if self._torch is not None:  # one math thread a group: the groups are the parallelism
             self._limits.enter_context(one_blas_thread())
             self._limits.callback(self._torch.restore)
+        self._drops, self._rows = [], 0
 
     def _done(self, timed) -> list:
-        started, ended, records = timed
+        started, ended, batches = timed
         # Timed where the group ran, recorded here: Beam counts metrics on the bundle's thread only
         self._meter.record(started, ended)
-        return records
+        self._drops += batches
+        self._rows += sum(len(b["order"]) for b in batches)
+        return self._flush() if self._rows >= self.BATCH_ROWS else []
+
+    def _flush(self) -> list:
+        batch = [_concat(self._drops)] if self._drops else []
+        self._drops, self._rows = [], 0
+        return batch
 
     def process(self, kv):
         limit_torch = self._torch.limit if self._torch is not None else None
@@ -680,6 +694,8 @@ class _CompareGroups(beam.DoFn):
     def finish_bundle(self):
         try:
             yield from self._groups.rest()
+            for batch in self._flush():
+                yield WindowedValue(batch, MIN_TIMESTAMP, [GlobalWindow()])
         finally:
             self._limits.close()
 
@@ -734,14 +750,26 @@ def _compare_group(kv, epsilon: float, max_group: int, torch_threads=None) -> li
         )
     distance, orders, ids, vectors, shards = members
     drops = compare_members(distance, orders, ids, vectors, epsilon)
-    return [(int(orders[r]), shards[r], kept_id, NEAR, target) for r, kept_id, target in drops]
+    batch = drop_batch((int(orders[r]), shards[r], kept_id, NEAR, target) for r, kept_id, target in drops)
+    return [batch] if drops else []
 
 
 def _exact_drops(kv):
-    """(shard, its texts that repeat an earlier one) -> drop records (order, shard, kept id,
-    reason, (0, kept order))."""
+    """(shard, its texts that repeat an earlier one) -> its drop batch (``drop_batch``), if any."""
     shard, (losers, winners, kept_ids) = kv
-    return [(int(o), shard, kept, EXACT, (0.0, int(w))) for o, w, kept in zip(losers, winners, kept_ids)]
+    n = len(losers)
+    if not n:
+        return []
+    return [
+        {
+            "order": np.asarray(losers, np.int64),
+            "shard": pa.array([shard] * n, pa.string()),
+            "kept_id": pa.array(list(kept_ids), pa.string()),
+            "reason": pa.array([EXACT] * n, pa.string()),
+            "distance": np.zeros(n, np.float64),
+            "kept_order": np.asarray(winners, np.int64),
+        }
+    ]
 
 
 # ---- bounded groups: a cluster larger than dedup.max_group is compared in parts ----------------
@@ -1140,27 +1168,44 @@ class _ClusterMembers(beam.DoFn):
 # ---- the dropped documents, joined back to their shards -------------------------------------
 
 
-def _drop_arrays(records) -> dict:
-    """Drop records (order, shard, kept id, reason, (kept distance, kept order)) as columns."""
+# The drops travel as batches, never one element a document: numbers as numpy arrays, the strings
+# (shard, kept id, reason) as Arrow arrays, which pickle as a few buffers. A local runner holds
+# every shuffle in memory, and what it holds is a multiple of the drops' bytes: at 1M documents
+# (53k drops) a drop record each, every drop through all five rounds, a piece a shard at the end
+# peaked ~180 MB over the resolution's start (see docs/running-at-scale.md).
+STRING_COLUMNS = ("shard", "kept_id", "reason")
+
+
+def drop_batch(records) -> dict:
+    """Drop records (order, shard, kept id, reason, (kept distance, kept order)) -> one batch."""
     records = list(records)
     return {
         "order": np.array([d[0] for d in records], np.int64),
-        "shard": np.array([d[1] for d in records], object),
-        "kept_id": np.array([d[2] for d in records], object),
-        "reason": np.array([d[3] for d in records], object),
+        "shard": pa.array([d[1] for d in records], pa.string()),
+        "kept_id": pa.array([d[2] for d in records], pa.string()),
+        "reason": pa.array([d[3] for d in records], pa.string()),
         "distance": np.array([d[4][0] for d in records], np.float64),
         "kept_order": np.array([d[4][1] for d in records], np.int64),
     }
 
 
 def _rows(drops: dict, rows) -> dict:
-    return {k: v[rows] for k, v in drops.items()}
+    rows = np.asarray(rows, np.int64)  # positions (an empty list would be floats)
+    return {k: v.take(pa.array(rows)) if k in STRING_COLUMNS else v[rows] for k, v in drops.items()}
 
 
 def _concat(parts: list) -> dict:
     if not parts:
-        return _drop_arrays([])
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return drop_batch([])
+    return {
+        k: pa.concat_arrays([p[k] for p in parts]) if k in STRING_COLUMNS else np.concatenate([p[k] for p in parts])
+        for k in parts[0]
+    }
+
+
+def _ranks(strings: pa.Array) -> np.ndarray:
+    """Each string's rank among them (equal strings equal ranks): a numpy sort key."""
+    return np.asarray(pc.rank(strings, sort_keys="ascending", tiebreaker="dense"), np.int64)
 
 
 def _by_partition(drops: dict, column: str, partitions: int):
@@ -1170,44 +1215,54 @@ def _by_partition(drops: dict, column: str, partitions: int):
         yield p, _rows(drops, np.flatnonzero(part == p))
 
 
+def drop_records(batch: dict):
+    """A drop batch -> its records (order, shard, kept id, reason, (kept distance, kept order))."""
+    numbers = (batch["order"].tolist(), batch["distance"].tolist(), batch["kept_order"].tolist())
+    strings = [batch[k].to_pylist() for k in STRING_COLUMNS]
+    for order, shard, kept_id, reason, distance, kept_order in zip(numbers[0], *strings, numbers[1], numbers[2]):
+        yield order, shard, kept_id, reason, (distance, kept_order)
+
+
 def _first_pointers(kv) -> tuple:
-    """(partition, drop records) -> (partition, columns) with one row per document: a document
-    dropped in several groups points at the kept one that comes first (kept distance, then kept
-    order; the reason breaks what is left)."""
-    part, drops = kv[0], _drop_arrays(kv[1])
-    by = np.lexsort((drops["reason"].astype(str), drops["kept_order"], drops["distance"], drops["order"]))
+    """(partition, its drop batches) -> (partition, one batch) with one row per document: a
+    document dropped in several groups points at the kept one that comes first (kept distance,
+    then kept order; the reason breaks what is left)."""
+    part, drops = kv[0], _concat(list(kv[1]))
+    by = np.lexsort((_ranks(drops["reason"]), drops["kept_order"], drops["distance"], drops["order"]))
     first = by[np.r_[True, drops["order"][by][1:] != drops["order"][by][:-1]]] if len(by) else by
     return part, _rows(drops, first)
 
 
-def _follow(kv, partitions: int):
+def _follow(kv, partitions: int | None):
     """One round of pointer jumping in one partition of targets: a row that points at a dropped
-    document points on at what that one points at (its reason stays)."""
-    _, g = kv
+    document points on at what that one points at (its reason stays). The rows that point into
+    the partition go out as one batch for each partition of their own orders (``partitions``),
+    or as one batch (None)."""
+    target, g = kv
     dropped = _concat(list(g["dropped"]))
     dropped = _rows(dropped, np.argsort(dropped["order"], kind="stable"))  # one row a document
-    for drops in g["pointing"]:
-        drops = dict(drops)
-        hit, pos = find_sorted(dropped["order"], drops["kept_order"])
-        for column in ("kept_id", "distance", "kept_order"):
-            drops[column] = drops[column].copy()
-            drops[column][hit] = dropped[column][pos[hit]]
+    drops = _concat(list(g["pointing"]))
+    hit, pos = find_sorted(dropped["order"], drops["kept_order"])
+    for column in ("distance", "kept_order"):
+        drops[column][hit] = dropped[column][pos[hit]]
+    n = len(drops["order"])
+    at = np.where(hit, n + pos, np.arange(n))  # its own kept id, or its target's
+    drops["kept_id"] = pa.concat_arrays([drops["kept_id"], dropped["kept_id"]]).take(pa.array(at))
+    if partitions is None:
+        if n:
+            yield target, drops
+    else:
         yield from _by_partition(drops, "order", partitions)
 
 
-def _records(kv):
-    """(partition, columns) -> its drop records, one per document."""
-    d = kv[1]
-    numbers = (d["order"].tolist(), d["distance"].tolist(), d["kept_order"].tolist())
-    for order, shard, kept_id, reason, distance, kept_order in zip(
-        numbers[0], d["shard"], d["kept_id"], d["reason"], numbers[1], numbers[2]
-    ):
-        yield order, shard, kept_id, reason, (distance, kept_order)
+def _whole(kv) -> tuple:
+    """(partition, its batches from every partition of targets) -> (partition, one batch)."""
+    return kv[0], _concat(list(kv[1]))
 
 
 class ResolvePointers(beam.PTransform):
-    """Drop records (order, shard, kept id, reason, (kept distance, kept order)) from every group
-    -> one per dropped document, pointing at a kept document.
+    """Drop batches (``drop_batch``) from every group -> drop batches with one row per dropped
+    document, pointing at a kept document.
 
     A document kept in one group can be dropped in another; who pointed at it points on, to what
     it points at (always an earlier document, so the chain ends at a kept one). Keyed joins on
@@ -1226,47 +1281,121 @@ class ResolvePointers(beam.PTransform):
         )
         drops = (
             drops
-            | "ByPartition" >> beam.Map(lambda d, n: (d[0] % partitions_for(n), d), documents)
+            | "ByPartition" >> beam.FlatMap(lambda b, n: _by_partition(b, "order", partitions_for(n)), documents)
             | "PerPartition" >> beam.GroupByKey()
             | "FirstPointer" >> beam.Map(_first_pointers)
         )
+        # Only documents that others point at (dropped here, kept in another group) can be links
+        # of a chain: the rounds run on their rows alone, a few percent of the drops; the rest
+        # follow them once at the end. (All drops through every round held ~180 MB of the local
+        # runner's buffers at 53k drops, 1M documents, against ~1 KB a drop now.)
+        split = (
+            {
+                "targets": drops
+                | "Targets" >> beam.FlatMap(lambda kv, n: _targets(kv[1], partitions_for(n)), documents),
+                "dropped": drops,
+            }
+            | "JoinPointedAt" >> beam.CoGroupByKey()
+            | "PointedAt" >> beam.FlatMap(_split_pointed_at).with_outputs("links", main="rest")
+        )
+        links = split.links
         for i in range(POINTER_ROUNDS):
-            drops = (
-                {
-                    "pointing": drops
-                    | f"ByTarget{i}"
-                    >> beam.FlatMap(lambda kv, n: _by_partition(kv[1], "kept_order", partitions_for(n)), documents),
-                    "dropped": drops,  # keyed by the partition of their own order
-                }
-                | f"JoinTargets{i}" >> beam.CoGroupByKey()
-                | f"Follow{i}" >> beam.FlatMap(lambda kv, n: _follow(kv, partitions_for(n)), documents)
-            )
-        return drops | "Records" >> beam.FlatMap(_records)
+            links = _follow_once(links, links, documents, str(i)) | f"ByOrder{i}" >> beam.GroupByKey()
+            links = links | f"Whole{i}" >> beam.Map(_whole)
+        rest = _follow_once(split.rest, links, documents, "Rest", regroup=False)
+        return (
+            rest | "RestBatches" >> beam.Values(),
+            links | "LinkBatches" >> beam.Values(),
+        ) | "Resolved" >> beam.Flatten()
+
+
+def _follow_once(pointing, dropped, documents, label: str, regroup: bool = True):
+    """(partition, batch) rows in ``pointing`` -> the same rows pointing on where their target
+    has a row in ``dropped`` (keyed by the partition of its own order); as (partition of its own
+    order, batch) pieces, or without ``regroup`` one batch a partition of targets."""
+    return (
+        {
+            "pointing": pointing
+            | f"ByTarget{label}"
+            >> beam.FlatMap(lambda kv, n: _by_partition(kv[1], "kept_order", partitions_for(n)), documents),
+            "dropped": dropped,
+        }
+        | f"JoinTargets{label}" >> beam.CoGroupByKey()
+        | f"Follow{label}" >> beam.FlatMap(lambda kv, n: _follow(kv, partitions_for(n) if regroup else None), documents)
+    )
+
+
+def _targets(drops: dict, partitions: int):
+    """A batch -> (partition, the orders its rows point at in that partition) for each partition."""
+    part = drops["kept_order"] % partitions
+    for p in np.unique(part).tolist():
+        yield p, drops["kept_order"][part == p]
+
+
+def _split_pointed_at(kv):
+    """(partition, {targets: orders pointed at, dropped: its rows}) -> its rows of documents
+    that another row points at (tagged ``links``), and the rest."""
+    part, g = kv
+    dropped = _concat(list(g["dropped"]))
+    pointed_at = np.isin(dropped["order"], np.concatenate([*g["targets"], np.zeros(0, np.int64)]))
+    if pointed_at.any():
+        yield beam.pvalue.TaggedOutput("links", (part, _rows(dropped, np.flatnonzero(pointed_at))))
+    if not pointed_at.all():
+        yield part, _rows(dropped, np.flatnonzero(~pointed_at))
+
+
+def _by_shard(batch: dict):
+    """A drop batch -> (shard, its rows of that shard) for each shard it names."""
+    encoded = batch["shard"].dictionary_encode()
+    shards, at = encoded.dictionary.to_pylist(), np.asarray(encoded.indices, np.int64)
+    by = np.argsort(at, kind="stable")
+    ends = np.cumsum(np.bincount(at, minlength=len(shards)))
+    for shard, rows in zip(shards, np.split(by, ends[:-1])):
+        yield shard, _rows(batch, rows)
+
+
+def _by_shard_partition(batch: dict, partitions: int):
+    """A drop batch -> (partition, its rows there) for each hash partition of the shards' names
+    it has rows in (crc32: the same partition in every process)."""
+    encoded = batch["shard"].dictionary_encode()
+    names = encoded.dictionary.to_pylist()
+    of_name = np.array([zlib.crc32(name.encode()) % partitions for name in names], np.int64)
+    part = of_name[np.asarray(encoded.indices, np.int64)]
+    for p in np.unique(part).tolist():
+        yield p, _rows(batch, np.flatnonzero(part == p))
 
 
 class _WriteDrops(beam.DoFn):
-    """(shard, its drop records) -> the shard's table of dropped documents in staging; 1."""
+    """(partition of shards, its drop batches) -> each of its shards' table of dropped documents
+    in staging; how many tables."""
 
     def __init__(self, chain, table: str):
         self.chain, self.table = chain, table
 
     def process(self, kv):
-        shard, drops = kv
-        drops = sorted(drops)
-        columns = {
-            ORDER: pa.array([d[0] for d in drops], pa.int64()),
-            "kept_id": pa.array([d[2] for d in drops], pa.string()),
-            "reason": pa.array([d[3] for d in drops], pa.string()),
-        }
-        self.chain.write(self.table, shard, pa.table(columns))
-        yield 1
+        tables = 0
+        for shard, drops in _by_shard(_concat(list(kv[1]))):
+            by = np.lexsort((_ranks(drops["reason"]), _ranks(drops["kept_id"]), drops["order"]))
+            columns = {
+                ORDER: pa.array(drops["order"][by], pa.int64()),
+                "kept_id": drops["kept_id"].take(pa.array(by)),
+                "reason": drops["reason"].take(pa.array(by)),
+            }
+            self.chain.write(self.table, shard, pa.table(columns))
+            tables += 1
+        yield tables
 
 
-def write_per_shard(drops, chain, table: str, label: str):
-    """Each shard's drops written beside its staging; one element (how many tables) once all are."""
+def write_per_shard(drops, chain, table: str, label: str, documents=None):
+    """Each shard's drops (drop batches) written beside its staging; one element (how many
+    tables) once all are. Keyed by hash partitions of the shards (~65k documents each, from
+    ``documents``, a singleton side input): a key a shard sent a piece of every batch through
+    the shuffle, a few rows each (at 1M documents, ~100 MB of the local runner's buffers)."""
+    if documents is None:
+        documents = beam.pvalue.AsSingleton(drops.pipeline | f"{label}NoCount" >> beam.Create([0]))
     return (
         drops
-        | f"{label}ByShard" >> beam.Map(lambda d: (d[1], d))
+        | f"{label}ByShard" >> beam.FlatMap(lambda b, n: _by_shard_partition(b, partitions_for(n)), documents)
         | f"{label}GroupByShard" >> beam.GroupByKey()
         | f"{label}Write" >> beam.ParDo(_WriteDrops(chain, table))
         | f"{label}Written" >> beam.CombineGlobally(sum)
@@ -1346,7 +1475,7 @@ class DeduplicateDocuments(beam.PTransform):
             | "ExactDuplicates" >> beam.FlatMap(_exact_drops)
         )
         exact_done = beam.pvalue.AsSingleton(
-            write_per_shard(exact, self.chain, self.name + EXACT_TABLE, "Exact"), default_value=0
+            write_per_shard(exact, self.chain, self.name + EXACT_TABLE, "Exact", documents), default_value=0
         )
         sample = split_sample_size(self.clusters)
         shaping = _ClusterShapes(self.name, self.chain, self.probes, sample, self.clusters, self.threads)
@@ -1371,7 +1500,7 @@ class DeduplicateDocuments(beam.PTransform):
         )
         dropped = (exact, near) | "AllDropped" >> beam.Flatten() | "Resolve" >> ResolvePointers(documents)
         written = beam.pvalue.AsSingleton(
-            write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped"), default_value=0
+            write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped", documents), default_value=0
         )
         # The members (1 GB at 1M documents) are dead once every group is compared: removed then,
         # so that the page cache they held serves the writing of the output (which, after them,

@@ -43,6 +43,7 @@ from beamsift.transforms.stages.dedup import (
     NEAR,
     PUNCTUATION,
     MarkDuplicates,
+    drop_batch,
     write_per_shard,
 )
 
@@ -285,8 +286,8 @@ def _by_kept_shard(row):
 
 
 class _KeptIds(beam.DoFn):
-    """(a kept document's shard, its (dropped order, dropped shard, kept order)) -> drop records
-    (order, shard, kept id, reason, (0, kept order)), the kept ids read from that shard."""
+    """(a kept document's shard, its (dropped order, dropped shard, kept order)) -> one drop batch
+    (``drop_batch``), the kept ids read from that shard."""
 
     def __init__(self, chain):
         self.chain = chain
@@ -297,9 +298,11 @@ class _KeptIds(beam.DoFn):
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
         ids = table.column("id").to_pylist()
         idx = np.argsort(orders, kind="stable")
+        records = []
         for order, dropped_shard, kept in rows:
             at = int(idx[np.searchsorted(orders[idx], kept)])
-            yield order, dropped_shard, str(ids[at]), NEAR, (0.0, kept)
+            records.append((order, dropped_shard, str(ids[at]), NEAR, (0.0, kept)))
+        yield drop_batch(records)
 
 
 class FindNearDuplicates(beam.PTransform):
@@ -335,7 +338,7 @@ class FindNearDuplicates(beam.PTransform):
             | "KeptIds" >> beam.ParDo(_KeptIds(self.chain))
         )
         written = beam.pvalue.AsSingleton(
-            write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped"), default_value=0
+            write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped", documents), default_value=0
         )
         fn = MarkDuplicates(self.name, self.chain, self.progress_dir)  # dedup's: the same drop tables
         return shards | "Mark" >> ApplyStage(fn, written=written)

@@ -1208,11 +1208,19 @@ def _ranks(strings: pa.Array) -> np.ndarray:
     return np.asarray(pc.rank(strings, sort_keys="ascending", tiebreaker="dense"), np.int64)
 
 
+def _positions_by(keys: np.ndarray):
+    """(key, the positions that hold it, ascending) for each distinct key, in the keys' order."""
+    by = np.argsort(keys, kind="stable")
+    ordered = keys[by]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else by
+    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(keys)]):
+        yield ordered[start].item(), by[start:end]
+
+
 def _by_partition(drops: dict, column: str, partitions: int):
     """Drop columns -> (partition of ``column``, the rows in it) for each partition with rows."""
-    part = drops[column] % partitions
-    for p in np.unique(part).tolist():
-        yield p, _rows(drops, np.flatnonzero(part == p))
+    for p, rows in _positions_by(drops[column] % partitions):
+        yield p, _rows(drops, rows)
 
 
 def drop_records(batch: dict):
@@ -1287,8 +1295,8 @@ class ResolvePointers(beam.PTransform):
         )
         # Only documents that others point at (dropped here, kept in another group) can be links
         # of a chain: the rounds run on their rows alone, a few percent of the drops; the rest
-        # follow them once at the end. (All drops through every round held ~180 MB of the local
-        # runner's buffers at 53k drops, 1M documents, against ~1 KB a drop now.)
+        # follow them once at the end. (53k synthetic drops in the local runner: +143 MB with
+        # every drop through every round, +86 MB so; docs/running-at-scale.md.)
         split = (
             {
                 "targets": drops
@@ -1327,9 +1335,8 @@ def _follow_once(pointing, dropped, documents, label: str, regroup: bool = True)
 
 def _targets(drops: dict, partitions: int):
     """A batch -> (partition, the orders its rows point at in that partition) for each partition."""
-    part = drops["kept_order"] % partitions
-    for p in np.unique(part).tolist():
-        yield p, drops["kept_order"][part == p]
+    for p, rows in _positions_by(drops["kept_order"] % partitions):
+        yield p, drops["kept_order"][rows]
 
 
 def _split_pointed_at(kv):
@@ -1347,11 +1354,9 @@ def _split_pointed_at(kv):
 def _by_shard(batch: dict):
     """A drop batch -> (shard, its rows of that shard) for each shard it names."""
     encoded = batch["shard"].dictionary_encode()
-    shards, at = encoded.dictionary.to_pylist(), np.asarray(encoded.indices, np.int64)
-    by = np.argsort(at, kind="stable")
-    ends = np.cumsum(np.bincount(at, minlength=len(shards)))
-    for shard, rows in zip(shards, np.split(by, ends[:-1])):
-        yield shard, _rows(batch, rows)
+    shards = encoded.dictionary.to_pylist()
+    for at, rows in _positions_by(np.asarray(encoded.indices, np.int64)):
+        yield shards[at], _rows(batch, rows)
 
 
 def _by_shard_partition(batch: dict, partitions: int):
@@ -1360,9 +1365,8 @@ def _by_shard_partition(batch: dict, partitions: int):
     encoded = batch["shard"].dictionary_encode()
     names = encoded.dictionary.to_pylist()
     of_name = np.array([zlib.crc32(name.encode()) % partitions for name in names], np.int64)
-    part = of_name[np.asarray(encoded.indices, np.int64)]
-    for p in np.unique(part).tolist():
-        yield p, _rows(batch, np.flatnonzero(part == p))
+    for p, rows in _positions_by(of_name[np.asarray(encoded.indices, np.int64)]):
+        yield p, _rows(batch, rows)
 
 
 class _WriteDrops(beam.DoFn):
@@ -1386,13 +1390,11 @@ class _WriteDrops(beam.DoFn):
         yield tables
 
 
-def write_per_shard(drops, chain, table: str, label: str, documents=None):
+def write_per_shard(drops, chain, table: str, label: str, documents):
     """Each shard's drops (drop batches) written beside its staging; one element (how many
     tables) once all are. Keyed by hash partitions of the shards (~65k documents each, from
     ``documents``, a singleton side input): a key a shard sent a piece of every batch through
-    the shuffle, a few rows each (at 1M documents, ~100 MB of the local runner's buffers)."""
-    if documents is None:
-        documents = beam.pvalue.AsSingleton(drops.pipeline | f"{label}NoCount" >> beam.Create([0]))
+    the shuffle, a few rows each (at 1M documents, ~90 MB of the local runner's buffers)."""
     return (
         drops
         | f"{label}ByShard" >> beam.FlatMap(lambda b, n: _by_shard_partition(b, partitions_for(n)), documents)

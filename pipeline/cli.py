@@ -52,6 +52,7 @@ logging.getLogger().addFilter(_DropBeamImportNotice())
 _import_beam_without_pandas()
 
 from beamsift.pipeline.config import ConfigError, load_config, read_yaml  # noqa: E402
+from beamsift.transforms.chain.heap import glibc  # noqa: E402
 
 TEMPLATE = "dsir.yaml"
 
@@ -82,11 +83,10 @@ def _fewer_malloc_arenas(arenas: int = 2) -> None:
     100k to 1M documents (``benchmarks/scale.py``): the process tree's peak RSS +21-28% by
     default, +9% with 2 arenas, the same wall time. A value the user set is kept."""
     os.environ.setdefault("MALLOC_ARENA_MAX", str(arenas))
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError, ValueError):  # not glibc: nothing to tune
-            ctypes.CDLL("libc.so.6").mallopt(-8, int(os.environ["MALLOC_ARENA_MAX"]))  # M_ARENA_MAX
+    libc = glibc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError, ValueError):  # no mallopt, or the user's value no number
+            libc.mallopt(-8, int(os.environ["MALLOC_ARENA_MAX"]))  # M_ARENA_MAX
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,13 +28,18 @@ import pyarrow as pa
 EVERY_S = 2.0
 
 
-def _malloc_trim():
+def glibc():
+    """The C library where it is glibc's ``libc.so.6`` (Linux), else None (another system, musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl): it has no malloc_trim
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
+
+
+def _malloc_trim():
+    return getattr(glibc(), "malloc_trim", None)  # None where the C library has none
 
 
 class FreedMemory:

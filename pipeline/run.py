@@ -210,12 +210,14 @@ def run_selection(
             if _runner_name(options) in IN_PROCESS_RUNNERS and _local_processes(options) == 1:
                 load_kernels_meanwhile()  # the graph is built meanwhile (a second core)
             pipeline = build(progress_dir)
-            with _submission_tempdir() if not is_local_runner(options) else contextlib.nullcontext():
+            # A runner outside this process stages files in the temp dir; the PortableRunner's job
+            # service reads them until the job ends, so the folder lasts as long as the wait
+            with _submission_tempdir() if _runner_name(options) not in IN_PROCESS_RUNNERS else contextlib.nullcontext():
                 result = pipeline.run()
-            if launch == "no_wait":
-                return {"submitted": True, "runner": _runner_name(options), "job": _job_id(result), "output": out,
-                        "transforms": _leaf_transforms(pipeline)}  # fmt: skip
-            state = result.wait_until_finish()
+                if launch == "no_wait":
+                    return {"submitted": True, "runner": _runner_name(options), "job": _job_id(result), "output": out,
+                            "transforms": _leaf_transforms(pipeline)}  # fmt: skip
+                state = result.wait_until_finish()
         if str(state).split(".")[-1] not in ("DONE", "None"):
             raise RuntimeError(f"the pipeline ended in state {state}")
     except BaseException as e:
@@ -276,8 +278,9 @@ def _math_threads(options: PipelineOptions):
 
 @contextlib.contextmanager
 def _submission_tempdir():
-    """The temp dir while a job is submitted: the Dataflow runner leaves its staged files (the
-    pickled session, a requirements cache) in the temp dir; here they go to one that is removed."""
+    """The temp dir while a job is submitted and waited on: the Dataflow runner leaves its staged
+    files (the pickled session, a requirements cache) in the temp dir, the PortableRunner its
+    requirements cache and three folders a run; here they go to one that is removed."""
     folder = tempfile.mkdtemp(prefix="beamsift-submit-")
     previous = tempfile.tempdir
     tempfile.tempdir = folder

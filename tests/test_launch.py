@@ -121,3 +121,16 @@ def test_local_worker_processes_size_their_math_pools_to_their_share_of_the_core
             found = p | beam.Create([0]) | beam.Map(pools)
             assert_that(found, equal_to([[("blas", 1), ("openmp", 3)]]))
     assert dict(run.os.environ) == before
+
+
+def test_a_run_on_the_portable_runner_leaves_nothing_in_the_temp_dir(tmp_path):
+    # The runner API's embedded job service (as Flink's and Dataflow's) stages a requirements cache
+    # and folders of its own in the temp dir; a run leaves none of them behind.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    portable = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]
+    args = ["run", "configs/demo.yaml", "--quiet", "--set", f"output.dir={out}", "--", *portable]
+    run_cli(*args, env={"TMPDIR": str(tmp)})
+    assert (out / "manifest.json").exists()
+    assert list(tmp.iterdir()) == []

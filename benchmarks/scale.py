@@ -27,11 +27,12 @@ ratio to DSIR is printed too.
 ``--side-inputs`` runs each config once more in this process (one worker) with every side input
 measured as it is materialised: its pickled size, summed over its elements.
 
-The configs: ``demo`` and ``dsir`` (DSIR), ``semdedup``, and ``quality_diversity`` without its
-proxy stages (DSIR -> top 40% -> SVD embedding -> k-means -> exact + SemDeDup -> cluster-balanced),
-as in ``diversity_memory.py``. The configs with a model stage (el2n, influence, loss_reweight,
-excess_loss, dsir_el2n) are left out: their time is the model's (see ``scoring_throughput.py``)
-and their memory the model's and its training sample's, whatever the corpus.
+The configs: ``demo`` and ``dsir`` (DSIR), ``semdedup``, ``minhash``, and ``quality_diversity``
+without its proxy stages (DSIR -> top 40% -> SVD embedding -> k-means -> exact + SemDeDup ->
+cluster-balanced), as in ``diversity_memory.py``. The configs with a model stage (el2n, influence,
+loss_reweight, excess_loss, dsir_el2n, presence, quad, perplexity_correlations) are left out:
+their time is the model's (see ``scoring_throughput.py``) and their memory the model's and its
+training sample's, whatever the corpus.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _record(value, log: str, label: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", default="100000,300000,1000000")
-    parser.add_argument("--configs", default="demo,dsir,semdedup,quality_diversity")
+    parser.add_argument("--configs", default="demo,dsir,semdedup,minhash,quality_diversity")
     parser.add_argument("--modes", default="one,two")
     parser.add_argument("--side-inputs", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every config; medians reported")

@@ -139,7 +139,41 @@ def test_repeated_hashes_marks_the_positions_hit_twice_across_inputs_and_merges(
     assert not fn.extract_output(fn.create_accumulator()).any()
 
 
-@pytest.mark.parametrize("filtered", [False, True])
+def test_repeated_hashes_with_three_probes_pass_every_repeat_and_few_others():
+    # A Bloom filter of the hashes seen twice: 2,000 hashes that repeat (within an input, across
+    # inputs, across accumulators merged) all pass; of 100,000 that occur once (a tenth of the
+    # 2**20 positions, as MinHash's 14M band keys at 1M documents are of 2**27), one probe lets
+    # those through whose position another hash hit (18% here), three only those whose 3
+    # positions all did, in a bitmap that few hashes fill (0.2%; 0.7% after a merge).
+    rng = np.random.default_rng(3)
+    repeats = rng.integers(0, 2**63, 2000, dtype=np.int64).view(np.uint64)
+    once = rng.integers(0, 2**63, 100_000, dtype=np.int64).view(np.uint64)
+    inputs = [
+        np.concatenate([repeats[:500], repeats[:500], once[:30_000]]),  # repeated within one input
+        np.concatenate([repeats[500:], once[30_000:60_000]]),
+        np.concatenate([repeats[500:], once[60_000:]]),  # ... and across inputs
+    ]
+    for probes in (1, 3):
+        fn = RepeatedHashes(20, probes)
+        one = fn.create_accumulator()
+        for h in inputs:
+            one = fn.add_input(one, h)
+        merged = fn.merge_accumulators(
+            [fn.add_input(fn.create_accumulator(), inputs[0]), fn.add_input(fn.create_accumulator(), inputs[1])]
+        )
+        merged = fn.merge_accumulators([merged, fn.add_input(fn.create_accumulator(), inputs[2])])
+        for acc in (one, merged):
+            repeated = fn.extract_output(acc)
+            assert len(repeated) * 64 == 2**20
+            assert at_repeated(repeats, repeated, probes).all()
+            passed = at_repeated(once, repeated, probes).mean()
+            if probes == 1:
+                one_probe = passed
+            else:  # merged accumulators set a little more: positions hit in both, by any hashes
+                assert passed < min(0.01, one_probe / 10)
+
+
+@pytest.mark.parametrize("filtered", [False, True, (20, 3)])
 @pytest.mark.parametrize("documents", [10, 40 * DOCS_PER_PARTITION])
 def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(documents, filtered):
     # 3 shards of 400 keys drawn from 300 values: every key after its first (by order) loses to
@@ -168,7 +202,12 @@ def test_first_occurrences_are_the_same_over_any_number_of_hash_partitions(docum
         out = (
             p
             | beam.Create(parts)
-            | FirstOccurrences(count, _as_given, _hashes_only if filtered else None)
+            | FirstOccurrences(
+                count,
+                _as_given,
+                _hashes_only if filtered else None,
+                *([filtered] if isinstance(filtered, tuple) else []),
+            )
             | beam.FlatMapTuple(lambda shard, lost: [(shard, o, w, k) for o, w, k in zip(*lost)])
         )
         assert_that(out, equal_to([(shard, *t) for shard, ts in expected.items() for t in ts]))

@@ -58,13 +58,13 @@ class PartitionKeys(beam.DoFn):
     here, after the count (``documents``, a side input) is known, so that a local runner, which
     holds a stage's input until its side inputs are ready, holds only the small elements."""
 
-    def __init__(self, keys_of):
-        self.keys_of = keys_of
+    def __init__(self, keys_of, probes: int = 1):
+        self.keys_of, self.probes = keys_of, probes
 
     def process(self, item, documents, repeated=None):
         hashes, orders, shard, payload = self.keys_of(item)
         if repeated is not None:  # only keys that may repeat go through the shuffle
-            rows = np.flatnonzero(at_repeated(hashes, repeated))
+            rows = np.flatnonzero(at_repeated(hashes, repeated, self.probes))
             hashes, orders = hashes[rows], orders[rows]
             payload = None if payload is None else payload[rows]
         if not len(hashes):
@@ -80,27 +80,47 @@ class PartitionKeys(beam.DoFn):
 FILTER_BITS = 24  # positions of the filter of repeated hashes: two 2 MB bitmaps, whatever the corpus
 
 
-def _positions(hashes: np.ndarray) -> np.ndarray:
-    return (np.asarray(hashes).view(np.uint64) >> np.uint64(64 - FILTER_BITS)).astype(np.int64)
+def _positions(hashes: np.ndarray, bits: int = FILTER_BITS, probes: int = 1) -> np.ndarray:
+    """(keys, probes) filter positions of each hash: its top ``bits`` bits, and with more probes
+    the steps of an odd stride from its low ``bits`` bits (double hashing: bits of the hash that
+    the first position does not use)."""
+    h = np.asarray(hashes).view(np.uint64)
+    first = (h >> np.uint64(64 - bits)).astype(np.int64)
+    if probes == 1:
+        return first[:, None]
+    stride = ((h & np.uint64((1 << bits) - 1)) | np.uint64(1)).astype(np.int64)
+    return (first[:, None] + np.arange(probes) * stride[:, None]) & ((1 << bits) - 1)
 
 
 def _bits(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return positions >> 6, np.left_shift(np.uint64(1), (positions & 63).astype(np.uint64))
 
 
-def at_repeated(hashes: np.ndarray, repeated: np.ndarray) -> np.ndarray:
-    """True for each hash whose filter position ``RepeatedHashes`` marked: every hash that
-    occurs twice or more, and the few that only share a position with another."""
-    words, bits = _bits(_positions(hashes))
-    return (repeated[words] & bits) != 0
+def _filter_bits(bitmap: np.ndarray) -> int:
+    return int(len(bitmap) * 64).bit_length() - 1
+
+
+def at_repeated(hashes: np.ndarray, repeated: np.ndarray, probes: int = 1) -> np.ndarray:
+    """True for each hash whose filter positions ``RepeatedHashes`` marked (all ``probes`` of
+    them): every hash that occurs twice or more, and the few whose positions others hit too."""
+    words, bits = _bits(_positions(hashes, _filter_bits(repeated), probes))
+    return np.all((repeated[words] & bits) != 0, axis=1)
 
 
 class RepeatedHashes(beam.CombineFn):
-    """Arrays of 64-bit hashes -> a bitmap (uint64 words) over 2**FILTER_BITS positions, a
-    hash's top bits, with the positions hit by two hashes or more set. A hash that repeats has its
-    position set, so only the hashes there need the shuffle that finds first occurrences: at a
-    million distinct keys ~6% share a position by chance, and the bitmap is 2 MB at any size,
-    where the shuffle of every key grows with the corpus (and a local runner holds it in memory)."""
+    """Arrays of 64-bit hashes -> a bitmap (uint64 words) over 2**``bits`` positions, with the
+    positions of every hash that occurs twice or more set. Only the hashes whose positions are
+    all set need the shuffle that finds first occurrences: the bitmap's size is fixed, where the
+    shuffle of every key grows with the corpus (and a local runner holds it in memory).
+
+    One probe (a hash's top bits), 2**24 positions: at a million distinct keys ~6% share a
+    position by chance. With ``probes`` k a hash has k positions and passes only where all k are
+    set (a Bloom filter of the hashes seen twice): MinHash's 14 band keys a document, 14M at 1M
+    documents, pass 57% of the time through one probe of 2**24 positions, ~2% through 3 probes
+    of 2**27 (16 MB)."""
+
+    def __init__(self, bits: int = FILTER_BITS, probes: int = 1):
+        self.bits, self.probes = bits, probes
 
     def create_accumulator(self):
         return None  # (positions hit, positions hit twice), made on the first input
@@ -108,15 +128,20 @@ class RepeatedHashes(beam.CombineFn):
     def add_input(self, acc, hashes):
         if not len(hashes):
             return acc
-        once, twice = acc if acc is not None else _empty_bitmaps()
-        positions, counts = np.unique(_positions(hashes), return_counts=True)
-        words, bits = _bits(positions)
-        hit = ((once[words] & bits) != 0) | (counts > 1)
-        np.bitwise_or.at(twice, words[hit], bits[hit])
-        np.bitwise_or.at(once, words, bits)
+        once, twice = acc if acc is not None else _empty_bitmaps(self.bits)
+        if self.probes == 1:
+            positions, counts = np.unique(_positions(hashes, self.bits)[:, 0], return_counts=True)
+            words, bits = _bits(positions[:, None])
+        else:  # a hash seen before has all its positions in ``once``; one repeated here, twice in it
+            distinct, counts = np.unique(np.asarray(hashes).view(np.uint64), return_counts=True)
+            words, bits = _bits(_positions(distinct, self.bits, self.probes))
+        hit = np.all((once[words] & bits) != 0, axis=1) | (counts > 1)
+        np.bitwise_or.at(twice, words[hit].ravel(), bits[hit].ravel())
+        np.bitwise_or.at(once, words.ravel(), bits.ravel())
         return once, twice
 
     def merge_accumulators(self, accs):
+        # A hash seen in two accumulators has all its positions in both ``once``: their AND
         merged = None
         for acc in accs:
             if acc is None:
@@ -131,11 +156,11 @@ class RepeatedHashes(beam.CombineFn):
         return merged
 
     def extract_output(self, acc):
-        return _empty_bitmaps()[1] if acc is None else acc[1]
+        return _empty_bitmaps(self.bits)[1] if acc is None else acc[1]
 
 
-def _empty_bitmaps() -> tuple[np.ndarray, np.ndarray]:
-    words = 1 << (FILTER_BITS - 6)
+def _empty_bitmaps(bits: int = FILTER_BITS) -> tuple[np.ndarray, np.ndarray]:
+    words = 1 << (bits - 6)
     return np.zeros(words, np.uint64), np.zeros(words, np.uint64)
 
 
@@ -182,20 +207,23 @@ class FirstOccurrences(beam.PTransform):
     (a shard's, or some of them). Spread over hash partitions, as many as ``documents`` (a
     singleton side input: all the rows there can be) needs: no worker sees every key, none more
     than ~65k at once. With ``hashes_of(element)`` (its hashes alone, in a pass of their own
-    before ``keys_of``) only the keys that may repeat (``RepeatedHashes``) are shuffled."""
+    before ``keys_of``) only the keys that may repeat (``RepeatedHashes`` of ``filter``: (bits,
+    probes)) are shuffled."""
 
-    def __init__(self, documents, keys_of, hashes_of=None):
+    def __init__(self, documents, keys_of, hashes_of=None, filter: tuple = (FILTER_BITS, 1)):
         super().__init__()
         self.documents, self.keys_of, self.hashes_of = documents, keys_of, hashes_of
+        self.filter = filter
 
     def expand(self, items):
         side = []
         if self.hashes_of is not None:
             hashes = items | "HashesOf" >> beam.Map(self.hashes_of)
-            side = [beam.pvalue.AsSingleton(hashes | "RepeatedHashes" >> beam.CombineGlobally(RepeatedHashes()))]
+            repeated = hashes | "RepeatedHashes" >> beam.CombineGlobally(RepeatedHashes(*self.filter))
+            side = [beam.pvalue.AsSingleton(repeated)]
         return (
             items
-            | "Partition" >> beam.ParDo(PartitionKeys(self.keys_of), self.documents, *side)
+            | "Partition" >> beam.ParDo(PartitionKeys(self.keys_of, self.filter[1]), self.documents, *side)
             | "FirstPerPartition" >> beam.CombinePerKey(_FirstOccurrence())
             | "LosersByShard" >> beam.FlatMap(lambda kv: kv[1])
         )

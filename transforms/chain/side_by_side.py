@@ -53,7 +53,7 @@ class SideBySide:
         try:
             for future in self.pending:
                 for output in self.done(future.result()):
-                    yield _windowed(output)
+                    yield windowed(output)
         finally:
             self.pending = []
             self.freed.now()
@@ -71,7 +71,8 @@ def _in_bundle(tracker, fn: Callable, *args) -> list:
         statesampler.set_current_tracker(None)
 
 
-def _windowed(output):
+def windowed(output):
+    """An output of ``finish_bundle`` (a TaggedOutput too) in the global window, as Beam needs it there."""
     if isinstance(output, TaggedOutput):
         return TaggedOutput(output.tag, WindowedValue(output.value, MIN_TIMESTAMP, [GlobalWindow()]))
     return WindowedValue(output, MIN_TIMESTAMP, [GlobalWindow()])

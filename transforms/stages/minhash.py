@@ -34,7 +34,8 @@ from beamsift.transforms.chain import STAGED, ApplyStage, shard_of
 from beamsift.transforms.chain.components import ConnectedComponents
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
-from beamsift.transforms.chain.staging import read_staging
+from beamsift.transforms.chain.side_by_side import SideBySide, windowed
+from beamsift.transforms.chain.staging import read_staging, remove_tables
 from beamsift.transforms.featurize import hash_strings, splitmix64
 from beamsift.transforms.io.schema import ORDER, TEXT, one_array
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
@@ -199,21 +200,35 @@ class MinhashSettings:
 # ---- per shard: signatures and band keys ---------------------------------------------------
 
 SIGNATURES_TABLE = ".signatures"  # _staging/<stage>.signatures/<shard>.arrow (with verify)
+KEYS_TABLE = ".keys"  # _staging/<stage>.keys/<shard>.arrow: each document's order and band keys
+# The filter that lets through only the band keys that may repeat: 3 probes of 2**27 positions
+# (two 16 MB bitmaps, whatever the corpus). 14 keys a document: at 1M documents ~2% of the keys
+# that occur once pass, against 57% through the exact-text filter's one probe of 2**24.
+BAND_FILTER = (27, 3)
 
 
-class _BandKeys:
-    """keys_of for FirstOccurrences: a shard -> (band keys of its running documents, their orders,
-    the shard's name, payload). The payload is the shard's name (one string, pickled once however
-    many rows refer to it), with verify also the document's signature; with verify the shard's
-    signatures are staged too, for its own side of each pair."""
+class _StageBandKeys(beam.DoFn):
+    """A shard -> the same shard, its running documents' band keys (and with verify their
+    signatures) staged: the signatures are the stage's work, and the filter of repeated keys
+    and the shuffle after it each read the keys back rather than compute them twice. With
+    ``threads`` > 1 (one process, several cores) shards are worked on side by side."""
 
-    def __init__(self, stage, chain, settings: MinhashSettings, seed: int):
-        self.stage, self.chain, self.settings, self.seed = stage, chain, settings, seed
+    def __init__(self, stage, chain, settings: MinhashSettings, seed: int, threads: int = 1):
+        self.stage, self.chain, self.settings, self.seed, self.threads = stage, chain, settings, seed, threads
 
-    def __call__(self, item):
-        return Metered(self.stage, self._keys)(item)
+    def setup(self):
+        self._shards = SideBySide(self.threads, "bandkeys")
 
-    def _keys(self, item):
+    def process(self, item):
+        yield from self._shards.submit(Metered(self.stage, self._staged), item)
+
+    def finish_bundle(self):
+        yield from self._shards.rest()
+
+    def teardown(self):
+        self._shards.close()
+
+    def _staged(self, item) -> list:
         shard, running = self.chain.running(self.stage, item)
         s = self.settings
         table = read_staging(shard.path, [ORDER, TEXT])
@@ -224,18 +239,55 @@ class _BandKeys:
         has = np.diff(offsets) > 0  # a text with nothing left after normalising repeats nothing
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)[rows][has]
         sigs = sigs[has]
-        keys = band_keys(sigs, s.bands, s.rows).ravel()
-        per_doc = np.repeat(np.arange(len(orders)), s.bands)
-        payload = np.empty(len(keys), object)
         if s.verify:
             self.chain.write(self.stage + SIGNATURES_TABLE, shard.name, _signature_table(orders, sigs))
-            own = np.empty(len(sigs), object)  # one tuple a document, shared by its bands
+        keys = band_keys(sigs, s.bands, s.rows)
+        self.chain.write(self.stage + KEYS_TABLE, shard.name, _keys_table(orders, keys))
+        return [item]
+
+
+def _keys_table(orders, keys) -> pa.Table:
+    column = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(keys.shape[1] * 8), len(orders), [None, pa.py_buffer(np.ascontiguousarray(keys).tobytes())]
+    )
+    return pa.table({ORDER: pa.array(orders, pa.int64()), "band_keys": column})
+
+
+class _StagedBandKeys:
+    """keys_of for FirstOccurrences: a shard -> (band keys of its running documents, their orders,
+    the shard's name, payload), read from staging; ``hashes`` the keys alone, for the filter.
+    The payload is the shard's name (one string, pickled once however many rows refer to it),
+    with verify also the document's signature (read from staging too)."""
+
+    def __init__(self, stage, chain, verify: bool):
+        self.stage, self.chain, self.verify = stage, chain, verify
+
+    def _keys(self, shard: str) -> tuple[np.ndarray, np.ndarray]:
+        table = self.chain.read(self.stage + KEYS_TABLE, shard)
+        orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
+        column = table.column("band_keys").combine_chunks()
+        bands = column.type.byte_width // 8
+        n = len(orders)
+        keys = np.frombuffer(column.buffers()[1], np.uint64, count=n * bands, offset=column.offset * bands * 8)
+        return orders, keys.reshape(n, bands)
+
+    def hashes(self, item) -> np.ndarray:
+        return self._keys(shard_of(item).name)[1].ravel()
+
+    def __call__(self, item):
+        name = shard_of(item).name
+        orders, keys = self._keys(name)
+        per_doc = np.repeat(np.arange(len(orders)), keys.shape[1])
+        payload = np.empty(len(per_doc), object)
+        if self.verify:
+            _, sigs = _staged_signatures(self.chain, self.stage, name)  # the keys' documents, in their order
+            own = np.empty(len(orders), object)  # one tuple a document, shared by its bands
             for i, sig in enumerate(sigs):
-                own[i] = (shard.name, sig)
+                own[i] = (name, sig)
             payload = own[per_doc]
         else:
-            payload[:] = shard.name
-        return keys, orders[per_doc], shard.name, payload
+            payload[:] = name
+        return keys.ravel(), orders[per_doc], name, payload
 
 
 def _signature_table(orders, sigs) -> pa.Table:
@@ -257,12 +309,23 @@ def _staged_signatures(chain, stage: str, shard: str):
 
 class _Pairs(beam.DoFn):
     """(a shard, its documents that share a band bucket with an earlier one: (their orders, the
-    first document's orders, payloads)) -> an edge batch and a node batch (orders, shard names)
+    first document's orders, payloads)) -> edge batches and node batches (orders, shard names)
     for the connected components. With verify, a pair whose signatures agree on fewer than
-    ``threshold`` of their min-hashes is left out."""
+    ``threshold`` of their min-hashes is left out.
+
+    The shards' pairs go out together, distinct, one edge batch and one node batch a bundle (or
+    every ``BATCH_ROWS`` pairs): the shuffle gives each (partition, shard) with a repeat an
+    element of its own (~50k at 1M documents, a few pairs each), and the components cut every
+    batch once per partition of its nodes, each piece held and pickled on its own by a local
+    runner (1.5 GB at 1M documents when the pieces came a shard and partition at a time)."""
+
+    BATCH_ROWS = 1 << 16
 
     def __init__(self, stage, chain, settings: MinhashSettings):
         self.stage, self.chain, self.settings = stage, chain, settings
+
+    def start_bundle(self):
+        self._edges, self._nodes, self._rows = [], [], 0
 
     def process(self, kv):
         shard, (losers, winners, payloads) = kv
@@ -276,8 +339,28 @@ class _Pairs(beam.DoFn):
         if not len(losers):
             return
         names = np.array([p[0] if isinstance(p, tuple) else p for p in payloads] + [shard] * len(losers), object)
-        yield beam.pvalue.TaggedOutput("edges", (losers, winners))
-        yield beam.pvalue.TaggedOutput("nodes", (np.concatenate([winners, losers]), names))
+        self._edges.append((losers, winners))
+        self._nodes.append((np.concatenate([winners, losers]), names))
+        self._rows += len(losers)
+        if self._rows >= self.BATCH_ROWS:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for output in self._flush():
+            yield windowed(output)
+
+    def _flush(self):
+        if not self._edges:
+            return
+        edges, nodes, self._edges, self._nodes, self._rows = self._edges, self._nodes, [], [], 0
+        # A pair that shares several bands is one edge; a document in several pairs one node
+        pairs = np.unique(
+            np.stack([np.concatenate([a for a, _ in edges]), np.concatenate([b for _, b in edges])], 1), axis=0
+        )
+        orders, first = np.unique(np.concatenate([o for o, _ in nodes]), return_index=True)
+        names = np.concatenate([n for _, n in nodes])[first]
+        yield beam.pvalue.TaggedOutput("edges", (pairs[:, 0], pairs[:, 1]))
+        yield beam.pvalue.TaggedOutput("nodes", (orders, names))
 
 
 def _by_kept_shard(row):
@@ -308,10 +391,10 @@ class _KeptIds(beam.DoFn):
 class FindNearDuplicates(beam.PTransform):
     """Shards -> shards with the near-duplicates of each MinHash group out of the running."""
 
-    def __init__(self, name, chain, settings: MinhashSettings, seed: int, progress_dir=None):
+    def __init__(self, name, chain, settings: MinhashSettings, seed: int, progress_dir=None, threads: int = 1):
         super().__init__()
         self.name, self.chain, self.settings, self.seed = name, chain, settings, seed
-        self.progress_dir = progress_dir
+        self.progress_dir, self.threads = progress_dir, threads
 
     def expand(self, shards):
         count = (
@@ -320,14 +403,18 @@ class FindNearDuplicates(beam.PTransform):
             | "CountDocuments" >> beam.CombineGlobally(sum)
         )
         documents = beam.pvalue.AsSingleton(count)
-        # A document has a key per band: the partitions are sized for that many keys.
-        band_rows = beam.pvalue.AsSingleton(
-            count | "BandRows" >> beam.Map(lambda n, bands: n * bands, self.settings.bands)
+        staged = shards | "BandKeys" >> beam.ParDo(
+            _StageBandKeys(self.name, self.chain, self.settings, self.seed, self.threads)
         )
-        keys_of = _BandKeys(self.name, self.chain, self.settings, self.seed)
+        keys = _StagedBandKeys(self.name, self.chain, self.settings.verify)
+        # The partitions are sized by the documents, not by their `bands` keys each: only the keys
+        # that may repeat are shuffled (~2% of them at 1M documents with 5% near-copies). Sized by
+        # every key (14 a document), each shard's few were cut into ~200 pieces at 1M, an element
+        # each (~50k), which a local runner held and pickled one by one (~350 MB more at 1M).
+        # Where every document repeats, a partition holds `bands` x ~65k keys: still bounded.
         pairs = (
-            shards
-            | "SameBandBucket" >> FirstOccurrences(band_rows, keys_of)
+            staged
+            | "SameBandBucket" >> FirstOccurrences(documents, keys, keys.hashes, BAND_FILTER)
             | "Pairs" >> beam.ParDo(_Pairs(self.name, self.chain, self.settings)).with_outputs("edges", "nodes")
         )
         dropped = (
@@ -339,6 +426,12 @@ class FindNearDuplicates(beam.PTransform):
         )
         written = beam.pvalue.AsSingleton(
             write_per_shard(dropped, self.chain, self.name + DROPPED_TABLE, "Dropped", documents), default_value=0
+        )
+        # The band keys (112 bytes a document) are dead once the buckets are compared
+        _ = (
+            shards.pipeline
+            | "KeysDone" >> beam.Create([self.chain.staging_dir])
+            | "RemoveKeys" >> beam.Map(remove_tables, [self.name + KEYS_TABLE], written)
         )
         fn = MarkDuplicates(self.name, self.chain, self.progress_dir)  # dedup's: the same drop tables
         return shards | "Mark" >> ApplyStage(fn, written=written)
@@ -356,7 +449,7 @@ def settings_of(cfg) -> MinhashSettings:
 
 
 def _build(ctx: Context, name: str, shards):
-    stage = FindNearDuplicates(name, ctx.chain, settings_of(ctx.cfg), ctx.seed, ctx.progress_dir)
+    stage = FindNearDuplicates(name, ctx.chain, settings_of(ctx.cfg), ctx.seed, ctx.progress_dir, ctx.threads)
     return shards | "Stage_" + name >> stage
 
 

@@ -26,13 +26,15 @@ def union_find_representatives(edges) -> dict:
     return {x: find(x) for x in list(parent) if find(x) != x}
 
 
-def run_components(edge_batches, rounds=None, documents=10**6):
+def run_components(edge_batches, rounds=None, documents=10**6, one_worker_edges=0):
+    """``one_worker_edges`` 0: every edge through the rounds (the default bound would send these
+    small graphs to one worker whole, tested on its own below)."""
     nodes = sorted({int(n) for a, b in edge_batches for n in (*a, *b)})
     # Each node once or twice, in batches of its own, with its name as the payload.
     node_batches = [
         (np.asarray(nodes[i::3], np.int64), np.asarray([f"n{x}" for x in nodes[i::3]], object)) for i in range(3)
     ] + [(np.asarray(nodes[:2], np.int64), np.asarray([f"n{x}" for x in nodes[:2]], object))]
-    kwargs = {} if rounds is None else {"rounds": rounds}
+    kwargs = {"one_worker_edges": one_worker_edges, **({} if rounds is None else {"rounds": rounds})}
     got = []
     with beam.Pipeline(runner=TEST_RUNNER) as p:
         docs = beam.pvalue.AsSingleton(p | "Docs" >> beam.Create([documents]))
@@ -83,3 +85,17 @@ def test_a_chain_longer_than_the_rounds_is_finished_by_the_residual_step():
     # step finishes it, exactly.
     nodes = np.arange(10, 310, dtype=np.int64)
     run_components([(nodes[1:], nodes[:-1])], rounds=2, documents=200_000)
+
+
+def test_a_graph_under_the_bound_goes_to_one_worker_whole_with_the_same_groups():
+    # The random graphs and the long chain again, each under the bound (no rounds at all), and
+    # one just over it (the rounds, as above): the same representatives as union-find. Nodes
+    # come in several batches, some twice: each is labelled once.
+    rng = np.random.default_rng(1)
+    batches = [
+        (rng.integers(0, 3000, 400).astype(np.int64), rng.integers(0, 3000, 400).astype(np.int64)) for _ in range(5)
+    ]
+    run_components(batches, documents=3000 * 40, one_worker_edges=2000)
+    run_components(batches, documents=3000 * 40, one_worker_edges=1999)
+    nodes = np.arange(10, 310, dtype=np.int64)
+    run_components([(nodes[1:], nodes[:-1])], rounds=2, documents=200_000, one_worker_edges=10**6)

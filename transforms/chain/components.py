@@ -30,6 +30,11 @@ from beamsift.transforms.chain.meter import NAMESPACE
 from beamsift.transforms.featurize import splitmix64
 
 ROUNDS = 6
+# A graph of at most this many edges (16 bytes each: 32 MB) goes to one worker whole, as what the
+# rounds leave does: a fixed bound, not the corpus's size. A local runner holds each of the rounds'
+# 24 shuffles in memory; MinHash's graphs have ~0.2 edges a document (175k at 1M documents with
+# 5% near-copies), and through the rounds they cost a 1M run in one process ~100 MB of it.
+ONE_WORKER_EDGES = 1 << 21
 _RANK_SALT = np.uint64(0x7F4A7C159E3779B9)
 _PART_SALT = np.uint64(0x2545F4914F6CDD1D)
 RESIDUAL_EDGES = "residual_edges"  # the Beam counter of edges left after ROUNDS rounds
@@ -193,6 +198,16 @@ class _Residual(beam.CombineFn):
         return components_on_one_worker(a, b)
 
 
+def _own_labels(batch, few: bool, documents):
+    """A node batch, where the graph skips the rounds -> (partition, (node, payload, label)) of
+    each distinct node, labelled by itself."""
+    if not few:
+        return
+    nodes, first = np.unique(batch[0], return_index=True)
+    payloads = np.asarray(batch[1], object)[first]
+    yield from by_partition(nodes, partitions_for(documents), nodes, payloads, nodes)
+
+
 def _labels_residual(kv, residual, documents):
     """Labels -> labels moved by the residual's components (where any edges were left), keyed anew."""
     _, (nodes, payloads, labels) = kv
@@ -210,6 +225,9 @@ def _finish(kv):
     labels = np.concatenate([b[2] for b in batches])
     idx = np.lexsort((nodes, labels))
     nodes, payloads, labels = nodes[idx], payloads[idx], labels[idx]
+    # A node that came in two node batches is labelled the same twice: once is enough
+    once = np.r_[True, (nodes[1:] != nodes[:-1]) | (labels[1:] != labels[:-1])] if len(nodes) else np.zeros(0, bool)
+    nodes, payloads, labels = nodes[once], payloads[once], labels[once]
     first = np.r_[True, labels[1:] != labels[:-1]] if len(labels) else np.zeros(0, bool)
     head = np.maximum.accumulate(np.where(first, np.arange(len(labels)), 0))
     for i in np.flatnonzero(~first).tolist():
@@ -224,12 +242,22 @@ class ConnectedComponents(beam.PTransform):
     be among the nodes. ``documents``: a singleton side input that bounds the number of nodes
     (it sets the partitions)."""
 
-    def __init__(self, documents, rounds: int = ROUNDS):
+    def __init__(self, documents, rounds: int = ROUNDS, one_worker_edges: int = ONE_WORKER_EDGES):
         super().__init__()
-        self.documents, self.rounds = documents, rounds
+        self.documents, self.rounds, self.one_worker_edges = documents, rounds, one_worker_edges
 
     def expand(self, inputs):
         edges, nodes = inputs
+        # A small graph skips the rounds: its edges go straight to the one-worker step, and each
+        # node starts there labelled by itself (what the rounds would give it without edges).
+        count = edges | "CountEdges" >> beam.Map(lambda e: len(e[0])) | "SumEdges" >> beam.CombineGlobally(sum)
+        few = beam.pvalue.AsSingleton(
+            count | "FewEdges" >> beam.Map(lambda n, bound: n <= bound, self.one_worker_edges)
+        )
+        whole = edges | "WholeGraph" >> beam.Filter(lambda _, few: few, few)
+        edges = edges | "GraphInRounds" >> beam.Filter(lambda _, few: not few, few)
+        own_labels = nodes | "OwnLabels" >> beam.FlatMap(_own_labels, few, self.documents)
+        nodes = nodes | "NodesInRounds" >> beam.Filter(lambda _, few: not few, few)
         labels = None
         for r in range(self.rounds):
             hooked = (
@@ -261,9 +289,11 @@ class ConnectedComponents(beam.PTransform):
                 | f"JoinSecond{r}" >> beam.CoGroupByKey()
                 | f"RelabelSecond{r}" >> beam.FlatMap(_relabel_second)
             )
-        residual = beam.pvalue.AsSingleton(edges | "Residual" >> beam.CombineGlobally(_Residual()))
+        left = (edges, whole) | "LeftEdges" >> beam.Flatten()
+        residual = beam.pvalue.AsSingleton(left | "Residual" >> beam.CombineGlobally(_Residual()))
         return (
-            labels
+            (labels, own_labels)
+            | "AllLabels" >> beam.Flatten()
             | "LabelsResidual" >> beam.FlatMap(_labels_residual, residual, self.documents)
             | "GroupLabels" >> beam.GroupByKey()
             | "Representatives" >> beam.FlatMap(_finish)

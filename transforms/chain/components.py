@@ -2,8 +2,10 @@
 
 MinHash finds pairs of candidate duplicates; the duplicate groups are the connected components of
 the graph those pairs form, and one document is kept per group. Peers gather every edge on one
-worker and run union-find there (datatrove's clustering step); here no worker holds more than a
-hash partition of the nodes (~65k, ``partitions_for``) and the edges of that partition.
+worker and run union-find there (datatrove's clustering step), however large the graph; here a
+graph of more than ``ONE_WORKER_EDGES`` edges (a fixed bound, 32 MB) is contracted over hash
+partitions, so that no worker holds more than a partition of the nodes (~65k, ``partitions_for``)
+and the edges of that partition, and only a smaller one goes to one worker whole.
 
 The algorithm is min-label contraction (as in Kiveris et al., "Connected Components in MapReduce
 and Beyond", SoCC 2014): each round every node *hooks* to the lowest-ranked node of its closed

@@ -15,7 +15,8 @@ with ranks in input order, a chain of near-duplicates in that order would shrink
 round; with random-looking ranks a round keeps about a third of a path's nodes, so the rounds
 needed grow with the log of a component's diameter. ``ROUNDS`` rounds finish every component of
 a MinHash graph we have seen (bucket stars: diameters of a few edges); what edges are left after
-them (counted: ``residual_edges``) are finished together on one worker, exactly.
+them are finished together on one worker, exactly, as a small graph is whole (both counted:
+``residual_edges``).
 
 Each node's label ends at one node of its component; the component's representative is then its
 smallest node (for MinHash: the first document in input order), found per label in the last step.
@@ -39,7 +40,7 @@ ROUNDS = 6
 ONE_WORKER_EDGES = 1 << 21
 _RANK_SALT = np.uint64(0x7F4A7C159E3779B9)
 _PART_SALT = np.uint64(0x2545F4914F6CDD1D)
-RESIDUAL_EDGES = "residual_edges"  # the Beam counter of edges left after ROUNDS rounds
+RESIDUAL_EDGES = "residual_edges"  # the Beam counter of the edges finished on one worker
 
 
 def rank(nodes: np.ndarray) -> np.ndarray:
@@ -181,7 +182,8 @@ def _group_hooks(kv):
 
 
 class _Residual(beam.CombineFn):
-    """The edges left after the rounds, all together (none on the graphs MinHash makes)."""
+    """The edges left after the rounds (none on the graphs MinHash makes), or a small graph's
+    every edge, all together."""
 
     def create_accumulator(self):
         return []

@@ -41,14 +41,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for
 from beamsift.transforms.chain.meter import StageMeter
-from beamsift.transforms.chain.side_by_side import SideBySide
+from beamsift.transforms.chain.side_by_side import SideBySide, windowed
 from beamsift.transforms.chain.staging import (
+    column_matrix,
+    matrix_column,
     read_id_hashes,
     read_orders,
     read_row_run,
@@ -695,7 +694,7 @@ class _CompareGroups(beam.DoFn):
         try:
             yield from self._groups.rest()
             for batch in self._flush():
-                yield WindowedValue(batch, MIN_TIMESTAMP, [GlobalWindow()])
+                yield windowed(batch)
         finally:
             self._limits.close()
 
@@ -956,16 +955,12 @@ def parts_of(vectors: np.ndarray, cluster: int, splits: dict, probes: int):
 def _member_batch(rows, distance, orders, ids, vectors16, shard: str) -> pa.RecordBatch:
     """The members from one shard (``vectors16``: theirs alone, the others' columns whole): what
     SemDeDup compares them by, and where each comes from."""
-    vectors = np.ascontiguousarray(vectors16)
-    width = vectors.shape[1] * vectors.itemsize
     return pa.record_batch(
         {
             "distance": pa.array(distance[rows], pa.float64()),
             ORDER: pa.array(orders[rows], pa.int64()),
             "id": id_strings(ids.take(pa.array(rows))),
-            "vector": pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(width), len(rows), [None, pa.py_buffer(vectors.tobytes())]
-            ),
+            "vector": matrix_column(vectors16),
             "shard": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), np.int32)), pa.array([shard])),
         }
     )
@@ -982,11 +977,7 @@ def _members(refs) -> tuple:
             batch = read_staging_batch(path, index)
         else:
             batch = read_staging_rows(path, read_row_run(index_path, *index))
-        n = batch.num_rows
-        column = batch.column("vector")
-        dim = column.type.byte_width // 2
-        block = np.frombuffer(column.buffers()[1], np.float16, count=n * dim, offset=column.offset * dim * 2)
-        vectors.append(block.reshape(n, dim))
+        vectors.append(column_matrix(batch.column("vector"), np.float16))
         distance.append(batch.column("distance").to_numpy())
         orders.append(batch.column(ORDER).to_numpy())
         ids.append(batch.column("id"))
@@ -1094,7 +1085,7 @@ class _ClusterMembers(beam.DoFn):
     def finish_bundle(self):
         yield from self._shards.rest()
         for key, ref in self._write():
-            yield WindowedValue((key, ref), MIN_TIMESTAMP, [GlobalWindow()])
+            yield windowed((key, ref))
 
     def _write(self):
         """The pending shards' members in one file -> (group, reference) of each group in it."""

@@ -35,7 +35,7 @@ from beamsift.transforms.chain.components import ConnectedComponents
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.side_by_side import SideBySide, windowed
-from beamsift.transforms.chain.staging import read_staging, remove_tables
+from beamsift.transforms.chain.staging import column_matrix, matrix_column, read_staging, remove_tables
 from beamsift.transforms.featurize import hash_strings, splitmix64
 from beamsift.transforms.io.schema import ORDER, TEXT, one_array
 from beamsift.transforms.stages.base import Context, Stage, fixed_columns, setting
@@ -247,10 +247,7 @@ class _StageBandKeys(beam.DoFn):
 
 
 def _keys_table(orders, keys) -> pa.Table:
-    column = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(keys.shape[1] * 8), len(orders), [None, pa.py_buffer(np.ascontiguousarray(keys).tobytes())]
-    )
-    return pa.table({ORDER: pa.array(orders, pa.int64()), "band_keys": column})
+    return pa.table({ORDER: pa.array(orders, pa.int64()), "band_keys": matrix_column(keys)})
 
 
 class _StagedBandKeys:
@@ -265,11 +262,7 @@ class _StagedBandKeys:
     def _keys(self, shard: str) -> tuple[np.ndarray, np.ndarray]:
         table = self.chain.read(self.stage + KEYS_TABLE, shard)
         orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-        column = table.column("band_keys").combine_chunks()
-        bands = column.type.byte_width // 8
-        n = len(orders)
-        keys = np.frombuffer(column.buffers()[1], np.uint64, count=n * bands, offset=column.offset * bands * 8)
-        return orders, keys.reshape(n, bands)
+        return orders, column_matrix(table.column("band_keys"), np.uint64)
 
     def hashes(self, item) -> np.ndarray:
         return self._keys(shard_of(item).name)[1].ravel()
@@ -291,20 +284,13 @@ class _StagedBandKeys:
 
 
 def _signature_table(orders, sigs) -> pa.Table:
-    width = sigs.shape[1] * 4
-    column = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(width), len(orders), [None, pa.py_buffer(np.ascontiguousarray(sigs).tobytes())]
-    )
-    return pa.table({ORDER: pa.array(orders, pa.int64()), "signature": column})
+    return pa.table({ORDER: pa.array(orders, pa.int64()), "signature": matrix_column(sigs)})
 
 
 def _staged_signatures(chain, stage: str, shard: str):
     table = chain.read(stage + SIGNATURES_TABLE, shard)
     orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-    column = table.column("signature").combine_chunks()
-    width = column.type.byte_width // 4
-    sigs = np.frombuffer(column.buffers()[1], np.uint32, count=len(orders) * width, offset=column.offset * width * 4)
-    return orders, sigs.reshape(len(orders), width)
+    return orders, column_matrix(table.column("signature"), np.uint32)
 
 
 class _Pairs(beam.DoFn):

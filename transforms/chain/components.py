@@ -202,14 +202,17 @@ class _Residual(beam.CombineFn):
         return components_on_one_worker(a, b)
 
 
-def _own_labels(batch, few: bool, documents):
-    """A node batch, where the graph skips the rounds -> (partition, (node, payload, label)) of
-    each distinct node, labelled by itself."""
+def _own_labels(batch, few: bool, residual, documents):
+    """A node batch, where the graph skips the rounds -> (partition of label, (node, payload,
+    label)) of each distinct node, labelled by its component on one worker (``residual``).
+    Labelled in one step, not by itself first and moved after: a local runner keeps the largest
+    output each step ever buffered, and every node of the graph went through both."""
     if not few:
         return
     nodes, first = np.unique(batch[0], return_index=True)
     payloads = np.asarray(batch[1], object)[first]
-    yield from by_partition(nodes, partitions_for(documents), nodes, payloads, nodes)
+    labels = lookup(residual[0], residual[1], nodes)
+    yield from by_partition(labels, partitions_for(documents), nodes, payloads, labels)
 
 
 def _labels_residual(kv, residual, documents):
@@ -260,7 +263,7 @@ class ConnectedComponents(beam.PTransform):
         )
         whole = edges | "WholeGraph" >> beam.Filter(lambda _, few: few, few)
         edges = edges | "GraphInRounds" >> beam.Filter(lambda _, few: not few, few)
-        own_labels = nodes | "OwnLabels" >> beam.FlatMap(_own_labels, few, self.documents)
+        all_nodes = nodes
         nodes = nodes | "NodesInRounds" >> beam.Filter(lambda _, few: not few, few)
         labels = None
         for r in range(self.rounds):
@@ -295,10 +298,10 @@ class ConnectedComponents(beam.PTransform):
             )
         left = (edges, whole) | "LeftEdges" >> beam.Flatten()
         residual = beam.pvalue.AsSingleton(left | "Residual" >> beam.CombineGlobally(_Residual()))
+        own_labels = all_nodes | "OwnLabels" >> beam.FlatMap(_own_labels, few, residual, self.documents)
         return (
-            (labels, own_labels)
+            (labels | "LabelsResidual" >> beam.FlatMap(_labels_residual, residual, self.documents), own_labels)
             | "AllLabels" >> beam.Flatten()
-            | "LabelsResidual" >> beam.FlatMap(_labels_residual, residual, self.documents)
             | "GroupLabels" >> beam.GroupByKey()
             | "Representatives" >> beam.FlatMap(_finish)
         )

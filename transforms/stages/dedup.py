@@ -1199,7 +1199,7 @@ def _ranks(strings: pa.Array) -> np.ndarray:
     return np.asarray(pc.rank(strings, sort_keys="ascending", tiebreaker="dense"), np.int64)
 
 
-def _positions_by(keys: np.ndarray):
+def positions_by(keys: np.ndarray):
     """(key, the positions that hold it, ascending) for each distinct key, in the keys' order."""
     by = np.argsort(keys, kind="stable")
     ordered = keys[by]
@@ -1210,7 +1210,7 @@ def _positions_by(keys: np.ndarray):
 
 def _by_partition(drops: dict, column: str, partitions: int):
     """Drop columns -> (partition of ``column``, the rows in it) for each partition with rows."""
-    for p, rows in _positions_by(drops[column] % partitions):
+    for p, rows in positions_by(drops[column] % partitions):
         yield p, _rows(drops, rows)
 
 
@@ -1326,7 +1326,7 @@ def _follow_once(pointing, dropped, documents, label: str, regroup: bool = True)
 
 def _targets(drops: dict, partitions: int):
     """A batch -> (partition, the orders its rows point at in that partition) for each partition."""
-    for p, rows in _positions_by(drops["kept_order"] % partitions):
+    for p, rows in positions_by(drops["kept_order"] % partitions):
         yield p, drops["kept_order"][rows]
 
 
@@ -1346,17 +1346,21 @@ def _by_shard(batch: dict):
     """A drop batch -> (shard, its rows of that shard) for each shard it names."""
     encoded = batch["shard"].dictionary_encode()
     shards = encoded.dictionary.to_pylist()
-    for at, rows in _positions_by(np.asarray(encoded.indices, np.int64)):
+    for at, rows in positions_by(np.asarray(encoded.indices, np.int64)):
         yield shards[at], _rows(batch, rows)
+
+
+def shard_partitions(names, partitions: int) -> np.ndarray:
+    """The hash partition of each shard's name (crc32: the same in every process)."""
+    return np.array([zlib.crc32(name.encode()) % partitions for name in names], np.int64)
 
 
 def _by_shard_partition(batch: dict, partitions: int):
     """A drop batch -> (partition, its rows there) for each hash partition of the shards' names
     it has rows in (crc32: the same partition in every process)."""
     encoded = batch["shard"].dictionary_encode()
-    names = encoded.dictionary.to_pylist()
-    of_name = np.array([zlib.crc32(name.encode()) % partitions for name in names], np.int64)
-    for p, rows in _positions_by(of_name[np.asarray(encoded.indices, np.int64)]):
+    of_name = shard_partitions(encoded.dictionary.to_pylist(), partitions)
+    for p, rows in positions_by(of_name[np.asarray(encoded.indices, np.int64)]):
         yield p, _rows(batch, rows)
 
 

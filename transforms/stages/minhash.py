@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from beamsift.transforms.chain import STAGED, ApplyStage, shard_of
 from beamsift.transforms.chain.components import ConnectedComponents
-from beamsift.transforms.chain.duplicate_ids import FirstOccurrences
+from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.side_by_side import SideBySide, windowed
 from beamsift.transforms.chain.staging import column_matrix, matrix_column, read_staging, remove_tables
@@ -44,7 +44,8 @@ from beamsift.transforms.stages.dedup import (
     NEAR,
     PUNCTUATION,
     MarkDuplicates,
-    drop_batch,
+    positions_by,
+    shard_partitions,
     write_per_shard,
 )
 
@@ -349,29 +350,74 @@ class _Pairs(beam.DoFn):
         yield beam.pvalue.TaggedOutput("nodes", (orders, names))
 
 
-def _by_kept_shard(row):
-    order, shard, kept, kept_shard = row
-    return kept_shard, (order, shard, kept)
+class _ByKeptShardPartition(beam.DoFn):
+    """Dropped documents from the components, one element each ((order, shard, kept order, kept
+    shard)) -> (hash partition of the kept shards' names, (orders, shards, kept orders, kept
+    shards) of its rows), a bundle's rows at a time (or every ``BATCH_ROWS``). Keyed by the kept
+    shard itself, each of ~60k dropped documents at 1M was an element of its own through the
+    shuffle, and a local runner keeps the largest output a step ever buffered (its output stream's
+    capacity, up to 16 MB) until the run ends."""
+
+    BATCH_ROWS = 1 << 16
+
+    def start_bundle(self):
+        self._rows, self._partitions = [], 1
+
+    def process(self, row, documents):
+        self._partitions = partitions_for(documents)
+        self._rows.append(row)
+        if len(self._rows) >= self.BATCH_ROWS:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for output in self._flush():
+            yield windowed(output)
+
+    def _flush(self):
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+        orders, shards, kept, kept_shards = zip(*rows)
+        orders, kept = np.array(orders, np.int64), np.array(kept, np.int64)
+        shards, kept_shards = shared_strings(shards), shared_strings(kept_shards)
+        names, at = np.unique(kept_shards, return_inverse=True)
+        for p, idx in positions_by(shard_partitions(names.tolist(), self._partitions)[at.reshape(-1)]):
+            yield p, (orders[idx], shards[idx], kept[idx], kept_shards[idx])
+
+
+def shared_strings(strings) -> np.ndarray:
+    """An object array of the strings in which equal strings are one object: pickled once each,
+    whatever the number of rows (a shard's name on each of its rows)."""
+    names, at = np.unique(np.asarray(strings, object), return_inverse=True)
+    return names[at.reshape(-1)]
 
 
 class _KeptIds(beam.DoFn):
-    """(a kept document's shard, its (dropped order, dropped shard, kept order)) -> one drop batch
-    (``drop_batch``), the kept ids read from that shard."""
+    """(a partition of the kept documents' shards, its batches of (dropped orders, dropped shards,
+    kept orders, kept shards)) -> one drop batch (``drop_batch``'s columns), the kept ids read
+    from the kept shards."""
 
     def __init__(self, chain):
         self.chain = chain
 
     def process(self, kv):
-        shard, rows = kv
-        table = self.chain.read(STAGED, shard, [ORDER, "id"])
-        orders = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
-        ids = table.column("id").to_pylist()
-        idx = np.argsort(orders, kind="stable")
-        records = []
-        for order, dropped_shard, kept in rows:
-            at = int(idx[np.searchsorted(orders[idx], kept)])
-            records.append((order, dropped_shard, str(ids[at]), NEAR, (0.0, kept)))
-        yield drop_batch(records)
+        orders, shards, kept, kept_shards = (np.concatenate(c) for c in zip(*kv[1]))
+        names, at = np.unique(kept_shards, return_inverse=True)
+        kept_ids = np.empty(len(orders), object)
+        for i, rows in positions_by(at.reshape(-1)):
+            table = self.chain.read(STAGED, names[i], [ORDER, "id"])
+            staged = np.asarray(table.column(ORDER).combine_chunks(), np.int64)
+            by = np.argsort(staged, kind="stable")
+            where = by[np.searchsorted(staged[by], kept[rows])]
+            kept_ids[rows] = [str(x) for x in table.column("id").take(pa.array(where)).to_pylist()]
+        yield {
+            "order": orders,
+            "shard": pa.array(shards.tolist(), pa.string()),
+            "kept_id": pa.array(kept_ids.tolist(), pa.string()),
+            "reason": pa.array([NEAR] * len(orders), pa.string()),
+            "distance": np.zeros(len(orders), np.float64),
+            "kept_order": kept,
+        }
 
 
 class FindNearDuplicates(beam.PTransform):
@@ -406,7 +452,7 @@ class FindNearDuplicates(beam.PTransform):
         dropped = (
             (pairs.edges, pairs.nodes)
             | "Groups" >> ConnectedComponents(documents)
-            | "ByKeptShard" >> beam.Map(_by_kept_shard)
+            | "ByKeptShard" >> beam.ParDo(_ByKeptShardPartition(), documents)
             | "GroupByKeptShard" >> beam.GroupByKey()
             | "KeptIds" >> beam.ParDo(_KeptIds(self.chain))
         )

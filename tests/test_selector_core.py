@@ -19,9 +19,11 @@ from beamsift.transforms.chain.duplicate_ids import (
     DuplicateIds,
     FindDuplicateIds,
     FirstOccurrences,
+    PartitionKeys,
     RepeatedHashes,
     at_repeated,
     join_shards,
+    partition_rows,
     partitions_for,
 )
 from beamsift.transforms.chain.staging import ShardRef, write_staging
@@ -171,6 +173,41 @@ def test_repeated_hashes_with_three_probes_pass_every_repeat_and_few_others():
                 one_probe = passed
             else:  # merged accumulators set a little more: positions hit in both, by any hashes
                 assert passed < min(0.01, one_probe / 10)
+
+
+def test_partition_keys_sends_a_partition_of_a_bundle_s_shards_as_one_element():
+    # 50 shards of 300 keys over 4 partitions: one element a partition at the bundle's end (not
+    # 50 x 4), every 1,000 rows with a smaller batch, and partition_rows gives back each row with
+    # its own shard and payload.
+    rng = np.random.default_rng(3)
+    shards = []
+    for i in range(50):
+        hashes = rng.integers(0, 2**63, 300, dtype=np.int64)
+        orders = np.arange(i * 1000, i * 1000 + 300, dtype=np.int64)
+        shards.append((hashes, orders, f"s{i}", orders * 10))
+    documents = 4 * DOCS_PER_PARTITION
+
+    def elements(batch_rows):
+        fn = PartitionKeys(_as_given)
+        fn.BATCH_ROWS = batch_rows
+        fn.start_bundle()
+        out = [e for shard in shards for e in fn.process(shard, documents)]
+        return out + [w.value for w in fn.finish_bundle()]
+
+    out = elements(PartitionKeys.BATCH_ROWS)
+    assert sorted(p for p, _ in out) == [0, 1, 2, 3]
+    # a flush every 4 shards (1,200 rows): 12, and the last 2 shards at the end; 4 partitions each
+    assert len(elements(1000)) == 4 * 13
+    rows = {}
+    for p, part in out:
+        hashes, orders, at, names, payload = partition_rows([part])
+        assert (hashes.view(np.uint64) % np.uint64(4) == p).all()
+        for h, o, shard, value in zip(hashes.tolist(), orders.tolist(), at.tolist(), payload.tolist()):
+            rows[o] = (h, names[shard], value)
+    expected = {
+        o: (h, name, v) for hs, os_, name, vs in shards for h, o, v in zip(hs.tolist(), os_.tolist(), vs.tolist())
+    }
+    assert rows == expected
 
 
 @pytest.mark.parametrize("filtered", [False, True, (20, 3)])

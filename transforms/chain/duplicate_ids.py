@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
+from beamsift.transforms.chain.side_by_side import windowed
 from beamsift.transforms.chain.staging import ShardRef, read_id_hashes, read_staging
 from beamsift.transforms.io.schema import ID_HASH, ORDER
 
@@ -53,13 +54,24 @@ def partitions_for(documents: int) -> int:
 
 
 class PartitionKeys(beam.DoFn):
-    """An element -> (partition, (hashes, orders, shard name, payload or None) of its rows in it)
-    for each partition it has rows in. ``keys_of(element)`` gives the element's keys: called
-    here, after the count (``documents``, a side input) is known, so that a local runner, which
-    holds a stage's input until its side inputs are ready, holds only the small elements."""
+    """Elements -> (partition, (hashes, orders, shard names, each row's shard: an index into
+    them, payloads or None)) for each partition the rows of a bundle's elements fall in, every
+    ``BATCH_ROWS`` rows and at the bundle's end. ``keys_of(element)`` -> (hashes, orders, shard
+    name, payload or None) of an element's rows: called here, after the count (``documents``, a
+    side input) is known, so that a local runner, which holds a stage's input until its side
+    inputs are ready, holds only the small elements. ``partition_rows`` reads an element back.
+
+    A partition of a bundle's shards is one element, not a partition of each shard: that made
+    shards x partitions elements, both growing with the corpus (34k of them for MinHash at 3M
+    documents), each held and pickled on its own by a local runner."""
+
+    BATCH_ROWS = 1 << 18  # rows held before they go out: ~5 MB of keys and orders
 
     def __init__(self, keys_of, probes: int = 1):
         self.keys_of, self.probes = keys_of, probes
+
+    def start_bundle(self):
+        self._parts, self._rows = {}, 0
 
     def process(self, item, documents, repeated=None):
         hashes, orders, shard, payload = self.keys_of(item)
@@ -74,7 +86,53 @@ class PartitionKeys(beam.DoFn):
         sorted_part = part[by_part]
         starts = np.flatnonzero(sorted_part[1:] != sorted_part[:-1]) + 1
         for rows in np.split(by_part, starts):
-            yield int(part[rows[0]]), (hashes[rows], orders[rows], shard, None if payload is None else payload[rows])
+            piece = (hashes[rows], orders[rows], shard, None if payload is None else payload[rows])
+            self._parts.setdefault(int(part[rows[0]]), []).append(piece)
+        self._rows += len(hashes)
+        if self._rows >= self.BATCH_ROWS:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for output in self._flush():
+            yield windowed(output)
+
+    def _flush(self):
+        parts, self._parts, self._rows = self._parts, {}, 0
+        for p in sorted(parts):
+            pieces = parts[p]
+            names = list(dict.fromkeys(shard for _, _, shard, _ in pieces))
+            index = {name: i for i, name in enumerate(names)}
+            at = np.concatenate([np.full(len(o), index[shard], np.int32) for _, o, shard, _ in pieces])
+            payload = None if pieces[0][3] is None else np.concatenate([np.asarray(x) for *_, x in pieces])
+            hashes = np.concatenate([h for h, _, _, _ in pieces])
+            yield p, (hashes, np.concatenate([o for _, o, _, _ in pieces]), names, at, payload)
+
+
+def partition_rows(parts) -> tuple:
+    """A partition's elements from ``PartitionKeys`` -> (hashes, orders, each row's shard as an
+    index into the names, the shard names, payloads or None), all the elements' rows together."""
+    parts = list(parts)
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return empty.view(np.uint64), empty, empty, [], None
+    index: dict[str, int] = {}
+    at = []
+    for _, _, names, rows_at, _ in parts:
+        codes = np.array([index.setdefault(name, len(index)) for name in names], np.int64)
+        at.append(codes[rows_at])
+    hashes = np.concatenate([h for h, *_ in parts])
+    orders = np.concatenate([o for _, o, *_ in parts])
+    payload = None if parts[0][4] is None else np.concatenate([np.asarray(p[4]) for p in parts])
+    return hashes, orders, np.concatenate(at), list(index), payload
+
+
+def positions_by(keys: np.ndarray):
+    """(key, the positions that hold it, ascending) for each distinct key, in the keys' order."""
+    by = np.argsort(keys, kind="stable")
+    ordered = keys[by]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else by
+    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(keys)]):
+        yield ordered[start].item(), by[start:end]
 
 
 FILTER_BITS = 24  # positions of the filter of repeated hashes: two 2 MB bitmaps, whatever the corpus
@@ -165,7 +223,7 @@ def _empty_bitmaps(bits: int = FILTER_BITS) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _FirstOccurrence(beam.CombineFn):
-    """(hashes, orders, shard, payload) parts of one partition -> [(shard, (loser orders, winner
+    """``PartitionKeys`` elements of one partition -> [(shard, (loser orders, winner
     orders, winner payloads or None))]: among equal hashes the smallest order wins."""
 
     def create_accumulator(self):
@@ -181,23 +239,19 @@ class _FirstOccurrence(beam.CombineFn):
     def extract_output(self, acc):
         if not acc:
             return []
-        hashes = np.concatenate([h.view(np.uint64) for h, _, _, _ in acc])
-        orders = np.concatenate([o for _, o, _, _ in acc])
-        shards = np.concatenate([np.full(len(o), i, np.int64) for i, (_, o, _, _) in enumerate(acc)])
-        with_payload = acc[0][3] is not None
-        payload = np.concatenate([np.asarray(p, object) for _, _, _, p in acc]) if with_payload else None
+        hashes, orders, shards, names, payload = partition_rows(acc)
+        hashes = hashes.view(np.uint64)
         idx = np.lexsort((orders, hashes))  # by hash, then input order
         hashes, orders, shards = hashes[idx], orders[idx], shards[idx]
         first = np.ones(len(hashes), dtype=bool)
         first[1:] = hashes[1:] != hashes[:-1]
         group_start = np.maximum.accumulate(np.where(first, np.arange(len(hashes)), 0))
         losers, winners, where = orders[~first], orders[group_start[~first]], shards[~first]
-        won = payload[idx][group_start[~first]] if with_payload else None
-        out = []
-        for i in np.unique(where).tolist():
-            mine = where == i
-            out.append((acc[i][2], (losers[mine], winners[mine], None if won is None else won[mine].tolist())))
-        return out
+        won = payload[idx][group_start[~first]] if payload is not None else None
+        return [
+            (names[i], (losers[rows], winners[rows], None if won is None else won[rows].tolist()))
+            for i, rows in positions_by(where)
+        ]
 
 
 class FirstOccurrences(beam.PTransform):

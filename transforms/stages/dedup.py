@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
-from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for
+from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for, positions_by
 from beamsift.transforms.chain.meter import StageMeter
 from beamsift.transforms.chain.side_by_side import SideBySide, windowed
 from beamsift.transforms.chain.staging import (
@@ -1197,15 +1197,6 @@ def _concat(parts: list) -> dict:
 def _ranks(strings: pa.Array) -> np.ndarray:
     """Each string's rank among them (equal strings equal ranks): a numpy sort key."""
     return np.asarray(pc.rank(strings, sort_keys="ascending", tiebreaker="dense"), np.int64)
-
-
-def positions_by(keys: np.ndarray):
-    """(key, the positions that hold it, ascending) for each distinct key, in the keys' order."""
-    by = np.argsort(keys, kind="stable")
-    ordered = keys[by]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(keys) else by
-    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(keys)]):
-        yield ordered[start].item(), by[start:end]
 
 
 def _by_partition(drops: dict, column: str, partitions: int):

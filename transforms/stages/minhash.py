@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from beamsift.transforms.chain import STAGED, ApplyStage, shard_of
 from beamsift.transforms.chain.components import ConnectedComponents
-from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for
+from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for, positions_by
 from beamsift.transforms.chain.meter import Metered
 from beamsift.transforms.chain.side_by_side import SideBySide, windowed
 from beamsift.transforms.chain.staging import column_matrix, matrix_column, read_staging, remove_tables
@@ -44,7 +44,6 @@ from beamsift.transforms.stages.dedup import (
     NEAR,
     PUNCTUATION,
     MarkDuplicates,
-    positions_by,
     shard_partitions,
     write_per_shard,
 )

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from beamsift.transforms.chain import ApplyStage, ShardStageFn, running_mask, shard_of
-from beamsift.transforms.chain.duplicate_ids import PartitionKeys
+from beamsift.transforms.chain.duplicate_ids import PartitionKeys, partition_rows, positions_by
 from beamsift.transforms.chain.seeded import PRESENCE_STREAM, seeded_bits
 from beamsift.transforms.chain.staging import read_orders, read_staging, rows_of
 from beamsift.transforms.io.schema import ID_HASH, ORDER
@@ -89,16 +89,10 @@ class _SelfInfluenceKeys:
 
 def _weigh_partition(kv, size: int, tau: float):
     """(partition, its parts) -> (shard, (orders, weights)) for each shard with documents in it."""
-    _, parts = kv
-    parts = list(parts)
-    keys = np.concatenate([k for k, _, _, _ in parts])
-    orders = np.concatenate([o for _, o, _, _ in parts])
-    si = np.concatenate([np.asarray(v, np.float64) for _, _, _, v in parts])
-    weights = grouped_weights(keys, orders, si, size, tau)
-    start = 0
-    for _, o, shard, _ in parts:
-        yield shard, (o, weights[start : start + len(o)])
-        start += len(o)
+    keys, orders, shards, names, si = partition_rows(kv[1])
+    weights = grouped_weights(keys, orders, np.asarray(si, np.float64), size, tau)
+    for i, rows in positions_by(shards):
+        yield names[i], (orders[rows], weights[rows])
 
 
 class _WriteShardWeights(beam.DoFn):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
-from beamsift.transforms.chain.side_by_side import windowed
+from beamsift.transforms.chain.batches import BatchedOutputs
 from beamsift.transforms.chain.staging import ShardRef, read_id_hashes, read_staging
 from beamsift.transforms.io.schema import ID_HASH, ORDER
 
@@ -53,7 +53,7 @@ def partitions_for(documents: int) -> int:
     return max(1, -(-int(documents) // DOCS_PER_PARTITION))
 
 
-class PartitionKeys(beam.DoFn):
+class PartitionKeys(BatchedOutputs):
     """Elements -> (partition, (hashes, orders, shard names, each row's shard: an index into
     them, payloads or None)) for each partition the rows of a bundle's elements fall in, every
     ``BATCH_ROWS`` rows and at the bundle's end. ``keys_of(element)`` -> (hashes, orders, shard
@@ -70,8 +70,8 @@ class PartitionKeys(beam.DoFn):
     def __init__(self, keys_of, probes: int = 1):
         self.keys_of, self.probes = keys_of, probes
 
-    def start_bundle(self):
-        self._parts, self._rows = {}, 0
+    def _clear(self):
+        self._parts = {}
 
     def process(self, item, documents, repeated=None):
         hashes, orders, shard, payload = self.keys_of(item)
@@ -88,16 +88,11 @@ class PartitionKeys(beam.DoFn):
         for rows in np.split(by_part, starts):
             piece = (hashes[rows], orders[rows], shard, None if payload is None else payload[rows])
             self._parts.setdefault(int(part[rows[0]]), []).append(piece)
-        self._rows += len(hashes)
-        if self._rows >= self.BATCH_ROWS:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        for output in self._flush():
-            yield windowed(output)
+        yield from self.held(len(hashes))
 
     def _flush(self):
-        parts, self._parts, self._rows = self._parts, {}, 0
+        parts = self._parts
+        self._clear()
         for p in sorted(parts):
             pieces = parts[p]
             names = list(dict.fromkeys(shard for _, _, shard, _ in pieces))

@@ -31,10 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from beamsift.transforms.chain import STAGED, ApplyStage, shard_of
+from beamsift.transforms.chain.batches import BatchedOutputs
 from beamsift.transforms.chain.components import ConnectedComponents
 from beamsift.transforms.chain.duplicate_ids import FirstOccurrences, partitions_for, positions_by
 from beamsift.transforms.chain.meter import Metered
-from beamsift.transforms.chain.side_by_side import SideBySide, windowed
+from beamsift.transforms.chain.side_by_side import SideBySide
 from beamsift.transforms.chain.staging import column_matrix, matrix_column, read_staging, remove_tables
 from beamsift.transforms.featurize import hash_strings, splitmix64
 from beamsift.transforms.io.schema import ORDER, TEXT, one_array
@@ -293,7 +294,7 @@ def _staged_signatures(chain, stage: str, shard: str):
     return orders, column_matrix(table.column("signature"), np.uint32)
 
 
-class _Pairs(beam.DoFn):
+class _Pairs(BatchedOutputs):
     """(a shard, its documents that share a band bucket with an earlier one: (their orders, the
     first document's orders, payloads)) -> edge batches and node batches (orders, shard names)
     for the connected components. With verify, a pair whose signatures agree on fewer than
@@ -305,13 +306,11 @@ class _Pairs(beam.DoFn):
     batch once per partition of its nodes, each piece held and pickled on its own by a local
     runner (1M documents in one process: 1,324 -> 911 MB and 153 -> 88 s with the batches)."""
 
-    BATCH_ROWS = 1 << 16
-
     def __init__(self, stage, chain, settings: MinhashSettings):
         self.stage, self.chain, self.settings = stage, chain, settings
 
-    def start_bundle(self):
-        self._edges, self._nodes, self._rows = [], [], 0
+    def _clear(self):
+        self._edges, self._nodes = [], []
 
     def process(self, kv):
         shard, (losers, winners, payloads) = kv
@@ -327,18 +326,13 @@ class _Pairs(beam.DoFn):
         names = np.array([p[0] if isinstance(p, tuple) else p for p in payloads] + [shard] * len(losers), object)
         self._edges.append((losers, winners))
         self._nodes.append((np.concatenate([winners, losers]), names))
-        self._rows += len(losers)
-        if self._rows >= self.BATCH_ROWS:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        for output in self._flush():
-            yield windowed(output)
+        yield from self.held(len(losers))
 
     def _flush(self):
         if not self._edges:
             return
-        edges, nodes, self._edges, self._nodes, self._rows = self._edges, self._nodes, [], [], 0
+        edges, nodes = self._edges, self._nodes
+        self._clear()
         # A pair that shares several bands is one edge; a document in several pairs one node
         pairs = np.unique(
             np.stack([np.concatenate([a for a, _ in edges]), np.concatenate([b for _, b in edges])], 1), axis=0
@@ -349,7 +343,7 @@ class _Pairs(beam.DoFn):
         yield beam.pvalue.TaggedOutput("nodes", (orders, names))
 
 
-class _ByKeptShardPartition(beam.DoFn):
+class _ByKeptShardPartition(BatchedOutputs):
     """Dropped documents from the components, one element each ((order, shard, kept order, kept
     shard)) -> (hash partition of the kept shards' names, (orders, shards, kept orders, kept
     shards) of its rows), a bundle's rows at a time (or every ``BATCH_ROWS``). Keyed by the kept
@@ -357,23 +351,17 @@ class _ByKeptShardPartition(beam.DoFn):
     shuffle, and a local runner keeps the largest output a step ever buffered (its output stream's
     capacity, up to 16 MB) until the run ends."""
 
-    BATCH_ROWS = 1 << 16
-
-    def start_bundle(self):
-        self._rows, self._partitions = [], 1
+    def _clear(self):
+        self._rows = []
 
     def process(self, row, documents):
         self._partitions = partitions_for(documents)
         self._rows.append(row)
-        if len(self._rows) >= self.BATCH_ROWS:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        for output in self._flush():
-            yield windowed(output)
+        yield from self.held(1)
 
     def _flush(self):
-        rows, self._rows = self._rows, []
+        rows = self._rows
+        self._clear()
         if not rows:
             return
         orders, shards, kept, kept_shards = zip(*rows)

@@ -86,7 +86,9 @@ class PartitionKeys(BatchedOutputs):
         sorted_part = part[by_part]
         starts = np.flatnonzero(sorted_part[1:] != sorted_part[:-1]) + 1
         for rows in np.split(by_part, starts):
-            piece = (hashes[rows], orders[rows], shard, None if payload is None else payload[rows])
+            values = None if payload is None else payload[rows]
+            # one shard's rows, in the form partition_rows reads
+            piece = (hashes[rows], orders[rows], [shard], np.zeros(len(rows), np.int32), values)
             self._parts.setdefault(int(part[rows[0]]), []).append(piece)
         yield from self.held(len(hashes))
 
@@ -94,13 +96,8 @@ class PartitionKeys(BatchedOutputs):
         parts = self._parts
         self._clear()
         for p in sorted(parts):
-            pieces = parts[p]
-            names = list(dict.fromkeys(shard for _, _, shard, _ in pieces))
-            index = {name: i for i, name in enumerate(names)}
-            at = np.concatenate([np.full(len(o), index[shard], np.int32) for _, o, shard, _ in pieces])
-            payload = None if pieces[0][3] is None else np.concatenate([np.asarray(x) for *_, x in pieces])
-            hashes = np.concatenate([h for h, _, _, _ in pieces])
-            yield p, (hashes, np.concatenate([o for _, o, _, _ in pieces]), names, at, payload)
+            hashes, orders, at, names, payload = partition_rows(parts[p])
+            yield p, (hashes, orders, names, at.astype(np.int32), payload)
 
 
 def partition_rows(parts) -> tuple:

@@ -759,16 +759,7 @@ def _exact_drops(kv):
     n = len(losers)
     if not n:
         return []
-    return [
-        {
-            "order": np.asarray(losers, np.int64),
-            "shard": pa.array([shard] * n, pa.string()),
-            "kept_id": pa.array(list(kept_ids), pa.string()),
-            "reason": pa.array([EXACT] * n, pa.string()),
-            "distance": np.zeros(n, np.float64),
-            "kept_order": np.asarray(winners, np.int64),
-        }
-    ]
+    return [drop_columns(losers, [shard] * n, list(kept_ids), [EXACT] * n, np.zeros(n), winners)]
 
 
 # ---- bounded groups: a cluster larger than dedup.max_group is compared in parts ----------------
@@ -1167,17 +1158,29 @@ class _ClusterMembers(beam.DoFn):
 STRING_COLUMNS = ("shard", "kept_id", "reason")
 
 
+def drop_columns(orders, shards, kept_ids, reasons, distances, kept_orders) -> dict:
+    """The columns of dropped documents (sequences aligned by row) -> one drop batch."""
+    return {
+        "order": np.asarray(orders, np.int64),
+        "shard": pa.array(shards, pa.string()),
+        "kept_id": pa.array(kept_ids, pa.string()),
+        "reason": pa.array(reasons, pa.string()),
+        "distance": np.asarray(distances, np.float64),
+        "kept_order": np.asarray(kept_orders, np.int64),
+    }
+
+
 def drop_batch(records) -> dict:
     """Drop records (order, shard, kept id, reason, (kept distance, kept order)) -> one batch."""
     records = list(records)
-    return {
-        "order": np.array([d[0] for d in records], np.int64),
-        "shard": pa.array([d[1] for d in records], pa.string()),
-        "kept_id": pa.array([d[2] for d in records], pa.string()),
-        "reason": pa.array([d[3] for d in records], pa.string()),
-        "distance": np.array([d[4][0] for d in records], np.float64),
-        "kept_order": np.array([d[4][1] for d in records], np.int64),
-    }
+    return drop_columns(
+        [d[0] for d in records],
+        [d[1] for d in records],
+        [d[2] for d in records],
+        [d[3] for d in records],
+        [d[4][0] for d in records],
+        [d[4][1] for d in records],
+    )
 
 
 def _rows(drops: dict, rows) -> dict:

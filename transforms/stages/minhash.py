@@ -45,6 +45,7 @@ from beamsift.transforms.stages.dedup import (
     NEAR,
     PUNCTUATION,
     MarkDuplicates,
+    drop_columns,
     shard_partitions,
     write_per_shard,
 )
@@ -365,10 +366,11 @@ class _ByKeptShardPartition(BatchedOutputs):
         if not rows:
             return
         orders, shards, kept, kept_shards = zip(*rows)
-        orders, kept = np.array(orders, np.int64), np.array(kept, np.int64)
-        shards, kept_shards = shared_strings(shards), shared_strings(kept_shards)
-        names, at = np.unique(kept_shards, return_inverse=True)
-        for p, idx in positions_by(shard_partitions(names.tolist(), self._partitions)[at.reshape(-1)]):
+        orders, kept, shards = np.array(orders, np.int64), np.array(kept, np.int64), shared_strings(shards)
+        names, at = np.unique(np.asarray(kept_shards, object), return_inverse=True)
+        at = at.reshape(-1)
+        kept_shards = names[at]  # equal names one object: pickled once
+        for p, idx in positions_by(shard_partitions(names.tolist(), self._partitions)[at]):
             yield p, (orders[idx], shards[idx], kept[idx], kept_shards[idx])
 
 
@@ -381,8 +383,8 @@ def shared_strings(strings) -> np.ndarray:
 
 class _KeptIds(beam.DoFn):
     """(a partition of the kept documents' shards, its batches of (dropped orders, dropped shards,
-    kept orders, kept shards)) -> one drop batch (``drop_batch``'s columns), the kept ids read
-    from the kept shards."""
+    kept orders, kept shards)) -> one drop batch (``drop_columns``), the kept ids read from the
+    kept shards."""
 
     def __init__(self, chain):
         self.chain = chain
@@ -397,14 +399,9 @@ class _KeptIds(beam.DoFn):
             by = np.argsort(staged, kind="stable")
             where = by[np.searchsorted(staged[by], kept[rows])]
             kept_ids[rows] = [str(x) for x in table.column("id").take(pa.array(where)).to_pylist()]
-        yield {
-            "order": orders,
-            "shard": pa.array(shards.tolist(), pa.string()),
-            "kept_id": pa.array(kept_ids.tolist(), pa.string()),
-            "reason": pa.array([NEAR] * len(orders), pa.string()),
-            "distance": np.zeros(len(orders), np.float64),
-            "kept_order": kept,
-        }
+        yield drop_columns(
+            orders, shards.tolist(), kept_ids.tolist(), [NEAR] * len(orders), np.zeros(len(orders)), kept
+        )
 
 
 class FindNearDuplicates(beam.PTransform):

@@ -61,7 +61,7 @@ MODES = {
 def page_cache_gb() -> float:
     """The machine's page cache (``Cached`` in /proc/meminfo; NaN elsewhere): on a VM whose host
     takes freed memory back, what the machine already holds decides how dear a run's fresh memory
-    is (docs/running-at-scale.md), so it is printed beside each run."""
+    is (docs/scale-history.md), so it is printed beside each run."""
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("Cached:")) / 2**20

@@ -80,3 +80,34 @@ def test_state_samplers_made_after_beamsift_is_imported_sleep_at_most_20_ms():
     assert statesampler.StateSampler("step", CounterFactory()).sampling_period_ms == LONGEST_PERIOD_MS == 20
     # A period asked for explicitly is Beam's to keep
     assert statesampler.StateSampler("step", CounterFactory(), sampling_period_ms=500).sampling_period_ms == 500
+
+
+def _bytes_held_by_output_streams(_):
+    import gc
+
+    from apache_beam.runners.worker.bundle_processor import DataOutputOperation
+
+    ops = [o for o in gc.get_objects() if isinstance(o, DataOutputOperation)]
+    return sum(op.output_stream.size() for op in ops if getattr(op, "output_stream", None) is not None)
+
+
+def test_a_finished_step_gives_back_its_output_buffer():
+    from beamsift import transforms  # noqa: F401 (installs the release)
+    from beamsift.transforms.output_buffers import release_finished_output_buffers
+
+    release_finished_output_buffers()  # a second time changes nothing
+    with beam.Pipeline(TEST_RUNNER) as p:
+        # The first step sends 4 MB on to the shuffle; the step after it looks at what the
+        # harness's operations still hold while it runs (its own output stream is near empty)
+        held = (
+            p
+            | beam.Create(range(4))
+            | beam.Map(lambda i: (i % 2, "x" * 2**20))
+            | beam.GroupByKey()
+            | beam.Map(_bytes_held_by_output_streams)
+        )
+        assert_that(held, _each_under_a_megabyte)
+
+
+def _each_under_a_megabyte(sizes):
+    assert sizes and max(sizes) < 2**20, f"output streams still hold {sizes} bytes"

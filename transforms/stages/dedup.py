@@ -1154,7 +1154,7 @@ class _ClusterMembers(beam.DoFn):
 # (shard, kept id, reason) as Arrow arrays, which pickle as a few buffers. A local runner holds
 # every shuffle in memory, and what it holds is a multiple of the drops' bytes: at 1M documents
 # (53k drops) a drop record each, every drop through all five rounds, a piece a shard at the end
-# peaked ~180 MB over the resolution's start (see docs/running-at-scale.md).
+# peaked ~180 MB over the resolution's start (see docs/scale-history.md).
 STRING_COLUMNS = ("shard", "kept_id", "reason")
 
 
@@ -1281,7 +1281,7 @@ class ResolvePointers(beam.PTransform):
         # Only documents that others point at (dropped here, kept in another group) can be links
         # of a chain: the rounds run on their rows alone, a few percent of the drops; the rest
         # follow them once at the end. (53k synthetic drops in the local runner: +143 MB with
-        # every drop through every round, +86 MB so; docs/running-at-scale.md.)
+        # every drop through every round, +86 MB so; docs/scale-history.md.)
         split = (
             {
                 "targets": drops

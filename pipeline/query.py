@@ -30,6 +30,8 @@ views (one per folder of Parquet shards in OUTPUT_DIR, named after the folder):
              detail, record (the raw record), id
   clusters   with a cluster stage: one row per cluster: cluster, size, selected,
              duplicates, mean_<score column>..., examples (ids nearest the centroid)
+  examples   the 5 highest and 5 lowest documents of every score column: column, end,
+             rank, value, id, selected, text (cut short)
   domains    with perplexity_correlations: one row per domain: domain, pc_domain,
              documents, tokens, bpb_<model>..., pc_estimate, pc_weight, include
 

@@ -11,16 +11,6 @@ from conftest import ROOT
 ROW = re.compile(r"^\| (`[a-z_]+(?:\.[a-z_<>]+)?`[^|]*)\| ([^|]*)\|")
 
 
-def _defaults(schema: dict, prefix: str = "") -> dict:
-    out = {}
-    for name, spec in schema.items():
-        if isinstance(spec, dict):
-            out.update(_defaults(spec, f"{prefix}{name}."))
-        else:
-            out[prefix + name] = spec[0]
-    return out
-
-
 def _documented(text: str) -> dict:
     """{dotted key: the default its row gives (None where the row gives none per key)}."""
     rows = {}
@@ -29,11 +19,11 @@ def _documented(text: str) -> dict:
         if not m:
             continue
         names = re.findall(r"`([a-z_.<>]+)`", m.group(1))
-        if "." not in names[0] and isinstance(config.SCHEMA.get(names[0], {}), dict):
-            continue  # a table of something else (stages, columns, the manifest)
         if "." in names[0]:  # `proxy.vocab_size`, `layers`: the section's keys
             section = names[0].split(".")[0]
             keys = [n if "." in n else f"{section}.{n}" for n in names]
+        elif isinstance(config.SCHEMA.get(names[0], {}), dict):
+            continue  # a table of something else (stages, columns, the manifest)
         else:  # `seed`: top-level keys
             keys = names
         values = re.findall(r"`([^`]*)`", m.group(2))
@@ -57,7 +47,7 @@ def _same(documented: str, default) -> bool:
 
 def test_the_guide_names_every_config_key_with_the_codes_default():
     documented = _documented((ROOT / "docs" / "guide.md").read_text())
-    defaults = _defaults(config.SCHEMA)
+    defaults = {key: config._get(config.SCHEMA, key)[0] for key in config._all_keys()}
     assert not sorted(set(defaults) - set(documented)), "config keys without a row in docs/guide.md"
     wrong = {
         key: (documented[key], default)

@@ -18,6 +18,8 @@ beamsift DoFn, for every step that finishes after that, beamsift's or not.
 
 from __future__ import annotations
 
+import functools
+
 _RELEASES = "_beamsift_releases_closed_stream"
 
 
@@ -31,10 +33,10 @@ def release_finished_output_buffers() -> None:
     if getattr(finish, _RELEASES, False) or finish.__qualname__ != "DataOutputOperation.finish":
         return
 
+    @functools.wraps(finish)
     def finish_and_release(self) -> None:
         finish(self)
         self.output_stream = None
 
     setattr(finish_and_release, _RELEASES, True)
-    finish_and_release.__qualname__ = finish.__qualname__
     DataOutputOperation.finish = finish_and_release

@@ -82,14 +82,11 @@ class PartitionKeys(BatchedOutputs):
         if not len(hashes):
             return
         part = (hashes.view(np.uint64) % np.uint64(partitions_for(documents))).astype(np.int64)
-        by_part = np.argsort(part, kind="stable")
-        sorted_part = part[by_part]
-        starts = np.flatnonzero(sorted_part[1:] != sorted_part[:-1]) + 1
-        for rows in np.split(by_part, starts):
+        for p, rows in positions_by(part):
             values = None if payload is None else payload[rows]
             # one shard's rows, in the form partition_rows reads
             piece = (hashes[rows], orders[rows], [shard], np.zeros(len(rows), np.int32), values)
-            self._parts.setdefault(int(part[rows[0]]), []).append(piece)
+            self._parts.setdefault(p, []).append(piece)
         yield from self.held(len(hashes))
 
     def _flush(self):
@@ -106,7 +103,7 @@ def partition_rows(parts) -> tuple:
     parts = list(parts)
     if not parts:
         empty = np.zeros(0, np.int64)
-        return empty.view(np.uint64), empty, empty, [], None
+        return empty, empty, empty, [], None
     index: dict[str, int] = {}
     at = []
     for _, _, names, rows_at, _ in parts:

@@ -42,13 +42,11 @@ def test_an_unchanged_run_is_skipped_and_any_change_runs_again(tmp_path):
     assert _manifest(out)["fingerprint"] != first["fingerprint"]
 
 
-def test_check_validates_estimates_from_a_sample_and_writes_nothing(tmp_path):
-    import tempfile
-
+def test_check_validates_estimates_from_a_sample_and_writes_nothing(tmp_path, tmp_path_factory):
     pool = write_jsonl(tmp_path / "pool.jsonl", demo_records(400))
     cfg = make_config(tmp_path, pool, pool, stages=["dsir", "embed", "cluster", "select"],
                       cluster={"k": 8, "sample": 300}, select={"method": "balanced", "k": 100})  # fmt: skip
-    tmp = tempfile.mkdtemp()
+    tmp = str(tmp_path_factory.mktemp("tmpdir"))  # the run's temp dir: left empty
     proc = run_cli("run", str(cfg), "--check", "--check-sample", "120", env={"TMPDIR": tmp})
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("beamsift: check passed") and "new or empty" in lines[0]

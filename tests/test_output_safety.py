@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 
 import pytest
 from beamsift.pipeline import output
@@ -68,12 +67,12 @@ def test_an_output_dir_inside_a_dataset_folder_is_refused(tmp_path, small_corpus
     assert tree_of(tmp_path / "hf") == before
 
 
-def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, small_corpus):
+def test_an_interrupted_run_leaves_the_previous_result_queryable(tmp_path, tmp_path_factory, small_corpus):
     cfg = make_config(tmp_path, small_corpus["pool"], small_corpus["target"], input={"batch_size": 16})
     out = tmp_path / "out"
     run_cli("run", str(cfg))
     before = tree_of(out)
-    tmp = tempfile.mkdtemp()  # the run's temp dir: left as it was found
+    tmp = str(tmp_path_factory.mktemp("tmpdir"))  # the run's temp dir: left as it was found
     for sig, status, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
         # Held with every file of the new result written, just before it would be published.
         held = tmp_path.parent / f"{tmp_path.name}.held"
